@@ -1,0 +1,5 @@
+"""Destra: a decentralized GPU compute network, event-sourced over Apache Kafka.
+
+This package holds what every other top-level package shares (settings,
+errors) and the ``destra`` command-line interface.
+"""

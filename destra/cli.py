@@ -1,0 +1,256 @@
+"""The ``destra`` command line: administer the local network and watch its events."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from destra.errors import DestraError
+from destra.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Cli(click.Group):
+    """Catches ``DestraError`` once: one clear line on stderr, exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DestraError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+def _settings_options(f: F) -> F:
+    """Flags that override the ``DESTRA_*`` environment for one command."""
+    options = [
+        click.option("--home", type=click.Path(path_type=Path), default=None,
+                     help="State, data and logs of local services [DESTRA_HOME]."),
+        click.option("--kafka-bootstrap", default=None,
+                     help="Use this external Kafka instead of a local one [DESTRA_KAFKA_BOOTSTRAP]."),
+        click.option("--pg-dsn", default=None,
+                     help="Use this external Postgres instead of the embedded one [DESTRA_PG_DSN]."),
+        click.option("--brokers", "kafka_brokers", type=click.IntRange(1, 3), default=None,
+                     help="Local Kafka brokers: 1, or 3 for replication [DESTRA_KAFKA_BROKERS]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(**flags: Any) -> Settings:
+    return Settings.from_env(**flags)
+
+
+def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+@click.group(cls=_Cli)
+@click.version_option(package_name="destra")
+def cli() -> None:
+    """Destra: a decentralized GPU compute network over Apache Kafka."""
+
+
+@cli.group()
+def infra() -> None:
+    """Start, stop and inspect the local Kafka and Postgres."""
+
+
+@infra.command("up")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def infra_up(as_json: bool, **flags: Any) -> None:
+    """Start Kafka (KRaft) and Postgres, create topics, apply migrations."""
+    from infra import services
+
+    settings = _settings(**flags)
+    services.up(settings)
+    _emit(services.status(settings), as_json, _status_text)
+
+
+@infra.command("down")
+@_settings_options
+def infra_down(**flags: Any) -> None:
+    """Stop every service `infra up` started; external ones are left alone."""
+    from infra import services
+
+    stopped = services.down(_settings(**flags))
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@infra.command("status")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def infra_status(as_json: bool, **flags: Any) -> None:
+    """Addresses, pids, versions and data directories of the services."""
+    from infra import services
+
+    _emit(services.status(_settings(**flags)), as_json, _status_text)
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    if "kafka" not in s:
+        return f"not running (no {s['state_file']})"
+    k, p = s["kafka"], s["postgres"]
+    lines = [
+        f"kafka     {'up' if k['live_brokers'] else 'DOWN'}  {k['bootstrap']}  "
+        f"version {k['version']}  live brokers {k['live_brokers']}",
+    ]
+    for b in k["brokers"]:
+        lines.append(f"  broker {b['node_id']}  pid {b['pid']} {'alive' if b['alive'] else 'DEAD'}"
+                     f"  data {b['data_dir']}  log {b['log']}")
+    lines.append(f"postgres  {'up' if p['version'] else 'DOWN'}  {p['dsn']}  "
+                 f"version {p['version']}  pid {p['pid']}  data {p['data_dir']}")
+    return "\n".join(lines)
+
+
+@cli.group()
+def topics() -> None:
+    """The topic catalogue."""
+
+
+@topics.command("list")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def topics_list(as_json: bool, **flags: Any) -> None:
+    """Every topic: key, partitions, cleanup policy, retention, and its events."""
+    from streams.topics import TOPICS
+
+    settings = _settings(**flags)
+    rows = [
+        {"topic": t.name(settings.topic_prefix), "key": t.key, "partitions": t.partitions,
+         "cleanup": t.cleanup, "retention_ms": t.retention_ms, "events": list(t.events)}
+        for t in TOPICS
+    ]
+    _emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['topic']:<28} key={r['key']:<12} p={r['partitions']:<3} {r['cleanup']:<14} "
+        f"retention={r['retention_ms']:<9} {', '.join(r['events'])}" for r in rs))
+
+
+@topics.command("create")
+@_settings_options
+def topics_create(**flags: Any) -> None:
+    """Create missing topics on the running cluster (idempotent)."""
+    from infra import services
+    from streams.admin import ensure_topics
+
+    settings = _settings(**flags)
+    bootstrap = _bootstrap(settings, services)
+    created = ensure_topics(bootstrap, settings.topic_prefix,
+                            replication_factor=settings.replication_factor,
+                            min_insync_replicas=settings.min_insync_replicas)
+    click.echo("created: " + ", ".join(created) if created else "all topics exist")
+
+
+def _bootstrap(settings: Settings, services: Any) -> str:
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap
+    state = services.read_state(settings)
+    if state is None:
+        raise DestraError("no Kafka: run `destra infra up` or set DESTRA_KAFKA_BOOTSTRAP")
+    return str(state.kafka_bootstrap)
+
+
+@cli.group()
+def schemas() -> None:
+    """The Avro event catalogue."""
+
+
+@schemas.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def schemas_list(as_json: bool) -> None:
+    """Every event type with its fingerprint and topic."""
+    from schemas import default_catalog
+    from streams.topics import topic_for
+
+    catalog = default_catalog()
+    rows = [{"event": n, "fingerprint": catalog.fingerprint(n).hex(),
+             "topic": topic_for(n).suffix} for n in sorted(catalog.names)]
+    _emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['event']:<20} {r['fingerprint']}  {r['topic']}" for r in rs))
+
+
+@schemas.command("check")
+def schemas_check() -> None:
+    """Check every schema against its released versions, both directions."""
+    from schemas import default_catalog
+    from schemas.compat import check_catalog
+
+    problems = {n: p for n, p in check_catalog(default_catalog()).items() if p}
+    if problems:
+        for name, msgs in problems.items():
+            for msg in msgs:
+                click.echo(f"{name}: {msg}", err=True)
+        raise DestraError(f"{len(problems)} schemas are incompatible with a released version")
+    click.echo("every schema is compatible with its released versions")
+
+
+@cli.group()
+def events() -> None:
+    """Watch events on the topics."""
+
+
+@events.command("tail")
+@_settings_options
+@click.option("--topic", "topic_suffixes", multiple=True,
+              help="Topic without prefix (repeatable); default: all.")
+@click.option("--max", "max_events", type=int, default=100, show_default=True,
+              help="Stop after this many events.")
+@click.option("--idle", type=float, default=5.0, show_default=True,
+              help="Stop after this many seconds without an event.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def events_tail(topic_suffixes: tuple[str, ...], max_events: int, idle: float, as_json: bool,
+                **flags: Any) -> None:
+    """Print events from the beginning of the topics (a throwaway consumer group)."""
+    import uuid
+
+    from infra import services
+    from streams.consumer import EventConsumer
+    from streams.topics import TOPICS
+
+    settings = _settings(**flags)
+    bootstrap = _bootstrap(settings, services)
+    names = [t.name(settings.topic_prefix) for t in TOPICS
+             if not topic_suffixes or t.suffix in topic_suffixes]
+    with EventConsumer(settings, bootstrap, f"destra-tail-{uuid.uuid4()}", names) as consumer:
+        for n, d in enumerate(consumer.stream(idle_timeout_s=idle), start=1):
+            click.echo(_event_line(d, as_json))
+            if n >= max_events:
+                break
+
+
+def _event_line(d: Any, as_json: bool) -> str:
+    fields = {k: v for k, v in d.event.fields.items() if k != "envelope"}
+    if as_json:
+        return json.dumps({"topic": d.topic, "partition": d.partition, "offset": d.offset,
+                           "event": d.event.name, "fields": fields},
+                          default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
+    summary = ", ".join(f"{k}={_short(v)}" for k, v in list(fields.items())[:5])
+    return f"{d.topic}[{d.partition}]@{d.offset}  {d.event.name}  {summary}"
+
+
+def _short(v: Any) -> str:
+    text = v.hex() if isinstance(v, bytes) else str(v)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+@cli.command("demo")
+@_settings_options
+@click.option("--keep", is_flag=True, help="Leave the services running afterwards.")
+def demo(keep: bool, **flags: Any) -> None:
+    """Bring up the local network and show events of every type flowing through it."""
+    from destra.demo import run_demo
+
+    run_demo(_settings(**flags), keep=keep, echo=click.echo)
+
+
+def main() -> None:
+    """Entry point for ``python -m destra``."""
+    cli()

@@ -1,0 +1,116 @@
+"""One frozen settings object, read from ``DESTRA_*`` variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from destra.errors import ConfigError
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "destra"
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "destra"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the services live and how clients reach them."""
+
+    home: Path = field(default_factory=_default_home)
+    """Data directories, logs and the state file of locally started services."""
+
+    cache_dir: Path = field(default_factory=_default_cache)
+    """Machine-wide cache: the Kafka jars fetched by Maven live here, once."""
+
+    kafka_bootstrap: str | None = None
+    """An external Kafka's bootstrap servers; when set, no local broker is started."""
+
+    kafka_port: int = 19092
+    """First client port of the local broker(s); broker i listens on port + i."""
+
+    kafka_brokers: int = 1
+    """How many local combined broker+controller nodes to run (1 or 3)."""
+
+    kafka_heap_mb: int = 384
+    """JVM heap per local broker: the box is small and shared with Postgres."""
+
+    pg_dsn: str | None = None
+    """An external Postgres DSN; when set, no embedded Postgres is started."""
+
+    pg_port: int = 15432
+    """Port of the embedded Postgres."""
+
+    topic_prefix: str = "destra."
+    """Prefix of every topic name, so several networks can share one cluster."""
+
+    producer_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """Written into every event envelope this process produces."""
+
+    @property
+    def replication_factor(self) -> int:
+        """Replicas per partition: 3 on a 3-broker cluster, else what exists."""
+        return min(3, self.kafka_brokers)
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """With three replicas one broker may fail without losing acked writes."""
+        return 2 if self.replication_factor >= 3 else 1
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (flags override the environment)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``DESTRA_*`` variables, then explicit overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        paths = {"DESTRA_HOME": "home", "DESTRA_CACHE_DIR": "cache_dir"}
+        strings = {
+            "DESTRA_KAFKA_BOOTSTRAP": "kafka_bootstrap",
+            "DESTRA_PG_DSN": "pg_dsn",
+            "DESTRA_TOPIC_PREFIX": "topic_prefix",
+            "DESTRA_PRODUCER_ID": "producer_id",
+        }
+        ints = {
+            "DESTRA_KAFKA_PORT": "kafka_port",
+            "DESTRA_KAFKA_BROKERS": "kafka_brokers",
+            "DESTRA_KAFKA_HEAP_MB": "kafka_heap_mb",
+            "DESTRA_PG_PORT": "pg_port",
+        }
+        for var, name in paths.items():
+            if env.get(var):
+                values[name] = Path(env[var]).expanduser()
+        for var, name in strings.items():
+            if env.get(var):
+                values[name] = env[var]
+        for var, name in ints.items():
+            if env.get(var):
+                try:
+                    values[name] = int(env[var])
+                except ValueError as e:
+                    raise ConfigError(f"{var} must be an integer, got {env[var]!r}") from e
+        settings = cls(**values).with_(**overrides)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject settings that cannot work, with the reason."""
+        if self.kafka_brokers not in (1, 3):
+            raise ConfigError(f"kafka_brokers must be 1 or 3, got {self.kafka_brokers}")
+        if not 1024 <= self.kafka_port <= 65000:
+            raise ConfigError(f"kafka_port out of range: {self.kafka_port}")
+        if not 1024 <= self.pg_port <= 65535:
+            raise ConfigError(f"pg_port out of range: {self.pg_port}")
+        if self.kafka_heap_mb < 128:
+            raise ConfigError(f"kafka_heap_mb too small: {self.kafka_heap_mb}")

@@ -1,0 +1,263 @@
+"""A real Apache Kafka (KRaft) on loopback: jars from Maven Central, JVM subprocesses.
+
+One broker runs as a combined broker+controller formatted with
+``--standalone`` (a dynamic one-voter quorum). Three brokers form a static
+three-voter quorum, each node both broker and controller, for the
+reliability tests: replication factor 3 and ``min.insync.replicas=2``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from destra.errors import InfraError
+from infra.procs import pid_alive, stop_pids
+
+KAFKA_VERSION = "4.4.0"
+_DIST = Path(__file__).with_name("kafka_dist")
+_READY_TIMEOUT_S = 120.0
+
+
+def jars_dir(cache_dir: Path) -> Path:
+    """Where the Kafka jars of this version are cached, once per machine."""
+    return cache_dir / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+def ensure_jars(cache_dir: Path) -> Path:
+    """Fetch the broker and tools jars with Maven unless already cached."""
+    libs = jars_dir(cache_dir)
+    done = libs / ".complete"
+    if done.exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise InfraError("Maven (mvn) is not on PATH; it is needed once to fetch the Kafka jars")
+    tmp = libs.with_name("libs.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cmd = [
+        mvn, "-q", "-B", "-f", str(_DIST / "pom.xml"),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+        f"-Dkafka.version={KAFKA_VERSION}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise InfraError(f"mvn could not fetch Kafka {KAFKA_VERSION}: {result.stdout[-2000:]}")
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    done.write_text(KAFKA_VERSION)
+    return libs
+
+
+def new_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class BrokerNode:
+    """One combined broker+controller process of a local cluster."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    data_dir: Path
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the broker's own logs (server.log, stdout) go."""
+        return self.data_dir / "logs"
+
+    @property
+    def config_path(self) -> Path:
+        """The generated server.properties."""
+        return self.data_dir / "server.properties"
+
+
+class KafkaCluster:
+    """Starts, stops and kills the broker processes of a local KRaft cluster."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        libs: Path,
+        *,
+        brokers: int = 1,
+        port: int = 19092,
+        heap_mb: int = 384,
+    ) -> None:
+        if brokers not in (1, 3):
+            raise InfraError(f"a local cluster has 1 or 3 brokers, not {brokers}")
+        self.base_dir = base_dir
+        self.libs = libs
+        self.heap_mb = heap_mb
+        # Controller ports sit 100 above the client ports so both ranges stay contiguous.
+        self.nodes = [
+            BrokerNode(i + 1, port + i, port + 100 + i, base_dir / f"broker-{i + 1}")
+            for i in range(brokers)
+        ]
+        self.pids: dict[int, int] = {}
+
+    @property
+    def bootstrap(self) -> str:
+        """Bootstrap servers for clients."""
+        return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    @property
+    def replication_factor(self) -> int:
+        """Replicas per partition for topics on this cluster."""
+        return len(self.nodes)
+
+    def _properties(self, node: BrokerNode) -> str:
+        many = len(self.nodes) > 1
+        rf = 3 if many else 1
+        lines = [
+            "process.roles=broker,controller",
+            f"node.id={node.node_id}",
+            f"listeners=PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={node.data_dir / 'data'}",
+            "auto.create.topics.enable=false",
+            "num.partitions=3",
+            f"default.replication.factor={rf}",
+            f"min.insync.replicas={2 if many else 1}",
+            f"offsets.topic.replication.factor={rf}",
+            "offsets.topic.num.partitions=12",
+            f"transaction.state.log.replication.factor={rf}",
+            f"transaction.state.log.min.isr={2 if many else 1}",
+            f"share.coordinator.state.topic.replication.factor={rf}",
+            f"share.coordinator.state.topic.min.isr={2 if many else 1}",
+            "group.initial.rebalance.delay.ms=0",
+            # Unclean election would let a lagging replica lose acknowledged writes.
+            "unclean.leader.election.enable=false",
+            "num.network.threads=2",
+            "num.io.threads=4",
+            "log.segment.bytes=67108864",
+        ]
+        if many:
+            voters = ",".join(
+                f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes
+            )
+            lines.append(f"controller.quorum.voters={voters}")
+        else:
+            lines.append(f"controller.quorum.bootstrap.servers=127.0.0.1:{node.controller_port}")
+        return "\n".join(lines) + "\n"
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise InfraError("java is not on PATH; Kafka needs Java 17 or later")
+        return java
+
+    def _run_tool(self, main: str, args: list[str]) -> str:
+        cmd = [self._java(), "-Xmx256m", "-cp", f"{self.libs}/*",
+               f"-Dlog4j2.configurationFile={_DIST / 'log4j2.xml'}",
+               f"-Dkafka.logs.dir={self.base_dir}", main, *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise InfraError(f"{main} {' '.join(args)} failed: {result.stderr[-2000:]}")
+        return result.stdout
+
+    def format(self) -> None:
+        """Write configs and format storage, unless already formatted."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        if all((n.data_dir / "data" / "meta.properties").exists() for n in self.nodes):
+            return
+        cluster_id = new_cluster_id()
+        for node in self.nodes:
+            node.log_dir.mkdir(parents=True, exist_ok=True)
+            node.config_path.write_text(self._properties(node))
+            args = ["format", "-t", cluster_id, "-c", str(node.config_path)]
+            if len(self.nodes) == 1:
+                args.append("--standalone")
+            self._run_tool("kafka.tools.StorageTool", args)
+
+    def start_node(self, node_id: int) -> int:
+        """Start one broker process, detached from this one; returns its pid."""
+        node = self._node(node_id)
+        node.log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            self._java(), f"-Xms{self.heap_mb}m", f"-Xmx{self.heap_mb}m",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={_DIST / 'log4j2.xml'}",
+            f"-Dkafka.logs.dir={node.log_dir}",
+            "-cp", f"{self.libs}/*", "kafka.Kafka", str(node.config_path),
+        ]
+        with open(node.log_dir / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pids[node_id] = proc.pid
+        return proc.pid
+
+    def start(self, timeout_s: float = _READY_TIMEOUT_S) -> None:
+        """Format if needed, start every broker, wait until all answer metadata."""
+        self.format()
+        for node in self.nodes:
+            self.start_node(node.node_id)
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = _READY_TIMEOUT_S, brokers: int | None = None) -> None:
+        """Block until the cluster reports ``brokers`` live brokers (default: all)."""
+        from streams.admin import live_broker_count  # adapter import kept local to the call
+
+        want = len(self.nodes) if brokers is None else brokers
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for node_id, pid in self.pids.items():
+                if not pid_alive(pid):
+                    raise InfraError(
+                        f"Kafka broker {node_id} exited during start; see "
+                        f"{self._node(node_id).log_dir / 'server.log'}:\n{self.log_tail(node_id)}"
+                    )
+            if live_broker_count(self.bootstrap, timeout_s=2.0) >= want:
+                return
+            time.sleep(0.25)
+        raise InfraError(f"Kafka at {self.bootstrap} not ready after {timeout_s:.0f}s")
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL one broker: a crash, no controlled shutdown."""
+        pid = self.pids.pop(node_id)
+        os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop every broker (SIGTERM, then SIGKILL after a grace period)."""
+        stop_pids(list(self.pids.values()), grace_s=grace_s)
+        self.pids.clear()
+
+    def log_tail(self, node_id: int, lines: int = 30) -> str:
+        """The last lines of a broker's logs, for error messages."""
+        node = self._node(node_id)
+        text = ""
+        for name in ("stdout.log", "server.log"):
+            path = node.log_dir / name
+            if path.exists():
+                text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+        return text
+
+    def _node(self, node_id: int) -> BrokerNode:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise InfraError(f"no broker {node_id} in this cluster")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

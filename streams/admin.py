@@ -1,0 +1,109 @@
+"""Kafka administration: liveness, idempotent topic creation, descriptions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from destra.errors import InfraError
+from streams.topics import TOPICS, TopicSpec
+
+
+def _admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
+                        "logger": _SilentLogger()})
+
+
+class _SilentLogger:
+    """librdkafka logs connection refusals while a broker starts; that is expected."""
+
+    def log(self, *args: object, **kwargs: object) -> None:
+        """Drop the message."""
+
+
+def live_broker_count(bootstrap: str, timeout_s: float = 2.0) -> int:
+    """How many brokers the cluster reports in its metadata; 0 if it does not answer."""
+    try:
+        metadata = _admin(bootstrap).list_topics(timeout=timeout_s)
+    except KafkaException:
+        return 0
+    return len(metadata.brokers)
+
+
+@dataclass(frozen=True)
+class TopicState:
+    """What the broker says about one topic."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    config: dict[str, str]
+
+
+def ensure_topics(
+    bootstrap: str,
+    prefix: str,
+    *,
+    replication_factor: int,
+    min_insync_replicas: int,
+    specs: Iterable[TopicSpec] = TOPICS,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the missing topics of the catalogue; returns the names created.
+
+    Idempotent: topics that already exist are left as they are.
+    """
+    admin = _admin(bootstrap)
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [
+        NewTopic(spec.name(prefix), num_partitions=spec.partitions,
+                 replication_factor=replication_factor,
+                 config=spec.config(min_insync_replicas))
+        for spec in specs
+        if spec.name(prefix) not in existing
+    ]
+    if not new:
+        return []
+    created = []
+    for name, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise InfraError(f"could not create topic {name}: {e.args[0].str()}") from e
+    return created
+
+
+def describe_topics(bootstrap: str, prefix: str, timeout_s: float = 10.0) -> list[TopicState]:
+    """Partitions, replication and configuration of the network's topics."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    admin = _admin(bootstrap)
+    metadata = admin.list_topics(timeout=timeout_s)
+    names = sorted(n for n in metadata.topics if n.startswith(prefix))
+    resources = [ConfigResource(ResourceType.TOPIC, n) for n in names]
+    configs = admin.describe_configs(resources) if resources else {}
+    states = []
+    for resource, future in configs.items():
+        topic = metadata.topics[resource.name]
+        entries = future.result(timeout=timeout_s)
+        wanted = ("cleanup.policy", "retention.ms", "min.insync.replicas")
+        states.append(TopicState(
+            name=resource.name,
+            partitions=len(topic.partitions),
+            replication_factor=len(next(iter(topic.partitions.values())).replicas),
+            config={k: entries[k].value for k in wanted if k in entries},
+        ))
+    return sorted(states, key=lambda s: s.name)
+
+
+def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
+    """Delete topics (used by benchmarks to clean up after themselves)."""
+    if not names:
+        return
+    for future in _admin(bootstrap).delete_topics(names, operation_timeout=timeout_s).values():
+        future.result(timeout=timeout_s)

@@ -1,0 +1,169 @@
+"""Consumer helpers: decoded events out, bad records to the dead-letter topic.
+
+A record that fails to decode or validate is written to the dead-letter topic
+with the reason and its original bytes, acknowledged there, and only then is
+its offset stored, so nothing is lost and the consumer goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+
+from destra.errors import DestraError, EventError
+from destra.settings import Settings
+from schemas import Event, decode, new_event
+from streams.producer import EventProducer
+from streams.topics import DEAD_LETTER
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One decoded event and where it came from."""
+
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+
+
+def consumer_config(
+    bootstrap: str, group_id: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """At-least-once: offsets are stored only after the caller has handled the event."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": True,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": False,
+    }
+    config.update(overrides or {})
+    return config
+
+
+class EventConsumer:
+    """Polls topics, yields decoded events, dead-letters what cannot be decoded."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        group_id: str,
+        topics: Sequence[str],
+        overrides: Mapping[str, Any] | None = None,
+        dead_letters: EventProducer | None = None,
+    ) -> None:
+        self.settings = settings
+        self._consumer = Consumer(consumer_config(bootstrap, group_id, overrides))
+        self._consumer.subscribe(list(topics))
+        self._dead_letters = dead_letters or EventProducer(settings, bootstrap)
+        self._owns_dlq = dead_letters is None
+        self.dead_lettered = 0
+
+    def poll(self, timeout_s: float = 1.0) -> Delivery | None:
+        """The next good event, or None when none arrived within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            msg = self._consumer.poll(left)
+            if msg is None:
+                return None
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                if time.monotonic() >= deadline:
+                    return None
+                continue  # transient (a broker restarting): librdkafka retries by itself
+            delivery = self._decode(msg)
+            if delivery is not None:
+                return delivery
+            if time.monotonic() >= deadline:
+                return None
+
+    def stream(self, idle_timeout_s: float = 5.0) -> Iterator[Delivery]:
+        """Yield events (storing each offset after the caller's loop body) until idle."""
+        while True:
+            delivery = self.poll(idle_timeout_s)
+            if delivery is None:
+                return
+            yield delivery
+            self.store(delivery)
+
+    def store(self, delivery: Delivery) -> None:
+        """Mark an event handled; its offset is committed with the next auto-commit."""
+        self._consumer.store_offsets(
+            offsets=[_next_offset(delivery.topic, delivery.partition, delivery.offset)]
+        )
+
+    def commit(self) -> None:
+        """Commit stored offsets now, synchronously."""
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError._NO_OFFSET:
+                raise
+
+    def _decode(self, msg: Message) -> Delivery | None:
+        value = msg.value() or b""
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        try:
+            event = decode(value)
+        except EventError as e:
+            self._dead_letter(msg, value, e)
+            return None
+        return Delivery(event, topic, partition, offset, msg.key())
+
+    def _dead_letter(self, msg: Message, value: bytes, error: DestraError) -> None:
+        record = new_event(
+            "DeadLettered",
+            self.settings.producer_id,
+            source_topic=msg.topic(),
+            source_partition=msg.partition(),
+            source_offset=msg.offset(),
+            key=msg.key(),
+            value=value,
+            reason=str(error)[:2000],
+            error=type(error).__name__,
+        )
+        self._dead_letters.send(record)
+        # Durable on the dead-letter topic before the bad record's offset moves on.
+        self._dead_letters.flush()
+        self._consumer.store_offsets(
+            offsets=[_next_offset(msg.topic(), msg.partition(), msg.offset())]
+        )
+        self.dead_lettered += 1
+
+    def close(self) -> None:
+        """Commit what was handled and leave the group."""
+        try:
+            self.commit()
+        finally:
+            self._consumer.close()
+            if self._owns_dlq:
+                self._dead_letters.close()
+
+    def __enter__(self) -> EventConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _next_offset(topic: str, partition: int, offset: int) -> Any:
+    from confluent_kafka import TopicPartition
+
+    return TopicPartition(topic, partition, offset + 1)
+
+
+def dead_letter_topic(settings: Settings) -> str:
+    """The full name of the dead-letter topic."""
+    return DEAD_LETTER.name(settings.topic_prefix)

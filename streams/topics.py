@@ -1,0 +1,93 @@
+"""The topic catalogue: every topic, its key, partitions, cleanup and retention.
+
+Source-of-truth topics keep every event forever (``retention.ms=-1``): the
+ledger, the allocator's and the verifier's tables are rebuilt by replaying
+them from offset 0. Topics that only hold the latest state per key are
+compacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FOREVER = -1
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic of the network."""
+
+    suffix: str
+    """Name without the network prefix (``DESTRA_TOPIC_PREFIX``)."""
+
+    key: str
+    """The record key: every event on the topic is keyed (and so ordered) by it."""
+
+    events: tuple[str, ...]
+    """Event types written to the topic."""
+
+    partitions: int
+    """Partition count; also the parallelism of its consumers."""
+
+    cleanup: str = "delete"
+    """``delete``, ``compact`` or ``compact,delete``."""
+
+    retention_ms: int = FOREVER
+    """How long records are kept (-1: forever, the event-sourcing default)."""
+
+    doc: str = ""
+    """What the topic is for."""
+
+    def name(self, prefix: str) -> str:
+        """The full topic name under a network prefix."""
+        return prefix + self.suffix
+
+    def config(self, min_insync_replicas: int) -> dict[str, str]:
+        """Topic-level broker configuration."""
+        return {
+            "cleanup.policy": self.cleanup,
+            "retention.ms": str(self.retention_ms),
+            "min.insync.replicas": str(min_insync_replicas),
+            # Keyed ordering relies on the producer's idempotence; never let an
+            # out-of-sync replica become leader and drop acknowledged events.
+            "unclean.leader.election.enable": "false",
+        }
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("nodes.registry", "node_id", ("NodeRegistered",), 6, cleanup="compact",
+              doc="latest registration (keys, capability, stake) per node"),
+    TopicSpec("nodes.heartbeats", "node_id", ("NodeHeartbeat",), 6, cleanup="compact,delete",
+              retention_ms=DAY_MS, doc="liveness and load; only the latest matters"),
+    TopicSpec("tasks.submitted", "task_id", ("TaskSubmitted",), 6,
+              doc="every submission, the start of a task's life"),
+    TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted"), 12,
+              doc="work for one node; keyed by node so a runner reads only its partition"),
+    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6,
+              doc="signed commitments H(salt, digest), the commit phase"),
+    TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6,
+              doc="salts and digests, the reveal phase"),
+    TopicSpec("tasks.verdicts", "task_id", ("TaskVerified", "TaskFailed"), 6,
+              doc="Proof-of-Sync outcomes"),
+    TopicSpec("nodes.penalties", "node_id", ("NodePenalized",), 3,
+              doc="judgements against dissenting or absent nodes"),
+    TopicSpec("ledger.entries", "account", ("LedgerEntryPosted", "TokensMinted"), 6,
+              doc="money movements; the Postgres ledger is their projection"),
+    TopicSpec("market.prices", "tier", ("PriceUpdated",), 1, cleanup="compact",
+              doc="current price per compute unit, per tier"),
+    TopicSpec("governance", "proposal_id", ("ProposalSubmitted", "VoteCast"), 3,
+              doc="proposals and votes"),
+    TopicSpec("deadletter", "source_topic", ("DeadLettered",), 3,
+              doc="records that failed to decode or validate, with the reason and original bytes"),
+)
+
+DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
+
+
+def topic_for(event_name: str) -> TopicSpec:
+    """The topic an event type is written to."""
+    for spec in TOPICS:
+        if event_name in spec.events:
+            return spec
+    raise KeyError(f"no topic carries {event_name}")

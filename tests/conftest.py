@@ -1,0 +1,96 @@
+"""Fixtures: a real Kafka broker and a real Postgres, started once per test session."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from destra.settings import Settings
+
+
+def free_port_block(count: int, *, spread: int = 100) -> int:
+    """A base port p such that p..p+count-1 and p+spread..p+spread+count-1 are all free."""
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        ports = [base + i for i in range(count)] + [base + spread + i for i in range(count)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports")
+
+
+def eventually(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> None:
+    """Wait until ``check()`` is true, failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The machine-wide cache (Kafka jars), shared with `destra infra up`."""
+    return Settings.from_env().cache_dir
+
+
+@pytest.fixture(scope="session")
+def kafka_libs(cache_dir: Path) -> Path:
+    """The Kafka jars, fetched by Maven on first use."""
+    from infra.kafka import ensure_jars
+
+    return ensure_jars(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory, kafka_libs: Path) -> Iterator[str]:
+    """A single-broker KRaft Kafka for the session; yields its bootstrap servers."""
+    from infra.kafka import KafkaCluster
+
+    if os.environ.get("DESTRA_TEST_KAFKA_BOOTSTRAP"):
+        yield os.environ["DESTRA_TEST_KAFKA_BOOTSTRAP"]
+        return
+    cluster = KafkaCluster(tmp_path_factory.mktemp("kafka"), kafka_libs,
+                           brokers=1, port=free_port_block(1))
+    cluster.start()
+    try:
+        yield cluster.bootstrap
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real embedded PostgreSQL for the session; yields its DSN."""
+    from infra.postgres import start_embedded, stop_embedded
+
+    if os.environ.get("DESTRA_TEST_PG_DSN"):
+        yield os.environ["DESTRA_TEST_PG_DSN"]
+        return
+    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    handle = start_embedded(data_dir)
+    try:
+        yield handle.dsn
+    finally:
+        stop_embedded(data_dir, handle.system_user)
+
+
+@pytest.fixture
+def network(kafka: str, request: pytest.FixtureRequest) -> Settings:
+    """Settings for a fresh network on the session broker: its own topic prefix."""
+    from streams.admin import ensure_topics
+
+    prefix = f"t{random.randint(0, 1 << 30):x}."
+    settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix, producer_id=request.node.name[:60])
+    ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
+    return settings
