@@ -45,10 +45,10 @@ class Settings:
     """JVM heap per local broker: the box is small and shared with Postgres."""
 
     pg_dsn: str | None = None
-    """An external Postgres DSN; when set, no embedded Postgres is started."""
+    """An external Postgres DSN; when set, no embedded Postgres is started.
 
-    pg_port: int = 15432
-    """Port of the embedded Postgres."""
+    The embedded server listens only on a Unix socket in its data directory.
+    """
 
     topic_prefix: str = "destra."
     """Prefix of every topic name, so several networks can share one cluster."""
@@ -86,7 +86,6 @@ class Settings:
             "DESTRA_KAFKA_PORT": "kafka_port",
             "DESTRA_KAFKA_BROKERS": "kafka_brokers",
             "DESTRA_KAFKA_HEAP_MB": "kafka_heap_mb",
-            "DESTRA_PG_PORT": "pg_port",
         }
         for var, name in paths.items():
             if env.get(var):
@@ -110,7 +109,5 @@ class Settings:
             raise ConfigError(f"kafka_brokers must be 1 or 3, got {self.kafka_brokers}")
         if not 1024 <= self.kafka_port <= 65000:
             raise ConfigError(f"kafka_port out of range: {self.kafka_port}")
-        if not 1024 <= self.pg_port <= 65535:
-            raise ConfigError(f"pg_port out of range: {self.pg_port}")
         if self.kafka_heap_mb < 128:
             raise ConfigError(f"kafka_heap_mb too small: {self.kafka_heap_mb}")

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from destra.settings import Settings
-
-
-def free_port_block(count: int, *, spread: int = 100) -> int:
-    """A base port p such that p..p+count-1 and p+spread..p+spread+count-1 are all free."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        ports = [base + i for i in range(count)] + [base + spread + i for i in range(count)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of ports")
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> None:
-    """Wait until ``check()`` is true, failing the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        time.sleep(interval)
+from tests.support import free_port_block
 
 
 @pytest.fixture(scope="session")

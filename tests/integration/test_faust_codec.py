@@ -1,0 +1,56 @@
+"""The Avro codec plugged into Faust: an agent reads and writes Destra events."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from destra.settings import Settings
+from schemas.samples import sample_event
+from streams.admin import ensure_topics
+from streams.consumer import EventConsumer
+from streams.producer import EventProducer
+from streams.topics import topic_for
+
+pytestmark = pytest.mark.integration
+
+APP = Path(__file__).resolve().parents[1] / "faust_echo_app.py"
+
+
+def test_a_faust_agent_decodes_and_encodes_events_with_the_codec(
+    network: Settings, kafka: str, tmp_path: Path
+) -> None:
+    echo_spec = replace(topic_for("NodeHeartbeat"), suffix="echo")
+    ensure_topics(kafka, network.topic_prefix, replication_factor=1, min_insync_replicas=1,
+                  specs=[echo_spec])
+    env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_TOPIC_PREFIX=network.topic_prefix)
+    log = open(tmp_path / "faust.log", "w")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, str(APP), "worker", "--loglevel", "warning",
+         "--datadir", str(tmp_path / "faust")],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        sent = [sample_event("NodeHeartbeat") for _ in range(5)]
+        with EventProducer(network, kafka) as producer:
+            for event in sent:
+                producer.send(event)
+        echoed = network.topic_prefix + "echo"
+        with EventConsumer(network, kafka, f"g-{uuid.uuid4()}", [echoed]) as consumer:
+            got = []
+            for d in consumer.stream(idle_timeout_s=60):
+                got.append(d.event)
+                if len(got) == len(sent):
+                    break
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        log.close()
+    by_id = sorted(got, key=lambda e: e.event_id)
+    assert by_id == sorted(sent, key=lambda e: e.event_id), (tmp_path / "faust.log").read_text()

@@ -1,0 +1,71 @@
+"""`destra infra up | status | down` as a user runs them, in their own processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.procs import pid_alive
+from streams.admin import describe_topics
+from streams.topics import TOPICS
+from tests.support import free_port_block
+
+pytestmark = pytest.mark.integration
+
+
+def _destra(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "destra", *args], env=env, text=True,
+                          capture_output=True, timeout=300, check=False)
+
+
+def test_infra_up_status_down_leaves_nothing_running(tmp_path: Path) -> None:
+    env = dict(os.environ, DESTRA_HOME=str(tmp_path / "home"),
+               DESTRA_KAFKA_PORT=str(free_port_block(1)), DESTRA_KAFKA_HEAP_MB="256")
+    env.pop("DESTRA_KAFKA_BOOTSTRAP", None)
+    env.pop("DESTRA_PG_DSN", None)
+
+    # Up: both services start and report themselves.
+    up = _destra(env, "infra", "up", "--json")
+    assert up.returncode == 0, up.stderr
+    status = json.loads(up.stdout)
+    assert status["running"] is True
+    assert status["kafka"]["live_brokers"] == 1 and status["kafka"]["version"] == "4.4.0"
+    assert status["postgres"]["version"].startswith("18")
+    pids = [b["pid"] for b in status["kafka"]["brokers"]] + [status["postgres"]["pid"]]
+    assert all(pid_alive(p) for p in pids)
+
+    try:
+        # Every catalogue topic exists with its cleanup policy and retention.
+        described = {t.name: t for t in describe_topics(status["kafka"]["bootstrap"], "destra.")}
+        for spec in TOPICS:
+            topic = described[spec.name("destra.")]
+            assert topic.partitions == spec.partitions
+            assert topic.config["cleanup.policy"] == spec.cleanup
+            assert topic.config["retention.ms"] == str(spec.retention_ms)
+
+        # Up again is idempotent: the same processes, nothing new.
+        again = _destra(env, "infra", "up", "--json")
+        assert again.returncode == 0, again.stderr
+        assert [b["pid"] for b in json.loads(again.stdout)["kafka"]["brokers"]] == pids[:1]
+
+        text = _destra(env, "infra", "status")
+        assert "kafka     up" in text.stdout and "postgres  up" in text.stdout
+    finally:
+        down = _destra(env, "infra", "down")
+    assert down.returncode == 0, down.stderr
+    assert not any(pid_alive(p) for p in pids)
+
+    after = _destra(env, "infra", "status", "--json")
+    assert json.loads(after.stdout)["running"] is False
+
+
+def test_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
+    env = dict(os.environ, DESTRA_HOME=str(tmp_path), DESTRA_KAFKA_BROKERS="2")
+    result = _destra(env, "infra", "status")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: kafka_brokers must be 1 or 3, got 2"

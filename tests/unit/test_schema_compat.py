@@ -1,0 +1,156 @@
+"""Schema evolution: released versions stay readable both ways; breaking changes are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from destra.errors import IncompatibleSchema, UnknownSchema
+from schemas import Catalog, decode, default_catalog, encode
+from schemas.catalog import AVSC_DIR, HISTORY_DIR
+from schemas.compat import check_catalog, check_pair, release, unreleased
+from schemas.samples import sample_event
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def _evolved(tmp_path: Path, name: str, edit: Edit) -> Catalog:
+    """A copy of the shipped catalogue and history, with one schema edited."""
+    avsc, history = tmp_path / "avsc", tmp_path / "history"
+    shutil.copytree(AVSC_DIR, avsc)
+    shutil.copytree(HISTORY_DIR, history)
+    path = avsc / f"{name}.avsc"
+    schema = json.loads(path.read_text())
+    edit(schema)
+    path.write_text(json.dumps(schema, indent=2))
+    return Catalog(avsc, history)
+
+
+def _field(schema: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(f for f in schema["fields"] if f["name"] == name)
+
+
+def _add_defaulted_temperature(schema: dict[str, Any]) -> None:
+    schema["fields"].append({"name": "gpu_temp_c", "type": ["null", "int"], "default": None,
+                             "doc": "GPU temperature, if the driver reports it."})
+
+
+def _add_required_temperature(schema: dict[str, Any]) -> None:
+    schema["fields"].append({"name": "gpu_temp_c", "type": "int", "doc": "GPU temperature."})
+
+
+def _seq_to_string(schema: dict[str, Any]) -> None:
+    seq = _field(schema, "seq")
+    seq["type"] = "string"
+    del seq["destra.min"]
+
+
+def test_every_current_schema_is_compatible_with_every_released_version_both_ways() -> None:
+    catalog = default_catalog()
+    assert all(catalog.history(name) for name in catalog.names), "every type has a release"
+    assert check_catalog(catalog) == {name: [] for name in catalog.names}
+
+
+def test_every_current_schema_is_released() -> None:
+    # A changed .avsc must ship with its history/<Name>/vN.avsc: run compat.release.
+    assert unreleased(default_catalog()) == []
+
+
+def test_changing_a_long_to_a_string_is_incompatible_both_ways() -> None:
+    old = default_catalog().schema_json("NodeHeartbeat")
+    new = default_catalog().schema_json("NodeHeartbeat")
+    _seq_to_string(new)
+    assert any("string" in p and "long" in p for p in check_pair(new, old))
+    assert check_pair(old, new)
+
+
+def test_adding_a_field_without_a_default_breaks_reading_old_events() -> None:
+    old = default_catalog().schema_json("NodeHeartbeat")
+    new = default_catalog().schema_json("NodeHeartbeat")
+    _add_required_temperature(new)
+    assert any("gpu_temp_c" in p for p in check_pair(new, old))
+    assert check_pair(old, new) == [], "old readers just skip the new field"
+
+
+def test_removing_a_field_without_a_default_breaks_old_readers() -> None:
+    old = default_catalog().schema_json("NodeHeartbeat")
+    new = default_catalog().schema_json("NodeHeartbeat")
+    new["fields"] = [f for f in new["fields"] if f["name"] != "free_slots"]
+    assert check_pair(new, old) == []
+    assert any("free_slots" in p for p in check_pair(old, new))
+
+
+def test_adding_a_defaulted_field_is_compatible_both_ways() -> None:
+    old = default_catalog().schema_json("NodeHeartbeat")
+    new = default_catalog().schema_json("NodeHeartbeat")
+    _add_defaulted_temperature(new)
+    assert check_pair(new, old) == [] and check_pair(old, new) == []
+
+
+def test_a_reader_with_a_new_defaulted_field_reads_old_bytes(tmp_path: Path) -> None:
+    evolved = _evolved(tmp_path, "NodeHeartbeat", _add_defaulted_temperature)
+    old_event = sample_event("NodeHeartbeat")
+    old_bytes = encode(old_event)  # written with the released v1 schema
+
+    # The new reader knows v1's fingerprint and resolves v1 into its own schema.
+    assert evolved.fingerprint("NodeHeartbeat") != old_bytes[2:10]
+    read = decode(old_bytes, catalog=evolved)
+    assert read.fields == {**old_event.fields, "gpu_temp_c": None}
+
+    # New bytes carry the new fingerprint, which a reader still on v1 does not know:
+    # upgrade readers before writers.
+    new_bytes = encode(read.replace(gpu_temp_c=71), catalog=evolved)
+    assert decode(new_bytes, catalog=evolved).fields["gpu_temp_c"] == 71
+    with pytest.raises(UnknownSchema):
+        decode(new_bytes)
+
+
+def test_release_refuses_an_incompatible_change_and_writes_nothing(tmp_path: Path) -> None:
+    evolved = _evolved(tmp_path, "NodeHeartbeat", _seq_to_string)
+    assert check_catalog(evolved)["NodeHeartbeat"]
+    with pytest.raises(IncompatibleSchema, match="NodeHeartbeat"):
+        release(evolved)
+    assert sorted(p.name for p in (evolved.history_dir / "NodeHeartbeat").iterdir()) == ["v1.avsc"]
+
+
+def test_release_refuses_a_field_added_without_a_default(tmp_path: Path) -> None:
+    evolved = _evolved(tmp_path, "NodeHeartbeat", _add_required_temperature)
+    with pytest.raises(IncompatibleSchema, match="new cannot read v1"):
+        release(evolved)
+
+
+def test_release_writes_the_next_version_of_a_compatible_change(tmp_path: Path) -> None:
+    evolved = _evolved(tmp_path, "NodeHeartbeat", _add_defaulted_temperature)
+    assert unreleased(evolved) == ["NodeHeartbeat"]
+    assert release(evolved) == ["NodeHeartbeat/v2.avsc"]
+    assert unreleased(evolved) == []
+    assert release(evolved) == [], "releasing again changes nothing"
+
+    reloaded = Catalog(evolved.avsc_dir, evolved.history_dir)
+    assert [v.version for v in reloaded.history("NodeHeartbeat")] == [1, 2]
+    assert check_catalog(reloaded)["NodeHeartbeat"] == []
+    assert reloaded.lookup(reloaded.fingerprint("NodeHeartbeat"))[0] == "NodeHeartbeat"
+
+
+def test_release_writes_v1_for_a_new_event_type(tmp_path: Path) -> None:
+    avsc, history = tmp_path / "avsc", tmp_path / "history"
+    shutil.copytree(AVSC_DIR, avsc)
+    shutil.copytree(HISTORY_DIR, history)
+    (avsc / "NodeRetired.avsc").write_text(json.dumps({
+        "type": "record", "name": "NodeRetired", "namespace": "network.destra",
+        "doc": "A node left the network.",
+        "fields": [
+            {"name": "envelope", "type": "network.destra.Envelope", "doc": "Metadata."},
+            {"name": "node_id", "type": "string", "doc": "The node.", "destra.min_length": 1},
+        ],
+    }))
+    catalog = Catalog(avsc, history)
+    assert unreleased(catalog) == ["NodeRetired"]
+    assert release(catalog) == ["NodeRetired/v1.avsc"]
+    released = json.loads((history / "NodeRetired" / "v1.avsc").read_text())
+    assert released == catalog.schema_json("NodeRetired"), "history holds the expanded schema"
