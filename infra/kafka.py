@@ -9,7 +9,6 @@ reliability tests: replication factor 3 and ``min.insync.replicas=2``.
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import signal
 import subprocess
@@ -105,7 +104,12 @@ class KafkaCluster:
             BrokerNode(i + 1, port + i, port + 100 + i, base_dir / f"broker-{i + 1}")
             for i in range(brokers)
         ]
-        self.pids: dict[int, int] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """Process id of each running broker, by node id."""
+        return {node_id: proc.pid for node_id, proc in self.procs.items()}
 
     @property
     def bootstrap(self) -> str:
@@ -200,7 +204,7 @@ class KafkaCluster:
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.pids[node_id] = proc.pid
+        self.procs[node_id] = proc
         return proc.pid
 
     def start(self, timeout_s: float = _READY_TIMEOUT_S) -> None:
@@ -230,14 +234,16 @@ class KafkaCluster:
 
     def kill(self, node_id: int) -> None:
         """SIGKILL one broker: a crash, no controlled shutdown."""
-        pid = self.pids.pop(node_id)
-        os.kill(pid, signal.SIGKILL)
-        _reap(pid)
+        proc = self.procs.pop(node_id)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop every broker (SIGTERM, then SIGKILL after a grace period)."""
         stop_pids(list(self.pids.values()), grace_s=grace_s)
-        self.pids.clear()
+        for proc in self.procs.values():
+            proc.wait()  # reaped already by stop_pids; this only settles the Popen object
+        self.procs.clear()
 
     def log_tail(self, node_id: int, lines: int = 30) -> str:
         """The last lines of a broker's logs, for error messages."""
@@ -254,10 +260,3 @@ class KafkaCluster:
             if node.node_id == node_id:
                 return node
         raise InfraError(f"no broker {node_id} in this cluster")
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass

@@ -46,7 +46,6 @@ def make_app(settings: Settings, app_id: str, bootstrap: str, **options: Any) ->
         "store": "memory://",
         "web_enabled": False,
         "topic_replication_factor": settings.replication_factor,
-        "topic_allow_declare": False,  # topics come from the catalogue, not from agents
         "producer_acks": -1,
         "consumer_auto_offset_reset": "earliest",
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -32,8 +33,8 @@ def test_a_faust_agent_decodes_and_encodes_events_with_the_codec(
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_TOPIC_PREFIX=network.topic_prefix)
     log = open(tmp_path / "faust.log", "w")  # noqa: SIM115
     worker = subprocess.Popen(
-        [sys.executable, str(APP), "worker", "--loglevel", "warning",
-         "--datadir", str(tmp_path / "faust")],
+        [sys.executable, str(APP), "--datadir", str(tmp_path / "faust"),
+         "worker", "--loglevel", "warn"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -44,10 +45,12 @@ def test_a_faust_agent_decodes_and_encodes_events_with_the_codec(
         echoed = network.topic_prefix + "echo"
         with EventConsumer(network, kafka, f"g-{uuid.uuid4()}", [echoed]) as consumer:
             got = []
-            for d in consumer.stream(idle_timeout_s=60):
-                got.append(d.event)
-                if len(got) == len(sent):
-                    break
+            deadline = time.monotonic() + 120
+            # Stop early if the worker dies: its log then explains why.
+            while len(got) < len(sent) and worker.poll() is None and time.monotonic() < deadline:
+                d = consumer.poll(1.0)
+                if d is not None:
+                    got.append(d.event)
     finally:
         worker.terminate()
         worker.wait(30)
