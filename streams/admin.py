@@ -9,19 +9,13 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from destra.errors import InfraError
+from streams.klog import KAFKA_LOG
 from streams.topics import TOPICS, TopicSpec
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                        "logger": _SilentLogger()})
-
-
-class _SilentLogger:
-    """librdkafka logs connection refusals while a broker starts; that is expected."""
-
-    def log(self, *args: object, **kwargs: object) -> None:
-        """Drop the message."""
+    # Connection refusals while a broker starts are expected: logged, not printed.
+    return AdminClient({"bootstrap.servers": bootstrap, "logger": KAFKA_LOG})
 
 
 def live_broker_count(bootstrap: str, timeout_s: float = 2.0) -> int:

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from destra.errors import DestraError, EventError
 from destra.settings import Settings
 from schemas import Event, decode, new_event
+from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
 from streams.topics import DEAD_LETTER
 
@@ -44,6 +45,7 @@ def consumer_config(
         "enable.auto.offset.store": False,
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
+        "logger": KAFKA_LOG,
     }
     config.update(overrides or {})
     return config

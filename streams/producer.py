@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from destra.errors import DeliveryFailed
 from destra.settings import Settings
 from schemas import Event, encode
+from streams.klog import KAFKA_LOG
 from streams.topics import topic_for
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
@@ -28,6 +29,7 @@ def producer_config(bootstrap: str, overrides: Mapping[str, Any] | None = None) 
         "linger.ms": 5,
         "compression.type": "lz4",
         "message.timeout.ms": 120_000,
+        "logger": KAFKA_LOG,
     }
     config.update(overrides or {})
     return config
