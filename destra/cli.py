@@ -33,9 +33,9 @@ def _settings_options(f: F) -> F:
         click.option("--home", type=click.Path(path_type=Path), default=None,
                      help="State, data and logs of local services [DESTRA_HOME]."),
         click.option("--kafka-bootstrap", default=None,
-                     help="Use this external Kafka instead of a local one [DESTRA_KAFKA_BOOTSTRAP]."),
+                     help="External Kafka to use instead of a local one [DESTRA_KAFKA_BOOTSTRAP]."),
         click.option("--pg-dsn", default=None,
-                     help="Use this external Postgres instead of the embedded one [DESTRA_PG_DSN]."),
+                     help="External Postgres instead of the embedded one [DESTRA_PG_DSN]."),
         click.option("--brokers", "kafka_brokers", type=click.IntRange(1, 3), default=None,
                      help="Local Kafka brokers: 1, or 3 for replication [DESTRA_KAFKA_BROKERS]."),
     ]
@@ -181,15 +181,31 @@ def schemas_list(as_json: bool) -> None:
 def schemas_check() -> None:
     """Check every schema against its released versions, both directions."""
     from schemas import default_catalog
-    from schemas.compat import check_catalog
+    from schemas.compat import check_catalog, unreleased
 
-    problems = {n: p for n, p in check_catalog(default_catalog()).items() if p}
+    catalog = default_catalog()
+    problems = {n: p for n, p in check_catalog(catalog).items() if p}
+    for name, msgs in problems.items():
+        for msg in msgs:
+            click.echo(f"{name}: {msg}", err=True)
+    pending = unreleased(catalog)
     if problems:
-        for name, msgs in problems.items():
-            for msg in msgs:
-                click.echo(f"{name}: {msg}", err=True)
         raise DestraError(f"{len(problems)} schemas are incompatible with a released version")
-    click.echo("every schema is compatible with its released versions")
+    if pending:
+        raise DestraError(f"changed but not released (run `destra schemas release`): "
+                          f"{', '.join(pending)}")
+    click.echo(f"all {len(catalog.names)} schemas are released and compatible with every "
+               "earlier version, both directions")
+
+
+@schemas.command("release")
+def schemas_release() -> None:
+    """Write each changed schema as its next version, if compatible both ways."""
+    from schemas import Catalog
+    from schemas.compat import release
+
+    written = release(Catalog())
+    click.echo("released: " + ", ".join(written) if written else "nothing changed")
 
 
 @cli.group()

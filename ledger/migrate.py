@@ -22,7 +22,9 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
 
-def apply_migrations(dsn: str, schema: str = "public", directory: Path = MIGRATIONS_DIR) -> list[str]:
+def apply_migrations(
+    dsn: str, schema: str = "public", directory: Path = MIGRATIONS_DIR
+) -> list[str]:
     """Apply the pending migrations into ``schema``; returns the names applied."""
     applied: list[str] = []
     try:

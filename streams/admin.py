@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -15,7 +16,8 @@ from streams.topics import TOPICS, TopicSpec
 
 def _admin(bootstrap: str) -> AdminClient:
     # Connection refusals while a broker starts are expected: logged, not printed.
-    return AdminClient({"bootstrap.servers": bootstrap, "logger": KAFKA_LOG})
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": KAFKA_LOG}
+    return AdminClient(config)
 
 
 def live_broker_count(bootstrap: str, timeout_s: float = 2.0) -> int:
@@ -99,5 +101,6 @@ def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> 
     """Delete topics (used by benchmarks to clean up after themselves)."""
     if not names:
         return
-    for future in _admin(bootstrap).delete_topics(names, operation_timeout=timeout_s).values():
+    admin = _admin(bootstrap)  # must outlive the futures it resolves
+    for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
         future.result(timeout=timeout_s)

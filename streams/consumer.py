@@ -8,6 +8,7 @@ its offset stored, so nothing is lost and the consumer goes on.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,15 +70,20 @@ class EventConsumer:
         self._dead_letters = dead_letters or EventProducer(settings, bootstrap)
         self._owns_dlq = dead_letters is None
         self.dead_lettered = 0
+        self.batch_size = 500
+        self._buffer: deque[Message] = deque()
 
     def poll(self, timeout_s: float = 1.0) -> Delivery | None:
         """The next good event, or None when none arrived within the timeout."""
         deadline = time.monotonic() + timeout_s
         while True:
-            left = max(0.0, deadline - time.monotonic())
-            msg = self._consumer.poll(left)
-            if msg is None:
-                return None
+            if not self._buffer:
+                left = max(0.0, deadline - time.monotonic())
+                # Fetch in batches: one call into librdkafka per batch, not per event.
+                self._buffer.extend(self._consumer.consume(self.batch_size, left))
+                if not self._buffer:
+                    return None
+            msg = self._buffer.popleft()
             err = msg.error()
             if err is not None:
                 if err.fatal():
@@ -116,7 +122,7 @@ class EventConsumer:
 
     def _decode(self, msg: Message) -> Delivery | None:
         value = msg.value() or b""
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        topic, partition, offset = _where(msg)
         try:
             event = decode(value)
         except EventError as e:
@@ -139,9 +145,7 @@ class EventConsumer:
         self._dead_letters.send(record)
         # Durable on the dead-letter topic before the bad record's offset moves on.
         self._dead_letters.flush()
-        self._consumer.store_offsets(
-            offsets=[_next_offset(msg.topic(), msg.partition(), msg.offset())]
-        )
+        self._consumer.store_offsets(offsets=[_next_offset(*_where(msg))])
         self.dead_lettered += 1
 
     def close(self) -> None:
@@ -158,6 +162,14 @@ class EventConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a fetched record (always set on one without error)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise EventError(f"record without a position: {topic}/{partition}/{offset}")
+    return topic, partition, offset
 
 
 def _next_offset(topic: str, partition: int, offset: int) -> Any:

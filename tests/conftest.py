@@ -66,6 +66,7 @@ def network(kafka: str, request: pytest.FixtureRequest) -> Settings:
     from streams.admin import ensure_topics
 
     prefix = f"t{random.randint(0, 1 << 30):x}."
-    settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix, producer_id=request.node.name[:60])
+    settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix,
+                        producer_id=request.node.name[:60])
     ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
     return settings
