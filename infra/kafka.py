@@ -58,8 +58,15 @@ def ensure_jars(cache_dir: Path) -> Path:
 
 
 def new_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Like Kafka's own ``Uuid.randomUuid``, never one starting with ``-``, which
+    command-line parsers take for an option (it happens to 1 id in 64).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ class KafkaCluster:
         for node in self.nodes:
             node.log_dir.mkdir(parents=True, exist_ok=True)
             node.config_path.write_text(self._properties(node))
-            args = ["format", "-t", cluster_id, "-c", str(node.config_path)]
+            args = ["format", f"--cluster-id={cluster_id}", "-c", str(node.config_path)]
             if len(self.nodes) == 1:
                 args.append("--standalone")
             self._run_tool("kafka.tools.StorageTool", args)

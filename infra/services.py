@@ -99,7 +99,9 @@ def _start_kafka(settings: Settings, state: InfraState) -> None:
             raise InfraError(f"external Kafka at {settings.kafka_bootstrap} does not answer")
         return
     libs = kafka.ensure_jars(settings.cache_dir)
-    cluster = kafka.KafkaCluster(settings.home / "kafka", libs, brokers=settings.kafka_brokers,
+    # One data directory per cluster shape: a 1-broker log cannot join a 3-voter quorum.
+    cluster = kafka.KafkaCluster(settings.home / f"kafka-{settings.kafka_brokers}", libs,
+                                 brokers=settings.kafka_brokers,
                                  port=settings.kafka_port, heap_mb=settings.kafka_heap_mb)
     cluster.format()
     state.kafka_bootstrap = cluster.bootstrap

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from destra.settings import Settings
+from schemas import encode
 from schemas.samples import sample_event
 from streams.admin import ensure_topics
-from streams.consumer import EventConsumer
+from streams.consumer import EventConsumer, dead_letter_topic
 from streams.producer import EventProducer
 from streams.topics import topic_for
 
@@ -39,9 +40,12 @@ def test_a_faust_agent_decodes_and_encodes_events_with_the_codec(
     )
     try:
         sent = [sample_event("NodeHeartbeat") for _ in range(5)]
+        corrupt = encode(sent[0])[:15]
         with EventProducer(network, kafka) as producer:
-            for event in sent:
+            for i, event in enumerate(sent):
                 producer.send(event)
+                if i == 1:  # a bad record mid-stream must not stop the agent
+                    producer.send_raw(producer.topic_name(event), b"node-3f9c", corrupt)
         echoed = network.topic_prefix + "echo"
         with EventConsumer(network, kafka, f"g-{uuid.uuid4()}", [echoed]) as consumer:
             got = []
@@ -57,3 +61,8 @@ def test_a_faust_agent_decodes_and_encodes_events_with_the_codec(
         log.close()
     by_id = sorted(got, key=lambda e: e.event_id)
     assert by_id == sorted(sent, key=lambda e: e.event_id), (tmp_path / "faust.log").read_text()
+    # The agent dead-lettered the corrupt record with its reason and bytes.
+    with EventConsumer(network, kafka, f"d-{uuid.uuid4()}", [dead_letter_topic(network)]) as dlq:
+        letters = [d.event.fields for d in dlq.stream(idle_timeout_s=5)]
+    assert [(x["error"], x["value"]) for x in letters] == [("CorruptEvent", corrupt)]
+    assert "does not decode" in letters[0]["reason"]

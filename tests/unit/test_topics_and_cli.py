@@ -75,3 +75,13 @@ def test_schemas_check_passes_on_the_shipped_catalogue() -> None:
     result = CliRunner().invoke(cli, ["schemas", "check"])
     assert result.exit_code == 0, result.output
     assert "16 schemas are released" in result.output
+
+
+def test_kafka_cluster_ids_never_look_like_command_line_options() -> None:
+    import base64
+
+    from infra.kafka import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(2000)]  # ~31 would start with "-" unfiltered
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
