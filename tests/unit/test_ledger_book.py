@@ -39,7 +39,7 @@ def test_escrow_needs_the_funds_and_says_how_much_is_missing() -> None:
         escrow_tx("e1", "task-1", user("alice"), 100, balance_micro=99)
 
 
-def test_a_verified_task_pays_agreeing_nodes_by_compute_takes_the_fee_and_refunds_the_rest() -> None:
+def test_verified_task_pays_agreeing_nodes_by_compute_takes_fee_and_refunds_the_rest() -> None:
     book = Book()
     book.apply(mint_tx("m1", user("alice"), 1_000_000))
     book.apply(escrow_tx("e1", "t1", user("alice"), 300_000, book.balance(user("alice"))))
