@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from destra.errors import DestraError, EventError
 from destra.settings import Settings
@@ -63,15 +70,36 @@ class EventConsumer:
         topics: Sequence[str],
         overrides: Mapping[str, Any] | None = None,
         dead_letters: EventProducer | None = None,
+        start_at: Callable[[str, int], int | None] | None = None,
     ) -> None:
         self.settings = settings
         self._consumer = Consumer(consumer_config(bootstrap, group_id, overrides))
-        self._consumer.subscribe(list(topics))
+        if start_at is None:
+            self._consumer.subscribe(list(topics))
+        else:
+            # A projection keeps its positions with its data: it takes every
+            # partition itself, at those positions, with no group to rebalance
+            # (a killed predecessor would otherwise hold its partitions until its
+            # session times out).
+            self._consumer.assign(self._positions(list(topics), start_at))
         self._dead_letters = dead_letters or EventProducer(settings, bootstrap)
         self._owns_dlq = dead_letters is None
         self.dead_lettered = 0
         self.batch_size = 500
         self._buffer: deque[Message] = deque()
+
+    def _positions(self, topics: list[str],
+                   start_at: Callable[[str, int], int | None]) -> list[TopicPartition]:
+        metadata = self._consumer.list_topics(timeout=30)
+        partitions = []
+        for topic in topics:
+            if topic not in metadata.topics:
+                raise EventError(f"topic {topic} does not exist")
+            for p in sorted(metadata.topics[topic].partitions):
+                offset = start_at(topic, p)
+                partitions.append(
+                    TopicPartition(topic, p, OFFSET_BEGINNING if offset is None else offset))
+        return partitions
 
     def poll(self, timeout_s: float = 1.0) -> Delivery | None:
         """The next good event, or None when none arrived within the timeout."""
@@ -172,9 +200,7 @@ def _where(msg: Message) -> tuple[str, int, int]:
     return topic, partition, offset
 
 
-def _next_offset(topic: str, partition: int, offset: int) -> Any:
-    from confluent_kafka import TopicPartition
-
+def _next_offset(topic: str, partition: int, offset: int) -> TopicPartition:
     return TopicPartition(topic, partition, offset + 1)
 
 
