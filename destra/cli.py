@@ -257,6 +257,69 @@ def _short(v: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
+@cli.group()
+def ledger() -> None:
+    """The Postgres ledger projection: audit and rebuild."""
+
+
+def _services(settings: Settings) -> tuple[str, str]:
+    from infra import services
+
+    state = services.read_state(settings)
+    dsn = settings.pg_dsn or (state.pg_dsn if state else None)
+    if not dsn:
+        raise DestraError("no Postgres: run `destra infra up` or set DESTRA_PG_DSN")
+    return _bootstrap(settings, services), dsn
+
+
+@ledger.command("check")
+@_settings_options
+def ledger_check(**flags: Any) -> None:
+    """Verify that entries sum to zero and every balance equals its entries."""
+    from ledger.projection import LedgerProjection
+
+    _, dsn = _services(_settings(**flags))
+    projection = LedgerProjection(dsn)
+    try:
+        count = projection.check()
+    finally:
+        projection.close()
+    click.echo(f"ledger OK: {count} entries sum to zero, balances match their entries")
+
+
+@ledger.command("replay")
+@_settings_options
+def ledger_replay(**flags: Any) -> None:
+    """Rebuild the projection from offset 0 into a fresh schema and compare it with the live one."""
+    from ledger.service import replay
+
+    settings = _settings(**flags)
+    bootstrap, dsn = _services(settings)
+    report = replay(settings, bootstrap, dsn)
+    click.echo(f"replayed {report.entries} entries into schema {report.schema}")
+    click.echo(f"live   {report.live_hash}\nreplay {report.replay_hash}")
+    if not report.matches:
+        raise DestraError("the replayed ledger differs from the live one")
+    click.echo("replay matches the live ledger")
+
+
+@ledger.command("balances")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ledger_balances(as_json: bool, **flags: Any) -> None:
+    """Every non-zero account balance, in micro-tokens."""
+    from ledger.projection import LedgerProjection
+
+    _, dsn = _services(_settings(**flags))
+    projection = LedgerProjection(dsn)
+    try:
+        balances = dict(projection.balances())
+    finally:
+        projection.close()
+    _emit(balances, as_json, lambda b: "\n".join(f"{a:<40} {v:>20}" for a, v in b.items())
+          or "no balances yet")
+
+
 @cli.command("demo")
 @_settings_options
 @click.option("--keep", is_flag=True, help="Leave the services running afterwards.")

@@ -46,3 +46,41 @@ class DeliveryFailed(DestraError):
     """The broker did not acknowledge a produced event."""
 
     retryable = True
+
+
+class InvalidParams(DestraError):
+    """A workload parameter is unknown, malformed or outside its declared bounds."""
+
+
+class UnknownWorkload(DestraError):
+    """No workload is registered under the requested name."""
+
+
+class WorkloadFailed(DestraError):
+    """A workload ran but produced no valid output (NaN or infinity: the run diverged)."""
+
+
+class InvalidQuorum(DestraError):
+    """A task's replicas and quorum cannot give a safe verdict.
+
+    Safe means ``replicas >= quorum > replicas / 2``: two disjoint quorums can
+    never both agree, so at most one digest can ever be accepted.
+    """
+
+
+class QuoteExpired(DestraError):
+    """A price quote was used after it lapsed; ask for a new quote (the same one never works)."""
+
+
+class UnknownTier(DestraError):
+    """A price tier that the network does not sell (known: consumer, prosumer, datacenter)."""
+
+
+class NoCapacity(DestraError):
+    """No set of eligible nodes can take every replica of a task now; capacity may free up later."""
+
+    retryable = True
+
+
+class InvalidRequest(DestraError):
+    """A quote or placement request carries a value out of range (units, replicas, ttl)."""
