@@ -1,0 +1,210 @@
+"""What every workload declares: parameters with bounds, cost estimates, and a canonical result.
+
+One compute unit is 10^6 floating-point operations (1 MFLOP) or, for hash workloads, 10^6
+integer operations of the hash's compression function. Estimates count the arithmetic of
+the dominant kernels only; they are for pricing and placement, not for timing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from destra.errors import InvalidParams
+from workloads.canonical import sha256
+
+OPS_PER_UNIT = 1_000_000
+_MAX_STR_LEN = 1024
+_INT_RE = re.compile(r"-?[0-9]+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamSpec:
+    """One parameter of a workload, as it arrives in a task's ``map<string, string>``."""
+
+    name: str
+    """Key in the task's parameter map."""
+    kind: Literal["int", "float", "str"]
+    """How the string value is parsed."""
+    default: int | float | str
+    """Value used when the task leaves the parameter out."""
+    min: int | float | None = None
+    """Smallest allowed value (inclusive), for ``int`` and ``float``."""
+    max: int | float | None = None
+    """Largest allowed value (inclusive), for ``int`` and ``float``."""
+    choices: tuple[str, ...] = ()
+    """Allowed values of a ``str`` parameter; empty means the workload checks it itself."""
+    doc: str = ""
+    """One line for `destra workloads` and the submitter."""
+
+    def allowed(self) -> str:
+        """The allowed values in words, for error messages."""
+        if self.kind == "str":
+            return f"one of {', '.join(self.choices)}" if self.choices else "a string"
+        return f"{self.kind} in [{self.min}, {self.max}]"
+
+    def parse(self, workload: str, raw: str) -> int | float | str:
+        """Parse and bound-check ``raw``; raise ``InvalidParams`` naming the parameter."""
+        def bad(why: str) -> InvalidParams:
+            return InvalidParams(
+                f"{workload}: parameter {self.name!r} = {raw!r} {why}; allowed: {self.allowed()}")
+
+        if not isinstance(raw, str):
+            raise bad("is not a string")
+        value: int | float | str
+        if self.kind == "int":
+            if not _INT_RE.fullmatch(raw):
+                raise bad("is not an integer")
+            value = int(raw)
+        elif self.kind == "float":
+            try:
+                value = float(raw)
+            except ValueError:
+                raise bad("is not a number") from None
+            if not math.isfinite(value):
+                raise bad("is not a finite number")
+        else:
+            if self.choices and raw not in self.choices:
+                raise bad("is not allowed")
+            if len(raw) > _MAX_STR_LEN:
+                raise bad(f"is longer than {_MAX_STR_LEN} characters")
+            return raw
+        if (self.min is not None and value < self.min) or (
+                self.max is not None and value > self.max):
+            raise bad("is out of range")
+        return value
+
+
+@dataclass(frozen=True)
+class WorkloadResult:
+    """What a run hands back: canonical output bytes, their digest, and figures for people."""
+
+    output: bytes
+    """Canonical serialized output the submitter gets back (deterministic given rounding)."""
+    digest: bytes
+    """SHA-256 of ``output`` (32 bytes): what replicas commit to and the verifier compares."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Human-readable figures (accuracy, energy drift, timing); never hashed."""
+    runtime_ms: int = 0
+    """Wall-clock time of the run; never hashed."""
+
+
+class Workload(ABC):
+    """A seeded, deterministic PyTorch computation that nodes run for submitters."""
+
+    name: str
+    """Registry key, as written in ``TaskSubmitted.workload``."""
+    doc: str
+    """What it computes, its precision and why."""
+    params: tuple[ParamSpec, ...]
+    """Declared parameters, in display order."""
+    bit_exact: bool
+    """True when replicas must run on the same hardware class to agree."""
+    digest_bits: int
+    """Explicit mantissa bits kept when rounding floats before hashing (0: output is exact)."""
+
+    def validate(self, raw: Mapping[str, str]) -> dict[str, Any]:
+        """Parse string parameters, fill defaults, check bounds; reject unknown names."""
+        known = {spec.name: spec for spec in self.params}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise InvalidParams(
+                f"{self.name}: unknown parameter {unknown[0]!r}; known: {', '.join(known)}")
+        parsed = {name: spec.parse(self.name, raw[name]) if name in raw else spec.default
+                  for name, spec in known.items()}
+        self.check(parsed)
+        return parsed
+
+    def check(self, params: dict[str, Any]) -> None:
+        """Rules spanning parameters or string formats; raise ``InvalidParams``. Default: none."""
+        return None  # Most workloads' bounds are all per-parameter.
+
+    def defaults(self) -> dict[str, Any]:
+        """The parsed default parameters."""
+        return self.validate({})
+
+    @abstractmethod
+    def compute_units(self, params: dict[str, Any]) -> int:
+        """Estimated work in units of 10^6 operations (>= 1)."""
+
+    @abstractmethod
+    def memory_mb(self, params: dict[str, Any]) -> int:
+        """Estimated peak tensor memory in MiB (>= 1), excluding the PyTorch runtime."""
+
+    @abstractmethod
+    def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
+        """Run on ``device`` with validated ``params``; the digest never depends on timing."""
+
+
+def units(ops: float) -> int:
+    """Operation count -> compute units, rounded up, at least 1."""
+    return max(1, math.ceil(ops / OPS_PER_UNIT))
+
+
+def mebibytes(nbytes: float) -> int:
+    """Byte count -> MiB, rounded up, at least 1."""
+    return max(1, math.ceil(nbytes / 2**20))
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A generator for every random draw of a run.
+
+    Draws happen on the CPU and the tensors are then moved to the device: CUDA's Philox
+    stream differs from the CPU's Mersenne Twister, so drawing on the device would give
+    CPU and GPU replicas different inputs.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+@contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels and full-precision float32 matmul for one run; restored after.
+
+    Touches process-wide torch settings, so a process runs one workload at a time.
+    """
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    precision = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        # cuBLAS refuses deterministic mode without a fixed workspace configuration.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    # TF32 would drop float32 inputs to 10 mantissa bits on Ampere+ GPUs only.
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+        torch.set_float32_matmul_precision(precision)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock times cover the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def finish(output: bytes, summary: dict[str, Any], started_ns: int,
+           device: torch.device) -> WorkloadResult:
+    """Build the result: digest = SHA-256(output), runtime since ``started_ns``."""
+    sync(device)
+    runtime_ms = (time.perf_counter_ns() - started_ns) // 1_000_000
+    return WorkloadResult(output=output, digest=sha256(output), summary=summary,
+                          runtime_ms=int(runtime_ms))
+
+
+def seed_spec() -> ParamSpec:
+    """The ``seed`` parameter shared by every randomized workload."""
+    return ParamSpec(name="seed", kind="int", default=0, min=0, max=2**31 - 1,
+                     doc="seed of every random draw")

@@ -1,0 +1,125 @@
+"""Gravitational n-body with Plummer softening, integrated by kick-drift-kick leapfrog."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from workloads.base import (
+    ParamSpec,
+    Workload,
+    WorkloadResult,
+    cpu_generator,
+    deterministic,
+    finish,
+    mebibytes,
+    seed_spec,
+    units,
+)
+from workloads.canonical import canonical_json, round_tensor, tensor_b64
+
+# Pair interactions per force chunk: bounds each (rows, n, 3) float64 temporary at 48 MiB.
+_CHUNK_PAIRS = 1 << 21
+# FLOPs per pair interaction: difference, squared distance, softened r^-3, accumulate.
+_FLOPS_PER_PAIR = 20
+_DRIFT_GRID = 2**30
+
+
+def _accelerations(pos: torch.Tensor, mass: torch.Tensor, eps2: float) -> torch.Tensor:
+    """a_i = sum_j m_j (x_j - x_i) / (|x_j - x_i|^2 + eps^2)^(3/2), with G = 1.
+
+    Each row's sum runs over all j in one reduction, so chunking rows never changes it.
+    """
+    n = pos.shape[0]
+    rows = max(1, _CHUNK_PAIRS // n)
+    out = torch.empty_like(pos)
+    for start in range(0, n, rows):
+        diff = pos.unsqueeze(0) - pos[start:start + rows].unsqueeze(1)  # (rows, n, 3)
+        inv_r3 = ((diff * diff).sum(dim=2) + eps2) ** -1.5  # i == j contributes 0 * eps^-3
+        out[start:start + rows] = ((mass * inv_r3).unsqueeze(2) * diff).sum(dim=1)
+    return out
+
+
+def _energy(pos: torch.Tensor, vel: torch.Tensor, mass: torch.Tensor, eps2: float) -> float:
+    """Kinetic plus softened potential energy (the potential the softened force derives from)."""
+    kinetic = 0.5 * (mass * (vel * vel).sum(dim=1)).sum()
+    n = pos.shape[0]
+    rows = max(1, _CHUNK_PAIRS // n)
+    potential = torch.zeros((), dtype=pos.dtype, device=pos.device)
+    for start in range(0, n, rows):
+        diff = pos.unsqueeze(0) - pos[start:start + rows].unsqueeze(1)
+        inv_r = ((diff * diff).sum(dim=2) + eps2) ** -0.5
+        pair = mass[start:start + rows].unsqueeze(1) * mass.unsqueeze(0) * inv_r
+        index = torch.arange(start, start + pair.shape[0], device=pos.device)
+        # Keep j > i only: each pair once, no self-energy.
+        keep = torch.arange(n, device=pos.device).unsqueeze(0) > index.unsqueeze(1)
+        potential = potential - (pair * keep).sum()
+    return float((kinetic + potential).item())
+
+
+class NBody(Workload):
+    """Leapfrog n-body in float64; output = rounded final state + rounded energy drift."""
+
+    name = "nbody"
+    doc = (
+        "Gravitational n-body (G = 1) with Plummer softening, kick-drift-kick leapfrog. "
+        "Masses, positions (unit Gaussian cloud) and small random velocities come from "
+        "`seed`. Float64 throughout; final positions and velocities rounded to 32 explicit "
+        "mantissa bits. N-body is chaotic: last-bit differences grow exponentially with "
+        "steps, so long runs only agree on the same hardware class (bit_exact)."
+    )
+    params = (
+        ParamSpec(name="n", kind="int", default=64, min=2, max=16_384, doc="number of bodies"),
+        ParamSpec(name="steps", kind="int", default=100, min=1, max=100_000,
+                  doc="leapfrog steps"),
+        ParamSpec(name="dt", kind="float", default=1e-3, min=1e-6, max=0.1, doc="time step"),
+        ParamSpec(name="softening", kind="float", default=0.05, min=1e-4, max=1.0,
+                  doc="Plummer softening length"),
+        seed_spec(),
+    )
+    bit_exact = True
+    digest_bits = 32
+
+    def compute_units(self, params: dict[str, Any]) -> int:
+        """One force evaluation (n^2 pairs) per step, plus two for the energies."""
+        return units(_FLOPS_PER_PAIR * params["n"] ** 2 * (params["steps"] + 2))
+
+    def memory_mb(self, params: dict[str, Any]) -> int:
+        """State vectors plus about four chunk-sized (rows, n, 3) float64 temporaries."""
+        n = params["n"]
+        rows = max(1, _CHUNK_PAIRS // n)
+        return mebibytes(8 * (10 * n + 4 * 3 * min(rows, n) * n))
+
+    def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
+        """Integrate, then hash the rounded state and the rounded relative energy drift."""
+        started = time.perf_counter_ns()
+        n, dt, eps2 = params["n"], params["dt"], params["softening"] ** 2
+        gen = cpu_generator(params["seed"])
+        with deterministic(device):
+            mass = (0.5 + torch.rand(n, generator=gen, dtype=torch.float64)) / n
+            pos = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+            vel = 0.1 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+            mass, pos, vel = mass.to(device), pos.to(device), vel.to(device)
+            # Zero total momentum, so the cloud does not drift as a whole.
+            vel = vel - (mass.unsqueeze(1) * vel).sum(dim=0) / mass.sum()
+            e0 = _energy(pos, vel, mass, eps2)
+            acc = _accelerations(pos, mass, eps2)
+            for _ in range(params["steps"]):
+                vel = vel + 0.5 * dt * acc
+                pos = pos + dt * vel
+                acc = _accelerations(pos, mass, eps2)
+                vel = vel + 0.5 * dt * acc
+            e1 = _energy(pos, vel, mass, eps2)
+            drift = abs((e1 - e0) / e0)
+            bits = self.digest_bits
+            state = {"positions": tensor_b64(round_tensor(pos, bits)),
+                     "velocities": tensor_b64(round_tensor(vel, bits))}
+            # The drift is a small difference of large sums, so its noise is absolute
+            # (~1e-15), not relative: quantize it on a fixed 2^-30 grid.
+            drift_rounded = round(drift * _DRIFT_GRID) / _DRIFT_GRID
+        output = canonical_json({"workload": self.name, "params": params, "digest_bits": bits,
+                                 "energy_drift": drift_rounded, **state})
+        summary = {"energy_start": e0, "energy_end": e1, "relative_energy_drift": drift}
+        return finish(output, summary, started, device)
