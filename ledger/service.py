@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from destra.settings import Settings
 from ledger.projection import PROJECTION, LedgerProjection
@@ -56,7 +56,7 @@ def project(settings: Settings, bootstrap: str, projection: LedgerProjection, *,
                 applied += projection.apply(batch)
                 positions.update({(d.topic, d.partition): d.offset + 1 for d in batch})
                 last = time.monotonic()
-            if until is not None and all(positions.get(k, 0) >= v for k, v in until.items()):
+            if until is not None and not batch and consumer.caught_up(until):
                 break
             if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                 break
@@ -73,12 +73,30 @@ def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
         metadata = consumer.list_topics(topic, timeout=10)
         ends = {}
         for p in metadata.topics[topic].partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            high = _high_watermark(consumer, TopicPartition(topic, p))
             if high > 0:
                 ends[(topic, p)] = high
         return ends
     finally:
         consumer.close()
+
+
+_SETTLING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+             KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> int:
+    # A just-created topic answers "not leader" until its leaders are elected.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            return int(high)
+        except KafkaException as e:
+            settling = e.args[0].code() in _SETTLING or e.args[0].retriable()
+            if not settling or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @dataclass(frozen=True)

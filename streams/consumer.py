@@ -74,6 +74,7 @@ class EventConsumer:
     ) -> None:
         self.settings = settings
         self._consumer = Consumer(consumer_config(bootstrap, group_id, overrides))
+        self._assigned_at: dict[tuple[str, int], int] = {}
         if start_at is None:
             self._consumer.subscribe(list(topics))
         else:
@@ -81,7 +82,10 @@ class EventConsumer:
             # partition itself, at those positions, with no group to rebalance
             # (a killed predecessor would otherwise hold its partitions until its
             # session times out).
-            self._consumer.assign(self._positions(list(topics), start_at))
+            assignment = self._positions(list(topics), start_at)
+            self._assigned_at = {(tp.topic, tp.partition): max(tp.offset, 0)
+                                 for tp in assignment}
+            self._consumer.assign(assignment)
         self._dead_letters = dead_letters or EventProducer(settings, bootstrap)
         self._owns_dlq = dead_letters is None
         self.dead_lettered = 0
@@ -134,6 +138,22 @@ class EventConsumer:
             yield delivery
             self.store(delivery)
 
+    def caught_up(self, ends: Mapping[tuple[str, int], int]) -> bool:
+        """True once every partition in ``ends`` has been read up to its end offset.
+
+        Compares the consumer's positions, not record offsets: transaction markers
+        take offsets too, so a topic's last record may sit below its end.
+        """
+        if self._buffer:
+            return False
+        assigned = self._consumer.position(self._consumer.assignment())
+        # Before a partition's first record, librdkafka reports no position (< 0):
+        # it is then still where it was assigned.
+        positions = {(tp.topic, tp.partition): tp.offset if tp.offset >= 0
+                     else self._assigned_at.get((tp.topic, tp.partition), -1)
+                     for tp in assigned}
+        return all(positions.get(key, -1) >= end for key, end in ends.items())
+
     def store(self, delivery: Delivery) -> None:
         """Mark an event handled; its offset is committed with the next auto-commit."""
         self._consumer.store_offsets(
@@ -150,7 +170,7 @@ class EventConsumer:
 
     def _decode(self, msg: Message) -> Delivery | None:
         value = msg.value() or b""
-        topic, partition, offset = _where(msg)
+        topic, partition, offset = where(msg)
         try:
             event = decode(value)
         except EventError as e:
@@ -159,21 +179,10 @@ class EventConsumer:
         return Delivery(event, topic, partition, offset, msg.key())
 
     def _dead_letter(self, msg: Message, value: bytes, error: DestraError) -> None:
-        record = new_event(
-            "DeadLettered",
-            self.settings.producer_id,
-            source_topic=msg.topic(),
-            source_partition=msg.partition(),
-            source_offset=msg.offset(),
-            key=msg.key(),
-            value=value,
-            reason=str(error)[:2000],
-            error=type(error).__name__,
-        )
-        self._dead_letters.send(record)
+        self._dead_letters.send(dead_letter(msg, error, self.settings.producer_id))
         # Durable on the dead-letter topic before the bad record's offset moves on.
         self._dead_letters.flush()
-        self._consumer.store_offsets(offsets=[_next_offset(*_where(msg))])
+        self._consumer.store_offsets(offsets=[_next_offset(*where(msg))])
         self.dead_lettered += 1
 
     def close(self) -> None:
@@ -192,7 +201,18 @@ class EventConsumer:
         self.close()
 
 
-def _where(msg: Message) -> tuple[str, int, int]:
+def dead_letter(msg: Message, error: Exception, producer_id: str) -> Event:
+    """The DeadLettered event for a record: where it was, why, and its original bytes."""
+    topic, partition, offset = where(msg)
+    return new_event(
+        "DeadLettered", producer_id,
+        source_topic=topic, source_partition=partition, source_offset=offset,
+        key=msg.key(), value=msg.value() or b"",
+        reason=str(error)[:2000], error=type(error).__name__,
+    )
+
+
+def where(msg: Message) -> tuple[str, int, int]:
     """Topic, partition and offset of a fetched record (always set on one without error)."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     if topic is None or partition is None or offset is None:

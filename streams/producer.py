@@ -107,6 +107,29 @@ class EventProducer:
             failures, self._failures = self._failures, []
             raise DeliveryFailed(f"{len(failures)} events failed; first: {failures[0]}")
 
+    def init_transactions(self, timeout_s: float = 60.0) -> None:
+        """Register the ``transactional.id`` (fencing any older instance using it)."""
+        self._kafka.init_transactions(timeout_s)
+
+    def begin(self) -> None:
+        """Start a Kafka transaction: what is sent until ``commit`` appears atomically."""
+        self._kafka.begin_transaction()
+
+    def commit(self, consumer: Any, timeout_s: float = 60.0) -> None:
+        """Commit the transaction together with the consumer's positions (exactly-once)."""
+        positions = consumer.position(consumer.assignment())
+        self._kafka.send_offsets_to_transaction(
+            positions, consumer.consumer_group_metadata(), timeout_s)
+        self._kafka.commit_transaction(timeout_s)
+
+    def flush_pending(self, timeout_s: float = 30.0) -> None:
+        """Deliver what is queued, inside an open transaction, without committing it."""
+        self._kafka.flush(timeout_s)
+
+    def abort(self, timeout_s: float = 60.0) -> None:
+        """Abort the transaction: nothing sent since ``begin`` becomes visible."""
+        self._kafka.abort_transaction(timeout_s)
+
     def close(self) -> None:
         """Flush and drop the client."""
         self.flush()

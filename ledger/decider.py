@@ -1,0 +1,146 @@
+"""The ledger's decisions: which money moves each domain event causes.
+
+Pure and deterministic: given the same events in the same order it emits the
+same LedgerEntryPosted (and rejection TaskFailed) events. The decisions are
+recorded as events, so the Postgres projection only folds entries and its
+replay from offset 0 cannot decide differently from the live run.
+
+Rules:
+- TokensMinted: mint to ``user:<account>``.
+- TaskSubmitted: reject (TaskFailed) when the quote expired before the
+  submission was made (event time, not wall clock), when the quoted price
+  exceeds the submitter's max price, or when funds are short; else escrow.
+- TaskVerified: pay each agreeing replica's node wallet ``node:<id>`` by the
+  compute it gave, the network fee to the treasury, the rest back.
+- TaskFailed (from the verifier): refund whatever the task still holds.
+- NodePenalized: slash the node's stake, never below zero.
+Transaction ids derive from the deciding event (``escrow/<task>``), so a
+decision made twice is refused by the book: nobody is paid twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from destra.errors import DestraError
+from ledger.book import (
+    Book,
+    InsufficientFunds,
+    Share,
+    Transaction,
+    escrow,
+    escrow_tx,
+    mint_tx,
+    refund_tx,
+    settle_tx,
+    slash_tx,
+    stake,
+    user,
+)
+from ledger.events import entry_events
+from schemas import Event, new_event
+
+DEFAULT_FEE_BPS = 500
+"""The network's fee on payouts: 5 %."""
+
+
+def node_wallet(node_id: str) -> str:
+    """The account a node's earnings are paid into."""
+    return f"node:{node_id}"
+
+
+@dataclass(frozen=True)
+class TaskTerms:
+    """What the ledger must remember of a submission to settle it later."""
+
+    payer: str
+    compute_units: int
+    replicas: int
+
+
+@dataclass
+class LedgerDecider:
+    """Folds domain events into decisions; its state is rebuilt by replaying its inputs."""
+
+    producer_id: str
+    fee_bps: int = DEFAULT_FEE_BPS
+    book: Book = field(default_factory=Book)
+    tasks: dict[str, TaskTerms] = field(default_factory=dict)
+
+    def decide(self, event: Event) -> list[Event]:
+        """The events this one causes (empty when it moves no money or was seen)."""
+        handler = getattr(self, f"_on_{event.name}", None)
+        return handler(event) if handler is not None else []
+
+    def _post(self, tx: Transaction) -> list[Event]:
+        if not tx.postings or not self.book.apply(tx):
+            return []
+        return entry_events(tx, self.producer_id)
+
+    def _on_TokensMinted(self, e: Event) -> list[Event]:  # noqa: N802 - named for the event
+        f = e.fields
+        return self._post(mint_tx(f"mint/{e.event_id}", user(f["account"]), f["amount_micro"]))
+
+    def _on_TaskSubmitted(self, e: Event) -> list[Event]:  # noqa: N802
+        f = e.fields
+        task_id, payer = f["task_id"], user(f["submitter_id"])
+        if task_id in self.tasks or f"escrow/{task_id}" in self.book.applied:
+            return []  # a resubmitted id: the first submission stands
+        price = f["quoted_price_micro"]
+        reason = None
+        if f["quote_expires_at"] < e.occurred_at:
+            reason = ("quote-expired", f"quote {f['quote_id']} expired at "
+                      f"{f['quote_expires_at']}, submitted at {e.occurred_at}")
+        elif price > f["max_price_micro"]:
+            reason = ("over-max-price", f"quoted {price} > max price {f['max_price_micro']}")
+        else:
+            try:
+                tx = escrow_tx(f"escrow/{task_id}", task_id, payer, price,
+                               self.book.balance(payer))
+            except InsufficientFunds as err:
+                reason = ("insufficient-funds", str(err))
+            except DestraError as err:
+                reason = ("invalid-price", str(err))
+        if reason is not None:
+            return [new_event("TaskFailed", self.producer_id, task_id=task_id,
+                              reason=reason[0], detail=reason[1])]
+        self.tasks[task_id] = TaskTerms(payer, f["compute_units"], f["replicas"])
+        return self._post(tx)
+
+    def _on_TaskVerified(self, e: Event) -> list[Event]:  # noqa: N802
+        task_id = e.fields["task_id"]
+        terms = self.tasks.get(task_id)
+        held = self.book.balance(escrow(task_id))
+        if terms is None or held == 0:
+            return []  # not escrowed here, or already settled
+        shares = [Share(node_wallet(c["node_id"]), c["compute_units"])
+                  for c in e.fields["contributions"] if c["agreed"]]
+        return self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
+                                    terms.compute_units * terms.replicas, shares, self.fee_bps))
+
+    def _on_TaskFailed(self, e: Event) -> list[Event]:  # noqa: N802
+        task_id = e.fields["task_id"]
+        terms = self.tasks.get(task_id)
+        held = self.book.balance(escrow(task_id))
+        if terms is None or held == 0:
+            return []  # a rejection this ledger made itself, or already refunded
+        return self._post(refund_tx(f"refund/{task_id}", task_id, terms.payer, held))
+
+    def _on_NodePenalized(self, e: Event) -> list[Event]:  # noqa: N802
+        f = e.fields
+        node = f["node_id"]
+        return self._post(slash_tx(f"slash/{e.event_id}", node, f["task_id"], f["slash_micro"],
+                                   self.book.balance(stake(node))))
+
+    def restore(self, entry: Event) -> None:
+        """Re-apply one of this ledger's own earlier entries (state rebuild on start)."""
+        f = entry.fields
+        self.book.balances[f["account"]] = self.book.balance(f["account"]) + f["amount_micro"]
+        self.book.applied.add(f["transaction_id"])
+
+    def remember(self, submission: Event) -> None:
+        """Recall the terms of a submission escrowed before a restart (after ``restore``)."""
+        f = submission.fields
+        if f"escrow/{f['task_id']}" in self.book.applied:
+            self.tasks[f["task_id"]] = TaskTerms(user(f["submitter_id"]), f["compute_units"],
+                                                 f["replicas"])

@@ -1,0 +1,173 @@
+"""The ledger processor: domain events in, ledger entries out, exactly once.
+
+    python -m ledger.processor [--idle-exit SECONDS]
+
+Each batch of input records, the entries and rejections they cause and the
+consumer's positions are committed in one Kafka transaction: a crash before
+the commit shows none of them to ``read_committed`` readers and re-reads the
+inputs, a crash after it never re-reads them. On start the decider's state is
+rebuilt from its own committed entries and the submissions it escrowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+
+from destra.errors import EventError
+from destra.settings import Settings
+from ledger.decider import LedgerDecider
+from schemas import decode
+from streams.consumer import consumer_config, dead_letter
+from streams.klog import KAFKA_LOG
+from streams.producer import EventProducer
+from streams.topics import topic_for
+
+INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted")
+BATCH = 200
+
+
+def _topic(settings: Settings, event: str) -> str:
+    return topic_for(event).name(settings.topic_prefix)
+
+
+def _read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every committed record of a topic, from offset 0 to its end now."""
+    from ledger.service import end_offsets
+
+    ends = end_offsets(bootstrap, topic)
+    if not ends:
+        return []
+    consumer = Consumer(consumer_config(bootstrap, f"rebuild-{uuid.uuid4()}",
+                                        {"enable.auto.commit": False}))
+    # Assigned, not subscribed: no group to join, so a rebuild starts at once.
+    assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends]
+    consumer.assign(assignment)
+    records = []
+    try:
+        while True:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                records.append(msg)
+                continue
+            # Compare positions, not record offsets: transaction markers take
+            # offsets too, so the last record may sit below the high watermark.
+            positions = consumer.position(assignment)
+            if all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in positions):
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
+    """Restore balances from committed entries and terms of escrowed submissions."""
+    restored = 0
+    for msg in _read_all(bootstrap, _topic(settings, "LedgerEntryPosted")):
+        try:
+            event = decode(msg.value())
+        except EventError:
+            continue  # dead-lettered when it was first consumed
+        if event.name == "LedgerEntryPosted":
+            decider.restore(event)
+            restored += 1
+    for msg in _read_all(bootstrap, _topic(settings, "TaskSubmitted")):
+        try:
+            decider.remember(decode(msg.value()))
+        except EventError:
+            continue
+    return restored
+
+
+def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
+        running: Callable[[], bool] = lambda: True, crash_before_commit: int = 0) -> int:
+    """Process until ``running()`` is false or nothing arrives for ``idle_exit_s``."""
+    decider = LedgerDecider(settings.producer_id)
+    rebuild(settings, bootstrap, decider)
+    producer = EventProducer(settings, bootstrap, {
+        # Stable per network: a restarted processor fences its killed predecessor.
+        "transactional.id": f"{settings.topic_prefix}ledger-processor",
+        "transaction.timeout.ms": 60_000,
+        "message.timeout.ms": 55_000,  # librdkafka: must not exceed the transaction timeout
+    })
+    producer.init_transactions()
+    inputs = sorted({_topic(settings, e) for e in INPUTS} | {_topic(settings, "TaskFailed")})
+    consumer = Consumer(consumer_config(bootstrap, f"{settings.topic_prefix}ledger-processor",
+                                        {"enable.auto.commit": False, "logger": KAFKA_LOG}))
+    consumer.subscribe(inputs)
+    emitted, last, batches = 0, time.monotonic(), 0
+    try:
+        while running():
+            batch = [m for m in consumer.consume(BATCH, 1.0) if m.error() is None]
+            if not batch:
+                if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
+                    break
+                continue
+            last = time.monotonic()
+            producer.begin()
+            try:
+                emitted += _handle(batch, decider, producer, settings)
+                batches += 1
+                if batches == crash_before_commit:
+                    # Failpoint for the crash tests: die with the batch's events sent
+                    # but its transaction open, the worst moment to lose a process.
+                    producer.flush_pending()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                producer.commit(consumer)
+            except BaseException:
+                # The in-memory decisions of this batch are not committed: start again.
+                producer.abort()
+                raise
+    finally:
+        consumer.close()
+    return emitted
+
+
+def _handle(batch: list[Message], decider: LedgerDecider, producer: EventProducer,
+            settings: Settings) -> int:
+    emitted = 0
+    for msg in batch:
+        try:
+            event = decode(msg.value() or b"")
+        except EventError as e:
+            producer.send(dead_letter(msg, e, settings.producer_id))
+            continue
+        for out in decider.decide(event):
+            producer.send(out)
+            emitted += 1
+    return emitted
+
+
+def main() -> None:
+    """Run the processor until SIGTERM (or idle, with --idle-exit)."""
+    from infra import services
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--idle-exit", type=float, default=None)
+    parser.add_argument("--crash-before-commit", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = Settings.from_env()
+    state = services.read_state(settings)
+    bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
+    if not bootstrap:
+        raise SystemExit("ledger processor: no Kafka; run `destra infra up` or set DESTRA_*")
+    stop = False
+
+    def on_term(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    run(settings, bootstrap, idle_exit_s=args.idle_exit, running=lambda: not stop,
+        crash_before_commit=args.crash_before_commit)
+
+
+if __name__ == "__main__":
+    main()
