@@ -24,6 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from destra.errors import EventError
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
+from ledger.service import end_offsets
 from schemas import decode
 from streams.consumer import consumer_config, dead_letter
 from streams.klog import KAFKA_LOG
@@ -38,10 +39,8 @@ def _topic(settings: Settings, event: str) -> str:
     return topic_for(event).name(settings.topic_prefix)
 
 
-def _read_all(bootstrap: str, topic: str) -> list[Any]:
+def read_all(bootstrap: str, topic: str) -> list[Any]:
     """Every committed record of a topic, from offset 0 to its end now."""
-    from ledger.service import end_offsets
-
     ends = end_offsets(bootstrap, topic)
     if not ends:
         return []
@@ -70,7 +69,7 @@ def _read_all(bootstrap: str, topic: str) -> list[Any]:
 def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
     """Restore balances from committed entries and terms of escrowed submissions."""
     restored = 0
-    for msg in _read_all(bootstrap, _topic(settings, "LedgerEntryPosted")):
+    for msg in read_all(bootstrap, _topic(settings, "LedgerEntryPosted")):
         try:
             event = decode(msg.value())
         except EventError:
@@ -78,7 +77,7 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
         if event.name == "LedgerEntryPosted":
             decider.restore(event)
             restored += 1
-    for msg in _read_all(bootstrap, _topic(settings, "TaskSubmitted")):
+    for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted")):
         try:
             decider.remember(decode(msg.value()))
         except EventError:

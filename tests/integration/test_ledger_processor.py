@@ -15,7 +15,7 @@ import pytest
 
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
-from ledger.processor import _read_all
+from ledger.processor import read_all
 from ledger.projection import LedgerProjection
 from ledger.service import project
 from schemas import decode, new_event
@@ -51,7 +51,7 @@ def _processor(spawned: list[subprocess.Popen[bytes]], network: Settings, kafka:
 def _committed(network: Settings, kafka: str, name: str) -> list:  # type: ignore[type-arg]
     topic = network.topic_prefix + ("ledger.entries" if name == "LedgerEntryPosted"
                                     else "tasks.verdicts")
-    events = [decode(m.value()) for m in _read_all(kafka, topic)]
+    events = [decode(m.value()) for m in read_all(kafka, topic)]
     return [e for e in events if e.name == name]
 
 
