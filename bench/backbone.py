@@ -158,10 +158,13 @@ def main() -> None:
         both = ours["produce_consume_eps"] / raw
         print(f"ratio destra produce+consume / raw ceiling:  {both:.3f}")
     finally:
-        delete_topics(bootstrap, [spec.name(prefix), raw_topic])
-        if cluster is not None:
-            cluster.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            delete_topics(bootstrap, [spec.name(prefix), raw_topic])
+        finally:
+            # Never leave a broker behind, whatever failed above.
+            if cluster is not None:
+                cluster.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
