@@ -320,6 +320,45 @@ def ledger_balances(as_json: bool, **flags: Any) -> None:
           or "no balances yet")
 
 
+@cli.command("mint")
+@_settings_options
+@click.argument("account")
+@click.argument("amount_micro", type=click.IntRange(min=1))
+@click.option("--reason", default="faucet", show_default=True, help="Recorded with the mint.")
+def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
+    """Faucet for a local network: mint AMOUNT_MICRO micro-tokens to ACCOUNT (an event)."""
+    from infra import services
+    from schemas import new_event
+    from streams.producer import EventProducer
+
+    settings = _settings(**flags)
+    event = new_event("TokensMinted", settings.producer_id, account=account,
+                      amount_micro=amount_micro, reason=reason)
+    with EventProducer(settings, _bootstrap(settings, services)) as producer:
+        producer.send(event)
+    click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
+               "the ledger processor posts it")
+
+
+@cli.command("balance")
+@_settings_options
+@click.argument("account")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def balance(account: str, as_json: bool, **flags: Any) -> None:
+    """ACCOUNT's balance in the ledger projection (user:ACCOUNT unless it has a prefix)."""
+    from ledger.projection import LedgerProjection
+
+    _, dsn = _services(_settings(**flags))
+    name = account if ":" in account or account in ("treasury", "mint") else f"user:{account}"
+    projection = LedgerProjection(dsn)
+    try:
+        micro = projection.balances().get(name, 0)
+    finally:
+        projection.close()
+    _emit({"account": name, "balance_micro": micro}, as_json,
+          lambda b: f"{b['account']}: {b['balance_micro']} micro-tokens")
+
+
 @cli.command("demo")
 @_settings_options
 @click.option("--keep", is_flag=True, help="Leave the services running afterwards.")

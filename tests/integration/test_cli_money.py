@@ -1,0 +1,47 @@
+"""`destra mint` and `destra balance` through the ledger processor and projection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from destra.settings import Settings
+from ledger import processor
+from ledger.projection import LedgerProjection
+from ledger.service import project
+
+pytestmark = pytest.mark.integration
+
+
+def test_minted_tokens_reach_the_balance_the_cli_shows(
+    network: Settings, kafka: str, pg_dsn: str
+) -> None:
+    env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_PG_DSN=pg_dsn,
+               DESTRA_TOPIC_PREFIX=network.topic_prefix)
+
+    def destra(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "destra", *args], env=env, text=True,
+                              capture_output=True, timeout=120, check=False)
+
+    # Two mints, and one refused by the CLI before anything is sent.
+    assert destra("mint", "alice", "1500000").returncode == 0
+    assert destra("mint", "alice", "2500").returncode == 0
+    refused = destra("mint", "alice", "0")
+    assert refused.returncode == 2 and "AMOUNT_MICRO" in refused.stderr
+
+    # The processor posts the entries; the projection folds them into Postgres.
+    processor.run(network, kafka, idle_exit_s=3)
+    projection = LedgerProjection(pg_dsn)
+    try:
+        project(network, kafka, projection, idle_exit_s=3)
+    finally:
+        projection.close()
+
+    shown = destra("balance", "alice", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"account": "user:alice", "balance_micro": 1_502_500}
+    assert json.loads(destra("balance", "mint", "--json").stdout)["balance_micro"] == -1_502_500
