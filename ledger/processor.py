@@ -31,6 +31,8 @@ from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
 from streams.topics import topic_for
 
+# Its own output topic (ledger.entries) is not among its inputs: it never reads
+# back what it wrote, except once at start to rebuild its state.
 INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted")
 BATCH = 200
 

@@ -72,8 +72,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="Proof-of-Sync outcomes"),
     TopicSpec("nodes.penalties", "node_id", ("NodePenalized",), 3,
               doc="judgements against dissenting or absent nodes"),
-    TopicSpec("ledger.entries", "account", ("LedgerEntryPosted", "TokensMinted"), 6,
-              doc="money movements; the Postgres ledger is their projection"),
+    TopicSpec("ledger.mints", "account", ("TokensMinted",), 3,
+              doc="faucet and governance mints: inputs of the ledger processor"),
+    TopicSpec("ledger.entries", "account", ("LedgerEntryPosted",), 6,
+              doc="money movements the ledger processor decided; the Postgres ledger folds them"),
     TopicSpec("market.prices", "tier", ("PriceUpdated",), 1, cleanup="compact",
               doc="current price per compute unit, per tier"),
     TopicSpec("governance", "proposal_id", ("ProposalSubmitted", "VoteCast"), 3,
@@ -85,9 +87,12 @@ TOPICS: tuple[TopicSpec, ...] = (
 DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
 
 
+_BY_EVENT = {event: spec for spec in TOPICS for event in spec.events}
+
+
 def topic_for(event_name: str) -> TopicSpec:
-    """The topic an event type is written to."""
-    for spec in TOPICS:
-        if event_name in spec.events:
-            return spec
-    raise KeyError(f"no topic carries {event_name}")
+    """The topic an event type is written to (a dict lookup: it is on the produce path)."""
+    try:
+        return _BY_EVENT[event_name]
+    except KeyError:
+        raise KeyError(f"no topic carries {event_name}") from None
