@@ -51,11 +51,22 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "tier": "consumer", "region": "eu-west", "homogeneous": False,
         "deadline_ms": 600_000, "result_key": _key("alice x25519"),
         "payload_ref": None, "payload": b"\x8a\x1f" + bytes(range(60)),
+        "signing_key": _key("alice signing"),
     },
     "TaskAssigned": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "replica_index": 0, "attempt": 0,
         "commit_deadline": SAMPLE_TIME_MS + 300_000,
-        "reveal_deadline": SAMPLE_TIME_MS + 360_000,
+        "reveal_deadline": SAMPLE_TIME_MS + 360_000, "workload": "mlp-digits",
+        "params": {"epochs": "5", "seed": "42"}, "compute_units": 1_200,
+        "task_deadline": SAMPLE_TIME_MS + 600_000, "payload": None,
+    },
+    "RevealOpened": lambda: {
+        "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0,
+        "opened_at": SAMPLE_TIME_MS + 120_000, "reveal_deadline": SAMPLE_TIME_MS + 360_000,
+    },
+    "ReissueRequested": lambda: {
+        "task_id": "task-7f3a", "replica_index": 2, "attempt": 1,
+        "exclude_node_ids": ["node-3f9c", "node-77aa", "node-c001"],
     },
     "DataKeyGranted": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c",

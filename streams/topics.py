@@ -8,6 +8,7 @@ compacted.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 FOREVER = -1
@@ -39,6 +40,10 @@ class TopicSpec:
     doc: str = ""
     """What the topic is for."""
 
+    broker_time: bool = False
+    """Stamp records with the broker's append time, not the producer's: deadlines judged
+    on this topic's records use a clock the producing node cannot set."""
+
     def name(self, prefix: str) -> str:
         """The full topic name under a network prefix."""
         return prefix + self.suffix
@@ -52,6 +57,7 @@ class TopicSpec:
             # Keyed ordering relies on the producer's idempotence; never let an
             # out-of-sync replica become leader and drop acknowledged events.
             "unclean.leader.election.enable": "false",
+            "message.timestamp.type": "LogAppendTime" if self.broker_time else "CreateTime",
         }
 
 
@@ -62,11 +68,14 @@ TOPICS: tuple[TopicSpec, ...] = (
               retention_ms=DAY_MS, doc="liveness and load; only the latest matters"),
     TopicSpec("tasks.submitted", "task_id", ("TaskSubmitted",), 6,
               doc="every submission, the start of a task's life"),
-    TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted"), 12,
-              doc="work for one node; keyed by node so a runner reads only its partition"),
-    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6,
+    TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened"),
+              12, doc="work and reveal calls for one node; partitioned by node (partition_for) "
+                      "so a runner reads only its own partition"),
+    TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6,
+              doc="the verifier asks the allocator to place a lost replica again"),
+    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6, broker_time=True,
               doc="signed commitments H(salt, digest), the commit phase"),
-    TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6,
+    TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6, broker_time=True,
               doc="salts and digests, the reveal phase"),
     TopicSpec("tasks.verdicts", "task_id", ("TaskVerified", "TaskFailed"), 6,
               doc="Proof-of-Sync outcomes"),
@@ -83,6 +92,18 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("deadletter", "source_topic", ("DeadLettered",), 3,
               doc="records that failed to decode or validate, with the reason and original bytes"),
 )
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition a keyed record goes to when its producer chooses explicitly.
+
+    Used for ``tasks.assignments``: the allocator and the verifier write each
+    node's events to this partition, and the node reads only it. A stable hash
+    (the first 4 bytes of SHA-256), so every client, in any language, agrees.
+    """
+    if partitions < 1:
+        raise ValueError(f"partitions {partitions} must be positive")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % partitions
+
 
 DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
 

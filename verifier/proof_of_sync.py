@@ -399,6 +399,16 @@ class TaskTally:
     def _reject(self, node_id: str, reason: RejectReason, detail: str) -> list[Decision]:
         return [Rejected(self.task_id, node_id, reason, detail)]
 
+    def voters(self) -> list[tuple[str, int, int]]:
+        """``(node_id, attempt, reveal_deadline)`` of each replica that committed and must reveal.
+
+        What the adapter tells each voter when ``RevealOpened`` is decided.
+        """
+        if self.opened_at is None:
+            return []
+        return [(self._node(s), s.attempt, self._reveal_deadline(s))
+                for s in self._slots if s.status == Status.COMMITTED]
+
     @property
     def phase(self) -> str:
         """``commit``, ``reveal`` or ``closed`` (verified or failed)."""

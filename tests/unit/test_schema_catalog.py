@@ -20,6 +20,7 @@ EVENTS = {
     "NodeRegistered", "NodeHeartbeat", "TaskSubmitted", "TaskAssigned", "DataKeyGranted",
     "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed", "NodePenalized",
     "LedgerEntryPosted", "TokensMinted", "PriceUpdated", "ProposalSubmitted", "VoteCast",
+    "RevealOpened", "ReissueRequested",
     "DeadLettered",
 }
 

@@ -1,0 +1,293 @@
+"""The allocator's event handling: submissions in, ``TaskAssigned`` out.
+
+Transport-free: the Faust agents in ``allocator.agents`` (and the lifecycle
+benchmark) feed it decoded events and publish what it returns. It
+
+* keeps the node table from signed ``NodeRegistered`` and ``NodeHeartbeat``;
+* waits until the ledger has escrowed a submission (the ``escrow:<task>``
+  entry), so no node ever works for a task nobody paid for;
+* checks the task against its workload (known, parameters in bounds, the
+  declared compute matching the workload's estimate) and fails it otherwise,
+  which refunds the escrow;
+* places the replicas with a ``PlacementPolicy`` (the heuristic now, the learned
+  one later) on distinct operators, counting the replicas each node holds so a
+  node is never given more than its slots, and queues tasks when the network is
+  full;
+* places a lost replica again when the verifier asks (``ReissueRequested``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from allocator.placement import HeuristicPolicy, NodeTable, PlacementPolicy, PlacementRequest
+from destra.crypto import verify_event
+from destra.errors import DestraError, NoCapacity
+from schemas import Event, new_event
+from workloads import get_workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How long a replica has to commit and then to reveal."""
+
+    commit_ms: int = 30_000
+    """Floor of the commit window; longer tasks get ``runtime_factor`` x their estimate."""
+    reveal_ms: int = 15_000
+    runtime_factor: int = 20
+    """Commit window = max(commit_ms, factor x the runtime the node's benchmark predicts)."""
+    queue_timeout_ms: int = 120_000
+    """A task nobody can take for this long fails with ``no-capacity`` (and is refunded)."""
+
+
+@dataclass
+class _Task:
+    submission: Event | None
+    """None while only the escrow entry has been seen."""
+    memory_mb: int
+    escrowed: bool = False
+    placed: bool = False
+    queued_since: int | None = None
+
+
+@dataclass
+class Allocator:
+    """Places escrowed tasks on nodes; every method returns the events to publish."""
+
+    producer_id: str
+    policy: PlacementPolicy = field(default_factory=HeuristicPolicy)
+    windows: Windows = field(default_factory=Windows)
+    table: NodeTable = field(default_factory=NodeTable)
+    keys: dict[str, bytes] = field(default_factory=dict)
+    outstanding: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
+    """Per node, the (task, attempt) replicas it holds (placed, not yet committed) and
+    their commit deadlines: past it the verifier replaces the replica and the slot is free."""
+    tasks: dict[str, _Task] = field(default_factory=dict)
+    queue: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    """Escrowed tasks waiting for capacity, oldest first."""
+    reissues: list[Event] = field(default_factory=list)
+    """Reissue requests waiting for capacity."""
+    rejected: list[tuple[Event, str]] = field(default_factory=list)
+    """Events refused (bad signature, unknown node), with why: the adapter dead-letters them."""
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def on_registered(self, e: Event, now_ms: int) -> list[Event]:
+        """A node joined; its registration must be signed by the key it registers."""
+        f = e.fields
+        if not verify_event(e, f["signing_key"], f["node_id"]):
+            self.rejected.append((e, f"bad-signature: registration of {f['node_id']} is not "
+                                     "signed by the key it registers"))
+            return []
+        try:
+            self.table.on_registered(f["node_id"], f["operator_id"], f["region"], f["tier"],
+                                     f["device_class"], f["tflops_milli"], f["memory_mb"],
+                                     f["slots"], f["stake_micro"], now_ms)
+        except DestraError as err:
+            self.rejected.append((e, f"invalid-registration: {err}"))
+            return []
+        self.keys[f["node_id"]] = f["signing_key"]
+        self.outstanding.setdefault(f["node_id"], {})
+        self._sync_slots(f["node_id"])
+        return self._drain(now_ms)
+
+    def on_heartbeat(self, e: Event, now_ms: int) -> list[Event]:
+        """Liveness and load; free slots are our own count, which never lags behind."""
+        f = e.fields
+        key = self.keys.get(f["node_id"])
+        if key is None or not verify_event(e, key, f["node_id"]):
+            self.rejected.append((e, "bad-signature: heartbeat not signed by a registered node"))
+            return []
+        node = self.table.get(f["node_id"])
+        assert node is not None
+        free = node.slots - len(self.outstanding.get(f["node_id"], ()))
+        self.table.on_heartbeat(f["node_id"], f["load_permille"], free, f["seq"], now_ms)
+        return self._drain(now_ms) if free > 0 else []
+
+    def _sync_slots(self, node_id: str) -> None:
+        node = self.table.get(node_id)
+        if node is None:
+            return
+        held = len(self.outstanding.get(node_id, ()))
+        while node.free_slots > max(0, node.slots - held):
+            self.table.reserve(node_id)
+            node = self.table.get(node_id)
+            assert node is not None
+
+    def _release(self, node_id: str, task_id: str, attempt: int, now_ms: int) -> list[Event]:
+        held = self.outstanding.get(node_id)
+        if held is None or (task_id, attempt) not in held:
+            return []
+        del held[(task_id, attempt)]
+        self.table.release(node_id)
+        return self._drain(now_ms)
+
+    def on_committed(self, e: Event, now_ms: int) -> list[Event]:
+        """A replica finished computing: its node has a slot again."""
+        f = e.fields
+        return self._release(f["node_id"], f["task_id"], f["attempt"], now_ms)
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def on_submitted(self, e: Event, now_ms: int) -> list[Event]:
+        """Remember a submission; place it once the ledger has escrowed its price."""
+        task_id = e.fields["task_id"]
+        prior = self.tasks.get(task_id)
+        if prior is not None and prior.submission is not None:
+            return []  # a resubmitted id: the first submission stands
+        self.tasks[task_id] = _Task(e, 0, escrowed=prior.escrowed if prior else False)
+        return self._try(task_id, now_ms)
+
+    def on_entry(self, e: Event, now_ms: int) -> list[Event]:
+        """A ledger entry; the credit to ``escrow:<task>`` means the task is paid for."""
+        f = e.fields
+        account, task_id = f["account"], f["task_id"]
+        if not (task_id and account == f"escrow:{task_id}" and f["kind"] == "escrow"
+                and f["amount_micro"] > 0):
+            return []
+        task = self.tasks.get(task_id)
+        if task is None:
+            # The entry overtook the submission (another topic): remember it.
+            self.tasks[task_id] = _Task(None, 0, escrowed=True)
+            return []
+        task.escrowed = True
+        return self._try(task_id, now_ms)
+
+    def on_failed(self, e: Event, now_ms: int) -> list[Event]:
+        """A verdict or rejection: forget the task."""
+        task_id = e.fields["task_id"]
+        self.tasks.pop(task_id, None)
+        self.queue.pop(task_id, None)
+        return []
+
+    on_verified = on_failed
+
+    def on_reissue(self, e: Event, now_ms: int) -> list[Event]:
+        """The verifier lost a replica: place it on a node the task has not used."""
+        return self._place_reissue(e, now_ms) or []
+
+    def on_tick(self, now_ms: int) -> list[Event]:
+        """Time passed: free the slots of missed commits, retry queued work, fail the stale."""
+        out: list[Event] = []
+        for node_id, held in self.outstanding.items():
+            for (task_id, attempt), deadline in list(held.items()):
+                if now_ms > deadline:
+                    del held[(task_id, attempt)]
+                    self.table.release(node_id)
+        for task_id in list(self.queue):
+            task = self.tasks.get(task_id)
+            if task is None or task.queued_since is None:
+                self.queue.pop(task_id, None)
+            elif now_ms - task.queued_since > self.windows.queue_timeout_ms:
+                self.queue.pop(task_id, None)
+                self.tasks.pop(task_id, None)
+                out.append(new_event("TaskFailed", self.producer_id, task_id=task_id,
+                                     reason="no-capacity",
+                                     detail=f"no nodes could take it for "
+                                            f"{self.windows.queue_timeout_ms} ms"))
+        return out + self._drain(now_ms)
+
+    # -- placement --------------------------------------------------------------------------
+
+    def _try(self, task_id: str, now_ms: int) -> list[Event]:
+        task = self.tasks[task_id]
+        if task.submission is None or not task.escrowed or task.placed:
+            return []
+        f = task.submission.fields
+        try:
+            workload = get_workload(f["workload"])
+            params = workload.validate(f["params"])
+            units = workload.compute_units(params)
+            if units != f["compute_units"]:
+                raise DestraError(f"declared compute {f['compute_units']} units, the workload "
+                                  f"needs {units} for these parameters")
+            task.memory_mb = workload.memory_mb(params)
+        except DestraError as err:
+            self.tasks.pop(task_id, None)
+            return [new_event("TaskFailed", self.producer_id, task_id=task_id,
+                              reason="invalid-task", detail=str(err)[:2000])]
+        task.queued_since = now_ms if task.queued_since is None else task.queued_since
+        self.queue[task_id] = None
+        return self._drain(now_ms)
+
+    def _drain(self, now_ms: int) -> list[Event]:
+        """Place what waits, reissues first (their tasks are furthest along), then by age."""
+        out: list[Event] = []
+        waiting, self.reissues = self.reissues, []
+        for request in waiting:
+            placed = self._place_reissue(request, now_ms)
+            if placed is None:
+                self.reissues.append(request)
+            else:
+                out += placed
+        for task_id in list(self.queue):
+            if not any(n.free_slots > 0 for n in self.table):
+                break  # the network is full: nothing further can be placed
+            placed = self._place_new(task_id, now_ms)
+            if placed is not None:  # else it waits; younger tasks may fit elsewhere
+                out += placed
+        return out
+
+    @staticmethod
+    def _submission(task: _Task) -> Event:
+        assert task.submission is not None, "only tasks whose submission was seen are placed"
+        return task.submission
+
+    def _request(self, task: _Task, replicas: int, exclude: frozenset[str]) -> PlacementRequest:
+        f = self._submission(task).fields
+        return PlacementRequest(f["task_id"], replicas, task.memory_mb, f["tier"], f["region"],
+                                f["homogeneous"], exclude)
+
+    def _place_new(self, task_id: str, now_ms: int) -> list[Event] | None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            self.queue.pop(task_id, None)
+            return []
+        replicas = self._submission(task).fields["replicas"]
+        try:
+            nodes = self.policy.place(self._request(task, replicas, frozenset()), self.table,
+                                      now_ms)
+        except NoCapacity:
+            return None
+        self.queue.pop(task_id, None)
+        task.placed = True
+        return [self._assign(task, node.node_id, index, 0, now_ms)
+                for index, node in enumerate(nodes)]
+
+    def _place_reissue(self, e: Event, now_ms: int) -> list[Event] | None:
+        f = e.fields
+        task = self.tasks.get(f["task_id"])
+        if task is None or task.submission is None:
+            return []  # the task ended meanwhile
+        try:
+            (node,) = self.policy.place(
+                self._request(task, 1, frozenset(f["exclude_node_ids"])), self.table, now_ms)
+        except NoCapacity:
+            if e not in self.reissues:
+                self.reissues.append(e)
+            return None
+        return [self._assign(task, node.node_id, f["replica_index"], f["attempt"], now_ms)]
+
+    def _assign(self, task: _Task, node_id: str, index: int, attempt: int,
+                now_ms: int) -> Event:
+        submission = self._submission(task)
+        f = submission.fields
+        node = self.table.get(node_id)
+        assert node is not None
+        # compute units are 10^6 operations; tflops_milli x 10^9 operations per second.
+        predicted_ms = f["compute_units"] * 1000 // max(1, node.tflops_milli)
+        commit = now_ms + max(self.windows.commit_ms, self.windows.runtime_factor * predicted_ms)
+        self.table.reserve(node_id)
+        self.outstanding.setdefault(node_id, {})[(f["task_id"], attempt)] = commit
+        return new_event(
+            "TaskAssigned", self.producer_id, task_id=f["task_id"], node_id=node_id,
+            replica_index=index, attempt=attempt, commit_deadline=commit,
+            reveal_deadline=commit + self.windows.reveal_ms, workload=f["workload"],
+            params=dict(f["params"]), compute_units=f["compute_units"],
+            task_deadline=submission.occurred_at + f["deadline_ms"],
+            payload=f["payload"])
+

@@ -1,0 +1,231 @@
+"""The verifier's event handling around the pure Proof of Sync tally.
+
+Transport-free: the Faust agents in ``verifier.agents`` feed it decoded events
+with the broker's append time (commits and reveals are stamped by the broker,
+so a node cannot backdate them) and publish what it returns. It
+
+* keeps each node's registered Ed25519 key (a registration must be signed by
+  the key it registers) and counts a commit or reveal only if its signature
+  checks against that key;
+* opens one ``TaskTally`` per task at its first assignment;
+* parks an event that overtook what it depends on (a commit read before its
+  assignment, which travels on another topic) and replays it when that
+  arrives, or dead-letters it after ``park_ms``;
+* turns the tally's decisions into events: ``RevealOpened`` to each voter,
+  ``TaskVerified``, ``TaskFailed``, ``ReissueRequested``, ``NodePenalized``;
+  rejected events go to the dead-letter topic with their reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from destra.crypto import verify_event
+from schemas import Event, new_event
+from verifier.proof_of_sync import (
+    Decision,
+    Failed,
+    Penalize,
+    Reason,
+    Reissue,
+    Rejected,
+    RejectReason,
+    RevealOpened,
+    TaskTally,
+    Verified,
+)
+
+PENALTY_MICRO: dict[Reason, int] = {
+    Reason.NO_SHOW: 100_000,
+    Reason.NO_REVEAL: 250_000,
+    Reason.DISSENT: 1_000_000,
+}
+"""Stake slashed per fault, in micro-tokens (the ledger never takes more than the stake)."""
+
+REPUTATION_LOSS_PERMILLE: dict[Reason, int] = {
+    Reason.NO_SHOW: 20, Reason.NO_REVEAL: 50, Reason.DISSENT: 200,
+}
+
+
+@dataclass(frozen=True)
+class _Terms:
+    compute_units: int
+    replicas: int
+    quorum: int
+    expires_at: int
+
+
+@dataclass
+class Verifier:
+    """Proof of Sync over the network's topics; every method returns the events to publish."""
+
+    producer_id: str
+    max_attempts: int = 3
+    reissue_grace_ms: int = 60_000
+    park_ms: int = 60_000
+    keys: dict[str, bytes] = field(default_factory=dict)
+    terms: dict[str, _Terms] = field(default_factory=dict)
+    tallies: dict[str, TaskTally] = field(default_factory=dict)
+    reputation: dict[str, int] = field(default_factory=dict)
+    parked: dict[str, list[tuple[Event, Any, int]]] = field(default_factory=dict)
+    """Per task, events waiting for what they depend on: (event, where, parked at)."""
+    rejected: list[tuple[Event, Any, str]] = field(default_factory=list)
+    """Refused events, where they came from and why: the adapter dead-letters them."""
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def on_registered(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A node's keys; only a registration signed by the key it registers counts."""
+        f = e.fields
+        if not verify_event(e, f["signing_key"], f["node_id"]):
+            self.rejected.append((e, where, "bad-signature: registration not signed by the "
+                                            "key it registers"))
+            return []
+        self.keys[f["node_id"]] = f["signing_key"]
+        self.reputation.setdefault(f["node_id"], 1000)
+        out: list[Event] = []
+        for task_id in list(self.parked):
+            out += self._unpark(task_id, now_ms)
+        return out
+
+    def on_submitted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """The task's replication terms, for the tally its first assignment opens."""
+        f = e.fields
+        self.terms.setdefault(f["task_id"], _Terms(
+            f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"]))
+        return self._unpark(f["task_id"], now_ms)
+
+    def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A replica placed; opens the task's tally on its first one."""
+        f = e.fields
+        task_id = f["task_id"]
+        tally = self.tallies.get(task_id)
+        if tally is None:
+            terms = self.terms.get(task_id)
+            if terms is None:
+                return self._park(e, where, now_ms)
+            tally = self.tallies[task_id] = TaskTally(
+                task_id, terms.compute_units, terms.replicas, terms.quorum,
+                max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
+                expires_at=terms.expires_at)
+        out = self._events(tally.on_assigned(f["node_id"], f["replica_index"], f["attempt"],
+                                             f["commit_deadline"], f["reveal_deadline"], now_ms),
+                           e, where)
+        return out + self._unpark(task_id, now_ms)
+
+    def on_committed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A signed commitment."""
+        f = e.fields
+        tally = self._tally_for(e, where, now_ms)
+        if tally is None:
+            return []
+        decisions = tally.on_committed(f["node_id"], f["attempt"], f["commitment"], now_ms)
+        if self._not_yet_assigned(tally, decisions, f["node_id"]):
+            return self._park(e, where, now_ms)
+        return self._events(decisions, e, where)
+
+    def on_revealed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A signed reveal of salt and digest."""
+        f = e.fields
+        tally = self._tally_for(e, where, now_ms)
+        if tally is None:
+            return []
+        decisions = tally.on_revealed(f["node_id"], f["attempt"], f["salt"], f["digest"],
+                                      f["runtime_ms"], now_ms, f["result_ref"])
+        if self._not_yet_assigned(tally, decisions, f["node_id"]):
+            return self._park(e, where, now_ms)
+        return self._events(decisions, e, where)
+
+    def on_tick(self, now_ms: int) -> list[Event]:
+        """Judge missed deadlines; dead-letter events parked too long."""
+        out: list[Event] = []
+        for tally in list(self.tallies.values()):
+            if tally.outcome is None:
+                out += self._events(tally.on_tick(now_ms), None, None)
+        for task_id, waiting in list(self.parked.items()):
+            keep = []
+            for event, where, since in waiting:
+                if now_ms - since > self.park_ms:
+                    self.rejected.append((event, where, f"{RejectReason.NOT_ASSIGNED}: no "
+                                          f"assignment, submission or node key for it "
+                                          f"within {self.park_ms} ms"))
+                else:
+                    keep.append((event, where, since))
+            if keep:
+                self.parked[task_id] = keep
+            else:
+                del self.parked[task_id]
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _tally_for(self, e: Event, where: Any, now_ms: int) -> TaskTally | None:
+        """The event's tally once its signature checks; parks or rejects otherwise."""
+        f = e.fields
+        key = self.keys.get(f["node_id"])
+        tally = self.tallies.get(f["task_id"])
+        if key is None or tally is None:
+            self._park(e, where, now_ms)
+            return None
+        if not verify_event(e, key, f["node_id"]):
+            self.rejected.append((e, where, f"bad-signature: {e.name} not signed by the "
+                                            f"registered key of {f['node_id']}"))
+            return None
+        return tally
+
+    @staticmethod
+    def _not_yet_assigned(tally: TaskTally, decisions: list[Decision], node_id: str) -> bool:
+        """A rejection only because the node's assignment has not been read yet."""
+        return (len(decisions) > 0 and isinstance(decisions[-1], Rejected)
+                and decisions[-1].reason == RejectReason.NOT_ASSIGNED
+                and node_id not in tally.nodes_used and tally.outcome is None)
+
+    def _park(self, e: Event, where: Any, now_ms: int) -> list[Event]:
+        self.parked.setdefault(e.fields["task_id"], []).append((e, where, now_ms))
+        return []
+
+    def _unpark(self, task_id: str, now_ms: int) -> list[Event]:
+        waiting = self.parked.pop(task_id, [])
+        out: list[Event] = []
+        for event, where, since in waiting:
+            handler = {"TaskAssigned": self.on_assigned, "ResultCommitted": self.on_committed,
+                       "ResultRevealed": self.on_revealed}[event.name]
+            # Judged at the time it arrived, not when it was unparked (a tally's clock
+            # never goes back, so this only matters if no tick passed meanwhile).
+            out += handler(event, since, where)
+        return out
+
+    def _events(self, decisions: list[Decision], source: Event | None,
+                where: Any) -> list[Event]:
+        out: list[Event] = []
+        for d in decisions:
+            if isinstance(d, Verified):
+                out.append(new_event(
+                    "TaskVerified", self.producer_id, task_id=d.task_id, digest=d.digest,
+                    quorum=d.quorum, result_ref=d.result_ref,
+                    contributions=[{"node_id": c.node_id, "compute_units": c.compute_units,
+                                    "agreed": c.agreed} for c in d.contributions]))
+            elif isinstance(d, RevealOpened):
+                out += [new_event("RevealOpened", self.producer_id, task_id=d.task_id,
+                                  node_id=node, attempt=attempt, opened_at=d.opened_at_ms,
+                                  reveal_deadline=deadline)
+                        for node, attempt, deadline in self.tallies[d.task_id].voters()]
+            elif isinstance(d, Reissue):
+                out.append(new_event("ReissueRequested", self.producer_id, task_id=d.task_id,
+                                     replica_index=d.replica_index, attempt=d.attempt,
+                                     exclude_node_ids=list(d.exclude_node_ids)))
+            elif isinstance(d, Penalize):
+                rep = max(0, self.reputation.get(d.node_id, 1000)
+                          - REPUTATION_LOSS_PERMILLE[d.reason])
+                self.reputation[d.node_id] = rep
+                out.append(new_event("NodePenalized", self.producer_id, node_id=d.node_id,
+                                     task_id=d.task_id, reason=str(d.reason),
+                                     slash_micro=PENALTY_MICRO[d.reason],
+                                     reputation_permille=rep))
+            elif isinstance(d, Failed):
+                out.append(new_event("TaskFailed", self.producer_id, task_id=d.task_id,
+                                     reason=str(d.reason), detail=d.detail[:2000]))
+            elif isinstance(d, Rejected) and source is not None:
+                self.rejected.append((source, where, f"{d.reason}: {d.detail}".rstrip(": ")))
+        return out
