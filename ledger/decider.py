@@ -7,9 +7,15 @@ replay from offset 0 cannot decide differently from the live run.
 
 Rules:
 - TokensMinted: mint to ``user:<account>``.
-- TaskSubmitted: reject (TaskFailed) when the quote expired before the
-  submission was made (event time, not wall clock), when the quoted price
-  exceeds the submitter's max price, or when funds are short; else escrow.
+- TaskSubmitted: reject (TaskFailed) when it is not signed by the key it
+  carries, or that key is not the one the account first submitted with; when
+  the quote expired before the submission was made (event time, not wall
+  clock); when the quoted price is below the network's price for the compute
+  (``PriceUpdated``), or exceeds the submitter's max price; when funds are
+  short. Else escrow.
+- NodeRegistered (signed by the key it registers): lock ``stake_micro`` from
+  the operator's account as the node's stake, once per node; an operator
+  without the funds gets no stake locked.
 - TaskVerified: pay each agreeing replica's node wallet ``node:<id>`` by the
   compute it gave, the network fee to the treasury, the rest back.
 - TaskFailed (from the verifier): refund whatever the task still holds.
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from allocator.pricing import PriceBook, PriceUpdate, task_price
+from destra.crypto import verify_event
 from destra.errors import DestraError
 from ledger.book import (
     Book,
@@ -35,6 +43,7 @@ from ledger.book import (
     settle_tx,
     slash_tx,
     stake,
+    stake_tx,
     user,
 )
 from ledger.events import entry_events
@@ -42,6 +51,9 @@ from schemas import Event, new_event
 
 DEFAULT_FEE_BPS = 500
 """The network's fee on payouts: 5 %."""
+
+PRICE_GRACE_MS = 300_000
+"""A quote made at the price of up to this long before the submission is honoured."""
 
 
 def node_wallet(node_id: str) -> str:
@@ -66,6 +78,9 @@ class LedgerDecider:
     fee_bps: int = DEFAULT_FEE_BPS
     book: Book = field(default_factory=Book)
     tasks: dict[str, TaskTerms] = field(default_factory=dict)
+    account_keys: dict[str, bytes] = field(default_factory=dict)
+    """The signing key each account is bound to: the first it submitted a valid task with."""
+    prices: PriceBook = field(default_factory=PriceBook)
 
     def decide(self, event: Event) -> list[Event]:
         """The events this one causes (empty when it moves no money or was seen)."""
@@ -87,13 +102,13 @@ class LedgerDecider:
         if task_id in self.tasks or f"escrow/{task_id}" in self.book.applied:
             return []  # a resubmitted id: the first submission stands
         price = f["quoted_price_micro"]
-        reason = None
-        if f["quote_expires_at"] < e.occurred_at:
+        reason = self._check_signature(e) or self._check_price(e)
+        if reason is None and f["quote_expires_at"] < e.occurred_at:
             reason = ("quote-expired", f"quote {f['quote_id']} expired at "
                       f"{f['quote_expires_at']}, submitted at {e.occurred_at}")
-        elif price > f["max_price_micro"]:
+        if reason is None and price > f["max_price_micro"]:
             reason = ("over-max-price", f"quoted {price} > max price {f['max_price_micro']}")
-        else:
+        if reason is None:
             try:
                 tx = escrow_tx(f"escrow/{task_id}", task_id, payer, price,
                                self.book.balance(payer))
@@ -105,6 +120,56 @@ class LedgerDecider:
             return [new_event("TaskFailed", self.producer_id, task_id=task_id,
                               reason=reason[0], detail=reason[1])]
         self.tasks[task_id] = TaskTerms(payer, f["compute_units"], f["replicas"])
+        return self._post(tx)
+
+    def _check_signature(self, e: Event) -> tuple[str, str] | None:
+        """Why a submission's signature does not count, or None; binds new accounts."""
+        f = e.fields
+        account, key = f["submitter_id"], f["signing_key"]
+        if not verify_event(e, key, account):
+            return ("bad-signature", f"task {f['task_id']} is not signed by {account} "
+                                     "with the key it carries")
+        bound = self.account_keys.setdefault(account, key)
+        if bound != key:
+            return ("wrong-key", f"account {account} is bound to another signing key")
+        return None
+
+    def _check_price(self, e: Event) -> tuple[str, str] | None:
+        """Why the quoted price is not the network's, or None."""
+        f = e.fields
+        try:
+            unit = min(self.prices.price_per_unit(f["tier"], e.occurred_at),
+                       self.prices.price_per_unit(f["tier"], e.occurred_at - PRICE_GRACE_MS))
+            floor = task_price(f["compute_units"], f["replicas"], unit)
+        except DestraError as err:
+            return ("invalid-price", str(err))
+        if f["quoted_price_micro"] < floor:
+            return ("price-below-quote", f"quoted {f['quoted_price_micro']} < network price "
+                                         f"{floor} for {f['compute_units']} units x "
+                                         f"{f['replicas']} replicas in {f['tier']}")
+        return None
+
+    def _on_PriceUpdated(self, e: Event) -> list[Event]:  # noqa: N802
+        f = e.fields
+        try:
+            self.prices.apply(PriceUpdate(f["tier"], f["price_per_unit_micro"],
+                                          f["effective_at"]))
+        except DestraError:
+            pass  # an unknown tier prices nothing
+        return []
+
+    def _on_NodeRegistered(self, e: Event) -> list[Event]:  # noqa: N802
+        f = e.fields
+        node, amount = f["node_id"], f["stake_micro"]
+        if amount <= 0 or f"stake/{node}" in self.book.applied:
+            return []
+        if not verify_event(e, f["signing_key"], node):
+            return []
+        payer = user(f["operator_id"])
+        try:
+            tx = stake_tx(f"stake/{node}", node, payer, amount, self.book.balance(payer))
+        except DestraError:
+            return []  # the operator cannot cover it: the node runs unstaked
         return self._post(tx)
 
     def _on_TaskVerified(self, e: Event) -> list[Event]:  # noqa: N802
@@ -141,6 +206,8 @@ class LedgerDecider:
     def remember(self, submission: Event) -> None:
         """Recall the terms of a submission escrowed before a restart (after ``restore``)."""
         f = submission.fields
+        if f["signing_key"] and verify_event(submission, f["signing_key"], f["submitter_id"]):
+            self.account_keys.setdefault(f["submitter_id"], f["signing_key"])
         if f"escrow/{f['task_id']}" in self.book.applied:
             self.tasks[f["task_id"]] = TaskTerms(user(f["submitter_id"]), f["compute_units"],
                                                  f["replicas"])

@@ -33,7 +33,8 @@ from streams.topics import topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
-INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted")
+INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted", "NodeRegistered",
+          "PriceUpdated")
 BATCH = 200
 
 
@@ -79,6 +80,11 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
         if event.name == "LedgerEntryPosted":
             decider.restore(event)
             restored += 1
+    for msg in read_all(bootstrap, _topic(settings, "PriceUpdated")):
+        try:
+            decider.decide(decode(msg.value()))  # prices decide nothing: state only
+        except EventError:
+            continue
     for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted")):
         try:
             decider.remember(decode(msg.value()))

@@ -7,7 +7,8 @@ every other client: the codec here is the single-object Avro codec of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -16,7 +17,10 @@ from faust.serializers import codecs
 from destra.errors import EventError
 from destra.settings import Settings
 from schemas import Event, decode, encode, new_event
-from streams.topics import DEAD_LETTER
+from schemas.codec import encode_unchecked
+from streams.topics import DEAD_LETTER, partition_for, topic_for
+
+ASSIGNMENTS = "tasks.assignments"
 
 CODEC_NAME = "destra-avro"
 
@@ -99,3 +103,74 @@ def topic(app: faust.App, settings: Settings, suffix: str) -> faust.TopicT:
     """A catalogue topic as a Faust topic carrying ``Event`` values, dead-lettering bad ones."""
     return DeadLetteringTopic(app, topics=[settings.topic_prefix + suffix], settings=settings,
                               value_serializer=CODEC_NAME, key_serializer="raw")
+
+
+def topics(app: faust.App, settings: Settings, *events: str) -> faust.TopicT:
+    """One Faust topic reading every catalogue topic that carries one of ``events``."""
+    names = sorted({topic_for(e).name(settings.topic_prefix) for e in events})
+    return DeadLetteringTopic(app, topics=names, settings=settings,
+                              value_serializer=CODEC_NAME, key_serializer="raw")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a consumed record was: for the dead letter that refuses it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+
+    @classmethod
+    def of(cls, message: Any) -> Origin:
+        """The origin of a Faust ``Message``."""
+        return cls(message.topic, message.partition, message.offset, message.key)
+
+
+def broker_ms(message: Any) -> int:
+    """A Faust message's timestamp in milliseconds (the broker's on ``broker_time`` topics)."""
+    return int(round(message.timestamp * 1000))
+
+
+class Publisher:
+    """Sends events from Faust agents to their catalogue topics, keyed as the catalogue says.
+
+    Events for ``tasks.assignments`` go to the partition ``partition_for`` gives
+    their node, the only partition that node reads.
+    """
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        self._topics: dict[str, faust.TopicT] = {}
+        self.sent = 0
+
+    def _topic(self, name: str) -> faust.TopicT:
+        if name not in self._topics:
+            self._topics[name] = self.app.topic(name, value_serializer=CODEC_NAME,
+                                                key_serializer="raw")
+        return self._topics[name]
+
+    async def publish(self, events: Iterable[Event]) -> None:
+        """Send each event (awaiting its enqueueing, in order)."""
+        for event in events:
+            spec = topic_for(event.name)
+            key = str(event.fields[spec.key])
+            partition = (partition_for(key, spec.partitions) if spec.suffix == ASSIGNMENTS
+                         else None)
+            await self._topic(spec.name(self.settings.topic_prefix)).send(
+                key=key.encode(), value=event, partition=partition)
+            self.sent += 1
+
+    async def reject(self, refused: list[tuple[Event, Any, str]]) -> None:
+        """Dead-letter events a handler refused, with the reason; empties the list."""
+        letters = []
+        for event, origin, reason in refused:
+            letters.append(new_event(
+                "DeadLettered", self.settings.producer_id,
+                source_topic=origin.topic if origin else "(none)",
+                source_partition=origin.partition if origin else 0,
+                source_offset=origin.offset if origin else 0,
+                key=origin.key if origin else None, value=encode_unchecked(event),
+                reason=reason[:2000], error="Rejected"))
+        refused.clear()
+        await self.publish(letters)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import socket
 import time
 from collections.abc import Callable
+
+from destra.crypto import KeyPair, sign_event
+from schemas import Event
 
 
 def free_port_block(count: int, *, spread: int = 100) -> int:
@@ -30,3 +34,16 @@ def eventually(check: Callable[[], bool], timeout: float = 30.0, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {check}")
         time.sleep(interval)
+
+
+def account_keys(name: str) -> KeyPair:
+    """Deterministic keys for a test account or node (never use such keys for real)."""
+    return KeyPair(hashlib.sha256(f"{name} signing".encode()).digest(),
+                   hashlib.sha256(f"{name} x25519".encode()).digest())
+
+
+def signed_submission(event: Event) -> Event:
+    """A TaskSubmitted signed by its submitter's test keys, carrying their signing key."""
+    keys = account_keys(event.fields["submitter_id"])
+    return sign_event(event.replace(signing_key=keys.signing_public), keys,
+                      event.fields["submitter_id"])

@@ -21,6 +21,7 @@ from ledger.service import project
 from schemas import decode, new_event
 from schemas.samples import sample_event, with_fields
 from streams.producer import EventProducer
+from tests.support import signed_submission
 
 pytestmark = pytest.mark.integration
 
@@ -70,10 +71,10 @@ def test_a_processor_killed_mid_stream_escrows_and_pays_exactly_once(
     mints = [new_event("TokensMinted", "faucet", account=a, amount_micro=10**12, reason="test")
              for a in rich]
     template = sample_event("TaskSubmitted")
-    submissions = [
+    submissions = [signed_submission(
         with_fields(template, task_id=f"task-{i}", submitter_id=rich[i % 4] if i % 10 else "poor",
-                    quoted_price_micro=1_000 + i, max_price_micro=10**9,
-                    quote_expires_at=2**62, compute_units=50, replicas=3, quorum=2)
+                    quoted_price_micro=15_000 + i, max_price_micro=10**9,
+                    quote_expires_at=2**62, compute_units=50, replicas=3, quorum=2))
         for i in range(N)
     ]
     verdicts = [

@@ -1,0 +1,313 @@
+"""The contributor's process: keys, benchmark, registration, heartbeats, assignments, results.
+
+    destra node run --name gpu-7 --region eu-west --stake 5000000
+
+A node keeps an Ed25519 (signing) and X25519 (encryption) key pair under
+``$DESTRA_HOME/nodes/<name>/keys.json``, measures its device with torch,
+registers (a ``NodeRegistered`` signed with the key it registers, so the
+claim proves possession of it), and then:
+
+* reads only its own partition of ``tasks.assignments`` (``partition_for``),
+  skipping other nodes' records that hash to the same partition, resuming
+  from its committed position after a restart;
+* runs each assigned replica on a thread, up to its slots, with PyTorch in
+  deterministic mode, and publishes a signed ``ResultCommitted``
+  (``H(salt, digest)`` bound to task, node and attempt);
+* on ``RevealOpened`` publishes the signed ``ResultRevealed`` (salt, digest);
+* sends a signed ``NodeHeartbeat`` (load, free slots) every few seconds;
+* on SIGTERM takes no new work, finishes what runs, answers the reveal calls of
+  what it committed (up to a grace period) and exits.
+
+``fault`` makes it misbehave, for tests and the demo: ``wrong-result`` (a
+digest that is not the output's), ``no-show`` (takes work, never commits),
+``late`` (commits after the commit deadline), ``copy`` (computes nothing,
+commits to random bytes, then reveals a digest copied from other replicas'
+reveals: the commitment does not open, so the copy is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from destra import __version__
+from destra.crypto import KeyPair, sign_event
+from destra.errors import DestraError
+from destra.settings import Settings
+from node_runner.capability import Capability, measure, pick_device
+from schemas import Event, decode, new_event
+from schemas.events import now_ms
+from streams.consumer import consumer_config
+from streams.klog import KAFKA_LOG
+from streams.producer import EventProducer
+from streams.topics import partition_for, topic_for
+from verifier.commitments import commitment, new_salt
+from workloads import get_workload
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_MS = 2_000
+SHUTDOWN_GRACE_S = 30.0
+
+
+class Fault(StrEnum):
+    """Ways a node can misbehave on purpose."""
+
+    NONE = "none"
+    WRONG_RESULT = "wrong-result"
+    NO_SHOW = "no-show"
+    LATE = "late"
+    COPY = "copy"
+
+
+@dataclass
+class NodeConfig:
+    """How a node runs; ``name`` is also its node id."""
+
+    name: str
+    operator: str
+    region: str = "eu-west"
+    tier: str = "datacenter"
+    """The tier it offers; capped by what its benchmark earns."""
+    stake_micro: int = 0
+    slots: int = 1
+    fault: Fault = Fault.NONE
+    threads: int = 1
+    """torch intra-op threads per running task."""
+    force_cpu: bool = False
+    heartbeat_ms: int = HEARTBEAT_MS
+
+
+@dataclass
+class _Result:
+    attempt: int
+    salt: bytes
+    digest: bytes
+    runtime_ms: int
+    revealed: bool = False
+
+
+@dataclass
+class NodeRunner:
+    """One node: call ``run`` (blocks until ``stop``)."""
+
+    settings: Settings
+    bootstrap: str
+    config: NodeConfig
+    keys: KeyPair = field(init=False)
+    capability: Capability | None = None
+    results: dict[tuple[str, int], _Result] = field(default_factory=dict)
+    reveal_calls: dict[tuple[str, int], Event] = field(default_factory=dict)
+    """Reveal calls for results not finished yet (a late node's)."""
+    busy: int = 0
+    completed: int = 0
+
+    def __post_init__(self) -> None:
+        self.node_id = self.config.name
+        key_file = self.settings.home / "nodes" / self.node_id / "keys.json"
+        self.keys = KeyPair.load_or_create(key_file)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._producer = EventProducer(self.settings, self.bootstrap)
+        self._seq = 0
+        self._pool = ThreadPoolExecutor(self.config.slots, thread_name_prefix="task")
+        self.device = pick_device(self.config.force_cpu)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish (safe from a signal handler)."""
+        self._stop.set()
+
+    def register(self) -> Event:
+        """Benchmark the device and publish the signed registration."""
+        torch.set_num_threads(self.config.threads)
+        # Every run deterministic: set once for the process, so concurrent tasks
+        # entering and leaving ``workloads.base.deterministic`` never flip it.
+        torch.use_deterministic_algorithms(True)
+        torch.set_float32_matmul_precision("highest")
+        self.capability = cap = measure(self.device)
+        cuda = f"; cuda {torch.version.cuda}" if cap.device == "cuda" else ""
+        event = self._signed(new_event(
+            "NodeRegistered", self.settings.producer_id, node_id=self.node_id,
+            operator_id=self.config.operator, region=self.config.region,
+            signing_key=self.keys.signing_public, encryption_key=self.keys.encryption_public,
+            device_name=cap.device_name[:256], device_class=cap.device_class,
+            tier=self.config.tier, tflops_milli=cap.tflops_milli, memory_mb=cap.memory_mb,
+            slots=self.config.slots, stake_micro=self.config.stake_micro,
+            software=f"destra {__version__}; torch {torch.__version__}{cuda}"))
+        self._producer.send(event)
+        self._producer.flush()
+        return event
+
+    def run(self, on_ready: Any = None) -> None:
+        """Register, then serve assignments until stopped; then drain and exit."""
+        self.register()
+        consumer = self._consumer()
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        if on_ready is not None:
+            on_ready(self)
+        try:
+            while not self._stop.is_set():
+                self._poll(consumer, accept_work=True)
+            # Drain: no new work; finish running tasks, answer reveal calls.
+            self._pool.shutdown(wait=False)
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            while time.monotonic() < deadline and self._unrevealed():
+                self._poll(consumer, accept_work=False)
+        finally:
+            self._pool.shutdown(wait=True)
+            consumer.close()
+            self._producer.flush()
+
+    def _unrevealed(self) -> bool:
+        with self._lock:
+            return self.busy > 0 or any(not r.revealed for r in self.results.values())
+
+    def _consumer(self) -> Consumer:
+        spec = topic_for("TaskAssigned")
+        topic = spec.name(self.settings.topic_prefix)
+        consumer = Consumer(consumer_config(
+            self.bootstrap, f"{self.settings.topic_prefix}node-{self.node_id}",
+            {"enable.auto.commit": True, "enable.auto.offset.store": False,
+             "logger": KAFKA_LOG}))
+        tp = TopicPartition(topic, partition_for(self.node_id, spec.partitions))
+        (committed,) = consumer.committed([tp], timeout=30)
+        start = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
+        consumer.assign([TopicPartition(topic, tp.partition, start)])
+        return consumer
+
+    def _poll(self, consumer: Consumer, accept_work: bool) -> None:
+        for msg in consumer.consume(100, 0.2):
+            if msg.error() is not None:
+                continue
+            if msg.key() == self.node_id.encode():
+                try:
+                    event = decode(msg.value() or b"")
+                except DestraError as err:
+                    log.warning("undecodable assignment record skipped: %s", err)
+                else:
+                    self._handle(event, accept_work)
+            consumer.store_offsets(msg)
+
+    def _handle(self, event: Event, accept_work: bool) -> None:
+        f = event.fields
+        if event.name == "TaskAssigned":
+            if not accept_work or f["commit_deadline"] < now_ms():
+                return  # shutting down, or stale work a restart re-read: it was replaced
+            if self.config.fault == Fault.NO_SHOW:
+                return
+            with self._lock:
+                self.busy += 1
+            self._pool.submit(self._execute, event)
+        elif event.name == "RevealOpened":
+            self._reveal(event)
+
+    # -- work -------------------------------------------------------------------------------
+
+    def _execute(self, assignment: Event) -> None:
+        f = assignment.fields
+        try:
+            if self.config.fault == Fault.COPY:
+                salt, digest, runtime_ms = new_salt(), secrets.token_bytes(32), 0
+            else:
+                workload = get_workload(f["workload"])
+                result = workload.run(workload.validate(f["params"]), self.device)
+                salt, digest, runtime_ms = new_salt(), result.digest, result.runtime_ms
+                if self.config.fault == Fault.WRONG_RESULT:
+                    digest = hashlib.sha256(b"not the output" + digest).digest()
+            if self.config.fault == Fault.LATE:
+                self._stop.wait(max(0.0, (f["commit_deadline"] - now_ms()) / 1000 + 1.0))
+            self._commit(f["task_id"], f["attempt"], salt, digest, runtime_ms)
+        except Exception:  # a failing task must not kill the node; the verifier times it out
+            log.exception("task %s failed on %s", f["task_id"], self.node_id)
+        finally:
+            with self._lock:
+                self.busy -= 1
+                self.completed += 1
+
+    def _commit(self, task_id: str, attempt: int, salt: bytes, digest: bytes,
+                runtime_ms: int) -> None:
+        with self._lock:
+            self.results[(task_id, attempt)] = _Result(attempt, salt, digest, runtime_ms)
+            early = self.reveal_calls.pop((task_id, attempt), None)
+        self._producer.send(self._signed(new_event(
+            "ResultCommitted", self.settings.producer_id, task_id=task_id,
+            node_id=self.node_id, attempt=attempt,
+            commitment=commitment(task_id, self.node_id, attempt, salt, digest))))
+        self._producer.flush()
+        if early is not None:
+            self._reveal(early)
+
+    def _reveal(self, call: Event) -> None:
+        f = call.fields
+        key = (f["task_id"], f["attempt"])
+        with self._lock:
+            result = self.results.get(key)
+            if result is None:
+                self.reveal_calls[key] = call
+                return
+            if result.revealed:
+                return
+            result.revealed = True
+        salt, digest = result.salt, result.digest
+        if self.config.fault == Fault.COPY:
+            digest = self._copy_digest(f["task_id"]) or digest
+        self._producer.send(self._signed(new_event(
+            "ResultRevealed", self.settings.producer_id, task_id=f["task_id"],
+            node_id=self.node_id, attempt=f["attempt"], salt=salt, digest=digest,
+            runtime_ms=result.runtime_ms, result_ref=None)))
+        self._producer.flush()
+
+    def _copy_digest(self, task_id: str) -> bytes | None:
+        """The copier's trick: the first digest another replica revealed for the task."""
+        spec = topic_for("ResultRevealed")
+        topic = spec.name(self.settings.topic_prefix)
+        consumer = Consumer(consumer_config(self.bootstrap, f"copy-{uuid.uuid4()}",
+                                            {"enable.auto.commit": False,
+                                             "logger": KAFKA_LOG}))
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(500, 0.5):
+                    if msg.error() is None and msg.key() == task_id.encode():
+                        event = decode(msg.value() or b"")
+                        if event.fields["node_id"] != self.node_id:
+                            digest: bytes = event.fields["digest"]
+                            return digest
+            return None
+        finally:
+            consumer.close()
+
+    # -- heartbeats -------------------------------------------------------------------------
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_ms / 1000):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Publish load and free slots now."""
+        with self._lock:
+            busy = self.busy
+        self._seq += 1
+        self._producer.send(self._signed(new_event(
+            "NodeHeartbeat", self.settings.producer_id, node_id=self.node_id,
+            load_permille=min(1000, busy * 1000 // self.config.slots),
+            free_slots=max(0, self.config.slots - busy), seq=self._seq)))
+
+    def _signed(self, event: Event) -> Event:
+        return sign_event(event, self.keys, self.node_id)
