@@ -369,6 +369,13 @@ def demo(keep: bool, **flags: Any) -> None:
     run_demo(_settings(**flags), keep=keep, echo=click.echo)
 
 
+from destra.views_cli import nodes, status, tasks  # noqa: E402
+
+cli.add_command(status)
+cli.add_command(tasks)
+cli.add_command(nodes)
+
+
 def main() -> None:
     """Entry point for ``python -m destra``."""
     cli()

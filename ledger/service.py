@@ -1,17 +1,22 @@
 """Runs the ledger projection against the broker: live, and as a replay from offset 0.
 
-    python -m ledger.service [--idle-exit SECONDS]
+    python -m ledger.service [--idle-exit SECONDS] [--schema SCHEMA]
 
 reads ``DESTRA_*`` settings (``DESTRA_KAFKA_BOOTSTRAP``, ``DESTRA_PG_DSN`` or
 the state of ``destra infra up``) and projects until stopped (SIGTERM) or idle.
+The one projector process runs two projections side by side, each in its own
+thread with its own consumer, connection and stored offsets: the ledger
+(``ledger.projection``) and the task and node views (``ledger.views``).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from destra.settings import Settings
 from ledger.projection import PROJECTION, LedgerProjection
+from ledger.views import ViewProjection, project_views
 from streams.consumer import Delivery, EventConsumer
 from streams.klog import KAFKA_LOG
 from streams.topics import topic_for
@@ -139,8 +145,40 @@ def replay(settings: Settings, bootstrap: str, dsn: str, live_schema: str = "pub
         fresh.close()
 
 
+def run_together(jobs: dict[str, Callable[[], object]], stop: threading.Event) -> None:
+    """Run jobs in threads until all return; the first failure stops the others and is raised.
+
+    The calling (main) thread only waits, in short slices, so signal handlers run.
+    Jobs are expected to watch ``stop``.
+    """
+    errors: list[BaseException] = []
+
+    def guarded(job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BaseException as e:  # handed to the main thread below
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=guarded, args=(job,), name=name)
+               for name, job in jobs.items()]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+    except BaseException:  # Ctrl-C: let the projections finish their batch and stop
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
 def main() -> None:
-    """Run the live projection until SIGTERM (or idle, with --idle-exit)."""
+    """Run the live ledger and view projections until SIGTERM (or idle, with --idle-exit)."""
     from infra import services
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -153,19 +191,28 @@ def main() -> None:
     dsn = settings.pg_dsn or (state.pg_dsn if state else None)
     if not bootstrap or not dsn:
         raise SystemExit("ledger: no Kafka or Postgres; run `destra infra up` or set DESTRA_*")
-    stop = False
+    stop = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:
-        nonlocal stop
-        stop = True
+        stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
-    projection = LedgerProjection(dsn, args.schema)
+    ledger = LedgerProjection(dsn, args.schema)
+    views = ViewProjection(dsn, args.schema)
+
+    def running() -> bool:
+        return not stop.is_set()
+
     try:
-        project(settings, bootstrap, projection, idle_exit_s=args.idle_exit,
-                running=lambda: not stop)
+        run_together({
+            "ledger": lambda: project(settings, bootstrap, ledger, idle_exit_s=args.idle_exit,
+                                      running=running),
+            "views": lambda: project_views(settings, bootstrap, views,
+                                           idle_exit_s=args.idle_exit, running=running),
+        }, stop)
     finally:
-        projection.close()
+        ledger.close()
+        views.close()
 
 
 if __name__ == "__main__":
