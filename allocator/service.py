@@ -278,8 +278,9 @@ class Allocator:
         f = submission.fields
         node = self.table.get(node_id)
         assert node is not None
-        # compute units are 10^6 operations; tflops_milli x 10^9 operations per second.
-        predicted_ms = f["compute_units"] * 1000 // max(1, node.tflops_milli)
+        # compute units are 10^6 operations, tflops_milli 10^9 operations per second:
+        # units / tflops_milli is seconds / 1000, i.e. milliseconds.
+        predicted_ms = f["compute_units"] // max(1, node.tflops_milli)
         commit = now_ms + max(self.windows.commit_ms, self.windows.runtime_factor * predicted_ms)
         self.table.reserve(node_id)
         self.outstanding.setdefault(node_id, {})[(f["task_id"], attempt)] = commit

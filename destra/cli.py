@@ -359,6 +359,133 @@ def balance(account: str, as_json: bool, **flags: Any) -> None:
           lambda b: f"{b['account']}: {b['balance_micro']} micro-tokens")
 
 
+@cli.group()
+def node() -> None:
+    """Run a contributor node."""
+
+
+@node.command("run")
+@_settings_options
+@click.option("--name", default=None, help="Node id (default: node-<hostname>).")
+@click.option("--operator", default=None, help="Operator account; its tokens back the stake "
+              "(default: the node id).")
+@click.option("--region", default="eu-west", show_default=True)
+@click.option("--tier", default="datacenter", show_default=True,
+              help="Tier offered; capped by what the benchmark measures.")
+@click.option("--stake", "stake_micro", type=click.IntRange(min=0), default=0,
+              show_default=True, help="Micro-tokens staked from the operator's account.")
+@click.option("--slots", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Tasks run at once.")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="torch threads per task.")
+@click.option("--cpu", "force_cpu", is_flag=True, help="Ignore CUDA even when present.")
+@click.option("--fault", type=click.Choice(["wrong-result", "no-show", "late", "copy"]),
+              default=None, help="Misbehave on purpose (tests and demos).")
+def node_run(name: str | None, operator: str | None, region: str, tier: str, stake_micro: int,
+             slots: int, threads: int, force_cpu: bool, fault: str | None,
+             **flags: Any) -> None:
+    """Benchmark, register and serve assignments until SIGTERM."""
+    import signal
+    import socket
+
+    from infra import services
+    from node_runner.runner import Fault, NodeConfig, NodeRunner
+
+    settings = _settings(**flags)
+    node_id = name or f"node-{socket.gethostname()}"
+    config = NodeConfig(node_id, operator or node_id, region, tier, stake_micro, slots,
+                        Fault(fault) if fault else Fault.NONE, threads, force_cpu)
+    runner = NodeRunner(settings, _bootstrap(settings, services), config)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+
+    def ready(r: NodeRunner) -> None:
+        cap = r.capability
+        assert cap is not None
+        click.echo(f"node {node_id} registered: {cap.device_name} ({cap.device_class}), "
+                   f"{cap.tflops_milli / 1000:.2f} TFLOP/s, {cap.memory_mb} MiB, "
+                   f"{slots} slot(s){', fault ' + fault if fault else ''}")
+
+    runner.run(on_ready=ready)
+    click.echo(f"node {node_id} stopped after {runner.completed} task(s)")
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--param")
+        params[key] = value
+    return params
+
+
+@cli.command("submit")
+@_settings_options
+@click.argument("workload")
+@click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="A workload parameter (repeatable).")
+@click.option("--replicas", type=click.IntRange(1, 15), default=3, show_default=True)
+@click.option("--quorum", type=click.IntRange(1, 15), default=None,
+              help="Agreeing replicas needed (default: a majority).")
+@click.option("--tier", default="consumer", show_default=True)
+@click.option("--max-price", "max_price", type=click.IntRange(min=1), default=None,
+              help="Refuse to pay more micro-tokens than this (default: the quote).")
+@click.option("--region", default=None, help="Your region; nearer nodes are preferred.")
+@click.option("--account", envvar="DESTRA_ACCOUNT", default="default", show_default=True,
+              help="The paying account (env DESTRA_ACCOUNT).")
+@click.option("--wait", is_flag=True, help="Follow the task until its verdict.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | None, tier: str,
+           max_price: int | None, region: str | None, account: str, wait: bool,
+           timeout: float, as_json: bool, **flags: Any) -> None:
+    """Quote and submit a task of WORKLOAD; with --wait, follow it to its verdict."""
+
+    from destra.client import Client
+    from infra import services
+
+    settings = _settings(**flags)
+    client = Client(settings, _bootstrap(settings, services), account)
+    try:
+        q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier)
+        if not as_json:
+            click.echo(f"quote {q.quote.quote_id}: {q.quote.compute_units} units x {replicas} "
+                       f"replicas in {q.quote.tier} = {q.quote.price_micro} micro-tokens "
+                       f"(valid until {q.quote.expires_at})")
+        watch = client.watch() if wait else None
+        task_id = client.submit(q, max_price_micro=max_price, region=region)
+        if not as_json:
+            click.echo(f"submitted {task_id}")
+        if watch is None:
+            if as_json:
+                click.echo(json.dumps({"task_id": task_id, "quote": q.as_dict()}))
+            return
+        last: list[str] = []
+
+        def show(p: Any) -> None:
+            line = (f"  {p.state}: {p.assigned} assigned, {p.committed} committed, "
+                    f"{p.revealed} revealed")
+            if not as_json and [line] != last:
+                click.echo(line)
+                last[:] = [line]
+
+        try:
+            done = client.wait([task_id], watch=watch, timeout_s=timeout, on_progress=show)
+        finally:
+            watch.close()
+        result = done[task_id].as_dict()
+        if as_json:
+            click.echo(json.dumps({"task_id": task_id, "quote": q.as_dict(), **result}))
+        elif result["state"] == "verified":
+            click.echo(f"verified: digest {result['digest']}")
+        else:
+            raise DestraError(f"task {task_id} failed: {result['reason']}: {result['detail']}")
+    finally:
+        client.close()
+
+
 @cli.command("demo")
 @_settings_options
 @click.option("--keep", is_flag=True, help="Leave the services running afterwards.")

@@ -48,8 +48,9 @@ def build(settings: Settings, bootstrap: str,
     """The Faust app with both agents installed, and their state objects."""
     env = os.environ if env is None else env
     app_id = f"{settings.topic_prefix}processors"
-    app = make_app(settings, app_id, bootstrap,
-                   datadir=str(settings.home / "faust" / app_id))
+    datadir = settings.home / "faust" / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = make_app(settings, app_id, bootstrap, datadir=str(datadir))
     windows = Windows(commit_ms=_int(env, "DESTRA_COMMIT_WINDOW_MS", 30_000),
                       reveal_ms=_int(env, "DESTRA_REVEAL_WINDOW_MS", 15_000),
                       queue_timeout_ms=_int(env, "DESTRA_QUEUE_TIMEOUT_MS", 120_000))
@@ -74,7 +75,7 @@ def main() -> None:
     if not bootstrap:
         raise SystemExit("processors: no Kafka; run `destra infra up` or set DESTRA_*")
     app, _, _ = build(settings, bootstrap)
-    level = os.environ.get("DESTRA_LOG_LEVEL", "warning")
+    level = os.environ.get("DESTRA_LOG_LEVEL", "warn")
     sys.argv = [sys.argv[0], "worker", "--loglevel", level]
     app.main()
 

@@ -1,0 +1,120 @@
+"""A whole local network as processes: the ledger processor and projector, the Faust
+processors (allocator and verifier), and node runners. Used by `destra demo`,
+the lifecycle tests and the lifecycle benchmark; each process logs to its own
+file under ``workdir``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from destra.errors import InfraError
+from destra.settings import Settings
+from schemas import decode
+from streams.topics import topic_for
+
+
+@dataclass
+class LocalNetwork:
+    """Starts and stops the network's processes against one broker and one Postgres."""
+
+    settings: Settings
+    bootstrap: str
+    pg_dsn: str
+    workdir: Path
+    env_extra: Mapping[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """The environment every process of the network gets."""
+        root = str(Path(__file__).resolve().parents[1])
+        return {**os.environ, "DESTRA_KAFKA_BOOTSTRAP": self.bootstrap,
+                "DESTRA_PG_DSN": self.pg_dsn, "DESTRA_TOPIC_PREFIX": self.settings.topic_prefix,
+                "DESTRA_HOME": str(self.settings.home),
+                "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **self.env_extra}
+
+    def spawn(self, name: str, *args: str, producer_id: str | None = None) -> None:
+        """Start ``python args...`` as the process ``name``."""
+        if name in self.procs and self.procs[name].poll() is None:
+            raise InfraError(f"{name} is already running")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        env = {**self.env(), "DESTRA_PRODUCER_ID": producer_id or name}
+        self.procs[name] = subprocess.Popen([sys.executable, *args], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        log.close()
+
+    def start_services(self) -> None:
+        """The ledger processor, the projector (ledger and views) and the Faust processors."""
+        self.spawn("ledger-processor", "-m", "ledger.processor")
+        self.spawn("projector", "-m", "ledger.service")
+        self.spawn("processors", "-m", "destra.processors")
+
+    def start_node(self, name: str, *, operator: str | None = None, region: str = "eu-west",
+                   stake_micro: int = 0, slots: int = 1, fault: str | None = None,
+                   tier: str = "consumer") -> None:
+        """One node runner process."""
+        args = ["-m", "destra", "node", "run", "--name", name, "--operator", operator or name,
+                "--region", region, "--stake", str(stake_micro), "--slots", str(slots),
+                "--tier", tier, "--threads", "1"]
+        if fault:
+            args += ["--fault", fault]
+        self.spawn(f"node-{name}", *args, producer_id=name)
+
+    def wait_registered(self, names: list[str], timeout_s: float = 120.0) -> None:
+        """Until every named node's registration is on the registry topic."""
+        from ledger.processor import read_all
+
+        topic = topic_for("NodeRegistered").name(self.settings.topic_prefix)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = {decode(m.value()).fields["node_id"] for m in read_all(self.bootstrap, topic)}
+            if set(names) <= seen:
+                return
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise InfraError(f"nodes not registered in {timeout_s:.0f}s: "
+                                 f"{sorted(set(names) - seen)}; logs in {self.workdir}")
+            time.sleep(0.5)
+
+    def check_alive(self) -> None:
+        """Raise if a process of the network died on its own."""
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None and code != -signal.SIGKILL:
+                raise InfraError(f"{name} exited with {code}; see {self.workdir / name}.log")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one process (SIGKILL: it gets no chance to clean up)."""
+        self.procs[name].send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.procs[name].wait(30)
+
+    def stop(self, timeout_s: float = 60.0) -> dict[str, int | None]:
+        """SIGTERM every process, nodes first, then wait; SIGKILL what does not stop."""
+        order = sorted(self.procs, key=lambda n: (not n.startswith("node-"), n))
+        for name in order:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        deadline = time.monotonic() + timeout_s
+        for name in order:
+            proc = self.procs[name]
+            try:
+                codes[name] = proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait(10)
+        return codes
+
+    def log(self, name: str) -> str:
+        """A process's log so far."""
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""

@@ -1,0 +1,237 @@
+"""The whole task lifecycle on a real broker and Postgres: submit, allocate, run on node
+runners, Proof of Sync, pay; with a dishonest node, a node killed mid-task, and bad
+submissions."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import torch
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from destra.client import Client
+from destra.network import LocalNetwork
+from destra.settings import Settings
+from ledger.book import TREASURY, escrow, stake, user
+from ledger.decider import DEFAULT_FEE_BPS, node_wallet
+from ledger.processor import read_all
+from ledger.projection import LedgerProjection
+from ledger.service import project, replay
+from schemas import Event, decode, new_event
+from streams.producer import EventProducer
+from streams.topics import topic_for
+from verifier.service import PENALTY_MICRO
+from workloads import get_workload
+
+pytestmark = pytest.mark.integration
+
+PRICE = 100  # the consumer tier's default micro-tokens per compute unit
+STAKE = 3_000_000
+FUNDS = 10**12
+
+
+def _events(settings: Settings, kafka: str, name: str) -> list[Event]:
+    topic = topic_for(name).name(settings.topic_prefix)
+    return [e for e in (decode(m.value()) for m in read_all(kafka, topic)) if e.name == name]
+
+
+def fresh_database(pg_dsn: str) -> str:
+    """A new, empty database on the session's server: each network its own ledger."""
+    name = f"net_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return make_conninfo(pg_dsn, dbname=name)
+
+
+@pytest.fixture
+def local_network(network: Settings, kafka: str, pg_dsn: str,
+                  tmp_path: Path) -> Iterator[LocalNetwork]:
+    settings = network.with_(home=tmp_path / "home")
+    net = LocalNetwork(settings, kafka, fresh_database(pg_dsn), tmp_path / "logs", env_extra={
+        "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "15000",
+        "DESTRA_REISSUE_GRACE_MS": "30000"})
+    yield net
+    net.stop()
+
+
+def _mint(net: LocalNetwork, *accounts: str) -> None:
+    with EventProducer(net.settings, net.bootstrap) as producer:
+        for account in accounts:
+            producer.send(new_event("TokensMinted", "faucet", account=account,
+                                    amount_micro=FUNDS, reason="test"))
+
+
+def _mix(i: int) -> tuple[str, dict[str, str]]:
+    """Task ``i`` of a mix of every workload, small, each with its own seed."""
+    seed = str(i)
+    return [
+        ("mlp-digits", {"epochs": "1", "hidden": "16", "seed": seed}),
+        ("nbody", {"n": "32", "steps": "20", "seed": seed}),
+        ("heat2d", {"grid": "32", "steps": "20", "seed": seed}),
+        ("matmul", {"n": "64", "repeats": "1", "seed": seed}),
+        ("sha256-search", {"start": str(i * 1000), "count": "1000"}),
+        ("sweep", {"lrs": "0.01", "hidden_sizes": "8,16", "epochs": "1", "seed": seed}),
+    ][i % 6]
+
+
+def _honest_digest(workload: str, params: dict[str, str]) -> bytes:
+    w = get_workload(workload)
+    return w.run(w.validate(params), torch.device("cpu")).digest
+
+
+def _balances(net: LocalNetwork, schema: str) -> dict[str, int]:
+    projection = LedgerProjection(net.pg_dsn, schema)
+    try:
+        project(net.settings, net.bootstrap, projection, idle_exit_s=3)
+        projection.check()
+        return dict(projection.balances())
+    finally:
+        projection.close()
+
+
+def _expected(verdicts: list[Event], prices: dict[str, int], units: dict[str, int],
+              penalties: list[Event], staked: dict[str, int]) -> dict[str, int]:
+    """The books by hand: escrow, pay agreeing replicas by compute, fee, refund, slash."""
+    out: dict[str, int] = defaultdict(int)
+    out["mint"] -= FUNDS * (1 + len(staked))
+    out[user("alice")] += FUNDS
+    for node, amount in staked.items():
+        out[user(f"op-{node}")] += FUNDS - amount
+        out[stake(node)] += amount
+    for v in verdicts:
+        task, price = v.fields["task_id"], prices[v.fields["task_id"]]
+        budget = units[task] * 3
+        paid = 0
+        for c in v.fields["contributions"]:
+            if c["agreed"]:
+                gross = price * c["compute_units"] // budget
+                fee = gross * DEFAULT_FEE_BPS // 10_000
+                out[node_wallet(c["node_id"])] += gross - fee
+                out[TREASURY] += fee
+                paid += gross
+        out[user("alice")] -= paid
+    for p in penalties:
+        node = p.fields["node_id"]
+        taken = min(p.fields["slash_micro"], out[stake(node)])
+        out[stake(node)] -= taken
+        out[TREASURY] += taken
+    return {a: b for a, b in out.items() if b != 0}
+
+
+def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exactly(
+    local_network: LocalNetwork, tmp_path: Path
+) -> None:
+    net = local_network
+    nodes = [f"n{i}" for i in range(5)]
+    _mint(net, "alice", *(f"op-{n}" for n in nodes))
+    net.start_services()
+    for n in nodes:
+        net.start_node(n, operator=f"op-{n}", stake_micro=STAKE, slots=2,
+                       fault="wrong-result" if n == "n4" else None)
+    net.wait_registered(nodes)
+
+    client = Client(net.settings, net.bootstrap, "alice")
+    watch = client.watch()
+    submitted: dict[str, tuple[str, dict[str, str]]] = {}
+    prices: dict[str, int] = {}
+    units: dict[str, int] = {}
+    for i in range(50):
+        workload, params = _mix(i)
+        q = client.quote(workload, params)
+        task_id = client.submit(q)
+        submitted[task_id] = (workload, params)
+        prices[task_id], units[task_id] = q.quote.price_micro, q.quote.compute_units
+    done = client.wait(list(submitted), watch=watch, timeout_s=900)
+    watch.close()
+    client.close()
+    net.check_alive()
+
+    failed = {t: p.as_dict() for t, p in done.items() if p.state != "verified"}
+    assert not failed, failed
+    verdicts = [p.verdict for p in done.values() if p.verdict is not None]
+    for v in verdicts:
+        workload, params = submitted[v.fields["task_id"]]
+        assert v.fields["digest"] == _honest_digest(workload, params), v.fields["task_id"]
+        for c in v.fields["contributions"]:
+            assert c["agreed"] == (c["node_id"] != "n4")
+    # The dishonest node took part, was penalized for each dissent and never paid.
+    dissents = sum(1 for v in verdicts for c in v.fields["contributions"]
+                   if c["node_id"] == "n4")
+    assert dissents > 0
+    penalties = _events(net.settings, net.bootstrap, "NodePenalized")
+    assert Counter((p.fields["node_id"], p.fields["reason"]) for p in penalties) == {
+        ("n4", "dissent"): dissents}
+    assert all(p.fields["slash_micro"] == PENALTY_MICRO["dissent"] for p in penalties)
+
+    time.sleep(3)  # let the ledger processor settle the last verdicts
+    balances = _balances(net, "public")
+    expected = _expected(verdicts, prices, units, penalties, dict.fromkeys(nodes, STAKE))
+    assert balances.get(node_wallet("n4"), 0) == 0
+    assert balances == expected
+    assert all(balances.get(escrow(t), 0) == 0 for t in submitted)
+
+    report = replay(net.settings, net.bootstrap, net.pg_dsn)
+    assert report.matches, report
+
+
+def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
+    local_network: LocalNetwork
+) -> None:
+    net = local_network
+    nodes = ["k0", "k1", "k2", "k3"]
+    _mint(net, "alice")
+    net.start_services()
+    for n in nodes:
+        net.start_node(n, operator=f"op-{n}")
+    net.wait_registered(nodes)
+
+    client = Client(net.settings, net.bootstrap, "alice")
+    watch = client.watch()
+    # Long enough (seconds) that the kill lands while it runs.
+    task_id = client.submit(client.quote("mlp-digits", {"epochs": "40", "hidden": "64"}))
+    assigned: list[str] = []
+    deadline = time.monotonic() + 120
+    while len(assigned) < 3:
+        assert time.monotonic() < deadline
+        for a in _events(net.settings, net.bootstrap, "TaskAssigned"):
+            if a.fields["task_id"] == task_id and a.fields["node_id"] not in assigned:
+                assigned.append(a.fields["node_id"])
+        time.sleep(0.2)
+    victim = assigned[0]
+    time.sleep(1.0)
+    assert not any(c.fields["node_id"] == victim and c.fields["task_id"] == task_id
+                   for c in _events(net.settings, net.bootstrap, "ResultCommitted"))
+    net.kill(f"node-{victim}", signal.SIGKILL)
+
+    done = client.wait([task_id], watch=watch, timeout_s=300)[task_id]
+    watch.close()
+    client.close()
+    assert done.state == "verified", done.as_dict()
+    contributors = {c["node_id"] for c in done.verdict.fields["contributions"]}  # type: ignore[union-attr]
+    spare = (set(nodes) - set(assigned)).pop()
+    assert victim not in contributors and spare in contributors
+    reissues = _events(net.settings, net.bootstrap, "ReissueRequested")
+    assert [(r.fields["task_id"], r.fields["attempt"]) for r in reissues] == [(task_id, 1)]
+    penalties = _events(net.settings, net.bootstrap, "NodePenalized")
+    assert [(p.fields["node_id"], p.fields["reason"]) for p in penalties] == [
+        (victim, "no_show")]
+
+    time.sleep(3)
+    entries = _events(net.settings, net.bootstrap, "LedgerEntryPosted")
+    settles = {e.fields["transaction_id"] for e in entries
+               if e.fields["transaction_id"] == f"settle/{task_id}"}
+    assert len(settles) == 1
+    ids = Counter(e.fields["entry_id"] for e in entries)
+    assert max(ids.values()) == 1
+    balances = _balances(net, "public")
+    assert balances.get(node_wallet(victim), 0) == 0
+    assert balances[node_wallet(spare)] > 0
+    assert balances.get(escrow(task_id), 0) == 0
