@@ -229,7 +229,7 @@ class Watch:
             p.committed += 1
         elif event.name == "ResultRevealed":
             p.revealed += 1
-        elif p.verdict is None:
+        elif event.name in ("TaskVerified", "TaskFailed") and p.verdict is None:
             p.verdict = event
         return p
 
