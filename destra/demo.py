@@ -1,79 +1,177 @@
-"""`destra demo`: bring up the local network and show events of every type flowing.
+"""`destra demo`: the whole network on this machine, a mix of real tasks, and the books.
 
-The full task lifecycle (submit, allocate, run, verify, pay) replaces the
-sample events here once those services exist; the backbone it shows is the
-one they will use.
+Brings up Kafka (KRaft) and Postgres, the ledger processor and projector, the
+Faust processors (allocator and verifier) and five node runners, one of which
+returns wrong results; mints tokens, submits a mix of every workload and a few
+bad submissions, follows the tasks to their verdicts and prints a summary:
+tasks verified, earnings per node, the dishonest node penalized and unpaid,
+the ledger summing to zero, the replay matching. Then it stops everything.
+Each run uses its own topic prefix and database, so runs never mix.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from destra.errors import DestraError
 from destra.settings import Settings
 
+NODES = [("n0", "eu-west"), ("n1", "eu-central"), ("n2", "us-east"), ("n3", "us-west"),
+         ("n4", "ap-east")]
+DISHONEST = "n4"
+STAKE = 5_000_000
+FUNDS = 1_000_000_000
+TASKS = [
+    ("mlp-digits", {"epochs": "2", "hidden": "16"}),
+    ("nbody", {"n": "64", "steps": "50"}),
+    ("heat2d", {"grid": "64", "steps": "50"}),
+    ("matmul", {"n": "128", "repeats": "2"}),
+    ("sha256-search", {"count": "5000", "difficulty": "8"}),
+    ("sweep", {"lrs": "0.01,0.03", "hidden_sizes": "16", "epochs": "1"}),
+]
 
-def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None]) -> None:
-    """Start services, produce and consume every event type and a bad record, stop."""
+
+def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
+             rounds: int = 2) -> None:
+    """Run the demo end to end; raises ``DestraError`` if any check fails."""
+    from destra.client import Client
+    from destra.network import LocalNetwork
     from infra import services
-    from schemas import default_catalog, encode
-    from schemas.samples import sample_event
-    from streams.consumer import EventConsumer, dead_letter_topic
+    from infra.postgres import create_database
+    from ledger.projection import LedgerProjection
+    from ledger.service import project, replay
+    from schemas import new_event
+    from streams.admin import ensure_topics
     from streams.producer import EventProducer
-    from streams.topics import TOPICS
 
     echo("1. starting Kafka (KRaft) and Postgres ...")
     t0 = time.monotonic()
     state = services.up(settings)
-    echo(f"   kafka {state.kafka_bootstrap} (version {state.kafka_version}), "
-         f"postgres {state.pg_dsn}  [{time.monotonic() - t0:.1f}s]")
+    echo(f"   kafka {state.kafka_bootstrap}, postgres {state.pg_dsn}  "
+         f"[{time.monotonic() - t0:.1f}s]")
+    bootstrap = state.kafka_bootstrap
+    prefix = f"demo{uuid.uuid4().hex[:6]}."
+    home = Path(tempfile.mkdtemp(prefix="destra-demo-"))
+    run = settings.with_(kafka_bootstrap=bootstrap, topic_prefix=prefix, home=home,
+                         producer_id="demo")
+    ensure_topics(bootstrap, prefix, replication_factor=settings.replication_factor,
+                  min_insync_replicas=settings.min_insync_replicas)
+    net = LocalNetwork(run, bootstrap, create_database(state.pg_dsn, "demo"), home / "logs",
+                       env_extra={"DESTRA_COMMIT_WINDOW_MS": "60000"})
     try:
-        run = settings.with_(kafka_bootstrap=state.kafka_bootstrap)
-        # DeadLettered is written by consumers themselves, as step 5 shows.
-        names = sorted(n for n in default_catalog().names if n != "DeadLettered")
-        echo(f"2. producing one event of each of the {len(names)} types "
-             "(Avro single-object encoded, idempotent producer, acks=all)")
-        events = [sample_event(n, producer_id=run.producer_id) for n in names]
-        ours = {e.event_id for e in events}
-        with EventProducer(run, state.kafka_bootstrap) as producer:
-            for event in events:
-                producer.send(event)
-            echo("3. producing a corrupt record onto the heartbeat topic")
-            bad = encode(events[0])[:12] + uuid.uuid4().bytes  # unique, so we can find it
-            producer.send_raw(run.topic_prefix + "nodes.heartbeats", b"demo", bad)
+        echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
+             f"verifier (Faust), 5 node runners ({DISHONEST} returns wrong results)")
+        with EventProducer(run, bootstrap) as producer:
+            for account in ["alice", *(f"op-{n}" for n, _ in NODES)]:
+                producer.send(new_event("TokensMinted", "faucet", account=account,
+                                        amount_micro=FUNDS, reason="demo faucet"))
+        net.start_services()
+        for name, region in NODES:
+            net.start_node(name, operator=f"op-{name}", region=region, stake_micro=STAKE,
+                           slots=2, fault="wrong-result" if name == DISHONEST else None)
+        net.wait_registered([n for n, _ in NODES], timeout_s=180)
+        echo(f"   minted {FUNDS} micro-tokens to alice and each operator; "
+             f"each node staked {STAKE}")
 
-        echo("4. consuming every topic from offset 0 (this run's events):")
-        topics = [t.name(run.topic_prefix) for t in TOPICS if t.suffix != "deadletter"]
-        seen = 0
-        with EventConsumer(run, state.kafka_bootstrap, f"demo-{uuid.uuid4()}", topics) as consumer:
-            for d in consumer.stream(idle_timeout_s=5):
-                if d.event.event_id not in ours:
-                    continue  # an earlier run's event: the topics keep everything
-                seen += 1
-                echo(f"   {d.topic.removeprefix(run.topic_prefix):<20} "
-                     f"p{d.partition}@{d.offset:<4} {d.event.name}")
-                if seen == len(events):
-                    break
-        echo(f"   {seen} of {len(events)} events decoded")
+        client = Client(run, bootstrap, "alice")
+        echo("3. bad submissions are refused with a reason:")
+        for workload, params in [("no-such-workload", {}), ("nbody", {"n": "1"})]:
+            try:
+                client.quote(workload, params)
+            except DestraError as e:
+                echo(f"   {workload} {params}: {e}")
+        watch = client.watch()
+        broke = Client(run, bootstrap, "bob-has-no-tokens")
+        poor = broke.submit(broke.quote("matmul", {"n": "64"}))
+        stale_quote = client.quote("matmul", {"n": "64"}, ttl_ms=1)
+        time.sleep(0.01)
+        try:
+            client.submit(stale_quote)
+        except DestraError as e:
+            echo(f"   expired quote: {e}")
 
-        with EventConsumer(run, state.kafka_bootstrap, f"demo-{uuid.uuid4()}",
-                           [dead_letter_topic(run)]) as dlq:
-            letter = next((d.event.fields for d in dlq.stream(idle_timeout_s=5)
-                           if d.event.fields["value"] == bad), None)
-        if letter is not None:
-            echo(f"5. dead letter: from {letter['source_topic']}@{letter['source_offset']} "
-                 f"({len(letter['value'])} original bytes kept): "
-                 f"{letter['error']}: {letter['reason']}")
-        if seen != len(events) or letter is None:
-            raise DestraError(f"demo failed: {seen} of {len(events)} events came back, "
-                              f"dead letter {'found' if letter else 'missing'}")
-        echo("demo: OK, every event type round-tripped and the bad record was dead-lettered")
+        echo(f"4. submitting {rounds * len(TASKS)} tasks, 3 replicas each, quorum 2:")
+        submitted: dict[str, str] = {}
+        for r in range(rounds):
+            for workload, params in TASKS:
+                q = client.quote(workload, {**params, **_seed(workload, r)})
+                task_id = client.submit(q)
+                submitted[task_id] = workload
+                echo(f"   {task_id} {workload:<14} {q.quote.compute_units:>6} units x 3 = "
+                     f"{q.quote.price_micro} micro-tokens")
+
+        echo("5. progress (verdicts as they arrive):")
+        started = time.monotonic()
+
+        def progress(p: object) -> None:
+            from destra.client import Progress
+
+            assert isinstance(p, Progress)
+            if p.verdict is not None and p.task_id not in shown:
+                shown.add(p.task_id)
+                what = submitted.get(p.task_id, "bad submission")
+                detail = (p.verdict.fields["digest"].hex()[:16] if p.state == "verified"
+                          else f"{p.verdict.fields['reason']}: {p.verdict.fields['detail']}")
+                echo(f"   [{time.monotonic() - started:5.1f}s] {p.task_id} {what:<14} "
+                     f"{p.state}: {detail}")
+
+        shown: set[str] = set()
+        done = client.wait([*submitted, poor], watch=watch, timeout_s=900, on_progress=progress)
+        watch.close()
+        client.close()
+        broke.close()
+
+        echo("6. summary")
+        verified = [p for t, p in done.items() if t in submitted and p.state == "verified"]
+        echo(f"   tasks verified: {len(verified)} of {len(submitted)}; bad submission "
+             f"{poor}: {done[poor].state} ({done[poor].as_dict().get('reason')})")
+        dissent = Counter(c["node_id"] for p in verified if p.verdict is not None
+                          for c in p.verdict.fields["contributions"] if not c["agreed"])
+        time.sleep(4)  # the ledger processor posts the last settlements
+        projection = LedgerProjection(net.pg_dsn)
+        try:
+            project(run, bootstrap, projection, idle_exit_s=3)
+            entries = projection.check()
+            balances = dict(projection.balances())
+        finally:
+            projection.close()
+        for name, _ in NODES:
+            echo(f"   {name}: earned {balances.get(f'node:{name}', 0):>9} micro-tokens, "
+                 f"stake {balances.get(f'stake:{name}', 0):>8} (of {STAKE}), "
+                 f"dissented {dissent.get(name, 0)}x")
+        echo(f"   treasury (fees and slashes): {balances.get('treasury', 0)}; alice: "
+             f"{balances.get('user:alice', 0)}")
+        echo(f"   ledger: {entries} entries sum to zero, balances match")
+        report = replay(run, bootstrap, net.pg_dsn)
+        echo(f"   replay from offset 0: {'matches' if report.matches else 'DIFFERS'} "
+             f"({report.live_hash[:16]})")
+        problems = []
+        if len(verified) != len(submitted):
+            problems.append(f"{len(submitted) - len(verified)} tasks not verified")
+        if balances.get(f"node:{DISHONEST}", 0) != 0:
+            problems.append(f"{DISHONEST} was paid")
+        if not report.matches:
+            problems.append("replay differs")
+        if problems:
+            raise DestraError("demo failed: " + "; ".join(problems) + f" (logs in {home})")
+        echo("demo: OK")
     finally:
+        codes = net.stop()
+        echo(f"7. stopped the network ({sum(c == 0 for c in codes.values())} of "
+             f"{len(codes)} processes exited cleanly)")
         if keep:
-            echo("services left running; stop them with `destra infra down`")
+            echo("Kafka and Postgres left running; stop them with `destra infra down`")
         else:
-            echo("6. stopping services ...")
             for line in services.down(settings):
                 echo(f"   stopped {line}")
+
+
+def _seed(workload: str, r: int) -> dict[str, str]:
+    if workload == "sha256-search":
+        return {"start": str(r * 5000)}
+    return {"seed": str(r)}

@@ -74,3 +74,17 @@ def server_version(dsn: str) -> str:
     except psycopg.Error as e:
         raise InfraError(f"Postgres at {dsn} does not answer: {e}") from e
     return str(row[0]) if row else "unknown"
+
+
+def create_database(dsn: str, prefix: str = "net") -> str:
+    """A new, empty database on ``dsn``'s server; returns its DSN (one network, one ledger)."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return make_conninfo(dsn, dbname=name)

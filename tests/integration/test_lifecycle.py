@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import torch
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from destra.client import Client
 from destra.network import LocalNetwork
 from destra.settings import Settings
+from infra.postgres import create_database
 from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import read_all
@@ -43,19 +40,11 @@ def _events(settings: Settings, kafka: str, name: str) -> list[Event]:
     return [e for e in (decode(m.value()) for m in read_all(kafka, topic)) if e.name == name]
 
 
-def fresh_database(pg_dsn: str) -> str:
-    """A new, empty database on the session's server: each network its own ledger."""
-    name = f"net_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return make_conninfo(pg_dsn, dbname=name)
-
-
 @pytest.fixture
 def local_network(network: Settings, kafka: str, pg_dsn: str,
                   tmp_path: Path) -> Iterator[LocalNetwork]:
     settings = network.with_(home=tmp_path / "home")
-    net = LocalNetwork(settings, kafka, fresh_database(pg_dsn), tmp_path / "logs", env_extra={
+    net = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
         "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "15000",
         "DESTRA_REISSUE_GRACE_MS": "30000"})
     yield net
