@@ -141,8 +141,11 @@ class Client:
 
     def submit(self, q: TaskQuote, *, max_price_micro: int | None = None,
                region: str | None = None, deadline_ms: int = DEFAULT_DEADLINE_MS,
-               task_id: str | None = None) -> str:
-        """Sign and send the submission; returns the task id."""
+               task_id: str | None = None, flush: bool = True) -> str:
+        """Sign and send the submission; returns the task id.
+
+        ``flush=False`` leaves it queued (call ``flush``): for submitting many at once.
+        """
         check_quote(q.quote, now_ms())
         max_price = q.quote.price_micro if max_price_micro is None else max_price_micro
         if q.quote.price_micro > max_price:
@@ -158,12 +161,17 @@ class Client:
             tier=str(q.quote.tier), region=region, homogeneous=q.homogeneous,
             deadline_ms=deadline_ms, result_key=self.keys.encryption_public,
             payload_ref=None, payload=None, signing_key=self.keys.signing_public)
-        self.send_signed(event)
+        self.send_signed(event, flush=flush)
         return task_id
 
-    def send_signed(self, event: Event) -> None:
-        """Sign ``event`` with the account's key and send it (flushed)."""
+    def send_signed(self, event: Event, flush: bool = True) -> None:
+        """Sign ``event`` with the account's key and send it (flushed unless told not to)."""
         self._producer.send(sign_event(event, self.keys, self.account))
+        if flush:
+            self._producer.flush()
+
+    def flush(self) -> None:
+        """Wait until everything sent is acknowledged."""
         self._producer.flush()
 
     def sweep(self, params: Mapping[str, str], **options: Any) -> list[str]:

@@ -75,6 +75,19 @@ def main() -> None:
     if not bootstrap:
         raise SystemExit("processors: no Kafka; run `destra infra up` or set DESTRA_*")
     app, _, _ = build(settings, bootstrap)
+    profile = os.environ.get("DESTRA_PROFILE")
+    if profile:  # cProfile of the whole worker, written when it exits (bench/lifecycle.py)
+        import atexit
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+        def dump() -> None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+
+        atexit.register(dump)
+        profiler.enable()
     level = os.environ.get("DESTRA_LOG_LEVEL", "warn")
     sys.argv = [sys.argv[0], "worker", "--loglevel", level]
     app.main()
