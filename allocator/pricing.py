@@ -30,7 +30,10 @@ class Tier(StrEnum):
     @property
     def rank(self) -> int:
         """0 for consumer, 1 for prosumer, 2 for datacenter: "this tier or better" is ``>=``."""
-        return list(Tier).index(self)
+        return _RANKS[self]
+
+
+_RANKS = {tier: i for i, tier in enumerate(Tier)}
 
 
 def tier_of(name: str | Tier) -> Tier:

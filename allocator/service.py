@@ -224,13 +224,25 @@ class Allocator:
                 self.reissues.append(request)
             else:
                 out += placed
+        free_operators = self._free_operators(now_ms)
         for task_id in list(self.queue):
-            if not any(n.free_slots > 0 for n in self.table):
+            if free_operators == 0:
                 break  # the network is full: nothing further can be placed
+            task = self.tasks.get(task_id)
+            if task is not None and task.submission is not None and (
+                    task.submission.fields["replicas"] > free_operators):
+                continue  # cannot fit now: skip the placement attempt, it would fail
             placed = self._place_new(task_id, now_ms)
-            if placed is not None:  # else it waits; younger tasks may fit elsewhere
+            if placed:  # else it waits; younger tasks may fit elsewhere
                 out += placed
+                free_operators = self._free_operators(now_ms)
         return out
+
+    def _free_operators(self, now_ms: int) -> int:
+        """How many operators have a live node with a free slot: an upper bound on the
+        replicas any placement can find now (one replica per operator)."""
+        return len({n.operator_id for n in self.table
+                    if n.free_slots > 0 and self.table.is_live(n, now_ms)})
 
     @staticmethod
     def _submission(task: _Task) -> Event:
