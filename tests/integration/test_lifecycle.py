@@ -224,3 +224,25 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
     assert balances.get(node_wallet(victim), 0) == 0
     assert balances[node_wallet(spare)] > 0
     assert balances.get(escrow(task_id), 0) == 0
+
+
+def test_bad_submissions_get_a_clear_cli_error(network: Settings, kafka: str,
+                                               tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "DESTRA_KAFKA_BOOTSTRAP": kafka,
+           "DESTRA_TOPIC_PREFIX": network.topic_prefix, "DESTRA_HOME": str(tmp_path)}
+
+    def submit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "destra", "submit", *args], env=env,
+                              text=True, capture_output=True, timeout=120, check=False)
+
+    unknown = submit("no-such-workload")
+    assert unknown.returncode == 1 and "unknown workload 'no-such-workload'" in unknown.stderr
+    bounds = submit("nbody", "-p", "n=1")
+    assert bounds.returncode == 1 and "out of range" in bounds.stderr
+    dear = submit("nbody", "--max-price", "1")
+    assert dear.returncode == 1 and "above your max price 1" in dear.stderr
+    malformed = submit("nbody", "-p", "n")
+    assert malformed.returncode == 2 and "KEY=VALUE" in malformed.stderr
