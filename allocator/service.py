@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from allocator.placement import HeuristicPolicy, NodeTable, PlacementPolicy, PlacementRequest
 from destra.crypto import verify_event
@@ -71,16 +72,17 @@ class Allocator:
     """Escrowed tasks waiting for capacity, oldest first."""
     reissues: list[Event] = field(default_factory=list)
     """Reissue requests waiting for capacity."""
-    rejected: list[tuple[Event, str]] = field(default_factory=list)
-    """Events refused (bad signature, unknown node), with why: the adapter dead-letters them."""
+    rejected: list[tuple[Event, Any, str]] = field(default_factory=list)
+    """Events refused (bad signature, unknown node), where they came from and why: the
+    adapter dead-letters them."""
 
     # -- nodes ------------------------------------------------------------------------------
 
-    def on_registered(self, e: Event, now_ms: int) -> list[Event]:
+    def on_registered(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A node joined; its registration must be signed by the key it registers."""
         f = e.fields
         if not verify_event(e, f["signing_key"], f["node_id"]):
-            self.rejected.append((e, f"bad-signature: registration of {f['node_id']} is not "
+            self.rejected.append((e, where, f"bad-signature: registration of {f['node_id']} is not "
                                      "signed by the key it registers"))
             return []
         try:
@@ -88,19 +90,20 @@ class Allocator:
                                      f["device_class"], f["tflops_milli"], f["memory_mb"],
                                      f["slots"], f["stake_micro"], now_ms)
         except DestraError as err:
-            self.rejected.append((e, f"invalid-registration: {err}"))
+            self.rejected.append((e, where, f"invalid-registration: {err}"))
             return []
         self.keys[f["node_id"]] = f["signing_key"]
         self.outstanding.setdefault(f["node_id"], {})
         self._sync_slots(f["node_id"])
         return self._drain(now_ms)
 
-    def on_heartbeat(self, e: Event, now_ms: int) -> list[Event]:
+    def on_heartbeat(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """Liveness and load; free slots are our own count, which never lags behind."""
         f = e.fields
         key = self.keys.get(f["node_id"])
         if key is None or not verify_event(e, key, f["node_id"]):
-            self.rejected.append((e, "bad-signature: heartbeat not signed by a registered node"))
+            self.rejected.append((e, where,
+                                  "bad-signature: heartbeat not signed by a registered node"))
             return []
         node = self.table.get(f["node_id"])
         assert node is not None
@@ -126,14 +129,14 @@ class Allocator:
         self.table.release(node_id)
         return self._drain(now_ms)
 
-    def on_committed(self, e: Event, now_ms: int) -> list[Event]:
+    def on_committed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A replica finished computing: its node has a slot again."""
         f = e.fields
         return self._release(f["node_id"], f["task_id"], f["attempt"], now_ms)
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def on_submitted(self, e: Event, now_ms: int) -> list[Event]:
+    def on_submitted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """Remember a submission; place it once the ledger has escrowed its price."""
         task_id = e.fields["task_id"]
         prior = self.tasks.get(task_id)
@@ -142,7 +145,7 @@ class Allocator:
         self.tasks[task_id] = _Task(e, 0, escrowed=prior.escrowed if prior else False)
         return self._try(task_id, now_ms)
 
-    def on_entry(self, e: Event, now_ms: int) -> list[Event]:
+    def on_entry(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A ledger entry; the credit to ``escrow:<task>`` means the task is paid for."""
         f = e.fields
         account, task_id = f["account"], f["task_id"]
@@ -157,7 +160,7 @@ class Allocator:
         task.escrowed = True
         return self._try(task_id, now_ms)
 
-    def on_failed(self, e: Event, now_ms: int) -> list[Event]:
+    def on_failed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A verdict or rejection: forget the task."""
         task_id = e.fields["task_id"]
         self.tasks.pop(task_id, None)
@@ -166,7 +169,7 @@ class Allocator:
 
     on_verified = on_failed
 
-    def on_reissue(self, e: Event, now_ms: int) -> list[Event]:
+    def on_reissue(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """The verifier lost a replica: place it on a node the task has not used."""
         return self._place_reissue(e, now_ms) or []
 

@@ -35,7 +35,7 @@ from destra.network import LocalNetwork  # noqa: E402
 from destra.settings import Settings  # noqa: E402
 from infra.kafka import KafkaCluster, ensure_jars  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
-from ledger.processor import read_all  # noqa: E402
+from ledger.processor import read_all, wait_for_transactions  # noqa: E402
 from schemas import decode, new_event  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
 from streams.producer import EventProducer  # noqa: E402
@@ -107,12 +107,8 @@ def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
         watch.close()
         verified = [t for t, p in done.items() if p.state == "verified"]
         # Paid: the settlement entries of every verified task are posted.
-        deadline = time.monotonic() + 120
-        while True:
-            settled = _times(cluster.bootstrap, prefix, "LedgerEntryPosted", first=False)
-            if all(t in settled for t in verified) or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+        wait_for_transactions(settings, cluster.bootstrap, [f"settle/{t}" for t in verified])
+        settled = _times(cluster.bootstrap, prefix, "LedgerEntryPosted", first=False)
         submitted = _times(cluster.bootstrap, prefix, "TaskSubmitted")
         assigned = _times(cluster.bootstrap, prefix, "TaskAssigned")
         verdicts = _times(cluster.bootstrap, prefix, "TaskVerified")

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from destra.errors import DestraError
@@ -43,11 +44,13 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     from destra.network import LocalNetwork
     from infra import services
     from infra.postgres import create_database
+    from ledger.processor import read_all, wait_for_transactions
     from ledger.projection import LedgerProjection
     from ledger.service import project, replay
-    from schemas import new_event
+    from schemas import decode, new_event
     from streams.admin import ensure_topics
     from streams.producer import EventProducer
+    from streams.topics import topic_for
 
     echo("1. starting Kafka (KRaft) and Postgres ...")
     t0 = time.monotonic()
@@ -88,8 +91,10 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         watch = client.watch()
         broke = Client(run, bootstrap, "bob-has-no-tokens")
         poor = broke.submit(broke.quote("matmul", {"n": "64"}))
-        stale_quote = client.quote("matmul", {"n": "64"}, ttl_ms=1)
-        time.sleep(0.01)
+        fresh = client.quote("matmul", {"n": "64"})
+        # The same quote as if a minute had passed since it lapsed.
+        stale_quote = replace(fresh, quote=replace(fresh.quote,
+                                                   expires_at=fresh.quote.expires_at - 120_000))
         try:
             client.submit(stale_quote)
         except DestraError as e:
@@ -132,7 +137,17 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
              f"{poor}: {done[poor].state} ({done[poor].as_dict().get('reason')})")
         dissent = Counter(c["node_id"] for p in verified if p.verdict is not None
                           for c in p.verdict.fields["contributions"] if not c["agreed"])
-        time.sleep(4)  # the ledger processor posts the last settlements
+        # The ledger processor posts the settlements, and each slash while stake is left
+        # (every node staked STAKE; penalties of one node are in order on their topic).
+        left = {name: STAKE for name, _ in NODES}
+        slashes = []
+        for m in read_all(bootstrap, topic_for("NodePenalized").name(prefix)):
+            penalty = decode(m.value())
+            if left[penalty.fields["node_id"]] > 0:
+                left[penalty.fields["node_id"]] -= penalty.fields["slash_micro"]
+                slashes.append(f"slash/{penalty.event_id}")
+        wait_for_transactions(run, bootstrap,
+                              [f"settle/{p.task_id}" for p in verified] + slashes)
         projection = LedgerProjection(net.pg_dsn)
         try:
             project(run, bootstrap, projection, idle_exit_s=3)

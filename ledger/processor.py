@@ -16,12 +16,12 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from destra.errors import EventError
+from destra.errors import DestraError, EventError
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
 from ledger.service import end_offsets
@@ -178,3 +178,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def wait_for_transactions(settings: Settings, bootstrap: str, transaction_ids: Iterable[str],
+                          timeout_s: float = 120.0) -> None:
+    """Block until every named transaction (``settle/<task>``, ``slash/<event>``...) has
+    committed entries on the ledger topic; ``DestraError`` after ``timeout_s``."""
+    wanted = set(transaction_ids)
+    deadline = time.monotonic() + timeout_s
+    topic = _topic(settings, "LedgerEntryPosted")
+    while True:
+        posted = set()
+        for msg in read_all(bootstrap, topic):
+            try:
+                posted.add(decode(msg.value()).fields["transaction_id"])
+            except EventError:
+                continue
+        missing = wanted - posted
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise DestraError(f"{len(missing)} transactions not posted within {timeout_s:.0f}s, "
+                              f"e.g. {sorted(missing)[0]}")
+        time.sleep(0.5)  # poll interval: read_all already waited for the topic's end

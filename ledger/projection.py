@@ -41,8 +41,18 @@ class Position:
     next_offset: int
 
 
-class LedgerProjection:
-    """Folds ledger entry events into ``ledger_entries`` and ``ledger_accounts``."""
+class OffsetProjection:
+    """A Postgres projection that stores, with its rows, how far it has read.
+
+    ``apply`` folds a batch and writes the next offset of every partition it
+    came from in one transaction, under an advisory lock per schema and
+    projection, skipping deliveries below the stored offsets (a redelivery
+    after a restart): a crash anywhere never applies an event twice.
+    Subclasses name themselves (``name``, the key in ``projection_offsets``)
+    and fold one delivery in ``_fold``.
+    """
+
+    name: str = ""
 
     def __init__(self, dsn: str, schema: str = "public") -> None:
         self.dsn = dsn
@@ -55,43 +65,61 @@ class LedgerProjection:
 
     def positions(self) -> dict[tuple[str, int], int]:
         """The next offset to read on each partition seen so far."""
-        return self._positions_in_tx()
-
-    def _positions_in_tx(self) -> dict[tuple[str, int], int]:
         rows = self._conn.execute(
             "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = %s",
-            (PROJECTION,),
+            (self.name,),
         ).fetchall()
         return {(t, p): o for t, p, o in rows}
 
     def apply(self, deliveries: Iterable[Delivery]) -> int:
-        """Apply a batch in one transaction; returns how many entries were new."""
+        """Apply a batch in one transaction; returns how many deliveries changed something."""
         deliveries = list(deliveries)
-        batch = [d for d in deliveries if d.event.name == "LedgerEntryPosted"]
         ends: dict[tuple[str, int], int] = {}
-        for d in deliveries:  # other event types on the topic still advance the offset
+        for d in deliveries:  # events the projection ignores still advance the offset
             ends[(d.topic, d.partition)] = max(ends.get((d.topic, d.partition), 0), d.offset + 1)
-        new = 0
+        applied = 0
+        with self._conn.transaction():
+            # One writer at a time per schema and projection; positions read under the lock.
+            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                               (f"{self.schema}/{self.name}",))
+            done = self.positions()
+            for d in deliveries:
+                if d.offset < done.get((d.topic, d.partition), 0):
+                    continue  # already applied before a restart
+                applied += self._fold(d)
+            for (topic, partition), next_offset in ends.items():
+                self._conn.execute(
+                    "INSERT INTO projection_offsets (projection, topic, partition, next_offset)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (projection, topic, partition)"
+                    " DO UPDATE SET next_offset = GREATEST(projection_offsets.next_offset,"
+                    " EXCLUDED.next_offset), updated_at = now()",
+                    (self.name, topic, partition, next_offset),
+                )
+        return applied
+
+    def _fold(self, d: Delivery) -> int:
+        """Apply one delivery inside ``apply``'s transaction; 1 if it changed something."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+
+class LedgerProjection(OffsetProjection):
+    """Folds ledger entry events into ``ledger_entries`` and ``ledger_accounts``."""
+
+    name = PROJECTION
+
+    def apply(self, deliveries: Iterable[Delivery]) -> int:
+        """Apply a batch in one transaction; returns how many entries were new."""
         try:
-            with self._conn.transaction():
-                # One writer at a time per projection schema; positions read under the lock.
-                self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.schema,))
-                done = self._positions_in_tx()
-                for d in batch:
-                    if d.offset < done.get((d.topic, d.partition), 0):
-                        continue  # already applied before a restart
-                    new += self._apply_entry(d)
-                for (topic, partition), next_offset in ends.items():
-                    self._conn.execute(
-                        "INSERT INTO projection_offsets (projection, topic, partition, next_offset)"
-                        " VALUES (%s, %s, %s, %s) ON CONFLICT (projection, topic, partition)"
-                        " DO UPDATE SET next_offset = GREATEST(projection_offsets.next_offset,"
-                        " EXCLUDED.next_offset), updated_at = now()",
-                        (PROJECTION, topic, partition, next_offset),
-                    )
+            return super().apply(deliveries)
         except psycopg.errors.CheckViolation as e:
             raise LedgerCorrupt(f"an entry would overdraw an account: {e}") from e
-        return new
+
+    def _fold(self, d: Delivery) -> int:
+        return self._apply_entry(d) if d.event.name == "LedgerEntryPosted" else 0
 
     def _apply_entry(self, d: Delivery) -> int:
         f = d.event.fields
@@ -150,7 +178,3 @@ class LedgerProjection:
             "SELECT account, balance_micro FROM ledger_accounts ORDER BY account"):
             h.update(repr(row).encode())
         return h.hexdigest()
-
-    def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()

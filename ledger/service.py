@@ -16,15 +16,15 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from destra.settings import Settings
-from ledger.projection import PROJECTION, LedgerProjection
-from ledger.views import ViewProjection, project_views
+from ledger.projection import LedgerProjection, OffsetProjection
+from ledger.views import ViewProjection, view_topics
 from streams.consumer import Delivery, EventConsumer
 from streams.klog import KAFKA_LOG
 from streams.topics import topic_for
@@ -37,14 +37,17 @@ def ledger_topic(settings: Settings) -> str:
     return topic_for("LedgerEntryPosted").name(settings.topic_prefix)
 
 
-def project(settings: Settings, bootstrap: str, projection: LedgerProjection, *,
+def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
             idle_exit_s: float | None = None, until: dict[tuple[str, int], int] | None = None,
-            running: Any = None) -> int:
-    """Consume and apply in batches; stop when idle, past ``until`` offsets, or told to."""
+            running: Any = None, topics: Sequence[str] | None = None) -> int:
+    """Consume and apply in batches; stop when idle, past ``until`` offsets, or told to.
+
+    Reads ``topics`` (default: the ledger's) from the offsets the projection stored.
+    """
     positions = projection.positions()
-    group = f"{PROJECTION}-{projection.schema}"
+    group = f"{projection.name}-{projection.schema}"
     consumer = EventConsumer(
-        settings, bootstrap, group, [ledger_topic(settings)],
+        settings, bootstrap, group, list(topics or [ledger_topic(settings)]),
         overrides={"enable.auto.commit": False},
         start_at=lambda t, p: positions.get((t, p)),
     )
@@ -69,6 +72,12 @@ def project(settings: Settings, bootstrap: str, projection: LedgerProjection, *,
     finally:
         consumer.close()
     return applied
+
+
+def project_views(settings: Settings, bootstrap: str, projection: ViewProjection,
+                  **options: Any) -> int:
+    """``project`` over the topics of the task and node views."""
+    return project(settings, bootstrap, projection, topics=view_topics(settings), **options)
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:

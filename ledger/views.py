@@ -22,20 +22,18 @@ ledger moved, not what a penalty or a verdict asked for.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, LiteralString
 
-import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from destra.errors import DestraError
 from destra.settings import Settings
-from ledger.migrate import apply_migrations
+from ledger.projection import OffsetProjection
 from schemas import Event
-from streams.consumer import Delivery, EventConsumer
+from streams.consumer import Delivery
 from streams.topics import topic_for
 
 PROJECTION = "views"
@@ -85,67 +83,23 @@ def view_topics(settings: Settings) -> list[str]:
     return names
 
 
-class ViewProjection:
+class ViewProjection(OffsetProjection):
     """Folds lifecycle events into ``task_view``, ``task_replica_view`` and ``node_view``."""
 
+    name = PROJECTION
+
     def __init__(self, dsn: str, schema: str = "public") -> None:
-        self.dsn = dsn
-        self.schema = schema
-        apply_migrations(dsn, schema=schema)
-        # Autocommit, so that each ``transaction()`` block is a real BEGIN/COMMIT and
-        # never a savepoint inside a transaction some read left open.
-        self._conn = psycopg.connect(dsn, autocommit=True)
-        self._conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        super().__init__(dsn, schema)
         self._handlers: dict[str, Callable[[Event], None]] = {
             name: getattr(self, f"_on_{name}") for name in VIEW_EVENTS
         }
 
-    # -- positions ---------------------------------------------------------------
-
-    def positions(self) -> dict[tuple[str, int], int]:
-        """The next offset to read on each partition seen so far."""
-        rows = self._conn.execute(
-            "SELECT topic, partition, next_offset FROM projection_offsets WHERE projection = %s",
-            (PROJECTION,),
-        ).fetchall()
-        return {(t, p): o for t, p, o in rows}
-
-    # -- folding -----------------------------------------------------------------
-
-    def apply(self, batch: Iterable[Delivery]) -> int:
-        """Apply a batch in one transaction; returns how many view events it folded.
-
-        Deliveries below the offset already stored for their partition are skipped
-        (a redelivery after a restart), so applying a batch twice changes nothing.
-        Events of other types still advance their partition's offset.
-        """
-        deliveries = list(batch)
-        ends: dict[tuple[str, int], int] = {}
-        for d in deliveries:
-            key = (d.topic, d.partition)
-            ends[key] = max(ends.get(key, 0), d.offset + 1)
-        applied = 0
-        with self._conn.transaction():
-            # One writer at a time per schema; positions are read under the lock.
-            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
-                               (f"{self.schema}/{PROJECTION}",))
-            done = self.positions()
-            for d in deliveries:
-                if d.offset < done.get((d.topic, d.partition), 0):
-                    continue  # applied before a restart
-                handler = self._handlers.get(d.event.name)
-                if handler is not None:
-                    handler(d.event)
-                    applied += 1
-            for (topic, partition), next_offset in ends.items():
-                self._conn.execute(
-                    "INSERT INTO projection_offsets (projection, topic, partition, next_offset)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT (projection, topic, partition)"
-                    " DO UPDATE SET next_offset = GREATEST(projection_offsets.next_offset,"
-                    " EXCLUDED.next_offset), updated_at = now()",
-                    (PROJECTION, topic, partition, next_offset),
-                )
-        return applied
+    def _fold(self, d: Delivery) -> int:
+        handler = self._handlers.get(d.event.name)
+        if handler is None:
+            return 0
+        handler(d.event)
+        return 1
 
     def _x(self, query: LiteralString, params: tuple[Any, ...]) -> int:
         """Execute one statement; returns the rows it touched."""
@@ -374,49 +328,9 @@ class ViewProjection:
         return self._rows(sql.SQL("SELECT {} FROM node_view ORDER BY node_id").format(
             _NODE_COLUMNS))
 
-    def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     """A row as JSON-ready values: bytes (digests) as hex text."""
     return {k: bytes(v).hex() if isinstance(v, bytes | memoryview) else v
             for k, v in row.items()}
-
-
-def project_views(settings: Settings, bootstrap: str, projection: ViewProjection, *,
-                  idle_exit_s: float | None = None,
-                  until: dict[tuple[str, int], int] | None = None,
-                  running: Callable[[], bool] | None = None) -> int:
-    """Consume the view topics and apply in batches, from the offsets stored with the views.
-
-    Stops when idle for ``idle_exit_s``, once past the ``until`` offsets, or when
-    ``running()`` turns false. Returns how many view events were applied.
-    """
-    positions = projection.positions()
-    consumer = EventConsumer(
-        settings, bootstrap, f"{PROJECTION}-{projection.schema}", view_topics(settings),
-        overrides={"enable.auto.commit": False},
-        start_at=lambda t, p: positions.get((t, p)),
-    )
-    applied = 0
-    last = time.monotonic()
-    try:
-        while running is None or running():
-            batch: list[Delivery] = []
-            while len(batch) < BATCH:
-                d = consumer.poll(0.2 if batch else 1.0)
-                if d is None:
-                    break
-                batch.append(d)
-            if batch:
-                applied += projection.apply(batch)
-                last = time.monotonic()
-            if until is not None and not batch and consumer.caught_up(until):
-                break
-            if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
-                break
-    finally:
-        consumer.close()
-    return applied

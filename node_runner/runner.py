@@ -15,6 +15,9 @@ claim proves possession of it), and then:
   (``H(salt, digest)`` bound to task, node and attempt);
 * on ``RevealOpened`` publishes the signed ``ResultRevealed`` (salt, digest);
 * sends a signed ``NodeHeartbeat`` (load, free slots) every few seconds;
+* sends without waiting for each acknowledgement (the producer is idempotent and
+  delivers in the background; ``run`` flushes on the way out, and a lost commit
+  only costs the node this replica);
 * on SIGTERM takes no new work, finishes what runs, answers the reveal calls of
   what it committed (up to a grace period) and exits.
 
@@ -247,7 +250,6 @@ class NodeRunner:
             "ResultCommitted", self.settings.producer_id, task_id=task_id,
             node_id=self.node_id, attempt=attempt,
             commitment=commitment(task_id, self.node_id, attempt, salt, digest))))
-        self._producer.flush()
         if early is not None:
             self._reveal(early)
 
@@ -269,7 +271,6 @@ class NodeRunner:
             "ResultRevealed", self.settings.producer_id, task_id=f["task_id"],
             node_id=self.node_id, attempt=f["attempt"], salt=salt, digest=digest,
             runtime_ms=result.runtime_ms, result_ref=None)))
-        self._producer.flush()
 
     def _copy_digest(self, task_id: str) -> bytes | None:
         """The copier's trick: the first digest another replica revealed for the task."""

@@ -7,7 +7,7 @@ every other client: the codec here is the single-object Avro codec of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from destra.errors import EventError
 from destra.settings import Settings
 from schemas import Event, decode, encode, new_event
 from schemas.codec import encode_unchecked
+from schemas.events import now_ms
 from streams.topics import DEAD_LETTER, partition_for, topic_for
 
 ASSIGNMENTS = "tasks.assignments"
@@ -174,3 +175,38 @@ class Publisher:
                 reason=reason[:2000], error="Rejected"))
         refused.clear()
         await self.publish(letters)
+
+
+Handler = Callable[[Event, int, Any], list[Event]]
+"""A service's reaction to one event: (event, broker time in ms, origin) -> events to publish."""
+
+
+def install_service(app: faust.App, settings: Settings, name: str,
+                    handlers: Mapping[str, Handler], rejected: list[tuple[Event, Any, str]],
+                    on_tick: Callable[[int], list[Event]], publisher: Publisher,
+                    tick_s: float = 0.25) -> None:
+    """Run a transport-free service as a Faust agent and a timer.
+
+    The agent reads every topic carrying one of ``handlers``' event types, calls
+    the handler with the record's timestamp and origin, publishes what it
+    returns and dead-letters whatever the service put in ``rejected``; the
+    timer calls ``on_tick`` with the wall clock. Agent and timer share one
+    event loop, so the service needs no locking.
+    """
+
+    @app.agent(topics(app, settings, *handlers), name=name)
+    async def agent(stream: Any) -> None:
+        async for record in stream.events():
+            handler = handlers.get(record.value.name)
+            if handler is None:
+                continue  # another event type sharing one of the topics
+            await publisher.publish(handler(record.value, broker_ms(record.message),
+                                            Origin.of(record.message)))
+            if rejected:
+                await publisher.reject(rejected)
+
+    @app.timer(interval=tick_s, name=f"{name}-tick")
+    async def tick() -> None:
+        await publisher.publish(on_tick(now_ms()))
+        if rejected:
+            await publisher.reject(rejected)

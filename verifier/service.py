@@ -67,6 +67,9 @@ class Verifier:
     keys: dict[str, bytes] = field(default_factory=dict)
     terms: dict[str, _Terms] = field(default_factory=dict)
     tallies: dict[str, TaskTally] = field(default_factory=dict)
+    """Every task's tally, closed ones kept to answer late events (``task_closed``)."""
+    open_tasks: set[str] = field(default_factory=set)
+    """Tasks without a verdict yet: the only tallies the timer has to look at."""
     reputation: dict[str, int] = field(default_factory=dict)
     parked: dict[str, list[tuple[Event, Any, int]]] = field(default_factory=dict)
     """Per task, events waiting for what they depend on: (event, where, parked at)."""
@@ -109,6 +112,7 @@ class Verifier:
                 task_id, terms.compute_units, terms.replicas, terms.quorum,
                 max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
                 expires_at=terms.expires_at)
+            self.open_tasks.add(task_id)
         out = self._events(tally.on_assigned(f["node_id"], f["replica_index"], f["attempt"],
                                              f["commit_deadline"], f["reveal_deadline"], now_ms),
                            e, where)
@@ -140,9 +144,8 @@ class Verifier:
     def on_tick(self, now_ms: int) -> list[Event]:
         """Judge missed deadlines; dead-letter events parked too long."""
         out: list[Event] = []
-        for tally in list(self.tallies.values()):
-            if tally.outcome is None:
-                out += self._events(tally.on_tick(now_ms), None, None)
+        for task_id in list(self.open_tasks):
+            out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
         for task_id, waiting in list(self.parked.items()):
             keep = []
             for event, where, since in waiting:
@@ -200,6 +203,8 @@ class Verifier:
                 where: Any) -> list[Event]:
         out: list[Event] = []
         for d in decisions:
+            if isinstance(d, Verified | Failed):
+                self.open_tasks.discard(d.task_id)
             if isinstance(d, Verified):
                 out.append(new_event(
                     "TaskVerified", self.producer_id, task_id=d.task_id, digest=d.digest,

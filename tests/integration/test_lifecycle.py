@@ -19,7 +19,7 @@ from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
-from ledger.processor import read_all
+from ledger.processor import read_all, wait_for_transactions
 from ledger.projection import LedgerProjection
 from ledger.service import project, replay
 from schemas import Event, decode, new_event
@@ -160,9 +160,12 @@ def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exa
         ("n4", "dissent"): dissents}
     assert all(p.fields["slash_micro"] == PENALTY_MICRO["dissent"] for p in penalties)
 
-    time.sleep(3)  # let the ledger processor settle the last verdicts
-    balances = _balances(net, "public")
     expected = _expected(verdicts, prices, units, penalties, dict.fromkeys(nodes, STAKE))
+    # Slashes stop moving money once a stake is gone: wait only for those that move some.
+    slashes = [f"slash/{p.event_id}" for p in penalties][:STAKE // PENALTY_MICRO["dissent"]]
+    wait_for_transactions(net.settings, net.bootstrap,
+                          [f"settle/{v.fields['task_id']}" for v in verdicts] + slashes)
+    balances = _balances(net, "public")
     assert balances.get(node_wallet("n4"), 0) == 0
     assert balances == expected
     assert all(balances.get(escrow(t), 0) == 0 for t in submitted)
@@ -195,7 +198,7 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
                 assigned.append(a.fields["node_id"])
         time.sleep(0.2)
     victim = assigned[0]
-    time.sleep(1.0)
+    time.sleep(1.0)  # deliberately: let the victim get into the task before it dies
     assert not any(c.fields["node_id"] == victim and c.fields["task_id"] == task_id
                    for c in _events(net.settings, net.bootstrap, "ResultCommitted"))
     net.kill(f"node-{victim}", signal.SIGKILL)
@@ -213,7 +216,8 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
     assert [(p.fields["node_id"], p.fields["reason"]) for p in penalties] == [
         (victim, "no_show")]
 
-    time.sleep(3)
+    # The victim staked nothing, so its penalty moves no money: only the settlement posts.
+    wait_for_transactions(net.settings, net.bootstrap, [f"settle/{task_id}"])
     entries = _events(net.settings, net.bootstrap, "LedgerEntryPosted")
     settles = {e.fields["transaction_id"] for e in entries
                if e.fields["transaction_id"] == f"settle/{task_id}"}

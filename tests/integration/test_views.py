@@ -32,7 +32,8 @@ from ledger.book import (
 from ledger.decider import node_wallet
 from ledger.events import entry_events
 from ledger.projection import LedgerProjection
-from ledger.views import ViewProjection, project_views, view_topics
+from ledger.service import project_views
+from ledger.views import ViewProjection, view_topics
 from schemas import Event
 from schemas.samples import SAMPLE_TIME_MS, sample_event
 from streams.consumer import EventConsumer
