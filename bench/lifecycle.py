@@ -72,6 +72,37 @@ def _times(bootstrap: str, prefix: str, name: str, key: str = "task_id",
     return out
 
 
+def _hops(bootstrap: str, prefix: str, ids: list[str]) -> None:
+    """Median time of each hop of a task's life (event timestamps): where the time goes."""
+    marks: dict[str, dict[str, int]] = {}
+
+    def mark(label: str, task: str, at: int) -> None:
+        marks.setdefault(label, {})
+        marks[label][task] = max(marks[label].get(task, 0), at)  # the hop ends at the last
+
+    for name in ("TaskSubmitted", "LedgerEntryPosted", "TaskAssigned", "ResultCommitted",
+                 "RevealOpened", "ResultRevealed", "TaskVerified"):
+        for m in read_all(bootstrap, topic_for(name).name(prefix)):
+            e = decode(m.value())
+            task = e.fields.get("task_id")
+            if e.name != name or task is None:
+                continue
+            if name == "LedgerEntryPosted":
+                kind = e.fields["transaction_id"].split("/")[0]
+                if kind in ("escrow", "settle"):
+                    mark(kind, task, e.occurred_at)
+            else:
+                mark(name, task, e.occurred_at)
+    order = ["TaskSubmitted", "escrow", "TaskAssigned", "ResultCommitted", "RevealOpened",
+             "ResultRevealed", "TaskVerified", "settle"]
+    print("median hop times (each hop ends at its last event of the task):")
+    for a, b in zip(order, order[1:], strict=False):
+        gaps = [marks[b][t] - marks[a][t] for t in ids
+                if t in marks.get(a, {}) and t in marks.get(b, {})]
+        if gaps:
+            print(f"  {a:>15} -> {b:<15} p50 {statistics.median(gaps):7.0f} ms")
+
+
 def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
     libs = ensure_jars(Settings.from_env().cache_dir)
     cluster = KafkaCluster(tmp / "kafka", libs, brokers=1, port=_free_port())
@@ -128,6 +159,7 @@ def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
                 print(f"{label:<17} p50 {_pct(values, 0.5):8.0f} ms  p95 "
                       f"{_pct(values, 0.95):8.0f} ms  p99 {_pct(values, 0.99):8.0f} ms  "
                       f"mean {statistics.mean(values):8.0f} ms")
+        _hops(cluster.bootstrap, prefix, ids)
         client.close()
     finally:
         net.stop()

@@ -27,7 +27,7 @@ from destra.errors import DestraError, InvalidRequest
 from destra.settings import Settings
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
-from streams.consumer import consumer_config
+from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
 from streams.topics import topic_for
@@ -254,7 +254,7 @@ class Watch:
                                  or self.progress[t].verdict is None)
                 raise DestraError(f"no verdict within {timeout_s:.0f}s for {len(pending)} "
                                   f"task(s), e.g. {pending[0]}")
-            for msg in self._consumer.consume(500, 0.5):
+            for msg in fetch(self._consumer, 500, 0.5):
                 if msg.error() is not None:
                     continue
                 try:

@@ -26,7 +26,7 @@ from destra.settings import Settings
 from ledger.decider import LedgerDecider
 from ledger.service import end_offsets
 from schemas import decode
-from streams.consumer import consumer_config, dead_letter
+from streams.consumer import consumer_config, dead_letter, fetch
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
 from streams.topics import topic_for
@@ -112,7 +112,7 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     emitted, last, batches = 0, time.monotonic(), 0
     try:
         while running():
-            batch = [m for m in consumer.consume(BATCH, 1.0) if m.error() is None]
+            batch = [m for m in fetch(consumer, BATCH, 1.0) if m.error() is None]
             if not batch:
                 if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                     break

@@ -51,7 +51,7 @@ from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
-from streams.consumer import consumer_config
+from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
 from streams.topics import partition_for, topic_for
@@ -193,7 +193,7 @@ class NodeRunner:
         return consumer
 
     def _poll(self, consumer: Consumer, accept_work: bool) -> None:
-        for msg in consumer.consume(100, 0.2):
+        for msg in fetch(consumer, 100, 0.2):
             if msg.error() is not None:
                 continue
             if msg.key() == self.node_id.encode():
@@ -284,7 +284,7 @@ class NodeRunner:
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                for msg in consumer.consume(500, 0.5):
+                for msg in fetch(consumer, 500, 0.5):
                     if msg.error() is None and msg.key() == task_id.encode():
                         event = decode(msg.value() or b"")
                         if event.fields["node_id"] != self.node_id:

@@ -25,6 +25,7 @@ from ledger.service import project, replay
 from schemas import Event, decode, new_event
 from streams.producer import EventProducer
 from streams.topics import topic_for
+from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO
 from workloads import get_workload
 
@@ -158,11 +159,11 @@ def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exa
     penalties = _events(net.settings, net.bootstrap, "NodePenalized")
     assert Counter((p.fields["node_id"], p.fields["reason"]) for p in penalties) == {
         ("n4", "dissent"): dissents}
-    assert all(p.fields["slash_micro"] == PENALTY_MICRO["dissent"] for p in penalties)
+    assert all(p.fields["slash_micro"] == PENALTY_MICRO[Reason.DISSENT] for p in penalties)
 
     expected = _expected(verdicts, prices, units, penalties, dict.fromkeys(nodes, STAKE))
     # Slashes stop moving money once a stake is gone: wait only for those that move some.
-    slashes = [f"slash/{p.event_id}" for p in penalties][:STAKE // PENALTY_MICRO["dissent"]]
+    slashes = [f"slash/{p.event_id}" for p in penalties][:STAKE // PENALTY_MICRO[Reason.DISSENT]]
     wait_for_transactions(net.settings, net.bootstrap,
                           [f"settle/{v.fields['task_id']}" for v in verdicts] + slashes)
     balances = _balances(net, "public")
