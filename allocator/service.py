@@ -26,6 +26,7 @@ from typing import Any
 from allocator.placement import HeuristicPolicy, NodeTable, PlacementPolicy, PlacementRequest
 from destra.crypto import verify_event
 from destra.errors import DestraError, NoCapacity
+from destra.freshness import Freshness
 from schemas import Event, new_event
 from workloads import get_workload
 
@@ -73,6 +74,8 @@ class Allocator:
     reissues: list[Event] = field(default_factory=list)
     """Reissue requests waiting for capacity."""
     rejected: list[tuple[Event, Any, str]] = field(default_factory=list)
+    freshness: Freshness = field(default_factory=Freshness)
+    """Refuses expired and replayed heartbeats."""
     """Events refused (bad signature, unknown node), where they came from and why: the
     adapter dead-letters them."""
 
@@ -84,6 +87,11 @@ class Allocator:
         if not verify_event(e, f["signing_key"], f["node_id"]):
             self.rejected.append((e, where, f"bad-signature: registration of {f['node_id']} is not "
                                      "signed by the key it registers"))
+            return []
+        bound = self.keys.get(f["node_id"])
+        if bound is not None and bound != f["signing_key"]:
+            self.rejected.append((e, where, f"wrong-key: {f['node_id']} is registered with "
+                                            "another signing key"))
             return []
         try:
             self.table.on_registered(f["node_id"], f["operator_id"], f["region"], f["tier"],
@@ -105,6 +113,11 @@ class Allocator:
             self.rejected.append((e, where,
                                   "bad-signature: heartbeat not signed by a registered node"))
             return []
+        refusal = self.freshness.refusal(e, now_ms)
+        if refusal is not None:
+            self.rejected.append((e, where, refusal))
+            return []
+        self.freshness.accept(e)
         node = self.table.get(f["node_id"])
         assert node is not None
         free = node.slots - len(self.outstanding.get(f["node_id"], ()))
@@ -176,6 +189,7 @@ class Allocator:
     def on_tick(self, now_ms: int) -> list[Event]:
         """Time passed: free the slots of missed commits, retry queued work, fail the stale."""
         out: list[Event] = []
+        self.freshness.prune(now_ms)
         for node_id, held in self.outstanding.items():
             for (task_id, attempt), deadline in list(held.items()):
                 if now_ms > deadline:
@@ -305,5 +319,7 @@ class Allocator:
             reveal_deadline=commit + self.windows.reveal_ms, workload=f["workload"],
             params=dict(f["params"]), compute_units=f["compute_units"],
             task_deadline=submission.occurred_at + f["deadline_ms"],
-            payload=f["payload"])
+            payload=f["payload"], payload_ref=f["payload_ref"],
+            submitter_id=f["submitter_id"], submitter_key=f["signing_key"],
+            result_key=f["result_key"])
 

@@ -1,9 +1,27 @@
 """Every cryptographic primitive Destra uses, behind one small module.
 
-The backend is chosen here, by measurement (DESIGN.md, "Costs measured"):
-Ed25519 verify takes about 80 us in PyNaCl (libsodium) against 140 us in
-pyca/cryptography and 360 us in pycryptodome, and signature checks sit on the
-verifier's hot path. Nothing else in the code base imports a crypto library.
+The backends are chosen here, by measurement (DESIGN.md, "Costs measured";
+``bench/crypto.py`` measures them again):
+
+* Ed25519 signatures: PyNaCl (libsodium). Verify takes about 80 us against
+  140 us in pyca/cryptography and 360 us in pycryptodome, and signature checks
+  sit on the verifier's hot path.
+* AES-256-GCM, X25519 and HKDF-SHA256: pyca/cryptography (OpenSSL). AES-GCM of
+  200 bytes takes about 1-2 us against about 80 us in pycryptodome.
+* scrypt for passphrases: the standard library's ``hashlib.scrypt`` (OpenSSL).
+
+Nothing else in the code base imports a crypto library.
+
+Confidentiality (issue 4) is envelope encryption:
+
+* a payload is sealed under a fresh 32-byte data key with AES-256-GCM; the
+  associated data binds what it is (task id, schema), so a ciphertext moved to
+  another task fails to open;
+* a data key is *wrapped* to one node's X25519 key: an ephemeral X25519 key
+  agreement, HKDF-SHA256 into a key-encryption key, AES-GCM over the data key
+  with associated data naming task, node and attempt (``wrap_key``);
+* a result is sealed to the submitter's X25519 key the same way
+  (``seal_to`` / ``open_sealed_to``).
 
 Events are signed over their own Avro encoding with the envelope's
 ``signature`` field null and its ``signer`` set, so a signature covers every
@@ -12,21 +30,31 @@ field, the signer's id and the event id included.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.exceptions import BadSignatureError
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
-from destra.errors import ConfigError
+from destra.errors import ConfigError, DecryptionFailed
 from schemas import Event
 from schemas.codec import encode_unchecked
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
+DATA_KEY_BYTES = 32
+NONCE_BYTES = 12
+_SEALED_VERSION = 1
+_TAG_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -122,3 +150,122 @@ def verify_event(event: Event, public_key: bytes, signer: str | None = None) -> 
     if signer is not None and event.signer != signer:
         return False
     return verify(public_key, signed_bytes(event), signature)
+
+
+# ---------------------------------------------------------------- symmetric sealing
+
+
+def new_data_key() -> bytes:
+    """A fresh random 256-bit AES key."""
+    return os.urandom(DATA_KEY_BYTES)
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """AES-256-GCM: ``version (1) | nonce (12) | ciphertext | tag (16)``.
+
+    The nonce is random: 96 random bits are safe for far more messages than one
+    data key ever seals (a data key seals one payload).
+    """
+    nonce = os.urandom(NONCE_BYTES)
+    return bytes([_SEALED_VERSION]) + nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
+
+
+def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
+    """The plaintext of ``seal``; ``DecryptionFailed`` for a wrong key, data or tampering."""
+    if len(sealed) < 1 + NONCE_BYTES + _TAG_BYTES or sealed[0] != _SEALED_VERSION:
+        raise DecryptionFailed("not a sealed Destra ciphertext (bad length or version)")
+    if len(key) != DATA_KEY_BYTES:
+        raise DecryptionFailed(f"key must be {DATA_KEY_BYTES} bytes")
+    try:
+        return AESGCM(key).decrypt(sealed[1:1 + NONCE_BYTES], sealed[1 + NONCE_BYTES:],
+                                   associated)
+    except InvalidTag:
+        raise DecryptionFailed(
+            "authentication failed: wrong key, wrong context or tampered ciphertext") from None
+
+
+# ---------------------------------------------------------------- public-key sealing
+
+
+def _kek(shared: bytes, ephemeral_public: bytes, recipient_public: bytes, purpose: bytes) -> bytes:
+    """Key-encryption key from an X25519 shared secret, bound to both public keys."""
+    return HKDF(algorithm=hashes.SHA256(), length=DATA_KEY_BYTES, salt=None,
+                info=b"destra/" + purpose + b"/v1" + ephemeral_public + recipient_public,
+                ).derive(shared)
+
+
+def _agree(recipient_public: bytes, purpose: bytes) -> tuple[bytes, bytes]:
+    """(ephemeral public key, key-encryption key) for a message to ``recipient_public``."""
+    if len(recipient_public) != PUBLIC_KEY_BYTES:
+        raise DecryptionFailed(f"recipient key must be {PUBLIC_KEY_BYTES} bytes")
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_public))
+    return ephemeral_public, _kek(shared, ephemeral_public, recipient_public, purpose)
+
+
+def _recover(keys: KeyPair, ephemeral_public: bytes, purpose: bytes) -> bytes:
+    """The key-encryption key ``_agree`` derived, from the recipient's side."""
+    if len(ephemeral_public) != PUBLIC_KEY_BYTES:
+        raise DecryptionFailed(f"ephemeral key must be {PUBLIC_KEY_BYTES} bytes")
+    secret = X25519PrivateKey.from_private_bytes(keys.encryption_secret)
+    try:
+        shared = secret.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+    except ValueError:  # an all-zero shared secret: a low-order point was sent
+        raise DecryptionFailed("ephemeral key is a low-order point") from None
+    return _kek(shared, ephemeral_public, keys.encryption_public, purpose)
+
+
+def wrap_key(data_key: bytes, recipient_public: bytes, associated: bytes) -> tuple[bytes, bytes]:
+    """``(ephemeral_public, wrapped)``: ``data_key`` readable only with the recipient's secret."""
+    ephemeral_public, kek = _agree(recipient_public, b"grant")
+    return ephemeral_public, seal(kek, data_key, associated)
+
+
+def unwrap_key(keys: KeyPair, ephemeral_public: bytes, wrapped: bytes, associated: bytes) -> bytes:
+    """The data key ``wrap_key`` wrapped to ``keys``; ``DecryptionFailed`` otherwise."""
+    data_key = open_sealed(_recover(keys, ephemeral_public, b"grant"), wrapped, associated)
+    if len(data_key) != DATA_KEY_BYTES:
+        raise DecryptionFailed("unwrapped data key has the wrong length")
+    return data_key
+
+
+def seal_to(recipient_public: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """``ephemeral_public (32) | seal(...)``: ``plaintext`` for the recipient only."""
+    ephemeral_public, kek = _agree(recipient_public, b"sealed-box")
+    return ephemeral_public + seal(kek, plaintext, associated)
+
+
+def open_sealed_to(keys: KeyPair, sealed: bytes, associated: bytes) -> bytes:
+    """The plaintext of ``seal_to``; ``DecryptionFailed`` if it is not for ``keys``."""
+    if len(sealed) < PUBLIC_KEY_BYTES:
+        raise DecryptionFailed("sealed message too short")
+    kek = _recover(keys, sealed[:PUBLIC_KEY_BYTES], b"sealed-box")
+    return open_sealed(kek, sealed[PUBLIC_KEY_BYTES:], associated)
+
+
+def digest(data: bytes) -> bytes:
+    """SHA-256, the content address of blobs and the digest results are compared by."""
+    return hashlib.sha256(data).digest()
+
+
+# ---------------------------------------------------------------- passphrases
+
+
+SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+
+
+def passphrase_key(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
+                   p: int = SCRYPT_P) -> bytes:
+    """A 256-bit key from a passphrase: scrypt (about 0.1 s and 32 MiB at the defaults)."""
+    if not passphrase:
+        raise ConfigError("an empty passphrase is not allowed")
+    return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, maxmem=256 * 2**20,
+                          dklen=DATA_KEY_BYTES)
+
+
+def associated_data(purpose: str, *parts: str | int) -> bytes:
+    """Associated data naming what a ciphertext is: ``destra/<purpose>\0part\0part...``."""
+    return "\0".join(["destra/" + purpose, *map(str, parts)]).encode()

@@ -84,3 +84,11 @@ class NoCapacity(DestraError):
 
 class InvalidRequest(DestraError):
     """A quote or placement request carries a value out of range (units, replicas, ttl)."""
+
+
+class DecryptionFailed(DestraError):
+    """A ciphertext did not open: wrong key, wrong context (task, node) or tampering."""
+
+
+class KeystoreError(ConfigError):
+    """A keystore is missing, malformed, or the passphrase is wrong or not given."""

@@ -59,6 +59,8 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "reveal_deadline": SAMPLE_TIME_MS + 360_000, "workload": "mlp-digits",
         "params": {"epochs": "5", "seed": "42"}, "compute_units": 1_200,
         "task_deadline": SAMPLE_TIME_MS + 600_000, "payload": None,
+        "payload_ref": "blob:sha256:" + _sha256("payload").hex(), "submitter_id": "alice",
+        "submitter_key": _key("alice signing"), "result_key": _key("alice x25519"),
     },
     "RevealOpened": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0,
@@ -71,7 +73,7 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
     "DataKeyGranted": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c",
         "wrapped_key": _sha256("wrapped")[:28] + _sha256("tag")[:16] + bytes(12),
-        "ephemeral_public_key": _key("alice ephemeral"),
+        "ephemeral_public_key": _key("alice ephemeral"), "attempt": 0,
     },
     "ResultCommitted": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0,
@@ -79,8 +81,8 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
     },
     "ResultRevealed": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0, "salt": _SALT,
-        "digest": _DIGEST, "runtime_ms": 48_210,
-        "result_ref": "kafka://destra.results/task-7f3a/node-3f9c",
+        "digest": _DIGEST, "runtime_ms": 48_210, "result_ref": None,
+        "result": bytes(32) + b"\x01" + bytes(12) + _sha256("ciphertext") + bytes(16),
     },
     "TaskVerified": lambda: {
         "task_id": "task-7f3a", "digest": _DIGEST, "quorum": 2,

@@ -18,6 +18,7 @@ def install(app: faust.App, settings: Settings, verifier: Verifier,
         "NodeRegistered": verifier.on_registered,
         "TaskSubmitted": verifier.on_submitted,
         "TaskAssigned": verifier.on_assigned,
+        "DataKeyGranted": verifier.on_granted,
         "ResultCommitted": verifier.on_committed,
         "ResultRevealed": verifier.on_revealed,
     }, verifier.rejected, verifier.on_tick, publisher)

@@ -53,6 +53,7 @@ class Reason(StrEnum):
     DISSENT = "dissent"
     NO_QUORUM = "no_quorum"
     DEADLINE_PASSED = "deadline_passed"
+    NO_DATA_KEY = "no_data_key"
 
 
 class RejectReason(StrEnum):
@@ -370,6 +371,10 @@ class TaskTally:
         dissent: list[Decision] = [Penalize(c.node_id, self.task_id, Reason.DISSENT)
                                    for c in contributions if not c.agreed]
         return [self.outcome, *dissent]
+
+    def abort(self, reason: Reason, detail: str) -> list[Decision]:
+        """Fail the task for a reason outside the tally (no node is judged); once."""
+        return [] if self.outcome is not None else self._fail(reason, detail)
 
     def _fail(self, reason: Reason, detail: str) -> list[Decision]:
         self.outcome = Failed(self.task_id, reason, detail)

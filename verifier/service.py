@@ -5,8 +5,13 @@ with the broker's append time (commits and reveals are stamped by the broker,
 so a node cannot backdate them) and publish what it returns. It
 
 * keeps each node's registered Ed25519 key (a registration must be signed by
-  the key it registers) and counts a commit or reveal only if its signature
-  checks against that key;
+  the key it registers, and a node id stays bound to its first key) and counts
+  a commit or reveal only if its signature checks against that key;
+* refuses expired and replayed commits, reveals and grants
+  (``destra.freshness``);
+* checks each ``DataKeyGranted`` against the submitter's key; a replica of an
+  encrypted task whose grant has not come by its commit deadline is not the
+  node's fault: the task fails ``no_data_key`` (refunded) and nobody is judged;
 * opens one ``TaskTally`` per task at its first assignment;
 * parks an event that overtook what it depends on (a commit read before its
   assignment, which travels on another topic) and replays it when that
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from destra.crypto import verify_event
+from destra.freshness import Freshness
 from schemas import Event, new_event
 from verifier.proof_of_sync import (
     Decision,
@@ -54,6 +60,8 @@ class _Terms:
     replicas: int
     quorum: int
     expires_at: int
+    submitter_id: str
+    submitter_key: bytes
 
 
 @dataclass
@@ -75,6 +83,11 @@ class Verifier:
     """Per task, events waiting for what they depend on: (event, where, parked at)."""
     rejected: list[tuple[Event, Any, str]] = field(default_factory=list)
     """Refused events, where they came from and why: the adapter dead-letters them."""
+    freshness: Freshness = field(default_factory=Freshness)
+    ungranted: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    """Replicas of encrypted tasks still waiting for their data key: commit deadline."""
+    granted: set[tuple[str, str, int]] = field(default_factory=set)
+    """Grants read before their assignment (the two share a partition, so rarely)."""
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -84,6 +97,11 @@ class Verifier:
         if not verify_event(e, f["signing_key"], f["node_id"]):
             self.rejected.append((e, where, "bad-signature: registration not signed by the "
                                             "key it registers"))
+            return []
+        bound = self.keys.get(f["node_id"])
+        if bound is not None and bound != f["signing_key"]:
+            self.rejected.append((e, where, f"wrong-key: {f['node_id']} is registered with "
+                                            "another signing key"))
             return []
         self.keys[f["node_id"]] = f["signing_key"]
         self.reputation.setdefault(f["node_id"], 1000)
@@ -96,7 +114,8 @@ class Verifier:
         """The task's replication terms, for the tally its first assignment opens."""
         f = e.fields
         self.terms.setdefault(f["task_id"], _Terms(
-            f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"]))
+            f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"],
+            f["submitter_id"], f["signing_key"]))
         return self._unpark(f["task_id"], now_ms)
 
     def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -113,10 +132,36 @@ class Verifier:
                 max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
                 expires_at=terms.expires_at)
             self.open_tasks.add(task_id)
+        replica = (task_id, f["node_id"], f["attempt"])
+        if (f["payload"] is not None or f["payload_ref"] is not None) and tally.outcome is None:
+            if replica in self.granted:
+                self.granted.discard(replica)
+            else:
+                self.ungranted[replica] = f["commit_deadline"]
         out = self._events(tally.on_assigned(f["node_id"], f["replica_index"], f["attempt"],
                                              f["commit_deadline"], f["reveal_deadline"], now_ms),
                            e, where)
         return out + self._unpark(task_id, now_ms)
+
+    def on_granted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A submitter's signed ``DataKeyGranted``: the replica may now run."""
+        f = e.fields
+        terms = self.terms.get(f["task_id"])
+        if terms is None:
+            return self._park(e, where, now_ms)
+        if not verify_event(e, terms.submitter_key, terms.submitter_id):
+            self.rejected.append((e, where, f"bad-signature: grant for {f['task_id']} not "
+                                            f"signed by its submitter {terms.submitter_id}"))
+            return []
+        refusal = self.freshness.refusal(e, now_ms)
+        if refusal is not None:
+            self.rejected.append((e, where, refusal))
+            return []
+        self.freshness.accept(e)
+        replica = (f["task_id"], f["node_id"], f["attempt"])
+        if self.ungranted.pop(replica, None) is None:
+            self.granted.add(replica)
+        return []
 
     def on_committed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A signed commitment."""
@@ -127,6 +172,7 @@ class Verifier:
         decisions = tally.on_committed(f["node_id"], f["attempt"], f["commitment"], now_ms)
         if self._not_yet_assigned(tally, decisions, f["node_id"]):
             return self._park(e, where, now_ms)
+        self.freshness.accept(e)
         return self._events(decisions, e, where)
 
     def on_revealed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -139,13 +185,26 @@ class Verifier:
                                       f["runtime_ms"], now_ms, f["result_ref"])
         if self._not_yet_assigned(tally, decisions, f["node_id"]):
             return self._park(e, where, now_ms)
+        self.freshness.accept(e)
         return self._events(decisions, e, where)
 
     def on_tick(self, now_ms: int) -> list[Event]:
         """Judge missed deadlines; dead-letter events parked too long."""
         out: list[Event] = []
+        for replica, deadline in list(self.ungranted.items()):
+            task_id, node_id, attempt = replica
+            tally = self.tallies[task_id]
+            if tally.outcome is not None:
+                del self.ungranted[replica]
+            elif now_ms > deadline:
+                del self.ungranted[replica]
+                out += self._events(tally.abort(
+                    Reason.NO_DATA_KEY, f"the submitter did not grant the data key to "
+                    f"{node_id} (attempt {attempt}) by its commit deadline {deadline}; no node "
+                    "is at fault"), None, None)
         for task_id in list(self.open_tasks):
             out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
+        self.freshness.prune(now_ms)
         for task_id, waiting in list(self.parked.items()):
             keep = []
             for event, where, since in waiting:
@@ -175,6 +234,10 @@ class Verifier:
             self.rejected.append((e, where, f"bad-signature: {e.name} not signed by the "
                                             f"registered key of {f['node_id']}"))
             return None
+        refusal = self.freshness.refusal(e, now_ms)
+        if refusal is not None:
+            self.rejected.append((e, where, refusal))
+            return None
         return tally
 
     @staticmethod
@@ -193,7 +256,8 @@ class Verifier:
         out: list[Event] = []
         for event, where, since in waiting:
             handler = {"TaskAssigned": self.on_assigned, "ResultCommitted": self.on_committed,
-                       "ResultRevealed": self.on_revealed}[event.name]
+                       "ResultRevealed": self.on_revealed,
+                       "DataKeyGranted": self.on_granted}[event.name]
             # Judged at the time it arrived, not when it was unparked (a tally's clock
             # never goes back, so this only matters if no tick passed meanwhile).
             out += handler(event, since, where)

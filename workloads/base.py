@@ -45,6 +45,9 @@ class ParamSpec:
     """Allowed values of a ``str`` parameter; empty means the workload checks it itself."""
     doc: str = ""
     """One line for `destra workloads` and the submitter."""
+    public: bool = False
+    """Sent in the clear: the task's cost and memory depend on it, so the ledger and the
+    allocator must read it. Every other parameter travels in the encrypted payload."""
 
     def allowed(self) -> str:
         """The allowed values in words, for error messages."""
@@ -123,6 +126,21 @@ class Workload(ABC):
                   for name, spec in known.items()}
         self.check(parsed)
         return parsed
+
+    def public_names(self) -> frozenset[str]:
+        """Parameters sent in the clear: those ``compute_units`` and ``memory_mb`` read."""
+        return frozenset(spec.name for spec in self.params if spec.public)
+
+    def split(self, raw: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """``(public, private)`` parts of a raw parameter map.
+
+        Only the public part goes into ``TaskSubmitted.params``; the private part (seeds,
+        learning rates, search prefixes...) is sealed into the payload for the assigned
+        nodes. A workload's cost may depend on public parameters only.
+        """
+        names = self.public_names()
+        return ({k: v for k, v in raw.items() if k in names},
+                {k: v for k, v in raw.items() if k not in names})
 
     def check(self, params: dict[str, Any]) -> None:
         """Rules spanning parameters or string formats; raise ``InvalidParams``. Default: none."""

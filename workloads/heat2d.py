@@ -41,9 +41,9 @@ class Heat2d(Workload):
         "so rounding the final field to 32 explicit mantissa bits absorbs device noise."
     )
     params = (
-        ParamSpec(name="grid", kind="int", default=64, min=8, max=8192,
+        ParamSpec(name="grid", public=True, kind="int", default=64, min=8, max=8192,
                   doc="cells per side, boundary included"),
-        ParamSpec(name="steps", kind="int", default=200, min=1, max=100_000,
+        ParamSpec(name="steps", public=True, kind="int", default=200, min=1, max=100_000,
                   doc="explicit time steps"),
         ParamSpec(name="alpha", kind="float", default=0.2, min=0.01, max=0.25,
                   doc="diffusion number kappa*dt/dx^2 (stable up to 0.25)"),

@@ -42,10 +42,11 @@ class Matmul(Workload):
         "product. Timing (best and median of the repeats) goes into the summary only."
     )
     params = (
-        ParamSpec(name="n", kind="int", default=128, min=16, max=16_384, doc="matrix side"),
-        ParamSpec(name="repeats", kind="int", default=3, min=1, max=100,
+        ParamSpec(name="n", public=True, kind="int", default=128, min=16, max=16_384,
+                  doc="matrix side"),
+        ParamSpec(name="repeats", public=True, kind="int", default=3, min=1, max=100,
                   doc="timed multiplications"),
-        ParamSpec(name="dtype", kind="str", default="float32", choices=tuple(_DTYPES),
+        ParamSpec(name="dtype", public=True, kind="str", default="float32", choices=tuple(_DTYPES),
                   doc="element type of the multiplication"),
         seed_spec(),
     )

@@ -60,13 +60,13 @@ class MlpDigits(Workload):
         "integer count of correct test predictions, so it is exact."
     )
     params = (
-        ParamSpec(name="hidden", kind="int", default=32, min=4, max=4096,
+        ParamSpec(name="hidden", public=True, kind="int", default=32, min=4, max=4096,
                   doc="hidden layer width"),
-        ParamSpec(name="epochs", kind="int", default=5, min=1, max=10_000,
+        ParamSpec(name="epochs", public=True, kind="int", default=5, min=1, max=10_000,
                   doc="passes over the training set"),
         ParamSpec(name="lr", kind="float", default=0.01, min=1e-5, max=1.0,
                   doc="Adam learning rate"),
-        ParamSpec(name="batch_size", kind="int", default=128, min=8, max=2048,
+        ParamSpec(name="batch_size", public=True, kind="int", default=128, min=8, max=2048,
                   doc="mini-batch size (>= training set size means full batch)"),
         seed_spec(),
     )

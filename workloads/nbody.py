@@ -71,8 +71,9 @@ class NBody(Workload):
         "steps, so long runs only agree on the same hardware class (bit_exact)."
     )
     params = (
-        ParamSpec(name="n", kind="int", default=64, min=2, max=16_384, doc="number of bodies"),
-        ParamSpec(name="steps", kind="int", default=100, min=1, max=100_000,
+        ParamSpec(name="n", public=True, kind="int", default=64, min=2, max=16_384,
+                  doc="number of bodies"),
+        ParamSpec(name="steps", public=True, kind="int", default=100, min=1, max=100_000,
                   doc="leapfrog steps"),
         ParamSpec(name="dt", kind="float", default=1e-3, min=1e-6, max=0.1, doc="time step"),
         ParamSpec(name="softening", kind="float", default=0.05, min=1e-4, max=1.0,

@@ -34,13 +34,13 @@ class Sweep(Workload):
         "every point's digest, so it agrees exactly when the points do."
     )
     params = (
-        ParamSpec(name="lrs", kind="str", default="0.003,0.03",
+        ParamSpec(name="lrs", public=True, kind="str", default="0.003,0.03",
                   doc="comma-separated Adam learning rates"),
-        ParamSpec(name="hidden_sizes", kind="str", default="16,32",
+        ParamSpec(name="hidden_sizes", public=True, kind="str", default="16,32",
                   doc="comma-separated hidden layer widths"),
-        ParamSpec(name="epochs", kind="int", default=_spec("epochs").default,
+        ParamSpec(name="epochs", public=True, kind="int", default=_spec("epochs").default,
                   min=_spec("epochs").min, max=_spec("epochs").max, doc="epochs per point"),
-        ParamSpec(name="batch_size", kind="int", default=_spec("batch_size").default,
+        ParamSpec(name="batch_size", public=True, kind="int", default=_spec("batch_size").default,
                   min=_spec("batch_size").min, max=_spec("batch_size").max,
                   doc="mini-batch size per point"),
         seed_spec(),

@@ -15,8 +15,8 @@ DIGEST = bytes(32)
 SALT = bytes(range(32))
 
 
-def _signed(node: str, event: Event) -> Event:
-    return sign_event(event, account_keys(node), node)
+def _signed(node: str, event: Event, occurred_at: int = T0) -> Event:
+    return sign_event(event.with_envelope(occurred_at=occurred_at), account_keys(node), node)
 
 
 def _registered(v: Verifier) -> None:
