@@ -124,7 +124,7 @@ def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
         for n in names:
             net.start_node(n, operator=f"op-{n}", slots=slots)
         net.wait_registered(names, timeout_s=180)
-        client = Client(settings, cluster.bootstrap, "bench")
+        client = Client(settings, cluster.bootstrap, "bench", net.passphrase)
         warm = [client.submit(client.quote(*SMALLEST)) for _ in range(10)]
         client.wait(warm, timeout_s=300)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -395,7 +396,8 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
     node_id = name or f"node-{socket.gethostname()}"
     config = NodeConfig(node_id, operator or node_id, region, tier, stake_micro, slots,
                         Fault(fault) if fault else Fault.NONE, threads, force_cpu)
-    runner = NodeRunner(settings, _bootstrap(settings, services), config)
+    runner = NodeRunner(settings, _bootstrap(settings, services), config,
+                        passphrase=_passphrase())
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
 
@@ -447,7 +449,7 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
     from infra import services
 
     settings = _settings(**flags)
-    client = Client(settings, _bootstrap(settings, services), account)
+    client = Client(settings, _bootstrap(settings, services), account, _passphrase())
     try:
         q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier)
         if not as_json:
@@ -458,6 +460,10 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
         task_id = client.submit(q, max_price_micro=max_price, region=region)
         if not as_json:
             click.echo(f"submitted {task_id}")
+            if watch is None and client.data_key(task_id) is not None:
+                click.echo(f"  its private parameters are encrypted: keep `destra grant-agent "
+                           f"--account {account}` running until it is placed, so the "
+                           "assigned nodes get the data key")
         if watch is None:
             if as_json:
                 click.echo(json.dumps({"task_id": task_id, "quote": q.as_dict()}))
@@ -465,8 +471,8 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
         last: list[str] = []
 
         def show(p: Any) -> None:
-            line = (f"  {p.state}: {p.assigned} assigned, {p.committed} committed, "
-                    f"{p.revealed} revealed")
+            line = (f"  {p.state}: {p.assigned} assigned, {p.granted} granted, "
+                    f"{p.committed} committed, {p.revealed} revealed")
             if not as_json and [line] != last:
                 click.echo(line)
                 last[:] = [line]
@@ -486,6 +492,80 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
         client.close()
 
 
+def _passphrase() -> bytes | None:
+    """The keystore passphrase: the environment's, else asked for on a terminal."""
+    from destra import keystore
+
+    if keystore.passphrase_from_env() is None and sys.stdin.isatty():
+        return str(click.prompt("keystore passphrase", hide_input=True)).encode()
+    return None
+
+
+@cli.command("result")
+@_settings_options
+@click.argument("task_id")
+@click.option("--account", envvar="DESTRA_ACCOUNT", default="default", show_default=True,
+              help="The submitting account (env DESTRA_ACCOUNT).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the output here instead of printing it.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags: Any) -> None:
+    """Fetch, decrypt and check the verified result of TASK_ID (one of your tasks)."""
+    from destra.client import Client
+    from infra import services
+
+    settings = _settings(**flags)
+    client = Client(settings, _bootstrap(settings, services), account, _passphrase())
+    try:
+        r = client.result(task_id)
+    finally:
+        client.close()
+    if out is not None:
+        out.write_bytes(r.output)
+    if as_json:
+        click.echo(json.dumps({"task_id": task_id, "digest": r.digest.hex(), "node_id": r.node_id,
+                               "bytes": len(r.output), "out": str(out) if out else None,
+                               "output": None if out else r.output.decode("utf-8", "replace")}))
+        return
+    click.echo(f"# {task_id}: {len(r.output)} bytes from {r.node_id}, SHA-256 {r.digest.hex()} "
+               "= the verified digest", err=True)
+    if out is None:
+        click.echo(r.output.decode("utf-8", "replace"))
+
+
+@cli.command("grant-agent")
+@_settings_options
+@click.option("--account", envvar="DESTRA_ACCOUNT", default="default", show_default=True,
+              help="The submitting account (env DESTRA_ACCOUNT).")
+@click.option("--idle-exit", type=float, default=None,
+              help="Exit after this many seconds without events (default: run until stopped).")
+def grant_agent(account: str, idle_exit: float | None, **flags: Any) -> None:
+    """Grant your tasks' data keys to the nodes assigned them, from this machine.
+
+    Needed while tasks submitted without --wait are being placed (and re-placed):
+    a replica whose key is not granted by its commit deadline fails the task
+    (no_data_key, refunded). Reads the assignments from the start, so a restart
+    catches up.
+    """
+    from destra.client import Client
+    from infra import services
+
+    settings = _settings(**flags)
+    client = Client(settings, _bootstrap(settings, services), account, _passphrase())
+    watch = client.watch(from_start=True)
+    click.echo(f"granting data keys for {account}; Ctrl-C to stop", err=True)
+    idle_since = time.monotonic()
+    try:
+        while idle_exit is None or time.monotonic() - idle_since < idle_exit:
+            if watch.poll(1.0):
+                idle_since = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watch.close()
+        client.close()
+
+
 @cli.command("demo")
 @_settings_options
 @click.option("--keep", is_flag=True, help="Leave the services running afterwards.")
@@ -496,8 +576,10 @@ def demo(keep: bool, **flags: Any) -> None:
     run_demo(_settings(**flags), keep=keep, echo=click.echo)
 
 
+from destra.keys_cli import keys  # noqa: E402
 from destra.views_cli import nodes, status, tasks  # noqa: E402
 
+cli.add_command(keys)
 cli.add_command(status)
 cli.add_command(tasks)
 cli.add_command(nodes)

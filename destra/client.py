@@ -5,10 +5,23 @@
     task_id = client.submit(quote)
     verdicts = client.wait([task_id])
 
-The account's Ed25519/X25519 keys live in ``$DESTRA_HOME/accounts/<account>.json``
-(created on first use); the ledger binds the account to the first key it
-submits with. Parameters are checked against the workload before anything is
-sent, so a bad submission is a clear error here, not a dead task.
+The account's Ed25519/X25519 keys live in a passphrase-encrypted keystore,
+``$DESTRA_HOME/accounts/<account>.json`` (created on first use; the passphrase
+comes from ``DESTRA_PASSPHRASE`` or ``DESTRA_PASSPHRASE_FILE``); the ledger
+binds the account to the first key it submits with. Parameters are checked
+against the workload before anything is sent, so a bad submission is a clear
+error here, not a dead task.
+
+Confidentiality: only a workload's public parameters (what its price depends
+on) travel in the clear. The rest are sealed under a fresh data key
+(``destra.confidential``), inline or in the blob store when large. The data
+key stays with the submitter (kept sealed to the account's own key under
+``$DESTRA_HOME/accounts/<account>.datakeys/``) and is granted, wrapped, to each
+node the allocator assigns, while a ``Watch`` or ``destra grant-agent`` of the
+account runs. A replica not granted by its commit deadline fails the task
+``no_data_key``, refunded, nobody penalized. Results come back sealed to the
+account's X25519 key: ``result`` opens one and checks it against the digest
+the quorum verified.
 """
 
 from __future__ import annotations
@@ -22,8 +35,12 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from allocator.pricing import PriceBook, PriceUpdate, Quote, check_quote, tier_of
-from destra.crypto import KeyPair, sign_event
-from destra.errors import DestraError, InvalidRequest
+from destra import crypto, keystore
+from destra.blobs import BlobStore, store_or_inline
+from destra.blobs import fetch as fetch_blob
+from destra.confidential import grant, open_result, seal_input
+from destra.crypto import KeyPair, sign_event, verify_event
+from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
@@ -36,6 +53,21 @@ from workloads import get_workload
 QUOTE_TTL_MS = 60_000
 DEFAULT_DEADLINE_MS = 600_000
 WATCHED = ("TaskAssigned", "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed")
+
+
+class ResultRefused(DestraError):
+    """No delivered result opens to the digest the quorum verified."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A verified task's output, decrypted and checked against the verified digest."""
+
+    task_id: str
+    output: bytes
+    digest: bytes
+    node_id: str
+    """The agreeing node whose sealed copy was opened."""
 
 
 @dataclass(frozen=True)
@@ -64,23 +96,32 @@ class Progress:
 
     task_id: str
     assigned: int = 0
+    encrypted: bool = False
+    granted: int = 0
     committed: int = 0
     revealed: int = 0
     verdict: Event | None = None
 
     @property
     def state(self) -> str:
-        """``queued``, ``running``, ``revealing``, ``verified`` or ``failed``."""
+        """``queued``, ``awaiting-key``, ``running``, ``revealing``, ``verified``, ``failed``.
+
+        ``awaiting-key``: placed, but not every replica has its data key yet (the
+        submitter's client or grant agent must be running to grant it).
+        """
         if self.verdict is not None:
             return "verified" if self.verdict.name == "TaskVerified" else "failed"
         if self.revealed:
             return "revealing"
+        if self.encrypted and self.granted < self.assigned and not self.committed:
+            return "awaiting-key"
         return "running" if self.assigned else "queued"
 
     def as_dict(self) -> dict[str, Any]:
         """For ``--json`` output."""
         out: dict[str, Any] = {"task_id": self.task_id, "state": self.state,
-                               "assigned": self.assigned, "committed": self.committed,
+                               "assigned": self.assigned, "granted": self.granted,
+                               "committed": self.committed,
                                "revealed": self.revealed}
         if self.verdict is not None and self.verdict.name == "TaskVerified":
             v = self.verdict.fields
@@ -99,13 +140,22 @@ class Client:
     settings: Settings
     bootstrap: str
     account: str
+    passphrase: bytes | None = None
+    """The keystore's passphrase; from the environment when not given."""
     keys: KeyPair = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.account or len(self.account) > 128 or ":" in self.account:
             raise InvalidRequest(f"account {self.account!r}: 1 to 128 characters, no ':'")
-        self.keys = KeyPair.load_or_create(
-            self.settings.home / "accounts" / f"{self.account}.json")
+        self.keyring = keystore.load_or_create(
+            keystore.account_path(self.settings, self.account),
+            self.passphrase or keystore.require_passphrase())
+        self.keys = self.keyring.current
+        self.blobs = BlobStore(self.settings.blobs)
+        self._key_dir = self.settings.home / "accounts" / f"{self.account}.datakeys"
+        self._data_keys: dict[str, bytes] = {}
+        self._node_keys: dict[str, bytes] = {}
+        self._granted: set[tuple[str, str, int]] = set()
         self._producer = EventProducer(self.settings, self.bootstrap)
         self._prices: PriceBook | None = None
 
@@ -152,15 +202,23 @@ class Client:
             raise InvalidRequest(f"the quote is {q.quote.price_micro} micro-tokens, above your "
                                  f"max price {max_price}")
         task_id = task_id or f"task-{uuid.uuid4().hex[:20]}"
+        public, private = get_workload(q.workload).split(q.params)
+        payload: bytes | None = None
+        payload_ref: str | None = None
+        if private:
+            data_key, sealed = seal_input(task_id, private)
+            self._save_data_key(task_id, data_key)
+            payload, payload_ref = store_or_inline(self.blobs, sealed,
+                                                   self.settings.inline_max_bytes)
         event = new_event(
             "TaskSubmitted", self.settings.producer_id, task_id=task_id,
-            submitter_id=self.account, workload=q.workload, params=q.params,
+            submitter_id=self.account, workload=q.workload, params=public,
             replicas=q.replicas, quorum=q.quorum, compute_units=q.quote.compute_units,
             max_price_micro=max_price, quote_id=q.quote.quote_id,
             quoted_price_micro=q.quote.price_micro, quote_expires_at=q.quote.expires_at,
             tier=str(q.quote.tier), region=region, homogeneous=q.homogeneous,
             deadline_ms=deadline_ms, result_key=self.keys.encryption_public,
-            payload_ref=None, payload=None, signing_key=self.keys.signing_public)
+            payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public)
         self.send_signed(event, flush=flush)
         return task_id
 
@@ -183,18 +241,113 @@ class Client:
         return [self.submit(self.quote(name, raw, replicas=replicas, tier=tier), **options)
                 for name, raw in points]
 
+    # -- data keys and grants ----------------------------------------------------------------
+
+    def _save_data_key(self, task_id: str, data_key: bytes) -> None:
+        """Keep a task's data key, sealed to the account's own key, for later grants."""
+        self._data_keys[task_id] = data_key
+        self._key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self._key_dir / task_id).write_bytes(crypto.seal_to(
+            self.keys.encryption_public, data_key,
+            crypto.associated_data("data-key", self.account, task_id)))
+
+    def data_key(self, task_id: str) -> bytes | None:
+        """The data key of one of this account's tasks, if this machine holds it."""
+        if task_id not in self._data_keys:
+            path = self._key_dir / task_id
+            if "/" in task_id or not path.is_file():
+                return None
+            sealed = path.read_bytes()
+            for keys in self.keyring.all():
+                try:
+                    self._data_keys[task_id] = crypto.open_sealed_to(
+                        keys, sealed, crypto.associated_data("data-key", self.account, task_id))
+                    break
+                except DecryptionFailed:
+                    continue
+        return self._data_keys.get(task_id)
+
+    def node_encryption_key(self, node_id: str) -> bytes | None:
+        """A node's X25519 key from its self-signed registration (its first key binds)."""
+        if node_id not in self._node_keys:
+            for e in _read_topic(self.bootstrap, self._topic("NodeRegistered")):
+                f = e.fields
+                if (f["node_id"] not in self._node_keys
+                        and verify_event(e, f["signing_key"], f["node_id"])):
+                    self._node_keys[f["node_id"]] = f["encryption_key"]
+        return self._node_keys.get(node_id)
+
+    def on_event(self, event: Event) -> None:
+        """Grant the data key to each node assigned one of this account's tasks."""
+        f = event.fields
+        if event.name == "DataKeyGranted" and event.signer == self.account:
+            self._granted.add((f["task_id"], f["node_id"], f["attempt"]))
+        elif event.name == "TaskAssigned" and f["submitter_id"] == self.account:
+            replica = (f["task_id"], f["node_id"], f["attempt"])
+            if replica in self._granted or f["commit_deadline"] < now_ms():
+                return
+            data_key = self.data_key(f["task_id"])
+            node_key = self.node_encryption_key(f["node_id"])
+            if data_key is None or node_key is None:
+                return  # not submitted from here, or a node without a valid registration
+            self.send_signed(grant(self.settings.producer_id, f["task_id"], f["node_id"],
+                                   f["attempt"], data_key, node_key))
+            self._granted.add(replica)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def result(self, task_id: str) -> TaskResult:
+        """The verified output of ``task_id``, decrypted and checked against its digest.
+
+        Tries each agreeing node's sealed copy; ``ResultRefused`` if none opens to the
+        verified digest, ``DestraError`` if the task has no verdict or failed.
+        """
+        verdict = next((e for e in _read_topic(self.bootstrap, self._topic("TaskVerified"))
+                        if e.fields["task_id"] == task_id), None)
+        if verdict is None:
+            raise DestraError(f"task {task_id} has no verdict yet")
+        if verdict.name == "TaskFailed":
+            raise DestraError(f"task {task_id} failed: {verdict.fields['reason']}: "
+                              f"{verdict.fields['detail']}")
+        digest: bytes = verdict.fields["digest"]
+        agreed = {c["node_id"] for c in verdict.fields["contributions"] if c["agreed"]}
+        problems = []
+        for reveal in _read_topic(self.bootstrap, self._topic("ResultRevealed")):
+            f = reveal.fields
+            if f["task_id"] != task_id or f["node_id"] not in agreed:
+                continue
+            try:
+                sealed = fetch_blob(self.blobs, f["result"], f["result_ref"])
+                output = open_result(self.keyring.all(), task_id, f["node_id"],
+                                     f["attempt"], sealed)
+            except DestraError as err:
+                problems.append(f"{f['node_id']}: {err}")
+                continue
+            if crypto.digest(output) != digest:
+                problems.append(f"{f['node_id']}: its result's SHA-256 is not the verified "
+                                f"digest {digest.hex()[:16]}...")
+                continue
+            return TaskResult(task_id, output, digest, f["node_id"])
+        raise ResultRefused(f"no result of {task_id} matches the verified digest "
+                            f"{digest.hex()[:16]}...: " + ("; ".join(problems) or
+                                                           "no agreeing node delivered one"))
+
     # -- progress ---------------------------------------------------------------------------
 
-    def watch(self) -> Watch:
-        """Start watching before submitting, so no event about the task is missed."""
-        return Watch(self.settings, self.bootstrap)
+    def watch(self, from_start: bool = False) -> Watch:
+        """Start watching before submitting, so no event about the task is missed.
+
+        The watch also grants data keys to the nodes assigned this account's tasks.
+        """
+        return Watch(self.settings, self.bootstrap, from_start=from_start,
+                     on_event=self.on_event)
 
     def wait(self, task_ids: Iterable[str], *, watch: Watch | None = None,
              timeout_s: float = 600.0,
              on_progress: Callable[[Progress], None] | None = None) -> dict[str, Progress]:
         """Follow tasks until each has a verdict (or the timeout: ``DestraError``)."""
         own = watch is None
-        watch = watch or Watch(self.settings, self.bootstrap, from_start=True)
+        watch = watch or self.watch(from_start=True)
         try:
             return watch.until_done(list(task_ids), timeout_s, on_progress)
         finally:
@@ -212,7 +365,9 @@ class Client:
 class Watch:
     """Reads the task topics from now (or from the start) and tracks tasks' progress."""
 
-    def __init__(self, settings: Settings, bootstrap: str, from_start: bool = False) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, from_start: bool = False,
+                 on_event: Callable[[Event], None] | None = None) -> None:
+        self._on_event = on_event
         self._consumer = Consumer(consumer_config(bootstrap, f"watch-{uuid.uuid4()}", {
             "enable.auto.commit": False, "logger": KAFKA_LOG}))
         topics = sorted({topic_for(e).name(settings.topic_prefix) for e in WATCHED})
@@ -233,6 +388,10 @@ class Watch:
         p = self.progress.setdefault(task_id, Progress(task_id))
         if event.name == "TaskAssigned":
             p.assigned += 1
+            p.encrypted = (event.fields["payload"] is not None
+                           or event.fields["payload_ref"] is not None)
+        elif event.name == "DataKeyGranted":
+            p.granted += 1
         elif event.name == "ResultCommitted":
             p.committed += 1
         elif event.name == "ResultRevealed":
@@ -254,17 +413,27 @@ class Watch:
                                  or self.progress[t].verdict is None)
                 raise DestraError(f"no verdict within {timeout_s:.0f}s for {len(pending)} "
                                   f"task(s), e.g. {pending[0]}")
-            for msg in fetch(self._consumer, 500, 0.5):
-                if msg.error() is not None:
-                    continue
-                try:
-                    event = decode(msg.value() or b"")
-                except DestraError:
-                    continue
-                p = self._fold(event)
-                if p is not None and p.task_id in wanted and on_progress is not None:
+            for p in self.poll(0.5):
+                if p.task_id in wanted and on_progress is not None:
                     on_progress(p)
         return {t: self.progress[t] for t in task_ids}
+
+    def poll(self, timeout_s: float) -> list[Progress]:
+        """Read what arrived (waiting up to ``timeout_s`` for the first event); what moved."""
+        moved = []
+        for msg in fetch(self._consumer, 500, timeout_s):
+            if msg.error() is not None:
+                continue
+            try:
+                event = decode(msg.value() or b"")
+            except DestraError:
+                continue
+            if self._on_event is not None:
+                self._on_event(event)
+            p = self._fold(event)
+            if p is not None:
+                moved.append(p)
+        return moved
 
     def close(self) -> None:
         """Leave."""

@@ -81,7 +81,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo(f"   minted {FUNDS} micro-tokens to alice and each operator; "
              f"each node staked {STAKE}")
 
-        client = Client(run, bootstrap, "alice")
+        client = Client(run, bootstrap, "alice", net.passphrase)
         echo("3. bad submissions are refused with a reason:")
         for workload, params in [("no-such-workload", {}), ("nbody", {"n": "1"})]:
             try:
@@ -89,7 +89,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
             except DestraError as e:
                 echo(f"   {workload} {params}: {e}")
         watch = client.watch()
-        broke = Client(run, bootstrap, "bob-has-no-tokens")
+        broke = Client(run, bootstrap, "bob-has-no-tokens", net.passphrase)
         poor = broke.submit(broke.quote("matmul", {"n": "64"}))
         fresh = client.quote("matmul", {"n": "64"})
         # The same quote as if a minute had passed since it lapsed.

@@ -6,6 +6,7 @@ file under ``workdir``."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,12 +32,29 @@ class LocalNetwork:
     env_extra: Mapping[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The keystores of this network's nodes and accounts are encrypted with a random
+        # passphrase kept in a 0600 file beside the logs (a real operator uses their own).
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.passphrase_file = self.workdir / "passphrase"
+        if not self.passphrase_file.exists():
+            fd = os.open(self.passphrase_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+
+    @property
+    def passphrase(self) -> bytes:
+        """The keystores' passphrase, for clients run in this process."""
+        return self.passphrase_file.read_bytes()
+
     def env(self) -> dict[str, str]:
         """The environment every process of the network gets."""
         root = str(Path(__file__).resolve().parents[1])
-        return {**os.environ, "DESTRA_KAFKA_BOOTSTRAP": self.bootstrap,
+        env = {k: v for k, v in os.environ.items() if k != "DESTRA_PASSPHRASE"}
+        return {**env, "DESTRA_KAFKA_BOOTSTRAP": self.bootstrap,
                 "DESTRA_PG_DSN": self.pg_dsn, "DESTRA_TOPIC_PREFIX": self.settings.topic_prefix,
                 "DESTRA_HOME": str(self.settings.home),
+                "DESTRA_PASSPHRASE_FILE": str(self.passphrase_file),
                 "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **self.env_extra}
 

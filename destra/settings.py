@@ -56,6 +56,19 @@ class Settings:
     producer_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Written into every event envelope this process produces."""
 
+    blob_dir: Path | None = None
+    """The content-addressed blob store shared by submitters and nodes; ``home/blobs``
+    when unset. Every blob is a ciphertext, named by its SHA-256."""
+
+    inline_max_bytes: int = 262_144
+    """Largest ciphertext carried inside an event; bigger ones go to the blob store.
+    A quarter of the broker's 1 MiB message limit, leaving room for the rest of a batch."""
+
+    @property
+    def blobs(self) -> Path:
+        """The blob store's directory."""
+        return self.blob_dir if self.blob_dir is not None else self.home / "blobs"
+
     @property
     def replication_factor(self) -> int:
         """Replicas per partition: 3 on a 3-broker cluster, else what exists."""
@@ -75,7 +88,8 @@ class Settings:
         """Settings from ``DESTRA_*`` variables, then explicit overrides."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        paths = {"DESTRA_HOME": "home", "DESTRA_CACHE_DIR": "cache_dir"}
+        paths = {"DESTRA_HOME": "home", "DESTRA_CACHE_DIR": "cache_dir",
+                 "DESTRA_BLOB_DIR": "blob_dir"}
         strings = {
             "DESTRA_KAFKA_BOOTSTRAP": "kafka_bootstrap",
             "DESTRA_PG_DSN": "pg_dsn",
@@ -86,6 +100,7 @@ class Settings:
             "DESTRA_KAFKA_PORT": "kafka_port",
             "DESTRA_KAFKA_BROKERS": "kafka_brokers",
             "DESTRA_KAFKA_HEAP_MB": "kafka_heap_mb",
+            "DESTRA_INLINE_MAX_BYTES": "inline_max_bytes",
         }
         for var, name in paths.items():
             if env.get(var):
@@ -111,3 +126,6 @@ class Settings:
             raise ConfigError(f"kafka_port out of range: {self.kafka_port}")
         if self.kafka_heap_mb < 128:
             raise ConfigError(f"kafka_heap_mb too small: {self.kafka_heap_mb}")
+        if not 0 <= self.inline_max_bytes <= 900_000:
+            raise ConfigError(f"inline_max_bytes must be 0..900000 (under the broker's 1 MiB "
+                              f"message limit), got {self.inline_max_bytes}")

@@ -2,18 +2,27 @@
 
     destra node run --name gpu-7 --region eu-west --stake 5000000
 
-A node keeps an Ed25519 (signing) and X25519 (encryption) key pair under
-``$DESTRA_HOME/nodes/<name>/keys.json``, measures its device with torch,
+A node keeps an Ed25519 (signing) and X25519 (encryption) key pair in a
+passphrase-encrypted keystore ``$DESTRA_HOME/nodes/<name>/keys.json`` (the
+passphrase comes from ``DESTRA_PASSPHRASE`` or ``DESTRA_PASSPHRASE_FILE``),
+measures its device with torch,
 registers (a ``NodeRegistered`` signed with the key it registers, so the
 claim proves possession of it), and then:
 
 * reads only its own partition of ``tasks.assignments`` (``partition_for``),
   skipping other nodes' records that hash to the same partition, resuming
   from its committed position after a restart;
+* for an encrypted task, waits for the submitter's signed ``DataKeyGranted``
+  (checked against the submitter key in the assignment, refused when stale or
+  replayed), unwraps the data key, opens the sealed input (inline or from the
+  blob store) and merges its private parameters with the public ones; an input
+  that opens but is not valid gives a deterministic error result, the same on
+  every honest replica;
 * runs each assigned replica on a thread, up to its slots, with PyTorch in
   deterministic mode, and publishes a signed ``ResultCommitted``
   (``H(salt, digest)`` bound to task, node and attempt);
-* on ``RevealOpened`` publishes the signed ``ResultRevealed`` (salt, digest);
+* on ``RevealOpened`` publishes the signed ``ResultRevealed`` (salt, digest and
+  the output sealed to the submitter's X25519 key, inline or in the blob store);
 * sends a signed ``NodeHeartbeat`` (load, free slots) every few seconds;
 * sends without waiting for each acknowledgement (the producer is idempotent and
   delivers in the background; ``run`` flushes on the way out, and a lost commit
@@ -44,9 +53,13 @@ from typing import Any
 import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from destra import __version__
-from destra.crypto import KeyPair, sign_event
-from destra.errors import DestraError
+from destra import __version__, keystore
+from destra.blobs import BlobStore, store_or_inline
+from destra.blobs import fetch as fetch_blob
+from destra.confidential import merge_params, open_grant, open_input, seal_result
+from destra.crypto import KeyPair, sign_event, verify_event
+from destra.errors import DecryptionFailed, DestraError, InvalidParams
+from destra.freshness import Freshness
 from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
 from schemas import Event, decode, new_event
@@ -57,6 +70,7 @@ from streams.producer import EventProducer
 from streams.topics import partition_for, topic_for
 from verifier.commitments import commitment, new_salt
 from workloads import get_workload
+from workloads.canonical import canonical_json, sha256
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +113,10 @@ class _Result:
     digest: bytes
     runtime_ms: int
     revealed: bool = False
+    sealed: bytes | None = None
+    """The output sealed to the submitter, when carried inline."""
+    sealed_ref: str | None = None
+    """Its blob reference, when too big to travel in the reveal."""
 
 
 @dataclass
@@ -115,11 +133,18 @@ class NodeRunner:
     """Reveal calls for results not finished yet (a late node's)."""
     busy: int = 0
     completed: int = 0
+    passphrase: bytes | None = None
+    """The keystore's passphrase; from the environment when not given."""
 
     def __post_init__(self) -> None:
         self.node_id = self.config.name
-        key_file = self.settings.home / "nodes" / self.node_id / "keys.json"
-        self.keys = KeyPair.load_or_create(key_file)
+        passphrase = self.passphrase or keystore.require_passphrase()
+        self.keys = keystore.load_or_create(keystore.node_path(self.settings, self.node_id),
+                                            passphrase).current
+        self.blobs = BlobStore(self.settings.blobs)
+        self.awaiting: dict[tuple[str, int], Event] = {}
+        """Encrypted assignments waiting for their data key."""
+        self.freshness = Freshness()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._producer = EventProducer(self.settings, self.bootstrap)
@@ -204,6 +229,7 @@ class NodeRunner:
                 else:
                     self._handle(event, accept_work)
             consumer.store_offsets(msg)
+        self._expire_awaiting(accept_work)
 
     def _handle(self, event: Event, accept_work: bool) -> None:
         f = event.fields
@@ -214,26 +240,97 @@ class NodeRunner:
                 return
             with self._lock:
                 self.busy += 1
-            self._pool.submit(self._execute, event)
+            if f["payload"] is None and f["payload_ref"] is None:
+                self._pool.submit(self._execute, event, None)
+            else:
+                with self._lock:
+                    self.awaiting[(f["task_id"], f["attempt"])] = event
+        elif event.name == "DataKeyGranted" and accept_work:
+            self._on_grant(event)
         elif event.name == "RevealOpened":
             self._reveal(event)
 
+    def _on_grant(self, grant: Event) -> None:
+        """Start an encrypted replica once its grant checks out."""
+        f = grant.fields
+        with self._lock:
+            assignment = self.awaiting.get((f["task_id"], f["attempt"]))
+        if assignment is None:
+            return  # not ours to run (stale, replaced or already started)
+        a = assignment.fields
+        if not verify_event(grant, a["submitter_key"], a["submitter_id"]):
+            log.warning("grant for %s refused: not signed by its submitter", f["task_id"])
+            return
+        refusal = self.freshness.refusal(grant, now_ms())
+        if refusal is not None:
+            log.warning("grant for %s refused: %s", f["task_id"], refusal)
+            return
+        try:
+            data_key = open_grant(self.keys, grant)
+        except DecryptionFailed as err:
+            log.warning("grant for %s refused: %s", f["task_id"], err)
+            return
+        self.freshness.accept(grant)
+        with self._lock:
+            if self.awaiting.pop((f["task_id"], f["attempt"]), None) is None:
+                return
+        self._pool.submit(self._execute, assignment, data_key)
+
+    def _expire_awaiting(self, accept_work: bool) -> None:
+        """Give up the replicas whose grant did not come by their commit deadline
+        (all of them when draining: no new work starts)."""
+        now = now_ms()
+        with self._lock:
+            for key, a in list(self.awaiting.items()):
+                if a.fields["commit_deadline"] < now or not accept_work:
+                    del self.awaiting[key]
+                    self.busy -= 1
+        self.freshness.prune(now)
+
     # -- work -------------------------------------------------------------------------------
 
-    def _execute(self, assignment: Event) -> None:
+    def _compute(self, assignment: Event, data_key: bytes | None) -> tuple[bytes, int]:
+        """The canonical output and runtime of one replica.
+
+        An input the submitter got wrong (unreadable with the key it granted, or
+        parameters out of bounds) gives an error document instead: deterministic,
+        so every honest replica agrees on it and the submitter learns why.
+        """
         f = assignment.fields
+        workload = get_workload(f["workload"])
+        try:
+            params = dict(f["params"])
+            if data_key is not None:
+                sealed = fetch_blob(self.blobs, f["payload"], f["payload_ref"])
+                params = merge_params(params, open_input(data_key, f["task_id"], sealed))
+            parsed = workload.validate(params)
+        except (DecryptionFailed, InvalidParams) as err:
+            return canonical_json({"task_id": f["task_id"], "error": "invalid-input",
+                                   "detail": str(err)}), 0
+        result = workload.run(parsed, self.device)
+        return result.output, result.runtime_ms
+
+    def _execute(self, assignment: Event, data_key: bytes | None) -> None:
+        f = assignment.fields
+        sealed: bytes | None = None
+        sealed_ref: str | None = None
         try:
             if self.config.fault == Fault.COPY:
                 salt, digest, runtime_ms = new_salt(), secrets.token_bytes(32), 0
             else:
-                workload = get_workload(f["workload"])
-                result = workload.run(workload.validate(f["params"]), self.device)
-                salt, digest, runtime_ms = new_salt(), result.digest, result.runtime_ms
+                output, runtime_ms = self._compute(assignment, data_key)
+                salt, digest = new_salt(), sha256(output)
                 if self.config.fault == Fault.WRONG_RESULT:
                     digest = hashlib.sha256(b"not the output" + digest).digest()
+                if f["result_key"]:
+                    sealed, sealed_ref = store_or_inline(
+                        self.blobs, seal_result(f["result_key"], f["task_id"], self.node_id,
+                                                f["attempt"], output),
+                        self.settings.inline_max_bytes)
             if self.config.fault == Fault.LATE:
                 self._stop.wait(max(0.0, (f["commit_deadline"] - now_ms()) / 1000 + 1.0))
-            self._commit(f["task_id"], f["attempt"], salt, digest, runtime_ms)
+            self._commit(f["task_id"], f["attempt"], salt, digest, runtime_ms,
+                         sealed, sealed_ref)
         except Exception:  # a failing task must not kill the node; the verifier times it out
             log.exception("task %s failed on %s", f["task_id"], self.node_id)
         finally:
@@ -242,9 +339,11 @@ class NodeRunner:
                 self.completed += 1
 
     def _commit(self, task_id: str, attempt: int, salt: bytes, digest: bytes,
-                runtime_ms: int) -> None:
+                runtime_ms: int, sealed: bytes | None = None,
+                sealed_ref: str | None = None) -> None:
         with self._lock:
-            self.results[(task_id, attempt)] = _Result(attempt, salt, digest, runtime_ms)
+            self.results[(task_id, attempt)] = _Result(attempt, salt, digest, runtime_ms,
+                                                       sealed=sealed, sealed_ref=sealed_ref)
             early = self.reveal_calls.pop((task_id, attempt), None)
         self._producer.send(self._signed(new_event(
             "ResultCommitted", self.settings.producer_id, task_id=task_id,
@@ -270,7 +369,7 @@ class NodeRunner:
         self._producer.send(self._signed(new_event(
             "ResultRevealed", self.settings.producer_id, task_id=f["task_id"],
             node_id=self.node_id, attempt=f["attempt"], salt=salt, digest=digest,
-            runtime_ms=result.runtime_ms, result_ref=None)))
+            runtime_ms=result.runtime_ms, result_ref=result.sealed_ref, result=result.sealed)))
 
     def _copy_digest(self, task_id: str) -> bytes | None:
         """The copier's trick: the first digest another replica revealed for the task."""

@@ -19,9 +19,7 @@ from destra.settings import Settings
 from schemas import Event, decode, encode, new_event
 from schemas.codec import encode_unchecked
 from schemas.events import now_ms
-from streams.topics import DEAD_LETTER, partition_for, topic_for
-
-ASSIGNMENTS = "tasks.assignments"
+from streams.topics import DEAD_LETTER, topic_for
 
 CODEC_NAME = "destra-avro"
 
@@ -156,8 +154,7 @@ class Publisher:
         for event in events:
             spec = topic_for(event.name)
             key = str(event.fields[spec.key])
-            partition = (partition_for(key, spec.partitions) if spec.suffix == ASSIGNMENTS
-                         else None)
+            partition = spec.partition_of(key)
             await self._topic(spec.name(self.settings.topic_prefix)).send(
                 key=key.encode(), value=event, partition=partition)
             self.sent += 1

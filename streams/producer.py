@@ -68,7 +68,9 @@ class EventProducer:
 
     def send(self, event: Event, on_delivery: DeliveryCallback | None = None) -> None:
         """Encode (validating) and enqueue one event; raises InvalidEvent before sending."""
-        self.send_raw(self.topic_name(event), self.key_of(event), encode(event), on_delivery)
+        key = self.key_of(event)
+        self.send_raw(self.topic_name(event), key, encode(event), on_delivery,
+                      topic_for(event.name).partition_of(key.decode()))
 
     def send_raw(
         self,
@@ -76,8 +78,10 @@ class EventProducer:
         key: bytes | None,
         value: bytes,
         on_delivery: DeliveryCallback | None = None,
+        partition: int | None = None,
     ) -> None:
-        """Enqueue bytes as they are (dead letters, tests of corrupt input)."""
+        """Enqueue bytes as they are (dead letters, tests of corrupt input); ``partition``
+        None lets the client's partitioner choose."""
 
         def done(err: KafkaError | None, msg: Message) -> None:
             if err is None:
@@ -89,7 +93,11 @@ class EventProducer:
 
         while True:
             try:
-                self._kafka.produce(topic, value=value, key=key, on_delivery=done)
+                if partition is None:
+                    self._kafka.produce(topic, value=value, key=key, on_delivery=done)
+                else:
+                    self._kafka.produce(topic, value=value, key=key, on_delivery=done,
+                                        partition=partition)
                 break
             except BufferError:
                 # The local queue is full: serve delivery reports until there is room.

@@ -44,9 +44,17 @@ class TopicSpec:
     """Stamp records with the broker's append time, not the producer's: deadlines judged
     on this topic's records use a clock the producing node cannot set."""
 
+    hashed_partitions: bool = False
+    """Every producer picks the partition itself with ``partition_for(key)``, so a
+    reader of one key can read one known partition (``tasks.assignments``)."""
+
     def name(self, prefix: str) -> str:
         """The full topic name under a network prefix."""
         return prefix + self.suffix
+
+    def partition_of(self, key: str) -> int | None:
+        """The partition a record keyed ``key`` must go to, or None (the client's choice)."""
+        return partition_for(key, self.partitions) if self.hashed_partitions else None
 
     def config(self, min_insync_replicas: int) -> dict[str, str]:
         """Topic-level broker configuration."""
@@ -69,8 +77,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("tasks.submitted", "task_id", ("TaskSubmitted",), 6,
               doc="every submission, the start of a task's life"),
     TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened"),
-              12, doc="work and reveal calls for one node; partitioned by node (partition_for) "
-                      "so a runner reads only its own partition"),
+              12, hashed_partitions=True,
+              doc="work, data-key grants and reveal calls for one node; partitioned by node "
+                  "(partition_for) so a runner reads only its own partition"),
     TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6,
               doc="the verifier asks the allocator to place a lost replica again"),
     TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6, broker_time=True,

@@ -128,7 +128,7 @@ def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exa
                        fault="wrong-result" if n == "n4" else None)
     net.wait_registered(nodes)
 
-    client = Client(net.settings, net.bootstrap, "alice")
+    client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
     submitted: dict[str, tuple[str, dict[str, str]]] = {}
     prices: dict[str, int] = {}
@@ -186,7 +186,7 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
         net.start_node(n, operator=f"op-{n}")
     net.wait_registered(nodes)
 
-    client = Client(net.settings, net.bootstrap, "alice")
+    client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
     # Long enough (seconds) that the kill lands while it runs.
     task_id = client.submit(client.quote("mlp-digits", {"epochs": "40", "hidden": "64"}))
@@ -237,7 +237,8 @@ def test_bad_submissions_get_a_clear_cli_error(network: Settings, kafka: str,
     import sys
 
     env = {**__import__("os").environ, "DESTRA_KAFKA_BOOTSTRAP": kafka,
-           "DESTRA_TOPIC_PREFIX": network.topic_prefix, "DESTRA_HOME": str(tmp_path)}
+           "DESTRA_TOPIC_PREFIX": network.topic_prefix, "DESTRA_HOME": str(tmp_path),
+           "DESTRA_PASSPHRASE": "test passphrase"}
 
     def submit(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "destra", "submit", *args], env=env,

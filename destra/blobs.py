@@ -1,0 +1,95 @@
+"""A content-addressed store for ciphertexts too big to travel inside an event.
+
+A blob is named by the SHA-256 of its bytes (``blob:sha256:<hex>``), so a
+reader checks what it got against the name and nobody can swap a blob's
+content. Only ciphertexts are ever stored (sealed task inputs and results),
+so the store needs no access control for confidentiality; integrity comes
+from the name, authenticity from the AES-GCM tag inside.
+
+The local directory backend serves one machine or a shared file system (the
+local network and the tests). Nodes on other machines need a shared backend;
+an S3-compatible one is future work (README, "Limits").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from destra.crypto import digest
+from destra.errors import DestraError
+
+_REF = re.compile(r"blob:sha256:([0-9a-f]{64})")
+
+
+class BlobError(DestraError):
+    """A blob reference is malformed, the blob is missing, or its content is not its name's."""
+
+
+def ref_of(data: bytes) -> str:
+    """The reference naming ``data``."""
+    return "blob:sha256:" + digest(data).hex()
+
+
+class BlobStore:
+    """Blobs as files ``<root>/<first 2 hex>/<hex>``, written atomically, read verified."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, ref: str) -> Path:
+        m = _REF.fullmatch(ref)
+        if m is None:
+            raise BlobError(f"not a blob reference: {ref[:80]!r}")
+        return self.root / m.group(1)[:2] / m.group(1)
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; its reference (storing the same bytes twice is a no-op)."""
+        ref = ref_of(data)
+        path = self._path(ref)
+        if path.exists():
+            return ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return ref
+
+    def get(self, ref: str) -> bytes:
+        """The blob named ``ref``; ``BlobError`` if missing or not matching its name."""
+        path = self._path(ref)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BlobError(f"blob {ref} is not in the store at {self.root}") from None
+        if ref_of(data) != ref:
+            raise BlobError(f"blob {ref} is corrupt: its content hashes to another name")
+        return data
+
+    def files(self) -> list[Path]:
+        """Every blob file (for audits and the plaintext scan)."""
+        return sorted(p for p in self.root.glob("*/*") if p.is_file())
+
+
+def store_or_inline(store: BlobStore, data: bytes, inline_max: int) -> tuple[bytes | None,
+                                                                              str | None]:
+    """``(inline, None)`` for small data, ``(None, ref)`` once stored when too big."""
+    if len(data) <= inline_max:
+        return data, None
+    return None, store.put(data)
+
+
+def fetch(store: BlobStore, inline: bytes | None, ref: str | None) -> bytes:
+    """The bytes an event carries inline or references; ``BlobError`` if neither."""
+    if inline is not None:
+        return inline
+    if ref is None:
+        raise BlobError("the event carries neither inline data nor a blob reference")
+    return store.get(ref)

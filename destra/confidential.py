@@ -1,0 +1,109 @@
+"""What is sealed, for whom, and bound to what: task inputs, data-key grants, results.
+
+The formats shared by the submitter's client and the node runner (issue 4):
+
+* **Task input.** The private parameters (``Workload.split``) as canonical JSON
+  ``{"schema": INPUT_SCHEMA, "task_id": ..., "params": {...}}``, sealed under a
+  fresh data key; the associated data binds the task id and the schema.
+* **Grant.** The data key wrapped to one assigned node's X25519 key, bound to
+  task, node and attempt, in a ``DataKeyGranted`` signed by the submitter. A
+  re-issued replica (a new attempt) needs its own grant.
+* **Result.** The workload's canonical output sealed to the submitter's
+  X25519 key, bound to task, node and attempt. The digest replicas commit to is
+  SHA-256 of the plaintext, so verification never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from destra import crypto
+from destra.crypto import KeyPair
+from destra.errors import DecryptionFailed, InvalidParams
+from schemas import Event, new_event
+
+INPUT_SCHEMA = "destra.task-input/1"
+
+
+def payload_ad(task_id: str) -> bytes:
+    """Associated data of a task's sealed input."""
+    return crypto.associated_data("payload", task_id, INPUT_SCHEMA)
+
+
+def grant_ad(task_id: str, node_id: str, attempt: int) -> bytes:
+    """Associated data of one replica's wrapped data key."""
+    return crypto.associated_data("grant", task_id, node_id, attempt)
+
+
+def result_ad(task_id: str, node_id: str, attempt: int) -> bytes:
+    """Associated data of one replica's sealed result."""
+    return crypto.associated_data("result", task_id, node_id, attempt)
+
+
+def seal_input(task_id: str, private: Mapping[str, str]) -> tuple[bytes, bytes]:
+    """``(data_key, sealed)``: the private parameters under a fresh data key."""
+    plaintext = json.dumps({"schema": INPUT_SCHEMA, "task_id": task_id,
+                            "params": dict(private)}, sort_keys=True,
+                           separators=(",", ":")).encode()
+    data_key = crypto.new_data_key()
+    return data_key, crypto.seal(data_key, plaintext, payload_ad(task_id))
+
+
+def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str]:
+    """The private parameters; ``DecryptionFailed`` or ``InvalidParams`` if not valid."""
+    plaintext = crypto.open_sealed(data_key, sealed, payload_ad(task_id))
+    try:
+        doc = json.loads(plaintext)
+        ok = (isinstance(doc, dict) and doc.get("schema") == INPUT_SCHEMA
+              and doc.get("task_id") == task_id and isinstance(doc.get("params"), dict)
+              and all(isinstance(k, str) and isinstance(v, str)
+                      for k, v in doc["params"].items()))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidParams(f"task {task_id}: the decrypted input is not a {INPUT_SCHEMA} "
+                            "document for this task")
+    return dict(doc["params"])
+
+
+def merge_params(public: Mapping[str, str], private: Mapping[str, str]) -> dict[str, str]:
+    """All of a task's parameters; a name both public and private is refused."""
+    both = sorted(set(public) & set(private))
+    if both:
+        raise InvalidParams(f"parameter {both[0]!r} is both public and private")
+    return {**public, **private}
+
+
+def grant(producer_id: str, task_id: str, node_id: str, attempt: int, data_key: bytes,
+          node_encryption_key: bytes) -> Event:
+    """An unsigned ``DataKeyGranted`` of ``data_key`` for one replica (sign it to send)."""
+    ephemeral, wrapped = crypto.wrap_key(data_key, node_encryption_key,
+                                         grant_ad(task_id, node_id, attempt))
+    return new_event("DataKeyGranted", producer_id, task_id=task_id, node_id=node_id,
+                     attempt=attempt, wrapped_key=wrapped, ephemeral_public_key=ephemeral)
+
+
+def open_grant(keys: KeyPair, event: Event) -> bytes:
+    """The data key in a ``DataKeyGranted`` addressed to ``keys``."""
+    f = event.fields
+    return crypto.unwrap_key(keys, f["ephemeral_public_key"], f["wrapped_key"],
+                             grant_ad(f["task_id"], f["node_id"], f["attempt"]))
+
+
+def seal_result(result_key: bytes, task_id: str, node_id: str, attempt: int,
+                output: bytes) -> bytes:
+    """The output, readable by the submitter only."""
+    return crypto.seal_to(result_key, output, result_ad(task_id, node_id, attempt))
+
+
+def open_result(keyring: tuple[KeyPair, ...], task_id: str, node_id: str, attempt: int,
+                sealed: bytes) -> bytes:
+    """The output, with whichever of the submitter's keys (current or retired) it is for."""
+    for keys in keyring:
+        try:
+            return crypto.open_sealed_to(keys, sealed, result_ad(task_id, node_id, attempt))
+        except DecryptionFailed:
+            continue
+    raise DecryptionFailed(f"the result of {task_id} from {node_id} is not sealed to any of "
+                           "this account's keys")
