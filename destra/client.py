@@ -268,12 +268,19 @@ class Client:
         return self._data_keys.get(task_id)
 
     def node_encryption_key(self, node_id: str) -> bytes | None:
-        """A node's X25519 key from its self-signed registration (its first key binds)."""
+        """A node's X25519 key from its latest self-signed registration.
+
+        The node id is bound to the signing key of its first registration, as the
+        verifier and allocator bind it; a later registration with that signing key
+        may carry a rotated encryption key.
+        """
         if node_id not in self._node_keys:
+            bound: dict[str, bytes] = {}
             for e in _read_topic(self.bootstrap, self._topic("NodeRegistered")):
                 f = e.fields
-                if (f["node_id"] not in self._node_keys
-                        and verify_event(e, f["signing_key"], f["node_id"])):
+                if not verify_event(e, f["signing_key"], f["node_id"]):
+                    continue  # not proof of possession of the key it registers
+                if bound.setdefault(f["node_id"], f["signing_key"]) == f["signing_key"]:
                     self._node_keys[f["node_id"]] = f["encryption_key"]
         return self._node_keys.get(node_id)
 

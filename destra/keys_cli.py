@@ -103,7 +103,12 @@ def show(account: str | None, node: str | None, home: Path | None, as_json: bool
                    "stripped).")
 def rotate(account: str | None, node: str | None, home: Path | None, as_json: bool,
            new_passphrase_file: Path | None) -> None:
-    """New current keys; the old ones are kept to open what was sealed to them."""
+    """A new encryption key; the old one is kept to open what was sealed to it.
+
+    The signing key (the identity the network binds you to) stays the same. A node
+    publishes its new encryption key when it next starts; a submitter's new key
+    goes with its next submission.
+    """
     kind, name, path = _locate(account, node, home)
     new_passphrase = (None if new_passphrase_file is None
                       else keystore.read_passphrase_file(new_passphrase_file))

@@ -336,9 +336,13 @@ def fingerprint(signing_public: bytes) -> str:
 
 
 def rotate(path: Path, passphrase: bytes, new_passphrase: bytes | None = None) -> Keyring:
-    """Fresh current keys; the old ones are kept as the newest previous keys.
+    """A fresh X25519 encryption key; the old pair is kept as the newest previous keys.
 
-    With ``new_passphrase`` the keystore is re-encrypted under it.
+    The Ed25519 signing key stays: it is the identity the ledger binds an account to
+    and the verifier binds a node id to, so changing it needs a rotation event the
+    network does not have yet. Results and grants sealed to the old encryption key
+    still open with ``Keyring.all()``. With ``new_passphrase`` the keystore is
+    re-encrypted under it.
     """
     data = _read_json(path)
     if _is_legacy(data):
@@ -346,7 +350,7 @@ def rotate(path: Path, passphrase: bytes, new_passphrase: bytes | None = None) -
         data = _read_json(path)
     current, previous, kdf = _decrypt(path, data, passphrase)
     previous = [_Retired(current, int(time.time() * 1000)), *previous]
-    fresh = KeyPair.generate()
+    fresh = KeyPair(current.signing_seed, KeyPair.generate().encryption_secret)
     target = passphrase if new_passphrase is None else new_passphrase
     _write(path, _encode(target, fresh, previous, kdf), overwrite=True)
     return _ring(fresh, previous)

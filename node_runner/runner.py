@@ -139,8 +139,9 @@ class NodeRunner:
     def __post_init__(self) -> None:
         self.node_id = self.config.name
         passphrase = self.passphrase or keystore.require_passphrase()
-        self.keys = keystore.load_or_create(keystore.node_path(self.settings, self.node_id),
-                                            passphrase).current
+        self.keyring = keystore.load_or_create(
+            keystore.node_path(self.settings, self.node_id), passphrase)
+        self.keys = self.keyring.current
         self.blobs = BlobStore(self.settings.blobs)
         self.awaiting: dict[tuple[str, int], Event] = {}
         """Encrypted assignments waiting for their data key."""
@@ -265,10 +266,15 @@ class NodeRunner:
         if refusal is not None:
             log.warning("grant for %s refused: %s", f["task_id"], refusal)
             return
-        try:
-            data_key = open_grant(self.keys, grant)
-        except DecryptionFailed as err:
-            log.warning("grant for %s refused: %s", f["task_id"], err)
+        data_key = None
+        for keys in self.keyring.all():  # a grant made just before a key rotation too
+            try:
+                data_key = open_grant(keys, grant)
+                break
+            except DecryptionFailed as err:
+                problem = err
+        if data_key is None:
+            log.warning("grant for %s refused: %s", f["task_id"], problem)
             return
         self.freshness.accept(grant)
         with self._lock:

@@ -145,7 +145,9 @@ def test_rotate_keeps_the_old_key_for_old_messages(path: Path) -> None:
 
     ring = keystore.rotate(path, PASS)
     assert ring.current != old and ring.previous == (old,)
-    assert ring.current.signing_public != old.signing_public
+    # The identity stays; only the encryption key is new.
+    assert ring.current.signing_public == old.signing_public
+    assert ring.current.encryption_public != old.encryption_public
     assert keystore.load(path, PASS) == ring
     assert crypto.open_sealed_to(ring.previous[0], message, associated) == b"old result"
     with pytest.raises(DecryptionFailed):

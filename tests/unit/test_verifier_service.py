@@ -38,20 +38,29 @@ def _reveal(node: str, digest: bytes = DIGEST) -> Event:
                                    result_ref=None))
 
 
-def _assign(v: Verifier) -> None:
+def _assign(v: Verifier, payload: bytes | None = None) -> None:
     for i, n in enumerate(NODES):
         v.on_assigned(new_event("TaskAssigned", "alloc", task_id="t", node_id=n,
                                 replica_index=i, attempt=0, commit_deadline=T0 + 10_000,
-                                reveal_deadline=T0 + 20_000), T0)
+                                reveal_deadline=T0 + 20_000, payload=payload), T0)
 
 
 def _verifier() -> Verifier:
     v = Verifier("verifier")
     _registered(v)
     v.on_submitted(with_fields(sample_event("TaskSubmitted"), task_id="t", replicas=3,
-                               quorum=2, compute_units=7, deadline_ms=60_000)
+                               quorum=2, compute_units=7, deadline_ms=60_000,
+                               submitter_id="alice",
+                               signing_key=account_keys("alice").signing_public)
                    .with_envelope(occurred_at=T0), T0)
     return v
+
+
+def _grant(node: str, signer: str = "alice") -> Event:
+    return sign_event(new_event("DataKeyGranted", "alice", task_id="t", node_id=node,
+                                attempt=0, wrapped_key=bytes(60),
+                                ephemeral_public_key=bytes(32)).with_envelope(occurred_at=T0),
+                      account_keys(signer), "alice")
 
 
 def test_three_honest_replicas_are_verified_after_commit_then_reveal() -> None:
@@ -108,3 +117,75 @@ def test_a_missing_commit_is_reissued_and_the_no_show_penalized() -> None:
     reissue = next(e for e in out if e.name == "ReissueRequested")
     assert (reissue.fields["replica_index"], reissue.fields["attempt"]) == (2, 1)
     assert sorted(reissue.fields["exclude_node_ids"]) == list(NODES)
+
+
+def test_a_replayed_commit_and_a_replayed_reveal_are_dead_lettered() -> None:
+    v = _verifier()
+    _assign(v)
+    commit = _commit("a")
+    v.on_committed(commit, T0 + 100, "w")
+    assert v.on_committed(commit, T0 + 150, "w") == []
+    assert v.rejected.pop()[2].startswith("replayed-event: ResultCommitted")
+    for n in ("b", "c"):
+        v.on_committed(_commit(n), T0 + 200, "w")
+    reveal = _reveal("a")
+    v.on_revealed(reveal, T0 + 300, "w")
+    assert v.on_revealed(reveal, T0 + 350, "w") == []
+    assert v.rejected.pop()[2].startswith("replayed-event: ResultRevealed")
+    assert v.rejected == []
+
+
+def test_stale_and_future_events_are_dead_lettered_as_expired() -> None:
+    v = _verifier()
+    _assign(v)
+    stale = _signed("a", _commit("a"), occurred_at=T0 - 301_000)
+    assert v.on_committed(stale, T0 + 100, "w") == []
+    assert "occurred 301100 ms before it was read" in v.rejected.pop()[2]
+    future = _signed("b", _commit("b"), occurred_at=T0 + 120_000)
+    assert v.on_committed(future, T0 + 100, "w") == []
+    assert v.rejected.pop()[2].startswith("expired-event: ResultCommitted claims to occur")
+    fresh = _signed("a", _commit("a"), occurred_at=T0 + 50)
+    v.on_committed(fresh, T0 + 100, "w")
+    assert v.rejected == []
+
+
+def test_a_commit_signed_with_another_nodes_key_and_a_key_takeover_are_refused() -> None:
+    v = _verifier()
+    _assign(v)
+    wrong = sign_event(_commit("a").with_envelope(signature=None), account_keys("b"), "a")
+    v.on_committed(wrong, T0 + 100, "w")
+    assert v.rejected.pop()[2].startswith("bad-signature: ResultCommitted not signed by "
+                                          "the registered key of a")
+    # Mallory registers node "a" again, with her own (validly self-signed) key: refused.
+    mallory = account_keys("mallory")
+    takeover = sign_event(with_fields(sample_event("NodeRegistered"), node_id="a",
+                                      signing_key=mallory.signing_public), mallory, "a")
+    v.on_registered(takeover, T0 + 200, "w")
+    assert v.rejected.pop()[2] == "wrong-key: a is registered with another signing key"
+    assert v.keys["a"] == account_keys("a").signing_public
+
+
+def test_an_encrypted_replica_never_granted_fails_the_task_no_data_key_without_penalty() -> None:
+    v = _verifier()
+    _assign(v, payload=b"sealed input")
+    v.on_granted(_grant("a"), T0 + 10, "w")
+    v.on_granted(_grant("b", signer="mallory"), T0 + 10, "w")  # forged: does not count
+    assert v.rejected.pop()[2].startswith("bad-signature: grant for t not signed by its "
+                                          "submitter alice")
+    v.on_committed(_commit("a"), T0 + 100, "w")
+    out = v.on_tick(T0 + 10_001)
+    assert [(e.name, e.fields["reason"]) for e in out] == [("TaskFailed", "no_data_key")]
+    assert "did not grant the data key to b" in out[0].fields["detail"]
+    assert v.on_tick(T0 + 20_000) == []  # decided once; no NodePenalized for anyone
+
+
+def test_granted_replicas_of_an_encrypted_task_are_judged_as_usual() -> None:
+    v = _verifier()
+    _assign(v, payload=b"sealed input")
+    for n in NODES:
+        v.on_granted(_grant(n), T0 + 10, "w")
+    assert v.ungranted == {}
+    v.on_committed(_commit("a"), T0 + 100, "w")
+    v.on_committed(_commit("b"), T0 + 100, "w")
+    out = v.on_tick(T0 + 10_001)
+    assert sorted(e.name for e in out) == ["NodePenalized", "ReissueRequested"]
