@@ -41,7 +41,8 @@ from streams.admin import ensure_topics  # noqa: E402
 from streams.producer import EventProducer  # noqa: E402
 from streams.topics import topic_for  # noqa: E402
 
-SMALLEST = ("heat2d", {"grid": "8", "steps": "1"})
+SMALLEST = ("heat2d", {"grid": "8", "steps": "1", "seed": "7"})
+"""1 compute unit; the seed is a private parameter, so every task is encrypted and granted."""
 
 
 def _free_port() -> int:
@@ -103,7 +104,9 @@ def _hops(bootstrap: str, prefix: str, ids: list[str]) -> None:
             print(f"  {a:>15} -> {b:<15} p50 {statistics.median(gaps):7.0f} ms")
 
 
-def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
+def run(tasks: int, nodes: int, slots: int, tmp: Path) -> dict[str, float]:
+    """Run the benchmark, print its figures; returns throughput and latencies."""
+    figures: dict[str, float] = {}
     libs = ensure_jars(Settings.from_env().cache_dir)
     cluster = KafkaCluster(tmp / "kafka", libs, brokers=1, port=_free_port())
     cluster.start()
@@ -151,8 +154,10 @@ def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
         print(f"tasks: {tasks} x {SMALLEST[0]} {SMALLEST[1]}, 3 replicas, quorum 2, "
               f"{nodes} nodes x {slots} slots; submitted in {submit_s:.2f}s")
         print(f"verified: {len(verified)}, verified and paid: {len(paid)}")
-        print(f"throughput: {len(paid) / max(0.001, (last - first) / 1000):.1f} "
-              f"verified-and-paid tasks/s (goal 1000)")
+        figures["throughput"] = len(paid) / max(0.001, (last - first) / 1000)
+        if to_verified:
+            figures["mean_to_verified_ms"] = statistics.mean(to_verified)
+        print(f"throughput: {figures['throughput']:.1f} verified-and-paid tasks/s (goal 1000)")
         for label, values in (("submit->assigned", to_assigned),
                               ("submit->verified", to_verified)):
             if values:
@@ -174,6 +179,7 @@ def run(tasks: int, nodes: int, slots: int, tmp: Path) -> None:
         print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
     else:
         print("no profile written (the processors worker did not exit cleanly)")
+    return figures
 
 
 def main() -> None:

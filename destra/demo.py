@@ -3,9 +3,11 @@
 Brings up Kafka (KRaft) and Postgres, the ledger processor and projector, the
 Faust processors (allocator and verifier) and five node runners, one of which
 returns wrong results; mints tokens, submits a mix of every workload and a few
-bad submissions, follows the tasks to their verdicts and prints a summary:
-tasks verified, earnings per node, the dishonest node penalized and unpaid,
-the ledger summing to zero, the replay matching. Then it stops everything.
+bad submissions, follows the tasks to their verdicts, shows a result
+decrypted by its submitter (private parameters and results travel encrypted)
+and prints a summary: tasks verified, earnings per node, the dishonest node
+penalized and unpaid, the ledger summing to zero, the replay matching. Then it
+stops everything.
 Each run uses its own topic prefix and database, so runs never mix.
 """
 
@@ -32,7 +34,8 @@ TASKS = [
     ("nbody", {"n": "64", "steps": "50"}),
     ("heat2d", {"grid": "64", "steps": "50"}),
     ("matmul", {"n": "128", "repeats": "2"}),
-    ("sha256-search", {"count": "5000", "difficulty": "8"}),
+    ("sha256-search", {"count": "5000", "difficulty": "8",
+                       "prefix": b"alice's secret message".hex()}),
     ("sweep", {"lrs": "0.01,0.03", "hidden_sizes": "16", "epochs": "1"}),
 ]
 
@@ -128,10 +131,32 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         shown: set[str] = set()
         done = client.wait([*submitted, poor], watch=watch, timeout_s=900, on_progress=progress)
         watch.close()
-        client.close()
         broke.close()
+        problems = []
 
-        echo("6. summary")
+        echo("6. confidentiality: what the network saw of alice's hash search, and her result")
+        search = next(t for t, w in submitted.items() if w == "sha256-search"
+                      and done[t].state == "verified")
+        sub = next(decode(m.value()) for m in read_all(bootstrap,
+                                                       topic_for("TaskSubmitted").name(prefix))
+                   if m.key() == search.encode())
+        sealed = sub.fields["payload"] or b""
+        echo(f"   on the topic: params {dict(sub.fields['params'])} in the clear (they set the "
+             f"price); the prefix, start and difficulty sealed: {len(sealed)} bytes "
+             f"{sealed[:12].hex()}...")
+        grants = [e for e in (decode(m.value()) for m in read_all(
+            bootstrap, topic_for("DataKeyGranted").name(prefix))) if e.name == "DataKeyGranted"]
+        echo(f"   data key granted, wrapped to each assigned node's X25519 key: "
+             f"{sorted(g.fields['node_id'] for g in grants if g.fields['task_id'] == search)}")
+        result = client.result(search)
+        echo(f"   destra result {search}: {len(result.output)} bytes from {result.node_id}, "
+             f"SHA-256 = the verified digest {result.digest.hex()[:16]}...")
+        echo(f"   {result.output[:400].decode(errors='replace')}")
+        if b"alice's secret message".hex().encode() not in result.output:
+            problems.append("the decrypted result does not echo the private prefix")
+        client.close()
+
+        echo("7. summary")
         verified = [p for t, p in done.items() if t in submitted and p.state == "verified"]
         echo(f"   tasks verified: {len(verified)} of {len(submitted)}; bad submission "
              f"{poor}: {done[poor].state} ({done[poor].as_dict().get('reason')})")
@@ -165,7 +190,6 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         report = replay(run, bootstrap, net.pg_dsn)
         echo(f"   replay from offset 0: {'matches' if report.matches else 'DIFFERS'} "
              f"({report.live_hash[:16]})")
-        problems = []
         if len(verified) != len(submitted):
             problems.append(f"{len(submitted) - len(verified)} tasks not verified")
         if balances.get(f"node:{DISHONEST}", 0) != 0:
@@ -177,7 +201,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo("demo: OK")
     finally:
         codes = net.stop()
-        echo(f"7. stopped the network ({sum(c == 0 for c in codes.values())} of "
+        echo(f"8. stopped the network ({sum(c == 0 for c in codes.values())} of "
              f"{len(codes)} processes exited cleanly)")
         if keep:
             echo("Kafka and Postgres left running; stop them with `destra infra down`")
