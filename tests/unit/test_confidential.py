@@ -1,0 +1,165 @@
+"""Sealing, key wrapping, the task-input format, the blob store and replay/expiry checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from destra import crypto
+from destra.blobs import BlobError, BlobStore, fetch, store_or_inline
+from destra.confidential import (
+    grant,
+    merge_params,
+    open_grant,
+    open_input,
+    open_result,
+    seal_input,
+    seal_result,
+)
+from destra.crypto import KeyPair
+from destra.errors import ConfigError, DecryptionFailed, InvalidParams
+from destra.freshness import Freshness
+from destra.settings import Settings
+from schemas import Event, new_event
+from schemas.samples import with_fields
+from workloads import WORKLOADS
+
+ALICE, NODE, OTHER = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+
+
+def test_a_sealed_payload_opens_only_with_its_key_and_its_context() -> None:
+    key = crypto.new_data_key()
+    sealed = crypto.seal(key, b"secret input", b"ctx")
+    assert b"secret input" not in sealed and sealed[0] == 1
+    assert crypto.open_sealed(key, sealed, b"ctx") == b"secret input"
+    for wrong_key, ad, data in [(crypto.new_data_key(), b"ctx", sealed),
+                                (key, b"other ctx", sealed),
+                                (key, b"ctx", sealed[:-1] + bytes([sealed[-1] ^ 1])),
+                                (key, b"ctx", b"\x02" + sealed[1:]),
+                                (key, b"ctx", sealed[:20])]:
+        with pytest.raises(DecryptionFailed):
+            crypto.open_sealed(wrong_key, data, ad)
+
+
+def test_two_seals_of_the_same_plaintext_differ() -> None:
+    key = crypto.new_data_key()
+    assert crypto.seal(key, b"x", b"") != crypto.seal(key, b"x", b"")
+
+
+def test_a_grant_opens_for_its_node_only_and_only_for_its_replica() -> None:
+    key = crypto.new_data_key()
+    g = grant("alice", "t1", "n1", 0, key, NODE.encryption_public)
+    assert open_grant(NODE, g) == key
+    with pytest.raises(DecryptionFailed):
+        open_grant(OTHER, g)
+    for relabelled in (with_fields(g, attempt=1), with_fields(g, node_id="n2"),
+                       with_fields(g, task_id="t2")):
+        with pytest.raises(DecryptionFailed):
+            open_grant(NODE, relabelled)
+
+
+def test_a_low_order_ephemeral_key_is_refused() -> None:
+    g = grant("alice", "t1", "n1", 0, crypto.new_data_key(), NODE.encryption_public)
+    with pytest.raises(DecryptionFailed):
+        open_grant(NODE, with_fields(g, ephemeral_public_key=bytes(32)))
+
+
+def test_a_result_opens_for_the_submitter_with_current_or_retired_keys() -> None:
+    sealed = seal_result(ALICE.encryption_public, "t1", "n1", 0, b"output")
+    assert open_result((OTHER, ALICE), "t1", "n1", 0, sealed) == b"output"
+    with pytest.raises(DecryptionFailed, match="not sealed to any of this account's keys"):
+        open_result((OTHER,), "t1", "n1", 0, sealed)
+    with pytest.raises(DecryptionFailed):
+        open_result((ALICE,), "t1", "n2", 0, sealed)  # another node's copy, relabelled
+
+
+def test_the_task_input_is_bound_to_its_task() -> None:
+    key, sealed = seal_input("t1", {"seed": "42"})
+    assert open_input(key, "t1", sealed) == {"seed": "42"}
+    with pytest.raises(DecryptionFailed):
+        open_input(key, "t2", sealed)
+
+
+def test_an_input_that_opens_but_is_not_a_task_input_is_invalid_params() -> None:
+    key = crypto.new_data_key()
+    from destra.confidential import payload_ad
+
+    for plaintext in (b"not json", b'{"schema":"destra.task-input/1","task_id":"t1",'
+                                   b'"params":{"seed":42}}', b"[]"):
+        with pytest.raises(InvalidParams, match="not a destra.task-input/1 document"):
+            open_input(key, "t1", crypto.seal(key, plaintext, payload_ad("t1")))
+
+
+def test_a_parameter_both_public_and_private_is_refused() -> None:
+    assert merge_params({"n": "1"}, {"seed": "2"}) == {"n": "1", "seed": "2"}
+    with pytest.raises(InvalidParams, match="'n' is both public and private"):
+        merge_params({"n": "1"}, {"n": "2"})
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_a_workloads_cost_depends_on_its_public_parameters_only(name: str) -> None:
+    w = WORKLOADS[name]
+    public, private = w.split({s.name: str(s.default) for s in w.params})
+    assert public and set(public) | set(private) == {s.name for s in w.params}
+    # Change every private parameter to another allowed value: the cost stays.
+    changed = {}
+    for spec in w.params:
+        if spec.name in private and spec.kind == "int":
+            changed[spec.name] = str(spec.max if spec.default != spec.max else spec.min)
+        elif spec.name in private and spec.kind == "float":
+            changed[spec.name] = str(spec.max)
+    if name == "sha256-search":
+        changed["prefix"], changed["start"] = "ab" * 47, "0"
+    full = w.validate({**public, **private, **changed})
+    defaults = w.validate(public)
+    assert w.compute_units(full) == w.compute_units(defaults)
+    assert w.memory_mb(full) == w.memory_mb(defaults)
+
+
+def test_blobs_are_named_by_their_hash_and_checked_on_read(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    ref = store.put(b"ciphertext")
+    assert ref == "blob:sha256:" + crypto.digest(b"ciphertext").hex()
+    assert store.put(b"ciphertext") == ref and store.get(ref) == b"ciphertext"
+    store.files()[0].write_bytes(b"swapped")
+    with pytest.raises(BlobError, match="corrupt"):
+        store.get(ref)
+    with pytest.raises(BlobError, match="not in the store"):
+        store.get("blob:sha256:" + "0" * 64)
+    with pytest.raises(BlobError, match="not a blob reference"):
+        store.get("blob:sha256:../../etc/passwd")
+
+
+def test_small_data_travels_inline_and_big_data_by_reference(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    assert store_or_inline(store, b"x" * 10, 10) == (b"x" * 10, None)
+    inline, ref = store_or_inline(store, b"x" * 11, 10)
+    assert inline is None and ref is not None and fetch(store, None, ref) == b"x" * 11
+    with pytest.raises(BlobError, match="neither"):
+        fetch(store, None, None)
+
+
+def test_the_inline_limit_stays_under_the_broker_message_limit() -> None:
+    with pytest.raises(ConfigError, match="inline_max_bytes"):
+        Settings(inline_max_bytes=2_000_000).check()
+    assert Settings.from_env({"DESTRA_INLINE_MAX_BYTES": "100"}).inline_max_bytes == 100
+
+
+def _hb(occurred_at: int) -> Event:
+    return new_event("NodeHeartbeat", "n1", node_id="n1", load_permille=0, free_slots=1,
+                     seq=1).with_envelope(occurred_at=occurred_at)
+
+
+def test_freshness_refuses_replays_within_the_window_and_stale_events_after_it() -> None:
+    f = Freshness(max_age_ms=1000, max_skew_ms=100)
+    e = _hb(10_000)
+    assert f.refusal(e, 10_500) is None
+    f.accept(e)
+    assert str(f.refusal(e, 10_600)).startswith("replayed-event")
+    f.prune(10_900)
+    assert e.event_id in f.seen
+    f.prune(11_001)  # expired: forgotten, and refused as stale instead
+    assert e.event_id not in f.seen
+    assert str(f.refusal(e, 11_001)).startswith("expired-event")
+    assert "in the future" in str(f.refusal(_hb(20_000), 19_000))
