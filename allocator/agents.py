@@ -22,4 +22,5 @@ def install(app: faust.App, settings: Settings, allocator: Allocator,
         "TaskFailed": allocator.on_failed,
         "ReissueRequested": allocator.on_reissue,
         "ResultCommitted": allocator.on_committed,
+        "ResultRevealed": allocator.on_revealed,
     }, allocator.rejected, allocator.on_tick, publisher)

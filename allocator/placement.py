@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from allocator.pricing import Tier, effective_tier, tier_of
+from allocator.pricing import DEFAULT_PRICES, Tier, effective_tier, tier_of
 from destra.errors import InvalidRequest, NoCapacity
 
 # Rough coordinates (latitude, longitude) of each region's main data-centre cluster.
@@ -154,6 +154,14 @@ class PlacementRequest:
     """Nodes already used by the task; their operators are excluded too."""
     region_only: bool = False
     """Only nodes in ``submitter_region`` (``TaskSubmitted.region`` as a hard limit)."""
+    workload: str = ""
+    """The workload, for policies that predict runtimes."""
+    compute_units: int = 0
+    """The task's compute, for policies that predict runtimes."""
+    payload_bytes: int = 0
+    """Input size to transfer to each node."""
+    max_unit_price_micro: int | None = None
+    """No node whose tier's price per compute unit is above this; None: no limit."""
 
 
 class PlacementPolicy(Protocol):
@@ -164,23 +172,30 @@ class PlacementPolicy(Protocol):
         ...
 
 
-class HeuristicPolicy:
-    """Best nodes by throughput left after load, less a charge per km from the submitter.
+class ConstrainedPolicy:
+    """The hard constraints every policy keeps, around its own ranking of the candidates.
 
-    Score (higher is better), integers only:
-    ``tflops_milli * (1000 - load_permille) // 1000 - milli_tflops_per_km * distance_km``.
-    With the default of 2, being 5,000 km further costs as much as 10 TFLOP/s.
-    Ties go to the smaller node_id. This stands in until the learned runtime model.
+    A candidate is live, not excluded (nor its operator), has a free slot, enough
+    memory, at least the requested tier, a tier price within the limit, and the
+    submitter's region when required. Replicas go to distinct operators, and to one
+    device class when the workload needs bit-equality (the class whose set is best by
+    ``set_cost``). Subclasses order the candidates, best first (``rank``).
     """
 
-    def __init__(self, milli_tflops_per_km: int = 2) -> None:
-        self.milli_tflops_per_km = milli_tflops_per_km
+    prices: dict[Tier, int] = DEFAULT_PRICES
 
-    def score(self, node: NodeView, request: PlacementRequest) -> int:
-        """How much this policy wants ``node`` for ``request``."""
-        available = node.tflops_milli * (1000 - node.load_permille) // 1000
-        return available - self.milli_tflops_per_km * distance_km(request.submitter_region,
-                                                                  node.region)
+    def rank(self, candidates: list[NodeView], request: PlacementRequest,
+             now_ms: int) -> list[NodeView]:
+        """The candidates, best first."""
+        raise NotImplementedError
+
+    def set_cost(self, chosen: list[NodeView], request: PlacementRequest) -> tuple[float, ...]:
+        """How good a full set of replicas is (smaller is better); default: rank order."""
+        return (0.0,)
+
+    def choose(self, ranked: list[NodeView], request: PlacementRequest) -> list[NodeView]:
+        """The replicas from one group's ranked candidates: the best of each operator."""
+        return _one_per_operator(ranked, request.replicas)
 
     def place(self, request: PlacementRequest, table: NodeTable, now_ms: int) -> list[NodeView]:
         """``request.replicas`` nodes of distinct operators, best first."""
@@ -188,31 +203,35 @@ class HeuristicPolicy:
             raise InvalidRequest(f"task {request.task_id}: replicas {request.replicas} "
                                  f"out of 1..15 or memory {request.memory_mb} negative")
         candidates, refused = self._candidates(request, table, now_ms)
-        ranked = sorted(candidates, key=lambda n: (-self.score(n, request), n.node_id))
-        groups: dict[str, list[NodeView]] = {"": ranked}
+        groups: dict[str, list[NodeView]] = {"": candidates}
         if request.homogeneous:
             groups = {}
-            for node in ranked:
+            for node in candidates:
                 groups.setdefault(node.device_class, []).append(node)
         best: list[NodeView] = []
-        best_key: tuple[int, str] | None = None
+        best_key: tuple[tuple[float, ...], str] | None = None
         for device_class, nodes in sorted(groups.items()):
-            chosen = _one_per_operator(nodes, request.replicas)
-            key = (-sum(self.score(n, request) for n in chosen), device_class)
-            if len(chosen) == request.replicas and (best_key is None or key < best_key):
+            if len({n.operator_id for n in nodes}) < request.replicas:
+                continue
+            chosen = self.choose(self.rank(nodes, request, now_ms), request)
+            if len(chosen) < request.replicas:
+                continue
+            key = (self.set_cost(chosen, request), device_class)
+            if best_key is None or key < best_key:
                 best, best_key = chosen, key
         if best_key is None:
             raise NoCapacity(self._why(request, groups, refused))
         return best
 
-    @staticmethod
-    def _candidates(request: PlacementRequest, table: NodeTable,
+    def _candidates(self, request: PlacementRequest, table: NodeTable,
                     now_ms: int) -> tuple[list[NodeView], dict[str, int]]:
         """Nodes that could take a replica, and how many were refused for each reason."""
         tier = tier_of(request.tier)
         excluded_operators = {n.operator_id for n in map(table.get, request.exclude_node_ids)
                               if n is not None}
-        refused = dict.fromkeys(("stale", "excluded", "busy", "memory", "tier", "region"), 0)
+        refused = dict.fromkeys(("stale", "excluded", "busy", "memory", "tier", "price",
+                                 "region"), 0)
+        limit = request.max_unit_price_micro
         candidates = []
         for node in table:
             if not table.is_live(node, now_ms):
@@ -226,6 +245,8 @@ class HeuristicPolicy:
                 refused["memory"] += 1
             elif node.tier.rank < tier.rank:
                 refused["tier"] += 1
+            elif limit is not None and self.prices[node.tier] > limit:
+                refused["price"] += 1
             elif request.region_only and node.region != request.submitter_region:
                 refused["region"] += 1
             else:
@@ -240,6 +261,32 @@ class HeuristicPolicy:
         scope = " of one device class" if request.homogeneous else ""
         return (f"task {request.task_id}: {request.replicas} replicas need as many operators"
                 f"{scope}, found {operators}; nodes refused: {counts or 'none'}")
+
+
+class HeuristicPolicy(ConstrainedPolicy):
+    """Best nodes by throughput left after load, less a charge per km from the submitter.
+
+    Score (higher is better), integers only:
+    ``tflops_milli * (1000 - load_permille) // 1000 - milli_tflops_per_km * distance_km``.
+    With the default of 2, being 5,000 km further costs as much as 10 TFLOP/s.
+    Ties go to the smaller node_id. The baseline the learned policy replaced.
+    """
+
+    def __init__(self, milli_tflops_per_km: int = 2) -> None:
+        self.milli_tflops_per_km = milli_tflops_per_km
+
+    def score(self, node: NodeView, request: PlacementRequest) -> int:
+        """How much this policy wants ``node`` for ``request``."""
+        available = node.tflops_milli * (1000 - node.load_permille) // 1000
+        return available - self.milli_tflops_per_km * distance_km(request.submitter_region,
+                                                                  node.region)
+
+    def rank(self, candidates: list[NodeView], request: PlacementRequest,
+             now_ms: int) -> list[NodeView]:
+        return sorted(candidates, key=lambda n: (-self.score(n, request), n.node_id))
+
+    def set_cost(self, chosen: list[NodeView], request: PlacementRequest) -> tuple[float, ...]:
+        return (-sum(self.score(n, request) for n in chosen),)
 
 
 def _one_per_operator(ranked: list[NodeView], replicas: int) -> list[NodeView]:

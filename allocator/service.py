@@ -9,21 +9,28 @@ benchmark) feed it decoded events and publish what it returns. It
 * checks the task against its workload (known, parameters in bounds, the
   declared compute matching the workload's estimate) and fails it otherwise,
   which refunds the escrow;
-* places the replicas with a ``PlacementPolicy`` (the heuristic now, the learned
-  one later) on distinct operators, counting the replicas each node holds so a
-  node is never given more than its slots, and queues tasks when the network is
-  full;
+* places the replicas with a ``PlacementPolicy`` (by default the learned one,
+  ``allocator.policies.LearnedPolicy``) on distinct operators, counting the
+  replicas each node holds so a node is never given more than its slots, and
+  queues tasks when the network is full; each ``TaskAssigned`` carries the
+  runtime predicted for it;
+* learns: the runtimes agreeing nodes report with a verified result train the
+  runtime model (in the background), and heartbeat delays refine the latency
+  model;
 * places a lost replica again when the verifier asks (``ReissueRequested``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from allocator.placement import HeuristicPolicy, NodeTable, PlacementPolicy, PlacementRequest
+from allocator.placement import NodeTable, PlacementPolicy, PlacementRequest
+from allocator.policies import LearnedPolicy, node_shape, task_shape
+from allocator.runtime_model import NodeShape, Observation, TaskShape, analytic_ms
 from destra.crypto import verify_event
 from destra.errors import DestraError, NoCapacity
 from destra.freshness import Freshness
@@ -61,7 +68,7 @@ class Allocator:
     """Places escrowed tasks on nodes; every method returns the events to publish."""
 
     producer_id: str
-    policy: PlacementPolicy = field(default_factory=HeuristicPolicy)
+    policy: PlacementPolicy = field(default_factory=LearnedPolicy)
     windows: Windows = field(default_factory=Windows)
     table: NodeTable = field(default_factory=NodeTable)
     keys: dict[str, bytes] = field(default_factory=dict)
@@ -74,10 +81,15 @@ class Allocator:
     reissues: list[Event] = field(default_factory=list)
     """Reissue requests waiting for capacity."""
     rejected: list[tuple[Event, Any, str]] = field(default_factory=list)
-    freshness: Freshness = field(default_factory=Freshness)
-    """Refuses expired and replayed heartbeats."""
     """Events refused (bad signature, unknown node), where they came from and why: the
     adapter dead-letters them."""
+    freshness: Freshness = field(default_factory=Freshness)
+    """Refuses expired and replayed heartbeats."""
+    predictions: dict[tuple[str, str, int], tuple[TaskShape, NodeShape, float]] = field(
+        default_factory=dict)
+    """Per placed replica (task, node, attempt): what the model saw and predicted."""
+    reported: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    """Per (task, node): the attempt and runtime its signed reveal reported."""
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -118,6 +130,10 @@ class Allocator:
             self.rejected.append((e, where, refusal))
             return []
         self.freshness.accept(e)
+        if isinstance(self.policy, LearnedPolicy):
+            # One-way delay from the node's clock to ours, doubled: a round-trip estimate.
+            delay = time.time() * 1000 - e.occurred_at
+            self.policy.latency.observe_rtt(f["node_id"], 2 * max(0.0, delay))
         node = self.table.get(f["node_id"])
         assert node is not None
         free = node.slots - len(self.outstanding.get(f["node_id"], ()))
@@ -178,9 +194,35 @@ class Allocator:
         task_id = e.fields["task_id"]
         self.tasks.pop(task_id, None)
         self.queue.pop(task_id, None)
+        for placed in [k for k in self.predictions if k[0] == task_id]:
+            del self.predictions[placed]
+        for reported in [k for k in self.reported if k[0] == task_id]:
+            del self.reported[reported]
         return []
 
-    on_verified = on_failed
+    def on_revealed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A node's signed reveal: keep its reported runtime until the verdict."""
+        f = e.fields
+        key = self.keys.get(f["node_id"])
+        if key is not None and (f["task_id"], f["node_id"], f["attempt"]) in self.predictions \
+                and verify_event(e, key, f["node_id"]):
+            self.reported[(f["task_id"], f["node_id"])] = (f["attempt"], f["runtime_ms"])
+        return []
+
+    def on_verified(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A verified result: the agreeing nodes' runtimes train the model; forget the task."""
+        model = getattr(self.policy, "model", None)
+        if model is not None:
+            for c in e.fields["contributions"]:
+                reported = self.reported.get((e.fields["task_id"], c["node_id"]))
+                if not c["agreed"] or reported is None:
+                    continue
+                attempt, runtime_ms = reported
+                placed = self.predictions.get((e.fields["task_id"], c["node_id"], attempt))
+                if placed is not None:
+                    task, node, predicted = placed
+                    model.observe(Observation(task, node, float(runtime_ms), predicted))
+        return self.on_failed(e, now_ms, where)
 
     def on_reissue(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """The verifier lost a replica: place it on a node the task has not used."""
@@ -268,8 +310,12 @@ class Allocator:
 
     def _request(self, task: _Task, replicas: int, exclude: frozenset[str]) -> PlacementRequest:
         f = self._submission(task).fields
-        return PlacementRequest(f["task_id"], replicas, task.memory_mb, f["tier"], f["region"],
-                                f["homogeneous"], exclude)
+        return PlacementRequest(
+            f["task_id"], replicas, task.memory_mb, f["tier"], f["region"], f["homogeneous"],
+            exclude, workload=f["workload"], compute_units=f["compute_units"],
+            # No price limit per node: a task pays its quoted tier price whichever node
+            # runs it (the ledger enforces the max price), and better tiers may serve.
+            payload_bytes=len(f["payload"] or b""))
 
     def _place_new(self, task_id: str, now_ms: int) -> list[Event] | None:
         task = self.tasks.get(task_id)
@@ -307,10 +353,15 @@ class Allocator:
         f = submission.fields
         node = self.table.get(node_id)
         assert node is not None
-        # compute units are 10^6 operations, tflops_milli 10^9 operations per second:
-        # units / tflops_milli is seconds / 1000, i.e. milliseconds.
-        predicted_ms = f["compute_units"] // max(1, node.tflops_milli)
-        commit = now_ms + max(self.windows.commit_ms, self.windows.runtime_factor * predicted_ms)
+        request = self._request(task, 1, frozenset())
+        analytic = analytic_ms(task_shape(request), node_shape(node))
+        predicted = getattr(self.policy, "last_runtime", {}).get(node_id, analytic)
+        self.predictions[(f["task_id"], node_id, attempt)] = (
+            task_shape(request), node_shape(node), predicted)
+        # The commit window follows the slower of the two estimates: a model that
+        # underestimates must not make an honest node miss its deadline.
+        commit = now_ms + max(self.windows.commit_ms,
+                              int(self.windows.runtime_factor * max(analytic, predicted)))
         self.table.reserve(node_id)
         self.outstanding.setdefault(node_id, {})[(f["task_id"], attempt)] = commit
         return new_event(
@@ -318,6 +369,7 @@ class Allocator:
             replica_index=index, attempt=attempt, commit_deadline=commit,
             reveal_deadline=commit + self.windows.reveal_ms, workload=f["workload"],
             params=dict(f["params"]), compute_units=f["compute_units"],
+            predicted_runtime_ms=int(predicted),
             task_deadline=submission.occurred_at + f["deadline_ms"],
             payload=f["payload"], payload_ref=f["payload_ref"],
             submitter_id=f["submitter_id"], submitter_key=f["signing_key"],

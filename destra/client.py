@@ -297,8 +297,10 @@ class Client:
             node_key = self.node_encryption_key(f["node_id"])
             if data_key is None or node_key is None:
                 return  # not submitted from here, or a node without a valid registration
+            # Not flushed one by one: the producer's thread sends it at once anyway, and
+            # waiting for each acknowledgement held up every grant behind the last.
             self.send_signed(grant(self.settings.producer_id, f["task_id"], f["node_id"],
-                                   f["attempt"], data_key, node_key))
+                                   f["attempt"], data_key, node_key), flush=False)
             self._granted.add(replica)
 
     # -- results ----------------------------------------------------------------------------

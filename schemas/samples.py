@@ -61,6 +61,7 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "task_deadline": SAMPLE_TIME_MS + 600_000, "payload": None,
         "payload_ref": "blob:sha256:" + _sha256("payload").hex(), "submitter_id": "alice",
         "submitter_key": _key("alice signing"), "result_key": _key("alice x25519"),
+        "predicted_runtime_ms": 47_500,
     },
     "RevealOpened": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0,

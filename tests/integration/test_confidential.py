@@ -3,7 +3,10 @@ topics or in the blob store, keys only for assigned nodes, results only for the 
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +136,16 @@ def test_tasks_of_every_workload_leave_no_plaintext_on_the_topics_or_in_the_blob
     assert all(any(t.encode() in c for c in chunks) for t in submitted)
 
     _only_assigned_nodes_can_decrypt(net, submissions)
+
+    # The command line gives the same plaintext.
+    task_id, (workload, params) = next(iter(submitted.items()))
+    w = get_workload(workload)
+    cli = subprocess.run([sys.executable, "-m", "destra", "result", task_id, "--account",
+                          "alice", "--json"], env=net.env(), text=True, capture_output=True,
+                         timeout=120, check=False)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["output"].encode() == w.run(
+        w.validate(params), torch.device("cpu")).output
 
 
 def _only_assigned_nodes_can_decrypt(net: LocalNetwork, submissions: list[Event]) -> None:
