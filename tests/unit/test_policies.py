@@ -10,8 +10,8 @@ import pytest
 from allocator.latency import LatencyModel
 from allocator.placement import HeuristicPolicy, NodeTable, NodeView, PlacementRequest
 from allocator.policies import (
-    LeastLoadedPolicy,
     LearnedPolicy,
+    LeastLoadedPolicy,
     OraclePolicy,
     RandomPolicy,
     RoundRobinPolicy,
