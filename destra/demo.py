@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from destra.errors import DestraError
 from destra.settings import Settings
@@ -187,6 +188,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo(f"   treasury (fees and slashes): {balances.get('treasury', 0)}; alice: "
              f"{balances.get('user:alice', 0)}")
         echo(f"   ledger: {entries} entries sum to zero, balances match")
+        _runtimes(bootstrap, prefix, submitted, echo)
         report = replay(run, bootstrap, net.pg_dsn)
         echo(f"   replay from offset 0: {'matches' if report.matches else 'DIFFERS'} "
              f"({report.live_hash[:16]})")
@@ -214,3 +216,34 @@ def _seed(workload: str, r: int) -> dict[str, str]:
     if workload == "sha256-search":
         return {"start": str(r * 5000)}
     return {"seed": str(r)}
+
+
+def _runtimes(bootstrap: str, prefix: str, submitted: dict[str, str],
+              echo: Callable[[str], None]) -> None:
+    """The allocator's predicted runtimes against those the nodes reported, per workload."""
+    import statistics
+
+    from ledger.processor import read_all
+    from schemas import decode
+    from streams.topics import topic_for
+
+    def events(name: str) -> list[Any]:
+        return [e for e in (decode(m.value()) for m in read_all(
+            bootstrap, topic_for(name).name(prefix))) if e.name == name]
+
+    predicted = {(a.fields["task_id"], a.fields["node_id"], a.fields["attempt"]):
+                 a.fields["predicted_runtime_ms"] for a in events("TaskAssigned")}
+    pairs: dict[str, list[tuple[int, int]]] = {}
+    for r in events("ResultRevealed"):
+        f = r.fields
+        key = (f["task_id"], f["node_id"], f["attempt"])
+        if key in predicted and f["task_id"] in submitted:
+            pairs.setdefault(submitted[f["task_id"]], []).append((predicted[key],
+                                                                  f["runtime_ms"]))
+    echo("   allocator's predicted vs reported runtimes (median ms; the learned model "
+         "refines the compute/speed estimate once it has 30 verified runtimes):")
+    for workload, values in sorted(pairs.items()):
+        errors = [abs(p - a) / a for p, a in values if a > 0]
+        echo(f"     {workload:<14} predicted {statistics.median(p for p, _ in values):8.0f}  "
+             f"actual {statistics.median(a for _, a in values):8.0f}  median error "
+             f"{100 * statistics.median(errors) if errors else float('nan'):6.0f} %")

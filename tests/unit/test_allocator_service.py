@@ -1,0 +1,89 @@
+"""The live allocator: learned placement by default, predictions carried, learning from
+verified runtimes, and refused heartbeats."""
+
+from __future__ import annotations
+
+from allocator.policies import LearnedPolicy
+from allocator.runtime_model import RuntimeModel
+from allocator.service import Allocator
+from destra.crypto import sign_event
+from schemas import Event, new_event
+from schemas.samples import sample_event, with_fields
+from tests.support import account_keys
+from workloads import get_workload
+
+T0 = 1_800_000_000_000
+NODES = ("a", "b", "c")
+PARAMS = {"n": "64", "repeats": "1"}
+
+
+def _signed(node: str, event: Event) -> Event:
+    return sign_event(event.with_envelope(occurred_at=T0), account_keys(node), node)
+
+
+def _allocator(model: RuntimeModel | None = None) -> Allocator:
+    alloc = Allocator("alloc") if model is None else Allocator(
+        "alloc", policy=LearnedPolicy(model))
+    for i, n in enumerate(NODES):
+        alloc.on_registered(_signed(n, with_fields(
+            sample_event("NodeRegistered"), node_id=n, operator_id=f"op-{n}",
+            signing_key=account_keys(n).signing_public, tier="consumer",
+            device_class="cpu", tflops_milli=50 * (i + 1), memory_mb=8192, slots=2)), T0)
+    return alloc
+
+
+def _submit(alloc: Allocator, task_id: str) -> list[Event]:
+    units = get_workload("matmul").compute_units(get_workload("matmul").validate(PARAMS))
+    alloc.on_submitted(with_fields(sample_event("TaskSubmitted"), task_id=task_id,
+                                   workload="matmul", params=PARAMS, compute_units=units,
+                                   replicas=3, quorum=2, tier="consumer", region=None,
+                                   homogeneous=False), T0)
+    return alloc.on_entry(with_fields(sample_event("LedgerEntryPosted"), task_id=task_id,
+                                      account=f"escrow:{task_id}", kind="escrow",
+                                      amount_micro=100), T0)
+
+
+def test_the_live_allocator_places_with_the_learned_policy_and_says_what_it_predicts() -> None:
+    alloc = _allocator()
+    assert isinstance(alloc.policy, LearnedPolicy)
+    out = _submit(alloc, "t1")
+    assert [e.name for e in out] == ["TaskAssigned"] * 3
+    by_node = {e.fields["node_id"]: e.fields["predicted_runtime_ms"] for e in out}
+    units = out[0].fields["compute_units"]
+    # Before any history: compute over measured speed (node i runs at 50 * (i + 1)).
+    assert by_node == {n: int(units / (50 * (i + 1)) * 1000 / 1000)
+                       for i, n in enumerate(NODES)}
+
+
+def test_verified_runtimes_of_agreeing_nodes_train_the_model() -> None:
+    model = RuntimeModel(min_history=10**6, background=False)  # never fits: just collects
+    alloc = _allocator(model)
+    for t in ("t1", "t2"):
+        _submit(alloc, t)
+        for n in NODES:
+            alloc.on_revealed(_signed(n, with_fields(
+                sample_event("ResultRevealed"), task_id=t, node_id=n, attempt=0,
+                runtime_ms=1234)), T0)
+        # A forged reveal (another key) for an agreeing node is not learned from.
+        alloc.on_revealed(sign_event(with_fields(
+            sample_event("ResultRevealed"), task_id=t, node_id="a", attempt=0,
+            runtime_ms=1), account_keys("mallory"), "a"), T0)
+        alloc.on_verified(with_fields(sample_event("TaskVerified"), task_id=t, contributions=[
+            {"node_id": n, "compute_units": 1, "agreed": n != "c"} for n in NODES]), T0)
+    assert [(o.node.tflops_milli, o.runtime_ms) for o in model.history] == [
+        (50, 1234.0), (100, 1234.0)] * 2  # the dissenter "c" is not learned from
+    assert all(o.predicted_ms is not None for o in model.history)
+    assert alloc.predictions == {} and alloc.reported == {}
+
+
+def test_a_replayed_or_stale_heartbeat_is_dead_lettered() -> None:
+    alloc = _allocator()
+    beat = _signed("a", new_event("NodeHeartbeat", "a", node_id="a", load_permille=0,
+                                  free_slots=2, seq=1))
+    alloc.on_heartbeat(beat, T0 + 10)
+    alloc.on_heartbeat(beat, T0 + 20)
+    assert alloc.rejected.pop()[2].startswith("replayed-event: NodeHeartbeat")
+    stale = _signed("a", new_event("NodeHeartbeat", "a", node_id="a", load_permille=0,
+                                   free_slots=2, seq=2))
+    alloc.on_heartbeat(stale, T0 + 400_000)
+    assert alloc.rejected.pop()[2].startswith("expired-event: NodeHeartbeat")
