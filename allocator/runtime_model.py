@@ -76,7 +76,7 @@ _WORKLOAD_NAMES = sorted(WORKLOADS)
 class RuntimeModel:
     """Predicts runtimes; learns from observations (see the module docstring)."""
 
-    def __init__(self, *, min_history: int = 30, refit_growth: float = 0.25,
+    def __init__(self, *, min_history: int = 12, refit_growth: float = 0.25,
                  background: bool = True, max_history: int = 50_000, seed: int = 0) -> None:
         self.min_history = min_history
         self.refit_growth = refit_growth
@@ -169,8 +169,10 @@ class RuntimeModel:
             x = np.asarray([self.features(o.task, o.node, classes) for o in snapshot])
             y = np.asarray([math.log(o.runtime_ms / analytic_ms(o.task, o.node))
                             for o in snapshot])
-            model = HistGradientBoostingRegressor(max_iter=150, learning_rate=0.15,
-                                                  min_samples_leaf=5, random_state=self.seed)
+            # Small histories (a young network) need small leaves to tell workloads apart.
+            model = HistGradientBoostingRegressor(
+                max_iter=150, learning_rate=0.15, min_samples_leaf=2 if len(y) < 200 else 5,
+                random_state=self.seed)
             model.fit(x, y)
             # Swap in whole: a placement running now uses the old model or the new one.
             self._state = (model, classes, self._state[2] + 1)

@@ -90,6 +90,10 @@ class Allocator:
     """Per placed replica (task, node, attempt): what the model saw and predicted."""
     reported: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     """Per (task, node): the attempt and runtime its signed reveal reported."""
+    agreed: dict[str, tuple[set[str], int]] = field(default_factory=dict)
+    """Verified tasks whose runtimes are still coming: agreeing nodes, verified at."""
+    learn_window_ms: int = 120_000
+    """How long after its verdict a task's reveals are still learned from."""
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -194,35 +198,51 @@ class Allocator:
         task_id = e.fields["task_id"]
         self.tasks.pop(task_id, None)
         self.queue.pop(task_id, None)
-        for placed in [k for k in self.predictions if k[0] == task_id]:
-            del self.predictions[placed]
-        for reported in [k for k in self.reported if k[0] == task_id]:
-            del self.reported[reported]
+        self._forget_runtimes(task_id)
         return []
 
     def on_revealed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
-        """A node's signed reveal: keep its reported runtime until the verdict."""
+        """A node's signed reveal: its reported runtime, learned from once the task is
+        verified with this node agreeing (the verdict may be read before or after)."""
         f = e.fields
         key = self.keys.get(f["node_id"])
         if key is not None and (f["task_id"], f["node_id"], f["attempt"]) in self.predictions \
                 and verify_event(e, key, f["node_id"]):
             self.reported[(f["task_id"], f["node_id"])] = (f["attempt"], f["runtime_ms"])
+            self._learn(f["task_id"], f["node_id"])
         return []
 
     def on_verified(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
-        """A verified result: the agreeing nodes' runtimes train the model; forget the task."""
+        """A verified result: the agreeing nodes' runtimes train the model."""
+        task_id = e.fields["task_id"]
+        self.tasks.pop(task_id, None)
+        self.queue.pop(task_id, None)
+        self.agreed[task_id] = ({c["node_id"] for c in e.fields["contributions"]
+                                 if c["agreed"]}, now_ms)
+        for c in e.fields["contributions"]:
+            self._learn(task_id, c["node_id"])
+        return []
+
+    def _learn(self, task_id: str, node_id: str) -> None:
+        """Feed the model one verified runtime, once both the verdict and reveal are in."""
+        agreed = self.agreed.get(task_id)
+        if agreed is None or node_id not in agreed[0]:
+            return
+        reported = self.reported.pop((task_id, node_id), None)
+        if reported is None:
+            return
+        placed = self.predictions.pop((task_id, node_id, reported[0]), None)
         model = getattr(self.policy, "model", None)
-        if model is not None:
-            for c in e.fields["contributions"]:
-                reported = self.reported.get((e.fields["task_id"], c["node_id"]))
-                if not c["agreed"] or reported is None:
-                    continue
-                attempt, runtime_ms = reported
-                placed = self.predictions.get((e.fields["task_id"], c["node_id"], attempt))
-                if placed is not None:
-                    task, node, predicted = placed
-                    model.observe(Observation(task, node, float(runtime_ms), predicted))
-        return self.on_failed(e, now_ms, where)
+        if placed is not None and model is not None:
+            task, node, predicted = placed
+            model.observe(Observation(task, node, float(reported[1]), predicted))
+
+    def _forget_runtimes(self, task_id: str) -> None:
+        self.agreed.pop(task_id, None)
+        for placed in [k for k in self.predictions if k[0] == task_id]:
+            del self.predictions[placed]
+        for reported in [k for k in self.reported if k[0] == task_id]:
+            del self.reported[reported]
 
     def on_reissue(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """The verifier lost a replica: place it on a node the task has not used."""
@@ -232,6 +252,9 @@ class Allocator:
         """Time passed: free the slots of missed commits, retry queued work, fail the stale."""
         out: list[Event] = []
         self.freshness.prune(now_ms)
+        for task_id in [t for t, (_, at) in self.agreed.items()
+                        if now_ms - at > self.learn_window_ms]:
+            self._forget_runtimes(task_id)
         for node_id, held in self.outstanding.items():
             for (task_id, attempt), deadline in list(held.items()):
                 if now_ms > deadline:
@@ -369,7 +392,7 @@ class Allocator:
             replica_index=index, attempt=attempt, commit_deadline=commit,
             reveal_deadline=commit + self.windows.reveal_ms, workload=f["workload"],
             params=dict(f["params"]), compute_units=f["compute_units"],
-            predicted_runtime_ms=int(predicted),
+            predicted_runtime_ms=max(1, round(predicted)),
             task_deadline=submission.occurred_at + f["deadline_ms"],
             payload=f["payload"], payload_ref=f["payload_ref"],
             submitter_id=f["submitter_id"], submitter_key=f["signing_key"],

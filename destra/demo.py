@@ -42,7 +42,7 @@ TASKS = [
 
 
 def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
-             rounds: int = 2) -> None:
+             rounds: int = 3) -> None:
     """Run the demo end to end; raises ``DestraError`` if any check fails."""
     from destra.client import Client
     from destra.network import LocalNetwork
@@ -104,18 +104,12 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         except DestraError as e:
             echo(f"   expired quote: {e}")
 
-        echo(f"4. submitting {rounds * len(TASKS)} tasks, 3 replicas each, quorum 2:")
+        echo(f"4. {rounds} rounds of {len(TASKS)} tasks, 3 replicas each, quorum 2; the "
+             "allocator learns runtimes from each round's verified results:")
         submitted: dict[str, str] = {}
-        for r in range(rounds):
-            for workload, params in TASKS:
-                q = client.quote(workload, {**params, **_seed(workload, r)})
-                task_id = client.submit(q)
-                submitted[task_id] = workload
-                echo(f"   {task_id} {workload:<14} {q.quote.compute_units:>6} units x 3 = "
-                     f"{q.quote.price_micro} micro-tokens")
-
-        echo("5. progress (verdicts as they arrive):")
+        round_of: dict[str, int] = {}
         started = time.monotonic()
+        shown: set[str] = set()
 
         def progress(p: object) -> None:
             from destra.client import Progress
@@ -129,13 +123,25 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
                 echo(f"   [{time.monotonic() - started:5.1f}s] {p.task_id} {what:<14} "
                      f"{p.state}: {detail}")
 
-        shown: set[str] = set()
-        done = client.wait([*submitted, poor], watch=watch, timeout_s=900, on_progress=progress)
+        done = {}
+        for r in range(rounds):
+            echo(f"   round {r + 1}: submitted")
+            batch = []
+            for workload, params in TASKS:
+                q = client.quote(workload, {**params, **_seed(workload, r)})
+                task_id = client.submit(q)
+                submitted[task_id], round_of[task_id] = workload, r + 1
+                batch.append(task_id)
+                echo(f"   {task_id} {workload:<14} {q.quote.compute_units:>6} units x 3 = "
+                     f"{q.quote.price_micro} micro-tokens")
+            echo(f"   round {r + 1}: verdicts as they arrive")
+            done.update(client.wait(batch + ([poor] if r == 0 else []), watch=watch,
+                                    timeout_s=900, on_progress=progress))
         watch.close()
         broke.close()
         problems = []
 
-        echo("6. confidentiality: what the network saw of alice's hash search, and her result")
+        echo("5. confidentiality: what the network saw of alice's hash search, and her result")
         search = next(t for t, w in submitted.items() if w == "sha256-search"
                       and done[t].state == "verified")
         sub = next(decode(m.value()) for m in read_all(bootstrap,
@@ -157,7 +163,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
             problems.append("the decrypted result does not echo the private prefix")
         client.close()
 
-        echo("7. summary")
+        echo("6. summary")
         verified = [p for t, p in done.items() if t in submitted and p.state == "verified"]
         echo(f"   tasks verified: {len(verified)} of {len(submitted)}; bad submission "
              f"{poor}: {done[poor].state} ({done[poor].as_dict().get('reason')})")
@@ -188,7 +194,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo(f"   treasury (fees and slashes): {balances.get('treasury', 0)}; alice: "
              f"{balances.get('user:alice', 0)}")
         echo(f"   ledger: {entries} entries sum to zero, balances match")
-        _runtimes(bootstrap, prefix, submitted, echo)
+        _runtimes(bootstrap, prefix, round_of, submitted, echo)
         report = replay(run, bootstrap, net.pg_dsn)
         echo(f"   replay from offset 0: {'matches' if report.matches else 'DIFFERS'} "
              f"({report.live_hash[:16]})")
@@ -203,7 +209,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo("demo: OK")
     finally:
         codes = net.stop()
-        echo(f"8. stopped the network ({sum(c == 0 for c in codes.values())} of "
+        echo(f"7. stopped the network ({sum(c == 0 for c in codes.values())} of "
              f"{len(codes)} processes exited cleanly)")
         if keep:
             echo("Kafka and Postgres left running; stop them with `destra infra down`")
@@ -218,8 +224,8 @@ def _seed(workload: str, r: int) -> dict[str, str]:
     return {"seed": str(r)}
 
 
-def _runtimes(bootstrap: str, prefix: str, submitted: dict[str, str],
-              echo: Callable[[str], None]) -> None:
+def _runtimes(bootstrap: str, prefix: str, round_of: dict[str, int],
+              submitted: dict[str, str], echo: Callable[[str], None]) -> None:
     """The allocator's predicted runtimes against those the nodes reported, per workload."""
     import statistics
 
@@ -233,17 +239,25 @@ def _runtimes(bootstrap: str, prefix: str, submitted: dict[str, str],
 
     predicted = {(a.fields["task_id"], a.fields["node_id"], a.fields["attempt"]):
                  a.fields["predicted_runtime_ms"] for a in events("TaskAssigned")}
-    pairs: dict[str, list[tuple[int, int]]] = {}
+    pairs: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for r in events("ResultRevealed"):
         f = r.fields
         key = (f["task_id"], f["node_id"], f["attempt"])
         if key in predicted and f["task_id"] in submitted:
-            pairs.setdefault(submitted[f["task_id"]], []).append((predicted[key],
-                                                                  f["runtime_ms"]))
-    echo("   allocator's predicted vs reported runtimes (median ms; the learned model "
-         "refines the compute/speed estimate once it has 30 verified runtimes):")
-    for workload, values in sorted(pairs.items()):
+            pairs.setdefault((submitted[f["task_id"]], round_of[f["task_id"]]), []).append(
+                (predicted[key], f["runtime_ms"]))
+    echo("   the allocator's predicted runtime of each replica vs what its node reported "
+         "(median ms; round 1 is placed on compute / measured speed alone, later rounds "
+         "with the model learned from earlier verified results):")
+    for (workload, r), values in sorted(pairs.items()):
         errors = [abs(p - a) / a for p, a in values if a > 0]
-        echo(f"     {workload:<14} predicted {statistics.median(p for p, _ in values):8.0f}  "
-             f"actual {statistics.median(a for _, a in values):8.0f}  median error "
-             f"{100 * statistics.median(errors) if errors else float('nan'):6.0f} %")
+        echo(f"     {workload:<14} round {r}  predicted "
+             f"{statistics.median(p for p, _ in values):7.0f}  actual "
+             f"{statistics.median(a for _, a in values):7.0f}  median error "
+             f"{100 * statistics.median(errors) if errors else float('nan'):5.0f} %")
+    for r in sorted({r for _, r in pairs}):
+        errors = [abs(p - a) / a for (_, rr), v in pairs.items() if rr == r for p, a in v
+                  if a > 0]
+        if errors:
+            echo(f"     round {r}, all workloads: median error "
+                 f"{100 * statistics.median(errors):5.0f} %")

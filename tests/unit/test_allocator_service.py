@@ -14,7 +14,7 @@ from workloads import get_workload
 
 T0 = 1_800_000_000_000
 NODES = ("a", "b", "c")
-PARAMS = {"n": "64", "repeats": "1"}
+PARAMS = {"n": "512", "repeats": "1"}
 
 
 def _signed(node: str, event: Event) -> Event:
@@ -51,8 +51,8 @@ def test_the_live_allocator_places_with_the_learned_policy_and_says_what_it_pred
     by_node = {e.fields["node_id"]: e.fields["predicted_runtime_ms"] for e in out}
     units = out[0].fields["compute_units"]
     # Before any history: compute over measured speed (node i runs at 50 * (i + 1)).
-    assert by_node == {n: int(units / (50 * (i + 1)) * 1000 / 1000)
-                       for i, n in enumerate(NODES)}
+    assert by_node == {n: round(units / (50 * (i + 1))) for i, n in enumerate(NODES)}
+    assert len(set(by_node.values())) == 3
 
 
 def test_verified_runtimes_of_agreeing_nodes_train_the_model() -> None:
@@ -73,7 +73,24 @@ def test_verified_runtimes_of_agreeing_nodes_train_the_model() -> None:
     assert [(o.node.tflops_milli, o.runtime_ms) for o in model.history] == [
         (50, 1234.0), (100, 1234.0)] * 2  # the dissenter "c" is not learned from
     assert all(o.predicted_ms is not None for o in model.history)
-    assert alloc.predictions == {} and alloc.reported == {}
+    # The dissenter's prediction waits out the learning window, then is forgotten.
+    assert set(alloc.predictions) == {("t1", "c", 0), ("t2", "c", 0)}
+    alloc.on_tick(T0 + alloc.learn_window_ms + 1)
+    assert alloc.predictions == {} and alloc.reported == {} and alloc.agreed == {}
+
+
+def test_a_verdict_read_before_the_reveals_is_still_learned_from() -> None:
+    model = RuntimeModel(min_history=10**6, background=False)
+    alloc = _allocator(model)
+    _submit(alloc, "t1")
+    alloc.on_verified(with_fields(sample_event("TaskVerified"), task_id="t1", contributions=[
+        {"node_id": n, "compute_units": 1, "agreed": True} for n in NODES]), T0)
+    assert len(model.history) == 0
+    for n in NODES:
+        alloc.on_revealed(_signed(n, with_fields(
+            sample_event("ResultRevealed"), task_id="t1", node_id=n, attempt=0,
+            runtime_ms=77)), T0)
+    assert [o.runtime_ms for o in model.history] == [77.0] * 3
 
 
 def test_a_replayed_or_stale_heartbeat_is_dead_lettered() -> None:
