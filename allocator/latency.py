@@ -11,6 +11,7 @@ weighted average, so a node behind a slow link ranks as slow whatever its region
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from allocator.placement import NodeView, distance_km
 from allocator.pricing import Tier
@@ -26,6 +27,11 @@ BANDWIDTH_MBIT_S: dict[Tier, float] = {
 """Assumed downlink per tier until measured."""
 
 
+@lru_cache(maxsize=4096)
+def _prior_rtt_ms(a: str | None, b: str) -> float:
+    return BASE_RTT_MS + 2 * distance_km(a, b) * ROUTE_FACTOR / FIBRE_KM_PER_MS
+
+
 @dataclass
 class LatencyModel:
     """Round-trip and transfer estimates per node."""
@@ -37,8 +43,7 @@ class LatencyModel:
     @staticmethod
     def prior_rtt_ms(submitter_region: str | None, node: NodeView) -> float:
         """Round trip from distance alone."""
-        km = distance_km(submitter_region, node.region)
-        return BASE_RTT_MS + 2 * km * ROUTE_FACTOR / FIBRE_KM_PER_MS
+        return _prior_rtt_ms(submitter_region, node.region)
 
     def observe_rtt(self, node_id: str, rtt_ms: float) -> None:
         """A measured round trip to ``node_id`` (negative or absurd values are ignored)."""

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 
 from allocator.latency import LatencyModel
-from allocator.placement import ConstrainedPolicy, NodeView, PlacementRequest
+from allocator.placement import ConstrainedPolicy, NodeTable, NodeView, PlacementRequest
 from allocator.runtime_model import NodeShape, RuntimeModel, TaskShape
 
 
@@ -49,12 +49,16 @@ class _EtaPolicy(ConstrainedPolicy):
         """Transfer time in ms of the request's input to ``node``."""
         raise NotImplementedError
 
+    def place(self, request: PlacementRequest, table: NodeTable, now_ms: int) -> list[NodeView]:
+        self.last_eta, self.last_runtime = {}, {}  # filled by each group's ``rank``
+        return super().place(request, table, now_ms)
+
     def rank(self, candidates: list[NodeView], request: PlacementRequest,
              now_ms: int) -> list[NodeView]:
         runtimes = self.runtimes(request, candidates)
-        self.last_runtime = {n.node_id: r for n, r in zip(candidates, runtimes, strict=True)}
-        self.last_eta = {n.node_id: r + self.transfer(request, n)
-                         for n, r in zip(candidates, runtimes, strict=True)}
+        for n, r in zip(candidates, runtimes, strict=True):
+            self.last_runtime[n.node_id] = r
+            self.last_eta[n.node_id] = r + self.transfer(request, n)
         return sorted(candidates, key=lambda n: (self.last_eta[n.node_id],
                                                  self.prices[n.tier], n.node_id))
 
@@ -73,7 +77,7 @@ class LearnedPolicy(_EtaPolicy):
         self.latency = latency or LatencyModel()
 
     def runtimes(self, request: PlacementRequest, nodes: list[NodeView]) -> list[float]:
-        return self.model.predict(task_shape(request), [node_shape(n) for n in nodes])
+        return self.model.predict(task_shape(request), nodes)
 
     def transfer(self, request: PlacementRequest, node: NodeView) -> float:
         return self.latency.transfer_ms(request.submitter_region, node, request.payload_bytes)

@@ -15,8 +15,9 @@ Training never blocks placement: ``observe`` only appends, and a refit runs on a
 background thread (or synchronously, for a deterministic simulation) when the
 history has grown by ``refit_growth``; the fitted model is swapped in whole.
 Prediction is one ``predict`` call per placement over the distinct (device
-class, speed, load decile) groups of the candidates, not per node, and is cached
-per model version.
+class, speed bucket) groups of the candidates, not per node (speeds are bucketed
+in steps of 2^(1/4), about 19 %; load is in the analytic part, not a feature),
+and is cached per model version.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingRegressor
@@ -34,6 +35,9 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from workloads import WORKLOADS
 
 MAX_LOAD_PERMILLE = 950
+HOST_CPU_TFLOPS_MILLI = 50
+"""Assumed host-CPU speed for workloads that do not use the accelerator (about what this
+project's CPU benchmark measures on a few cores); the model learns each class's real one."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,29 @@ class NodeShape:
     load_permille: int
 
 
-def analytic_ms(task: TaskShape, node: NodeShape) -> float:
-    """Compute over measured speed, slowed by load: the prior, and the model's baseline."""
+class NodeLike(Protocol):
+    """Anything with a node's shape (``NodeShape``, ``placement.NodeView``)."""
+
+    @property
+    def device_class(self) -> str: ...
+    @property
+    def tflops_milli(self) -> int: ...
+    @property
+    def load_permille(self) -> int: ...
+
+
+def _speed(task: TaskShape, tflops_milli: int) -> int:
+    """The speed the task can use: the device's, or the host CPU's for CPU-only work."""
+    w = WORKLOADS.get(task.workload)
+    if w is not None and not w.uses_accelerator:
+        return min(tflops_milli, HOST_CPU_TFLOPS_MILLI)
+    return max(tflops_milli, 1)
+
+
+def analytic_ms(task: TaskShape, node: NodeLike) -> float:
+    """Compute over usable speed, slowed by load: the prior, and the model's baseline."""
     load = min(MAX_LOAD_PERMILLE, max(0, node.load_permille))
-    return max(task.compute_units, 1) / max(node.tflops_milli, 1) * 1000 / (1000 - load)
+    return max(task.compute_units, 1) / _speed(task, node.tflops_milli) * 1000 / (1000 - load)
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,11 @@ class Observation:
 
 
 _WORKLOAD_NAMES = sorted(WORKLOADS)
+
+
+def _speed_bucket(tflops_milli: int) -> int:
+    """log2 of the speed in quarter steps: nodes of one class fall in one or two buckets."""
+    return round(4 * math.log2(max(tflops_milli, 1)))
 
 
 class RuntimeModel:
@@ -104,30 +132,43 @@ class RuntimeModel:
         if node.device_class in classes:
             onehot[classes[node.device_class]] = 1.0
         row += onehot
-        row += [math.log1p(node.tflops_milli), min(node.load_permille, 1000) / 1000]
+        row += [_speed_bucket(node.tflops_milli) / 4]
         return row
 
-    def predict(self, task: TaskShape, nodes: Sequence[NodeShape]) -> list[float]:
+    def predict(self, task: TaskShape, nodes: Sequence[NodeLike]) -> list[float]:
         """Predicted runtime in ms of ``task`` on each of ``nodes``."""
         model, classes, version = self._state
-        if model is None:
-            return [analytic_ms(task, n) for n in nodes]
-        # Group by what the features see (load in deciles): few rows per decision.
-        keys = [(version, task, n.device_class, n.tflops_milli, n.load_permille // 100)
-                for n in nodes]
-        missing = sorted({k for k in keys if k not in self._cache}, key=repr)
+        units = max(task.compute_units, 1)
+        # Per distinct (class, speed): the usable speed and the learned correction.
+        groups = {(n.device_class, n.tflops_milli) for n in nodes}
+        factor: dict[tuple[str, int], float] = {}
+        missing: dict[tuple[Any, ...], list[tuple[str, int]]] = {}
+        for device_class, tflops in groups:
+            if model is None:
+                factor[(device_class, tflops)] = 1000 / _speed(task, tflops)
+                continue
+            key = (version, task, device_class, _speed_bucket(tflops))
+            cached = self._cache.get(key)
+            if cached is None:
+                missing.setdefault(key, []).append((device_class, tflops))
+            else:
+                factor[(device_class, tflops)] = 1000 / _speed(task, tflops) * cached
         if missing:
-            rows = [self.features(task, NodeShape(k[2], k[3], k[4] * 100 + 50), classes)
-                    for k in missing]
-            ratios = model.predict(np.asarray(rows, dtype=np.float64))
+            keys = list(missing)
+            rows = [self.features(task, NodeShape(k[2], round(2 ** (k[3] / 4)), 0), classes)
+                    for k in keys]
+            ratios = np.exp(model.predict(np.asarray(rows, dtype=np.float64)))
             if len(self._cache) > 200_000:
                 self._cache.clear()
-            for k, r in zip(missing, ratios, strict=True):
+            for k, r in zip(keys, ratios, strict=True):
                 self._cache[k] = float(r)
-        return [analytic_ms(task, n) * math.exp(self._cache[k])
-                for n, k in zip(nodes, keys, strict=True)]
+                for device_class, tflops in missing[k]:
+                    factor[(device_class, tflops)] = 1000 / _speed(task, tflops) * float(r)
+        cap = MAX_LOAD_PERMILLE
+        return [units * factor[(n.device_class, n.tflops_milli)]
+                / (1000 - min(cap, max(0, n.load_permille))) for n in nodes]
 
-    def predict_one(self, task: TaskShape, node: NodeShape) -> float:
+    def predict_one(self, task: TaskShape, node: NodeLike) -> float:
         """Predicted runtime in ms of ``task`` on ``node``."""
         return self.predict(task, [node])[0]
 

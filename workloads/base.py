@@ -114,6 +114,9 @@ class Workload(ABC):
     """True when replicas must run on the same hardware class to agree."""
     digest_bits: int
     """Explicit mantissa bits kept when rounding floats before hashing (0: output is exact)."""
+    uses_accelerator: bool = True
+    """False when the work runs on the host CPU whatever the device (placement then
+    cannot expect a GPU's speed from it)."""
 
     def validate(self, raw: Mapping[str, str]) -> dict[str, Any]:
         """Parse string parameters, fill defaults, check bounds; reject unknown names."""

@@ -45,6 +45,7 @@ class Sha256Search(Workload):
     )
     bit_exact = False
     digest_bits = 0
+    uses_accelerator = False
 
     def check(self, params: dict[str, Any]) -> None:
         """The prefix is even-length lower-case hex; the range stays within 64-bit nonces."""

@@ -127,14 +127,15 @@ def test_the_learned_policy_counts_distance_for_small_tasks() -> None:
 
 
 def _observations(rng: random.Random, n: int) -> list[Observation]:
-    """A fleet where the hash search ignores the GPU: runtime = units / 50 on any node."""
+    """A fleet where a small MLP is launch-bound on GPUs: 1/2000 of their matmul speed."""
     out = []
     for _ in range(n):
-        workload = rng.choice(["matmul", "sha256-search"])
+        workload = rng.choice(["matmul", "mlp-digits"])
         device, tflops, _ = rng.choice(CLASSES)
         task = TaskShape(workload, rng.randint(10, 10**6), 10)
         node = NodeShape(device, tflops, rng.randrange(0, 800))
-        speed = 50 if workload == "sha256-search" else tflops * 0.9
+        gpu = device != "cpu"
+        speed = tflops * (0.9 if workload == "matmul" else 0.0005 if gpu else 1.0)
         true = task.compute_units / speed * 1000 / (1000 - node.load_permille)
         out.append(Observation(task, node, true * rng.lognormvariate(0, 0.1)))
     return out
@@ -151,22 +152,29 @@ def test_the_runtime_model_learns_what_compute_over_speed_misses() -> None:
     errors = [m.evaluate(held_out) for m in (analytic, small, large)]
     assert errors[2] < errors[1] < errors[0]
     assert errors[2] < 0.15
-    # Where compute over speed is wrong by orders (hash searches on GPUs), it learns most.
-    gpu_hash = [o for o in held_out if o.task.workload == "sha256-search"
-                and o.node.tflops_milli > 50]
-    assert analytic.evaluate(gpu_hash) > 0.99 and large.evaluate(gpu_hash) < 0.2
+    # Where compute over speed is wrong by orders (small MLPs on GPUs), it learns most.
+    gpu_mlp = [o for o in held_out if o.task.workload == "mlp-digits"
+               and o.node.device_class != "cpu"]
+    assert analytic.evaluate(gpu_mlp) > 0.99 and large.evaluate(gpu_mlp) < 0.2
 
 
-def test_learning_changes_the_placement_of_a_hash_search() -> None:
+def test_learning_changes_the_placement_of_a_small_mlp() -> None:
     table = _fixed_table(_node("gpu", "rtx-4090", 80_000, region="ap-east"),
                          _node("cpu-near", "cpu", 50), _node("cpu-near2", "cpu", 50))
-    request = _req(workload="sha256-search", units=100_000)
+    request = _req(workload="mlp-digits", units=100_000)
     model = RuntimeModel(background=False)
     policy = LearnedPolicy(model)
     assert "gpu" in {n.node_id for n in policy.place(request, table, NOW)}
     model.fit(_observations(random.Random(2), 1500))
-    # Knowing the GPU does not help a hash search, distance decides: the near CPUs.
+    # Learned: the GPU runs a small MLP slower than a CPU; the near CPUs win.
     assert {n.node_id for n in policy.place(request, table, NOW)} == {"cpu-near", "cpu-near2"}
+
+
+def test_cpu_only_work_expects_host_speed_on_any_node() -> None:
+    hash_search = TaskShape("sha256-search", 10_000, 1)
+    on_gpu, on_cpu = NodeShape("h100", 51_000, 0), NodeShape("cpu", 50, 0)
+    assert analytic_ms(hash_search, on_gpu) == analytic_ms(hash_search, on_cpu) == 200.0
+    assert analytic_ms(TaskShape("matmul", 10_000, 1), on_gpu) < 1
 
 
 def test_observing_refits_in_the_background_without_blocking() -> None:
