@@ -59,6 +59,18 @@ class LatencyModel:
         measured = self.measured_rtt_ms.get(node.node_id)
         return prior if measured is None else max(prior, measured)
 
+    def transfer_many(self, submitter_region: str | None, nodes: list[NodeView],
+                      payload_bytes: int) -> list[float]:
+        """``transfer_ms`` of each node, in one pass."""
+        bits = payload_bytes * 8 / 1000
+        measured = self.measured_rtt_ms
+        out = []
+        for node in nodes:
+            prior = _prior_rtt_ms(submitter_region, node.region)
+            rtt = measured.get(node.node_id, prior)
+            out.append((rtt if rtt > prior else prior) + bits / BANDWIDTH_MBIT_S[node.tier])
+        return out
+
     def transfer_ms(self, submitter_region: str | None, node: NodeView,
                     payload_bytes: int) -> float:
         """Round trip plus the payload over the node's bandwidth."""

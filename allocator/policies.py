@@ -49,6 +49,10 @@ class _EtaPolicy(ConstrainedPolicy):
         """Transfer time in ms of the request's input to ``node``."""
         raise NotImplementedError
 
+    def transfers(self, request: PlacementRequest, nodes: list[NodeView]) -> list[float]:
+        """Transfer time in ms of the request's input to each node."""
+        return [self.transfer(request, n) for n in nodes]
+
     def place(self, request: PlacementRequest, table: NodeTable, now_ms: int) -> list[NodeView]:
         self.last_eta, self.last_runtime = {}, {}  # filled by each group's ``rank``
         return super().place(request, table, now_ms)
@@ -56,9 +60,10 @@ class _EtaPolicy(ConstrainedPolicy):
     def rank(self, candidates: list[NodeView], request: PlacementRequest,
              now_ms: int) -> list[NodeView]:
         runtimes = self.runtimes(request, candidates)
-        for n, r in zip(candidates, runtimes, strict=True):
+        transfers = self.transfers(request, candidates)
+        for n, r, t in zip(candidates, runtimes, transfers, strict=True):
             self.last_runtime[n.node_id] = r
-            self.last_eta[n.node_id] = r + self.transfer(request, n)
+            self.last_eta[n.node_id] = r + t
         return sorted(candidates, key=lambda n: (self.last_eta[n.node_id],
                                                  self.prices[n.tier], n.node_id))
 
@@ -81,6 +86,10 @@ class LearnedPolicy(_EtaPolicy):
 
     def transfer(self, request: PlacementRequest, node: NodeView) -> float:
         return self.latency.transfer_ms(request.submitter_region, node, request.payload_bytes)
+
+    def transfers(self, request: PlacementRequest, nodes: list[NodeView]) -> list[float]:
+        return self.latency.transfer_many(request.submitter_region, nodes,
+                                          request.payload_bytes)
 
 
 class OraclePolicy(_EtaPolicy):

@@ -7,17 +7,21 @@ are not matrix multiplications: a stencil is bound by memory bandwidth, a small
 MLP by kernel launches, a hash search does not use the GPU at all. So the model
 learns, from the runtimes nodes report with verified results, the log-ratio of
 actual to analytic runtime, with scikit-learn's histogram gradient boosting,
-from the task's features (workload, compute, memory) and the node's (device
-class, benchmark speed, load). Until it has history it predicts the analytic
-estimate.
+from the task's features (workload, compute) and the node's (device class,
+benchmark speed). Load enters through the analytic part (a node at 50 % load
+runs at half speed), memory through the placement constraints. Until it has
+history it predicts the analytic estimate.
 
 Training never blocks placement: ``observe`` only appends, and a refit runs on a
 background thread (or synchronously, for a deterministic simulation) when the
 history has grown by ``refit_growth``; the fitted model is swapped in whole.
-Prediction is one ``predict`` call per placement over the distinct (device
-class, speed bucket) groups of the candidates, not per node (speeds are bucketed
-in steps of 2^(1/4), about 19 %; load is in the analytic part, not a feature),
-and is cached per model version.
+Placement must stay fast (a few ms at 1,000 nodes), and one scikit-learn
+``predict`` call costs about 2.5 ms whatever its size. So compute and speed are
+bucketed in steps of 2^(1/4) (about 19 %), and each fit precomputes, in one
+batch, the correction of every workload and size bucket on every (device class,
+speed bucket) it has seen: a placement then only looks corrections up, per
+distinct group of candidates, not per node; anything missing (a new class) is
+predicted once and cached.
 """
 
 from __future__ import annotations
@@ -94,11 +98,14 @@ class Observation:
 
 
 _WORKLOAD_NAMES = sorted(WORKLOADS)
+_MAX_SIZE_BUCKET = 4 * 40
+"""Sizes up to 2^40 compute units are precomputed at each fit."""
 
 
-def _speed_bucket(tflops_milli: int) -> int:
-    """log2 of the speed in quarter steps: nodes of one class fall in one or two buckets."""
-    return round(4 * math.log2(max(tflops_milli, 1)))
+def _speed_bucket(value: int) -> int:
+    """log2 in quarter steps (about 19 %): nodes of one class fall in one or two speed
+    buckets; tasks of similar compute and memory in one size bucket."""
+    return round(4 * math.log2(max(value, 1)))
 
 
 class RuntimeModel:
@@ -113,12 +120,15 @@ class RuntimeModel:
         self.history: deque[Observation] = deque(maxlen=max_history)
         self.errors: deque[float] = deque(maxlen=1000)
         """Absolute percentage errors of the latest predictions checked against reality."""
-        self._state: tuple[Any, dict[str, int], int] = (None, {}, 0)
-        """(fitted model or None, device class -> one-hot index, version): swapped whole."""
+        self._state: tuple[Any, dict[str, int], int, dict[tuple[str, int, str, int], float]] = (
+            None, {}, 0, {})
+        """(fitted model or None, device class -> one-hot index, version, precomputed
+        corrections): swapped whole."""
         self._fitted_on = 0
         self._fitting = False
         self._lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], float] = {}
+        self._buckets: dict[int, int] = {}
 
     # -- prediction -------------------------------------------------------------------------
 
@@ -127,7 +137,7 @@ class RuntimeModel:
         """The model's input row."""
         classes = self._state[1] if classes is None else classes
         row = [1.0 if task.workload == w else 0.0 for w in _WORKLOAD_NAMES]
-        row += [math.log1p(task.compute_units), math.log1p(task.memory_mb)]
+        row += [_speed_bucket(task.compute_units) / 4]
         onehot = [0.0] * len(classes)
         if node.device_class in classes:
             onehot[classes[node.device_class]] = 1.0
@@ -137,36 +147,48 @@ class RuntimeModel:
 
     def predict(self, task: TaskShape, nodes: Sequence[NodeLike]) -> list[float]:
         """Predicted runtime in ms of ``task`` on each of ``nodes``."""
-        model, classes, version = self._state
-        units = max(task.compute_units, 1)
-        # Per distinct (class, speed): the usable speed and the learned correction.
-        groups = {(n.device_class, n.tflops_milli) for n in nodes}
-        factor: dict[tuple[str, int], float] = {}
-        missing: dict[tuple[Any, ...], list[tuple[str, int]]] = {}
-        for device_class, tflops in groups:
-            if model is None:
-                factor[(device_class, tflops)] = 1000 / _speed(task, tflops)
-                continue
-            key = (version, task, device_class, _speed_bucket(tflops))
-            cached = self._cache.get(key)
-            if cached is None:
-                missing.setdefault(key, []).append((device_class, tflops))
-            else:
-                factor[(device_class, tflops)] = 1000 / _speed(task, tflops) * cached
-        if missing:
-            keys = list(missing)
-            rows = [self.features(task, NodeShape(k[2], round(2 ** (k[3] / 4)), 0), classes)
-                    for k in keys]
-            ratios = np.exp(model.predict(np.asarray(rows, dtype=np.float64)))
-            if len(self._cache) > 200_000:
-                self._cache.clear()
-            for k, r in zip(keys, ratios, strict=True):
-                self._cache[k] = float(r)
-                for device_class, tflops in missing[k]:
-                    factor[(device_class, tflops)] = 1000 / _speed(task, tflops) * float(r)
+        model, classes, version, grid = self._state
+        units = max(task.compute_units, 1) * 1000
+        w = WORKLOADS.get(task.workload)
+        host_only = w is not None and not w.uses_accelerator
         cap = MAX_LOAD_PERMILLE
-        return [units * factor[(n.device_class, n.tflops_milli)]
-                / (1000 - min(cap, max(0, n.load_permille))) for n in nodes]
+        if model is None:
+            correction: dict[tuple[str, int], float] = {}
+            keys = [("", 0)] * len(nodes)
+            correction[("", 0)] = 1.0
+        else:
+            buckets = self._buckets
+            for n in nodes:
+                if n.tflops_milli not in buckets:
+                    buckets[n.tflops_milli] = _speed_bucket(n.tflops_milli)
+            keys = [(n.device_class, buckets[n.tflops_milli]) for n in nodes]
+            # The grid computed at the fit has (almost) every correction; what it lacks
+            # (a class never seen, a size beyond the history) is predicted once, cached.
+            size = (task.workload, _speed_bucket(task.compute_units))
+            shape = TaskShape(task.workload, round(2 ** (size[1] / 4)), 0)
+            correction = {}
+            missing = []
+            for key in set(keys):
+                cached = grid.get((*size, *key))
+                if cached is None:
+                    cached = self._cache.get((version, size, key))
+                if cached is None:
+                    missing.append(key)
+                else:
+                    correction[key] = cached
+            if missing:
+                rows = [self.features(shape, NodeShape(c, round(2 ** (b / 4)), 0), classes)
+                        for c, b in missing]
+                ratios = np.exp(model.predict(np.asarray(rows, dtype=np.float64)))
+                if len(self._cache) > 200_000:
+                    self._cache.clear()
+                for key, r in zip(missing, ratios, strict=True):
+                    correction[key] = self._cache[(version, size, key)] = float(r)
+        host = HOST_CPU_TFLOPS_MILLI
+        return [units * correction[k]
+                / ((min(n.tflops_milli, host) if host_only else max(n.tflops_milli, 1))
+                   * (1000 - min(cap, max(0, n.load_permille))))
+                for n, k in zip(nodes, keys, strict=True)]
 
     def predict_one(self, task: TaskShape, node: NodeLike) -> float:
         """Predicted runtime in ms of ``task`` on ``node``."""
@@ -215,12 +237,29 @@ class RuntimeModel:
                 max_iter=150, learning_rate=0.15, min_samples_leaf=2 if len(y) < 200 else 5,
                 random_state=self.seed)
             model.fit(x, y)
+            grid = self._grid(model, classes, snapshot)
             # Swap in whole: a placement running now uses the old model or the new one.
-            self._state = (model, classes, self._state[2] + 1)
+            self._state = (model, classes, self._state[2] + 1, grid)
             self._fitted_on = len(snapshot)
         finally:
             with self._lock:
                 self._fitting = False
+
+    def _grid(self, model: Any, classes: dict[str, int],
+              snapshot: list[Observation]) -> dict[tuple[str, int, str, int], float]:
+        """Corrections for every workload, size bucket and seen (class, speed bucket),
+        computed once per fit (one batch call), so placement looks them up."""
+        nodes = sorted({(o.node.device_class, _speed_bucket(o.node.tflops_milli))
+                        for o in snapshot})
+        top = min(_MAX_SIZE_BUCKET, max(_speed_bucket(o.task.compute_units)
+                                        for o in snapshot) + 8)
+        keys = [(w, ub, c, sb) for w in _WORKLOAD_NAMES for ub in range(top + 1)
+                for c, sb in nodes]
+        rows = [self.features(TaskShape(w, round(2 ** (ub / 4)), 0),
+                              NodeShape(c, round(2 ** (sb / 4)), 0), classes)
+                for w, ub, c, sb in keys]
+        ratios = np.exp(model.predict(np.asarray(rows, dtype=np.float64)))
+        return {k: float(r) for k, r in zip(keys, ratios, strict=True)}
 
     @property
     def version(self) -> int:
