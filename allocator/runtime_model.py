@@ -111,7 +111,7 @@ def _speed_bucket(value: int) -> int:
 class RuntimeModel:
     """Predicts runtimes; learns from observations (see the module docstring)."""
 
-    def __init__(self, *, min_history: int = 12, refit_growth: float = 0.25,
+    def __init__(self, *, min_history: int = 12, refit_growth: float = 0.5,
                  background: bool = True, max_history: int = 50_000, seed: int = 0) -> None:
         self.min_history = min_history
         self.refit_growth = refit_growth
@@ -234,7 +234,7 @@ class RuntimeModel:
                             for o in snapshot])
             # Small histories (a young network) need small leaves to tell workloads apart.
             model = HistGradientBoostingRegressor(
-                max_iter=150, learning_rate=0.15, min_samples_leaf=2 if len(y) < 200 else 5,
+                max_iter=100, learning_rate=0.2, min_samples_leaf=2 if len(y) < 200 else 5,
                 random_state=self.seed)
             model.fit(x, y)
             grid = self._grid(model, classes, snapshot)
