@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
+import os
 import random
 import statistics
 import sys
@@ -56,6 +57,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# One OpenMP thread for scikit-learn (set before it loads): the simulation is single-threaded,
+# and with two processes on a small machine OpenMP's spinning threads oversubscribe the cores
+# (fits measured 50x slower with a second such process running).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
