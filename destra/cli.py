@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+from destra.cli_common import (
+    emit,
+    kafka_address,
+    load_settings,
+    service_addresses,
+    settings_options,
+)
 from destra.errors import DestraError
-from destra.settings import Settings
-
-F = TypeVar("F", bound=Callable[..., Any])
+from destra.keys_cli import keys
+from destra.views_cli import nodes, status, tasks
 
 
 class _Cli(click.Group):
@@ -26,31 +31,6 @@ class _Cli(click.Group):
         except DestraError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
-
-
-def _settings_options(f: F) -> F:
-    """Flags that override the ``DESTRA_*`` environment for one command."""
-    options = [
-        click.option("--home", type=click.Path(path_type=Path), default=None,
-                     help="State, data and logs of local services [DESTRA_HOME]."),
-        click.option("--kafka-bootstrap", default=None,
-                     help="External Kafka to use instead of a local one [DESTRA_KAFKA_BOOTSTRAP]."),
-        click.option("--pg-dsn", default=None,
-                     help="External Postgres instead of the embedded one [DESTRA_PG_DSN]."),
-        click.option("--brokers", "kafka_brokers", type=click.IntRange(1, 3), default=None,
-                     help="Local Kafka brokers: 1, or 3 for replication [DESTRA_KAFKA_BROKERS]."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _settings(**flags: Any) -> Settings:
-    return Settings.from_env(**flags)
-
-
-def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
 
 
 @click.group(cls=_Cli)
@@ -65,35 +45,35 @@ def infra() -> None:
 
 
 @infra.command("up")
-@_settings_options
+@settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def infra_up(as_json: bool, **flags: Any) -> None:
     """Start Kafka (KRaft) and Postgres, create topics, apply migrations."""
     from infra import services
 
-    settings = _settings(**flags)
+    settings = load_settings(**flags)
     services.up(settings)
-    _emit(services.status(settings), as_json, _status_text)
+    emit(services.status(settings), as_json, _status_text)
 
 
 @infra.command("down")
-@_settings_options
+@settings_options
 def infra_down(**flags: Any) -> None:
     """Stop every service `infra up` started; external ones are left alone."""
     from infra import services
 
-    stopped = services.down(_settings(**flags))
+    stopped = services.down(load_settings(**flags))
     click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
 
 
 @infra.command("status")
-@_settings_options
+@settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def infra_status(as_json: bool, **flags: Any) -> None:
     """Addresses, pids, versions and data directories of the services."""
     from infra import services
 
-    _emit(services.status(_settings(**flags)), as_json, _status_text)
+    emit(services.status(load_settings(**flags)), as_json, _status_text)
 
 
 def _status_text(s: dict[str, Any]) -> str:
@@ -118,45 +98,36 @@ def topics() -> None:
 
 
 @topics.command("list")
-@_settings_options
+@settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def topics_list(as_json: bool, **flags: Any) -> None:
     """Every topic: key, partitions, cleanup policy, retention, and its events."""
     from streams.topics import TOPICS
 
-    settings = _settings(**flags)
+    settings = load_settings(**flags)
     rows = [
         {"topic": t.name(settings.topic_prefix), "key": t.key, "partitions": t.partitions,
          "cleanup": t.cleanup, "retention_ms": t.retention_ms, "events": list(t.events)}
         for t in TOPICS
     ]
-    _emit(rows, as_json, lambda rs: "\n".join(
+    emit(rows, as_json, lambda rs: "\n".join(
         f"{r['topic']:<28} key={r['key']:<12} p={r['partitions']:<3} {r['cleanup']:<14} "
         f"retention={r['retention_ms']:<9} {', '.join(r['events'])}" for r in rs))
 
 
 @topics.command("create")
-@_settings_options
+@settings_options
 def topics_create(**flags: Any) -> None:
     """Create missing topics on the running cluster (idempotent)."""
     from infra import services
     from streams.admin import ensure_topics
 
-    settings = _settings(**flags)
-    bootstrap = _bootstrap(settings, services)
+    settings = load_settings(**flags)
+    bootstrap = kafka_address(settings, services)
     created = ensure_topics(bootstrap, settings.topic_prefix,
                             replication_factor=settings.replication_factor,
                             min_insync_replicas=settings.min_insync_replicas)
     click.echo("created: " + ", ".join(created) if created else "all topics exist")
-
-
-def _bootstrap(settings: Settings, services: Any) -> str:
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap
-    state = services.read_state(settings)
-    if state is None:
-        raise DestraError("no Kafka: run `destra infra up` or set DESTRA_KAFKA_BOOTSTRAP")
-    return str(state.kafka_bootstrap)
 
 
 @cli.group()
@@ -174,7 +145,7 @@ def schemas_list(as_json: bool) -> None:
     catalog = default_catalog()
     rows = [{"event": n, "fingerprint": catalog.fingerprint(n).hex(),
              "topic": topic_for(n).suffix} for n in sorted(catalog.names)]
-    _emit(rows, as_json, lambda rs: "\n".join(
+    emit(rows, as_json, lambda rs: "\n".join(
         f"{r['event']:<20} {r['fingerprint']}  {r['topic']}" for r in rs))
 
 
@@ -215,7 +186,7 @@ def events() -> None:
 
 
 @events.command("tail")
-@_settings_options
+@settings_options
 @click.option("--topic", "topic_suffixes", multiple=True,
               help="Topic without prefix (repeatable); default: all.")
 @click.option("--max", "max_events", type=int, default=100, show_default=True,
@@ -232,8 +203,8 @@ def events_tail(topic_suffixes: tuple[str, ...], max_events: int, idle: float, a
     from streams.consumer import EventConsumer
     from streams.topics import TOPICS
 
-    settings = _settings(**flags)
-    bootstrap = _bootstrap(settings, services)
+    settings = load_settings(**flags)
+    bootstrap = kafka_address(settings, services)
     names = [t.name(settings.topic_prefix) for t in TOPICS
              if not topic_suffixes or t.suffix in topic_suffixes]
     with EventConsumer(settings, bootstrap, f"destra-tail-{uuid.uuid4()}", names) as consumer:
@@ -263,23 +234,13 @@ def ledger() -> None:
     """The Postgres ledger projection: audit and rebuild."""
 
 
-def _services(settings: Settings) -> tuple[str, str]:
-    from infra import services
-
-    state = services.read_state(settings)
-    dsn = settings.pg_dsn or (state.pg_dsn if state else None)
-    if not dsn:
-        raise DestraError("no Postgres: run `destra infra up` or set DESTRA_PG_DSN")
-    return _bootstrap(settings, services), dsn
-
-
 @ledger.command("check")
-@_settings_options
+@settings_options
 def ledger_check(**flags: Any) -> None:
     """Verify that entries sum to zero and every balance equals its entries."""
     from ledger.projection import LedgerProjection
 
-    _, dsn = _services(_settings(**flags))
+    _, dsn = service_addresses(load_settings(**flags))
     projection = LedgerProjection(dsn)
     try:
         count = projection.check()
@@ -289,13 +250,13 @@ def ledger_check(**flags: Any) -> None:
 
 
 @ledger.command("replay")
-@_settings_options
+@settings_options
 def ledger_replay(**flags: Any) -> None:
     """Rebuild the projection from offset 0 into a fresh schema and compare it with the live one."""
     from ledger.service import replay
 
-    settings = _settings(**flags)
-    bootstrap, dsn = _services(settings)
+    settings = load_settings(**flags)
+    bootstrap, dsn = service_addresses(settings)
     report = replay(settings, bootstrap, dsn)
     click.echo(f"replayed {report.entries} entries into schema {report.schema}")
     click.echo(f"live   {report.live_hash}\nreplay {report.replay_hash}")
@@ -305,24 +266,24 @@ def ledger_replay(**flags: Any) -> None:
 
 
 @ledger.command("balances")
-@_settings_options
+@settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ledger_balances(as_json: bool, **flags: Any) -> None:
     """Every non-zero account balance, in micro-tokens."""
     from ledger.projection import LedgerProjection
 
-    _, dsn = _services(_settings(**flags))
+    _, dsn = service_addresses(load_settings(**flags))
     projection = LedgerProjection(dsn)
     try:
         balances = dict(projection.balances())
     finally:
         projection.close()
-    _emit(balances, as_json, lambda b: "\n".join(f"{a:<40} {v:>20}" for a, v in b.items())
+    emit(balances, as_json, lambda b: "\n".join(f"{a:<40} {v:>20}" for a, v in b.items())
           or "no balances yet")
 
 
 @cli.command("mint")
-@_settings_options
+@settings_options
 @click.argument("account")
 @click.argument("amount_micro", type=click.IntRange(min=1))
 @click.option("--reason", default="faucet", show_default=True, help="Recorded with the mint.")
@@ -332,31 +293,31 @@ def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
     from schemas import new_event
     from streams.producer import EventProducer
 
-    settings = _settings(**flags)
+    settings = load_settings(**flags)
     event = new_event("TokensMinted", settings.producer_id, account=account,
                       amount_micro=amount_micro, reason=reason)
-    with EventProducer(settings, _bootstrap(settings, services)) as producer:
+    with EventProducer(settings, kafka_address(settings, services)) as producer:
         producer.send(event)
     click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
                "the ledger processor posts it")
 
 
 @cli.command("balance")
-@_settings_options
+@settings_options
 @click.argument("account")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def balance(account: str, as_json: bool, **flags: Any) -> None:
     """ACCOUNT's balance in the ledger projection (user:ACCOUNT unless it has a prefix)."""
     from ledger.projection import LedgerProjection
 
-    _, dsn = _services(_settings(**flags))
+    _, dsn = service_addresses(load_settings(**flags))
     name = account if ":" in account or account in ("treasury", "mint") else f"user:{account}"
     projection = LedgerProjection(dsn)
     try:
         micro = projection.balances().get(name, 0)
     finally:
         projection.close()
-    _emit({"account": name, "balance_micro": micro}, as_json,
+    emit({"account": name, "balance_micro": micro}, as_json,
           lambda b: f"{b['account']}: {b['balance_micro']} micro-tokens")
 
 
@@ -366,7 +327,7 @@ def node() -> None:
 
 
 @node.command("run")
-@_settings_options
+@settings_options
 @click.option("--name", default=None, help="Node id (default: node-<hostname>).")
 @click.option("--operator", default=None, help="Operator account; its tokens back the stake "
               "(default: the node id).")
@@ -392,11 +353,11 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
     from infra import services
     from node_runner.runner import Fault, NodeConfig, NodeRunner
 
-    settings = _settings(**flags)
+    settings = load_settings(**flags)
     node_id = name or f"node-{socket.gethostname()}"
     config = NodeConfig(node_id, operator or node_id, region, tier, stake_micro, slots,
                         Fault(fault) if fault else Fault.NONE, threads, force_cpu)
-    runner = NodeRunner(settings, _bootstrap(settings, services), config,
+    runner = NodeRunner(settings, kafka_address(settings, services), config,
                         passphrase=_passphrase())
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
@@ -423,7 +384,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @cli.command("submit")
-@_settings_options
+@settings_options
 @click.argument("workload")
 @click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE",
               help="A workload parameter (repeatable).")
@@ -448,8 +409,8 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
     from destra.client import Client
     from infra import services
 
-    settings = _settings(**flags)
-    client = Client(settings, _bootstrap(settings, services), account, _passphrase())
+    settings = load_settings(**flags)
+    client = Client(settings, kafka_address(settings, services), account, _passphrase())
     try:
         q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier)
         if not as_json:
@@ -502,7 +463,7 @@ def _passphrase() -> bytes | None:
 
 
 @cli.command("result")
-@_settings_options
+@settings_options
 @click.argument("task_id")
 @click.option("--account", envvar="DESTRA_ACCOUNT", default="default", show_default=True,
               help="The submitting account (env DESTRA_ACCOUNT).")
@@ -514,8 +475,8 @@ def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags:
     from destra.client import Client
     from infra import services
 
-    settings = _settings(**flags)
-    client = Client(settings, _bootstrap(settings, services), account, _passphrase())
+    settings = load_settings(**flags)
+    client = Client(settings, kafka_address(settings, services), account, _passphrase())
     try:
         r = client.result(task_id)
     finally:
@@ -534,7 +495,7 @@ def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags:
 
 
 @cli.command("grant-agent")
-@_settings_options
+@settings_options
 @click.option("--account", envvar="DESTRA_ACCOUNT", default="default", show_default=True,
               help="The submitting account (env DESTRA_ACCOUNT).")
 @click.option("--idle-exit", type=float, default=None,
@@ -550,8 +511,8 @@ def grant_agent(account: str, idle_exit: float | None, **flags: Any) -> None:
     from destra.client import Client
     from infra import services
 
-    settings = _settings(**flags)
-    client = Client(settings, _bootstrap(settings, services), account, _passphrase())
+    settings = load_settings(**flags)
+    client = Client(settings, kafka_address(settings, services), account, _passphrase())
     watch = client.watch(from_start=True)
     click.echo(f"granting data keys for {account}; Ctrl-C to stop", err=True)
     idle_since = time.monotonic()
@@ -567,17 +528,14 @@ def grant_agent(account: str, idle_exit: float | None, **flags: Any) -> None:
 
 
 @cli.command("demo")
-@_settings_options
+@settings_options
 @click.option("--keep", is_flag=True, help="Leave the services running afterwards.")
 def demo(keep: bool, **flags: Any) -> None:
     """Bring up the local network and show events of every type flowing through it."""
     from destra.demo import run_demo
 
-    run_demo(_settings(**flags), keep=keep, echo=click.echo)
+    run_demo(load_settings(**flags), keep=keep, echo=click.echo)
 
-
-from destra.keys_cli import keys  # noqa: E402
-from destra.views_cli import nodes, status, tasks  # noqa: E402
 
 cli.add_command(keys)
 cli.add_command(status)

@@ -1,8 +1,8 @@
 """``destra status``, ``destra tasks`` and ``destra nodes``: the Postgres task and node views.
 
 The views are folded by the projector process (``python -m ledger.service``);
-these commands only read them. They are registered on the ``destra`` group at
-the end of ``destra.cli``, so import them through that module.
+these commands only read them. ``destra.cli`` registers them on the ``destra``
+group; the helpers they share with it come from ``destra.cli_common``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from destra.cli import _emit, _services, _settings, _settings_options
+from destra.cli_common import emit, load_settings, service_addresses, settings_options
 from destra.errors import DestraError
 from ledger.views import TASK_STATUSES, ViewProjection
 
@@ -25,11 +25,11 @@ def _view_options(f: F) -> F:
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
     f = click.option("--schema", default="public", show_default=True,
                      help="Postgres schema the projector writes the views to.")(f)
-    return _settings_options(f)
+    return settings_options(f)
 
 
 def _open(flags: dict[str, Any], schema: str) -> ViewProjection:
-    _, dsn = _services(_settings(**flags))
+    _, dsn = service_addresses(load_settings(**flags))
     return ViewProjection(dsn, schema)
 
 
@@ -54,11 +54,11 @@ def _status(task_id: str, schema: str, as_json: bool, **flags: Any) -> None:
     if task is None:
         raise DestraError(f"no task {task_id} in the task view (schema {schema}); "
                           "is the projector (python -m ledger.service) running?")
-    _emit(task, as_json, _task_text)
+    emit(task, as_json, _task_text)
 
 
-# Built without decorator syntax and typed, so the names keep their type through the
-# import cycle with destra.cli, which registers them.
+# Built without decorator syntax and typed as click.Command (written so while this
+# module and destra.cli imported each other; harmless now that they do not).
 status: click.Command = click.command("status")(
     _view_options(click.argument("task_id")(_status)))
 
@@ -100,7 +100,7 @@ def _tasks(status_: str | None, limit: int, schema: str, as_json: bool, **flags:
         rows = views.tasks(limit=limit, status=status_)
     finally:
         views.close()
-    _emit(rows, as_json, lambda rs: "\n".join(
+    emit(rows, as_json, lambda rs: "\n".join(
         f"{r['task_id']:<40} {r['status']:<10} {_or_dash(r['workload']):<14} "
         f"{r['assignments']}/{_or_dash(r['replicas'])} assigned  "
         f"price {_or_dash(r['price_micro'])}  paid {r['paid_micro']}  "
@@ -123,7 +123,7 @@ def _nodes(schema: str, as_json: bool, **flags: Any) -> None:
         rows = views.nodes()
     finally:
         views.close()
-    _emit(rows, as_json, lambda rs: "\n".join(
+    emit(rows, as_json, lambda rs: "\n".join(
         f"{r['node_id']:<24} operator {_or_dash(r['operator_id']):<16} "
         f"{_or_dash(r['tier']):<10} {_or_dash(r['device_name']):<28} "
         f"load {_or_dash(r['load_permille'])}‰  {r['tasks_assigned']} assigned "
