@@ -47,6 +47,7 @@ from schemas.events import now_ms
 from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
+from streams.reading import read_all
 from streams.topics import topic_for
 from workloads import get_workload
 
@@ -451,8 +452,6 @@ class Watch:
 
 def _read_topic(bootstrap: str, topic: str) -> list[Event]:
     """Every decodable event of a (small) topic, from its start to its end now."""
-    from ledger.processor import read_all
-
     events = []
     for msg in read_all(bootstrap, topic):
         try:

@@ -48,12 +48,13 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     from destra.network import LocalNetwork
     from infra import services
     from infra.postgres import create_database
-    from ledger.processor import read_all, wait_for_transactions
+    from ledger.processor import wait_for_transactions
     from ledger.projection import LedgerProjection
     from ledger.service import project, replay
     from schemas import decode, new_event
     from streams.admin import ensure_topics
     from streams.producer import EventProducer
+    from streams.reading import read_all
     from streams.topics import topic_for
 
     echo("1. starting Kafka (KRaft) and Postgres ...")
@@ -229,8 +230,8 @@ def _runtimes(bootstrap: str, prefix: str, round_of: dict[str, int],
     """The allocator's predicted runtimes against those the nodes reported, per workload."""
     import statistics
 
-    from ledger.processor import read_all
     from schemas import decode
+    from streams.reading import read_all
     from streams.topics import topic_for
 
     def events(name: str) -> list[Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from destra.errors import InfraError
 from destra.settings import Settings
 from schemas import decode
+from streams.reading import read_all
 from streams.topics import topic_for
 
 
@@ -88,8 +89,6 @@ class LocalNetwork:
 
     def wait_registered(self, names: list[str], timeout_s: float = 120.0) -> None:
         """Until every named node's registration is on the registry topic."""
-        from ledger.processor import read_all
-
         topic = topic_for("NodeRegistered").name(self.settings.topic_prefix)
         deadline = time.monotonic() + timeout_s
         while True:

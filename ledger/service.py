@@ -20,13 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-
 from destra.settings import Settings
 from ledger.projection import LedgerProjection, OffsetProjection
 from ledger.views import ViewProjection, view_topics
 from streams.consumer import Delivery, EventConsumer
-from streams.klog import KAFKA_LOG
+from streams.reading import end_offsets
 from streams.topics import topic_for
 
 BATCH = 500
@@ -78,40 +76,6 @@ def project_views(settings: Settings, bootstrap: str, projection: ViewProjection
                   **options: Any) -> int:
     """``project`` over the topics of the task and node views."""
     return project(settings, bootstrap, projection, topics=view_topics(settings), **options)
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
-    """The high watermark of every partition of a topic, now."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4()}",
-                         "logger": KAFKA_LOG})
-    try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        ends = {}
-        for p in metadata.topics[topic].partitions:
-            high = _high_watermark(consumer, TopicPartition(topic, p))
-            if high > 0:
-                ends[(topic, p)] = high
-        return ends
-    finally:
-        consumer.close()
-
-
-_SETTLING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-             KafkaError.UNKNOWN_TOPIC_OR_PART}
-
-
-def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> int:
-    # A just-created topic answers "not leader" until its leaders are elected.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _, high = consumer.get_watermark_offsets(tp, timeout=10)
-            return int(high)
-        except KafkaException as e:
-            settling = e.args[0].code() in _SETTLING or e.args[0].retriable()
-            if not settling or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @dataclass(frozen=True)

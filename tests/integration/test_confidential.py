@@ -23,10 +23,11 @@ from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.book import escrow, user
-from ledger.processor import read_all, wait_for_transactions
+from ledger.processor import wait_for_transactions
 from schemas import Event, new_event
 from schemas.samples import with_fields
 from streams.producer import EventProducer
+from streams.reading import read_all
 from tests.integration.test_lifecycle import FUNDS, _balances, _events, _mint
 from workloads import get_workload
 

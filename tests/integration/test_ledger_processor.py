@@ -15,12 +15,12 @@ import pytest
 
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
-from ledger.processor import read_all
 from ledger.projection import LedgerProjection
 from ledger.service import project
 from schemas import decode, new_event
 from schemas.samples import sample_event, with_fields
 from streams.producer import EventProducer
+from streams.reading import read_all
 from tests.support import signed_submission
 
 pytestmark = pytest.mark.integration

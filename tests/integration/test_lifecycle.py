@@ -19,11 +19,12 @@ from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
-from ledger.processor import read_all, wait_for_transactions
+from ledger.processor import wait_for_transactions
 from ledger.projection import LedgerProjection
 from ledger.service import project, replay
 from schemas import Event, decode, new_event
 from streams.producer import EventProducer
+from streams.reading import read_all
 from streams.topics import topic_for
 from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO

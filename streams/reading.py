@@ -1,0 +1,79 @@
+"""Reading a whole topic at once: its high watermarks now, and every committed record up to them.
+
+For rebuilds and checks (the ledger processor's state, the demo's and the
+client's look-ups, the tests), not for live processing: live readers use
+``streams.consumer.EventConsumer`` in a consumer group.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from streams.consumer import consumer_config
+from streams.klog import KAFKA_LOG
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
+    """The high watermark of every non-empty partition of a topic, now."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4()}",
+                         "logger": KAFKA_LOG})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        ends = {}
+        for p in metadata.topics[topic].partitions:
+            high = _high_watermark(consumer, TopicPartition(topic, p))
+            if high > 0:
+                ends[(topic, p)] = high
+        return ends
+    finally:
+        consumer.close()
+
+
+_SETTLING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+             KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float = 30.0) -> int:
+    # A just-created topic answers "not leader" until its leaders are elected.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            return int(high)
+        except KafkaException as e:
+            settling = e.args[0].code() in _SETTLING or e.args[0].retriable()
+            if not settling or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every committed record (a ``confluent_kafka.Message``) of a topic, from offset 0 to its
+    end now."""
+    ends = end_offsets(bootstrap, topic)
+    if not ends:
+        return []
+    consumer = Consumer(consumer_config(bootstrap, f"rebuild-{uuid.uuid4()}",
+                                        {"enable.auto.commit": False}))
+    # Assigned, not subscribed: no group to join, so a rebuild starts at once.
+    assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends]
+    consumer.assign(assignment)
+    records = []
+    try:
+        while True:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                records.append(msg)
+                continue
+            # Compare positions, not record offsets: transaction markers take
+            # offsets too, so the last record may sit below the high watermark.
+            positions = consumer.position(assignment)
+            if all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in positions):
+                break
+    finally:
+        consumer.close()
+    return records
