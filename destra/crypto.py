@@ -23,9 +23,25 @@ Confidentiality (issue 4) is envelope encryption:
 * a result is sealed to the submitter's X25519 key the same way
   (``seal_to`` / ``open_sealed_to``).
 
-Events are signed over their own Avro encoding with the envelope's
-``signature`` field null and its ``signer`` set, so a signature covers every
-field, the signer's id and the event id included.
+Events are signed over the exact bytes written, never a re-encoding (Avro
+leaves map order and block layout to the writer, and an event written under
+an older schema version must still verify after it is read with the current
+one). The rule, for a verifier in any language (Ed25519, RFC 8032):
+
+* the message is the record's single-object encoding exactly as written, the
+  marker ``C3 01`` and the writer schema's 8-byte fingerprint included;
+* except the envelope's ``signature`` union, which is replaced by its null
+  branch, the single byte ``0x00``. The envelope is the first field of every
+  event schema and opens with ``event_id`` (string), ``occurred_at`` (long),
+  ``producer_id`` (string), then ``signature`` (union [null, bytes]): skip two
+  zig-zag-varint-length-prefixed strings and one zig-zag varint after the
+  10-byte header, and the union starts there (``0x00``, or ``0x02``, a
+  zig-zag varint length and the 64 signature bytes);
+* everything else, ``signer`` included, is covered as written.
+
+A writer encodes the event with ``signature`` null and ``signer`` set, signs
+those bytes, and writes the same bytes with ``0x02 0x80 0x01`` and the 64-byte
+signature in place of the ``0x00`` (``sign_encoded``).
 """
 
 from __future__ import annotations
@@ -45,9 +61,9 @@ from nacl.exceptions import BadSignatureError
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
-from destra.errors import ConfigError, DecryptionFailed
+from destra.errors import ConfigError, DecryptionFailed, DestraError
 from schemas import Event
-from schemas.codec import encode_unchecked
+from schemas.codec import encode_unchecked, unsigned_bytes, with_signature
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
@@ -132,24 +148,43 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
 
 
 def signed_bytes(event: Event) -> bytes:
-    """What a signature covers: the event encoded with ``signature`` null."""
+    """What a signature of ``event`` covers (module docstring): the bytes it was decoded
+    from with the signature union null, or, for an event built here, its encoding with
+    ``signature`` null (the bytes ``encode`` will write, less the signature)."""
+    if event.raw is not None:
+        return unsigned_bytes(event.raw)
     return encode_unchecked(event.with_envelope(signature=None))
 
 
 def sign_event(event: Event, keys: KeyPair, signer: str) -> Event:
-    """``event`` signed by ``keys`` as ``signer`` (a node or account id)."""
+    """``event`` signed by ``keys`` as ``signer`` (a node, account or service role)."""
     unsigned = event.with_envelope(signature=None, signer=signer)
     return unsigned.with_envelope(signature=keys.sign(signed_bytes(unsigned)))
 
 
+def sign_encoded(data: bytes, keys: KeyPair) -> bytes:
+    """Sign already encoded event bytes (``signer`` set by the writer); the bytes to send.
+
+    For writers that encode themselves (another library, an older schema version).
+    """
+    return with_signature(data, keys.sign(unsigned_bytes(data)))
+
+
 def verify_event(event: Event, public_key: bytes, signer: str | None = None) -> bool:
-    """Whether ``event`` carries a valid signature by ``public_key`` (and by ``signer``)."""
+    """Whether ``event`` carries a valid signature by ``public_key`` (and by ``signer``).
+
+    A decoded event is checked over the bytes it was written as (``event.raw``).
+    """
     signature = event.signature
     if signature is None or event.signer is None:
         return False
     if signer is not None and event.signer != signer:
         return False
-    return verify(public_key, signed_bytes(event), signature)
+    try:
+        message = signed_bytes(event)
+    except DestraError:
+        return False  # raw bytes whose envelope does not parse: nothing was signed
+    return verify(public_key, message, signature)
 
 
 # ---------------------------------------------------------------- symmetric sealing

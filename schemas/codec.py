@@ -64,7 +64,7 @@ def decode(data: bytes, *, catalog: Catalog | None = None) -> Event:
     problem = reading.check(record)
     if problem is not None:
         raise InvalidEvent(f"{reading.name}: {problem}")
-    return Event(reading.name, record)
+    return Event(reading.name, record, data)
 
 
 def _write(writing: Writing, event: Event) -> bytes:
@@ -86,3 +86,71 @@ def _explain(parsed: Any, record: Any, error: Exception) -> str:
     except Exception:  # noqa: S110 - fall back to the writer's own message
         pass
     return f"{type(error).__name__}: {error}"
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro ``long`` (zig-zag varint) at ``pos``: (value, position after it)."""
+    shift = result = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise CorruptEvent("truncated or overlong varint in the envelope")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+
+
+def _skip_bytes(data: bytes, pos: int) -> int:
+    """Skip an Avro ``string`` or ``bytes`` (a long length, then that many bytes)."""
+    length, pos = _read_long(data, pos)
+    if length < 0 or pos + length > len(data):
+        raise CorruptEvent("bad length in the envelope")
+    return pos + length
+
+
+def signature_span(data: bytes) -> tuple[int, int]:
+    """Where the envelope's ``signature`` union lies in single-object encoded ``data``.
+
+    Every event schema opens with the envelope, whose first fields are
+    ``event_id`` (string), ``occurred_at`` (long), ``producer_id`` (string) and
+    ``signature`` (union [null, bytes]); so the union starts after the 10-byte
+    header and those three values, whatever the schema version, and spans its
+    branch index and, for the bytes branch, a length and the bytes.
+    """
+    if len(data) < HEADER_SIZE or data[:2] != MARKER:
+        raise CorruptEvent("not an Avro single-object encoded event")
+    pos = _skip_bytes(data, HEADER_SIZE)  # event_id
+    _, pos = _read_long(data, pos)  # occurred_at
+    pos = _skip_bytes(data, pos)  # producer_id
+    start = pos
+    branch, pos = _read_long(data, pos)
+    if branch == 1:
+        pos = _skip_bytes(data, pos)
+    elif branch != 0:
+        raise CorruptEvent(f"signature union branch {branch} is neither null nor bytes")
+    return start, pos
+
+
+NULL_BRANCH = b"\x00"
+"""The signature union's null branch: index 0, a zig-zag varint."""
+
+
+def unsigned_bytes(data: bytes) -> bytes:
+    """``data`` with its envelope's signature union replaced by the null branch (one 0x00)."""
+    start, end = signature_span(data)
+    return data[:start] + NULL_BRANCH + data[end:]
+
+
+def with_signature(data: bytes, signature: bytes) -> bytes:
+    """``data`` with its envelope's signature union set to the bytes branch ``signature``."""
+    start, end = signature_span(data)
+    length = len(signature)
+    encoded = bytearray(b"\x02")  # branch 1
+    zigzag = length << 1
+    while zigzag > 0x7F:
+        encoded.append((zigzag & 0x7F) | 0x80)
+        zigzag >>= 7
+    encoded.append(zigzag)
+    return data[:start] + bytes(encoded) + signature + data[end:]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.catalog import Catalog, default_catalog
@@ -25,6 +25,10 @@ class Event:
     """The event type, e.g. ``TaskSubmitted``."""
     fields: Mapping[str, Any]
     """The whole Avro record, ``envelope`` included."""
+    raw: bytes | None = field(default=None, compare=False, repr=False, hash=False)
+    """The single-object encoded bytes it was decoded from, exactly as written (None for
+    an event built here). Signatures are checked over these bytes, never over a
+    re-encoding; ``replace`` and ``with_envelope`` drop them."""
 
     @property
     def envelope(self) -> Mapping[str, Any]:
