@@ -23,7 +23,6 @@ benchmark) feed it decoded events and publish what it returns. It
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +34,14 @@ from destra.crypto import verify_event
 from destra.errors import DestraError, NoCapacity
 from destra.freshness import Freshness
 from schemas import Event, new_event
+from streams.processing import Context, Outcome, Recovery, dispatch
 from workloads import get_workload
 
 log = logging.getLogger(__name__)
+
+
+_TICK = Event("tick", {})
+"""Stands for the passing of time where ``dispatch`` wants an event."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,42 @@ class Allocator:
     learn_window_ms: int = 120_000
     """How long after its verdict a task's reveals are still learned from."""
 
+    # -- the processing contract -------------------------------------------------------------
+
+    name = "allocator"
+    inputs = frozenset({"NodeRegistered", "NodeHeartbeat", "TaskSubmitted", "LedgerEntryPosted",
+                        "TaskVerified", "TaskFailed", "ReissueRequested", "ResultCommitted",
+                        "ResultRevealed"})
+    recovery = Recovery.SNAPSHOT
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        """One input event (``streams.processing``)."""
+        return dispatch({
+            "NodeRegistered": self.on_registered, "NodeHeartbeat": self.on_heartbeat,
+            "TaskSubmitted": self.on_submitted, "LedgerEntryPosted": self.on_entry,
+            "TaskVerified": self.on_verified, "TaskFailed": self.on_failed,
+            "ReissueRequested": self.on_reissue, "ResultCommitted": self.on_committed,
+            "ResultRevealed": self.on_revealed}, self.rejected, event, ctx)
+
+    def tick(self, ctx: Context) -> Outcome:
+        """Time passed: deadlines and the queue."""
+        return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,
+                        _TICK, ctx)
+
+    _SNAPSHOT_FIELDS = ("table", "keys", "outstanding", "tasks", "queue", "reissues",
+                        "freshness")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What placement needs after a restart: nodes, their keys and held slots, the
+        tasks waiting or placed, the reissues waiting. The runtime model's learning
+        window is not kept (it re-learns from the next verified results)."""
+        return {name: getattr(self, name) for name in self._SNAPSHOT_FIELDS}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over a state ``snapshot`` returned."""
+        for name in self._SNAPSHOT_FIELDS:
+            setattr(self, name, state[name])
+
     # -- nodes ------------------------------------------------------------------------------
 
     def on_registered(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -136,7 +176,7 @@ class Allocator:
         self.freshness.accept(e)
         if isinstance(self.policy, LearnedPolicy):
             # One-way delay from the node's clock to ours, doubled: a round-trip estimate.
-            delay = time.time() * 1000 - e.occurred_at
+            delay = now_ms - e.occurred_at
             self.policy.latency.observe_rtt(f["node_id"], 2 * max(0.0, delay))
         node = self.table.get(f["node_id"])
         assert node is not None

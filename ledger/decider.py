@@ -48,6 +48,7 @@ from ledger.book import (
 )
 from ledger.events import entry_events
 from schemas import Event, new_event
+from streams.processing import Context, Outcome, Recovery
 
 DEFAULT_FEE_BPS = 500
 """The network's fee on payouts: 5 %."""
@@ -81,6 +82,21 @@ class LedgerDecider:
     account_keys: dict[str, bytes] = field(default_factory=dict)
     """The signing key each account is bound to: the first it submitted a valid task with."""
     prices: PriceBook = field(default_factory=PriceBook)
+
+    name = "ledger"
+    inputs = frozenset({"TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted",
+                        "NodeRegistered", "PriceUpdated", "TaskFailed"})
+    recovery = Recovery.REPLAY
+    """Rebuilt from its own committed entries, the prices and the escrowed submissions
+    (``ledger.processor.rebuild``)."""
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        """One input event (``streams.processing``): the entries it causes."""
+        return Outcome.of(self.decide(event))
+
+    def tick(self, ctx: Context) -> Outcome:
+        """The ledger has no deadlines."""
+        return Outcome()
 
     def decide(self, event: Event) -> list[Event]:
         """The events this one causes (empty when it moves no money or was seen)."""

@@ -288,6 +288,11 @@ class TaskTally:
         slot.result_ref = result_ref
         return out + self._judge()
 
+    @property
+    def clock(self) -> int:
+        """The latest time this tally has seen."""
+        return self._clock
+
     def on_tick(self, now_ms: int) -> list[Decision]:
         """Time has reached ``now_ms``: judge missed deadlines, maybe decide the task."""
         self._clock = now = max(self._clock, now_ms)

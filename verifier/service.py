@@ -29,6 +29,7 @@ from typing import Any
 from destra.crypto import verify_event
 from destra.freshness import Freshness
 from schemas import Event, new_event
+from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.proof_of_sync import (
     Decision,
     Failed,
@@ -88,6 +89,41 @@ class Verifier:
     """Replicas of encrypted tasks still waiting for their data key: commit deadline."""
     granted: set[tuple[str, str, int]] = field(default_factory=set)
     """Grants read before their assignment (the two share a partition, so rarely)."""
+    closed: dict[str, int] = field(default_factory=dict)
+    """Tasks with a verdict, and when: their tallies answer late events for
+    ``forget_after_ms``, then go (anything later is refused as expired anyway)."""
+    forget_after_ms: int = 600_000
+
+    # -- the processing contract -------------------------------------------------------------
+
+    name = "verifier"
+    inputs = frozenset({"NodeRegistered", "TaskSubmitted", "TaskAssigned", "DataKeyGranted",
+                        "ResultCommitted", "ResultRevealed"})
+    recovery = Recovery.SNAPSHOT
+    _SNAPSHOT_FIELDS = ("keys", "terms", "tallies", "open_tasks", "reputation", "parked",
+                        "freshness", "ungranted", "granted", "closed")
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        """One input event (``streams.processing``)."""
+        return dispatch({
+            "NodeRegistered": self.on_registered, "TaskSubmitted": self.on_submitted,
+            "TaskAssigned": self.on_assigned, "DataKeyGranted": self.on_granted,
+            "ResultCommitted": self.on_committed, "ResultRevealed": self.on_revealed},
+            self.rejected, event, ctx)
+
+    def tick(self, ctx: Context) -> Outcome:
+        """Deadlines: missed commits, reveals and grants; events parked too long."""
+        return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,
+                        Event("tick", {}), ctx)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every open tally and what it waits for, the node keys and reputations."""
+        return {name: getattr(self, name) for name in self._SNAPSHOT_FIELDS}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over a state ``snapshot`` returned."""
+        for name in self._SNAPSHOT_FIELDS:
+            setattr(self, name, state[name])
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -205,6 +241,11 @@ class Verifier:
         for task_id in list(self.open_tasks):
             out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
         self.freshness.prune(now_ms)
+        for task_id, at in list(self.closed.items()):
+            if now_ms - at > self.forget_after_ms:
+                del self.closed[task_id]
+                self.tallies.pop(task_id, None)
+                self.terms.pop(task_id, None)
         for task_id, waiting in list(self.parked.items()):
             keep = []
             for event, where, since in waiting:
@@ -269,6 +310,8 @@ class Verifier:
         for d in decisions:
             if isinstance(d, Verified | Failed):
                 self.open_tasks.discard(d.task_id)
+                tally = self.tallies.get(d.task_id)
+                self.closed.setdefault(d.task_id, tally.clock if tally is not None else 0)
             if isinstance(d, Verified):
                 out.append(new_event(
                     "TaskVerified", self.producer_id, task_id=d.task_id, digest=d.digest,

@@ -1,0 +1,257 @@
+"""A node's task logic behind the processing contract: assignments in, commits and reveals out.
+
+Pure: no Kafka, no threads, no clock. ``NodeRunner`` runs it on the real
+broker (the computation on its thread pool), the in-memory runner runs it in
+tests with a virtual clock. The computation itself is ``Work`` the logic asks
+for: the runner calls ``compute`` and hands the result back to ``finished``.
+
+* An assignment for this node, still before its commit deadline, takes a
+  slot; a plain task starts at once, an encrypted one waits for the
+  submitter's signed ``DataKeyGranted`` (checked against the submitter key in
+  the assignment, refused when stale or replayed), whose key must open for
+  one of the node's keys.
+* When the work ends: a signed ``ResultCommitted`` (``H(salt, digest)`` bound
+  to task, node and attempt).
+* On ``RevealOpened``: the signed ``ResultRevealed`` (salt, digest, the output
+  sealed to the submitter), or later, as soon as the result exists.
+* ``fault`` makes it misbehave for tests and the demo (``Fault``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from destra.confidential import open_grant
+from destra.crypto import KeyPair, sign_event, verify_event
+from destra.errors import DecryptionFailed
+from destra.freshness import Freshness
+from schemas import Event, new_event
+from streams.processing import Context, Outcome, Recovery, Work
+from verifier.commitments import commitment
+from workloads.canonical import sha256
+
+log = logging.getLogger(__name__)
+
+LATE_BY_MS = 1_000
+"""How long after its deadline a ``late`` node commits (or a ``late-reveal`` one reveals)."""
+COPY_WAIT_MS = 500
+"""How long a copier waits for other replicas' reveals before revealing a copy."""
+
+
+class Fault(StrEnum):
+    """Ways a node can misbehave on purpose."""
+
+    NONE = "none"
+    WRONG_RESULT = "wrong-result"
+    NO_SHOW = "no-show"
+    LATE = "late"
+    """Commits after its commit deadline."""
+    LATE_REVEAL = "late-reveal"
+    """Commits in time, reveals after its reveal deadline."""
+    COPY = "copy"
+
+
+@dataclass
+class Computed:
+    """What one replica's work produced."""
+
+    output: bytes
+    runtime_ms: int
+
+
+@dataclass
+class _Result:
+    attempt: int
+    salt: bytes
+    digest: bytes
+    runtime_ms: int
+    revealed: bool = False
+    sealed: bytes | None = None
+    """The output sealed to the submitter, when carried inline."""
+    sealed_ref: str | None = None
+    """Its blob reference, when too big to travel in the reveal."""
+
+
+Compute = Callable[[Event, bytes | None], Computed]
+"""(assignment, data key or None) -> the canonical output and its runtime."""
+Seal = Callable[[Event, bytes], tuple[bytes | None, str | None]]
+"""(assignment, output) -> the output sealed to the submitter, inline or as a blob ref."""
+CopyDigest = Callable[[str], bytes | None]
+"""The copier's trick: another replica's revealed digest for a task."""
+
+
+@dataclass
+class NodeLogic:
+    """One node's replicas, from assignment to reveal."""
+
+    node_id: str
+    keyring: tuple[KeyPair, ...]
+    """The node's keys, current first (older ones still open grants made before a rotation)."""
+    compute: Compute
+    seal: Seal
+    slots: int = 1
+    fault: Fault = Fault.NONE
+    producer_id: str = "node"
+    copy_digest: CopyDigest = lambda task_id: None
+    accept_work: bool = True
+    """False while draining: no new replica starts."""
+    awaiting: dict[tuple[str, int], Event] = field(default_factory=dict)
+    """Encrypted assignments waiting for their data key."""
+    results: dict[tuple[str, int], _Result] = field(default_factory=dict)
+    reveal_calls: dict[tuple[str, int], Event] = field(default_factory=dict)
+    """Reveal calls for results not finished yet (a late node's)."""
+    freshness: Freshness = field(default_factory=Freshness)
+    busy: int = 0
+    completed: int = 0
+
+    name = "node"
+    inputs = frozenset({"TaskAssigned", "DataKeyGranted", "RevealOpened"})
+    recovery = Recovery.NONE
+    """A killed node's running and committed replicas are lost: the verifier reissues
+    what was not committed and judges a missing reveal."""
+
+    def __post_init__(self) -> None:
+        self.name = f"node:{self.node_id}"
+
+    @property
+    def keys(self) -> KeyPair:
+        """The node's current keys."""
+        return self.keyring[0]
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        """An event about one of this node's replicas (others are ignored)."""
+        if event.fields.get("node_id") != self.node_id:
+            return Outcome()
+        if event.name == "TaskAssigned":
+            return self._on_assigned(event, ctx)
+        if event.name == "DataKeyGranted":
+            return self._on_grant(event, ctx) if self.accept_work else Outcome()
+        if event.name == "RevealOpened":
+            if self.fault in (Fault.LATE_REVEAL, Fault.COPY):
+                # The copier waits for others' reveals to copy from.
+                later = (event.fields["reveal_deadline"] + LATE_BY_MS
+                         if self.fault == Fault.LATE_REVEAL else ctx.now_ms + COPY_WAIT_MS)
+                return Outcome(work=[Work(("reveal", event), lambda: None, later)])
+            return self._reveal(event, ctx)
+        return Outcome()
+
+    def tick(self, ctx: Context) -> Outcome:
+        """Give up the replicas whose grant did not come by their commit deadline."""
+        for key, a in list(self.awaiting.items()):
+            if a.fields["commit_deadline"] < ctx.now_ms or not self.accept_work:
+                del self.awaiting[key]
+                self.busy -= 1
+        self.freshness.prune(ctx.now_ms)
+        return Outcome()
+
+    def pending(self) -> bool:
+        """Whether a replica is running or a result has not been revealed."""
+        return self.busy > 0 or any(not r.revealed for r in self.results.values())
+
+    def _on_assigned(self, a: Event, ctx: Context) -> Outcome:
+        f = a.fields
+        if not self.accept_work or f["commit_deadline"] < ctx.now_ms:
+            return Outcome()  # draining, or stale work a restart re-read: it was replaced
+        if self.fault == Fault.NO_SHOW:
+            return Outcome()
+        self.busy += 1
+        if f["payload"] is None and f["payload_ref"] is None:
+            return self._work(a, None)
+        self.awaiting[(f["task_id"], f["attempt"])] = a
+        return Outcome()
+
+    def _on_grant(self, grant: Event, ctx: Context) -> Outcome:
+        f = grant.fields
+        assignment = self.awaiting.get((f["task_id"], f["attempt"]))
+        if assignment is None:
+            return Outcome()  # not ours to run (stale, replaced or already started)
+        a = assignment.fields
+        if not verify_event(grant, a["submitter_key"], a["submitter_id"]):
+            return Outcome.refuse(grant, f"bad-signature: grant for {f['task_id']} not signed "
+                                         f"by its submitter {a['submitter_id']}", ctx.origin)
+        refusal = self.freshness.refusal(grant, ctx.now_ms)
+        if refusal is not None:
+            return Outcome.refuse(grant, refusal, ctx.origin)
+        data_key = None
+        problem: Exception | None = None
+        for keys in self.keyring:
+            try:
+                data_key = open_grant(keys, grant)
+                break
+            except DecryptionFailed as err:
+                problem = err
+        if data_key is None:
+            return Outcome.refuse(grant, f"undecryptable-grant: {problem}", ctx.origin)
+        self.freshness.accept(grant)
+        del self.awaiting[(f["task_id"], f["attempt"])]
+        return self._work(assignment, data_key)
+
+    def _work(self, a: Event, data_key: bytes | None) -> Outcome:
+        f = a.fields
+        key = (f["task_id"], f["attempt"], a)
+        if self.fault == Fault.COPY:  # computes nothing
+            return Outcome(work=[Work(key, lambda: Computed(b"", 0))])
+        not_before = f["commit_deadline"] + LATE_BY_MS if self.fault == Fault.LATE else None
+        return Outcome(work=[Work(key, lambda: self.compute(a, data_key), not_before)])
+
+    def finished(self, key: Any, result: Any, ctx: Context) -> Outcome:
+        """The work for one replica ended: commit to its result."""
+        if key[0] == "reveal":  # a late revealer's delayed answer
+            return self._reveal(key[1], ctx)
+        task_id, attempt, assignment = key
+        self.busy -= 1
+        self.completed += 1
+        if isinstance(result, BaseException):
+            # The verifier times the replica out; the node goes on.
+            log.error("task %s failed on %s: %r", task_id, self.node_id, result)
+            return Outcome()
+        salt = ctx.rng.randbytes(32)
+        if self.fault == Fault.COPY:
+            digest, sealed, sealed_ref = ctx.rng.randbytes(32), None, None
+        else:
+            digest = sha256(result.output)
+            if self.fault == Fault.WRONG_RESULT:
+                digest = hashlib.sha256(b"not the output" + digest).digest()
+            sealed, sealed_ref = (self.seal(assignment, result.output)
+                                  if assignment.fields["result_key"] else (None, None))
+        self.results[(task_id, attempt)] = _Result(attempt, salt, digest, result.runtime_ms,
+                                                   sealed=sealed, sealed_ref=sealed_ref)
+        out = Outcome.of([self._signed(new_event(
+            "ResultCommitted", self.producer_id, occurred_at=ctx.now_ms, task_id=task_id,
+            node_id=self.node_id, attempt=attempt,
+            commitment=commitment(task_id, self.node_id, attempt, salt, digest)))])
+        early = self.reveal_calls.pop((task_id, attempt), None)
+        if early is not None:
+            out += self._reveal(early, ctx)
+        return out
+
+    def _reveal(self, call: Event, ctx: Context) -> Outcome:
+        f = call.fields
+        key = (f["task_id"], f["attempt"])
+        result = self.results.get(key)
+        if result is None:
+            self.reveal_calls[key] = call
+            return Outcome()
+        if result.revealed:
+            return Outcome()
+        result.revealed = True
+        digest = result.digest
+        if self.fault == Fault.COPY:
+            digest = self.copy_digest(f["task_id"]) or digest
+        return Outcome.of([self._signed(new_event(
+            "ResultRevealed", self.producer_id, occurred_at=ctx.now_ms, task_id=f["task_id"],
+            node_id=self.node_id,
+            attempt=f["attempt"], salt=result.salt, digest=digest,
+            runtime_ms=result.runtime_ms, result_ref=result.sealed_ref, result=result.sealed))])
+
+    def heartbeat_load(self) -> tuple[int, int]:
+        """(load in permille, free slots) for the next heartbeat."""
+        return (min(1000, self.busy * 1000 // self.slots), max(0, self.slots - self.busy))
+
+    def _signed(self, event: Event) -> Event:
+        return sign_event(event, self.keys, self.node_id)

@@ -1,0 +1,208 @@
+"""A whole network on the in-memory runner: ledger, allocator, verifier, nodes, a submitter.
+
+The processors are the production ones; only the transport is in memory and
+the clock virtual. Workloads really run (small ones), with real signatures
+and real encryption of private parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from allocator.policies import LeastLoadedPolicy
+from allocator.pricing import PriceBook
+from allocator.service import Allocator, Windows
+from destra.confidential import grant, merge_params, open_input, seal_input, seal_result
+from destra.crypto import sign_event, verify_event
+from destra.errors import DecryptionFailed, InvalidParams
+from ledger.decider import LedgerDecider
+from node_runner.logic import Computed, Fault, NodeLogic
+from schemas import Event, new_event
+from streams.memory import MemoryRunner
+from streams.processing import Context, Outcome, Recovery
+from tests.support import account_keys
+from verifier.service import Verifier
+from workloads import get_workload
+from workloads.canonical import canonical_json
+
+CPU = torch.device("cpu")
+HEARTBEAT_MS = 2_000
+
+
+def compute(assignment: Event, data_key: bytes | None, sealed: dict[str, bytes]) -> Computed:
+    """What ``NodeRunner`` computes, without the blob store (sealed inputs travel inline)."""
+    f = assignment.fields
+    workload = get_workload(f["workload"])
+    try:
+        params = dict(f["params"])
+        if data_key is not None:
+            params = merge_params(params, open_input(data_key, f["task_id"], f["payload"]))
+        parsed = workload.validate(params)
+    except (DecryptionFailed, InvalidParams) as err:
+        return Computed(canonical_json({"error": "invalid-input", "detail": str(err)}), 0)
+    result = workload.run(parsed, CPU)
+    return Computed(result.output, result.runtime_ms)
+
+
+def node(name: str, fault: Fault = Fault.NONE, slots: int = 1) -> NodeLogic:
+    """A node's task logic with deterministic test keys."""
+    keys = account_keys(name)
+
+    def seal(a: Event, output: bytes) -> tuple[bytes | None, str | None]:
+        f = a.fields
+        return seal_result(f["result_key"], f["task_id"], name, f["attempt"], output), None
+
+    return NodeLogic(name, (keys,), lambda a, k: compute(a, k, {}), seal, slots=slots,
+                     fault=fault, producer_id=name)
+
+
+def registration(n: NodeLogic, operator: str | None = None, stake: int = 0) -> Event:
+    """The node's signed ``NodeRegistered``."""
+    return sign_event(new_event(
+        "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator or f"op-{n.node_id}",
+        region="eu-west", signing_key=n.keys.signing_public,
+        encryption_key=n.keys.encryption_public, device_name="test cpu", device_class="cpu",
+        tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots, stake_micro=stake,
+        software="test"), n.keys, n.node_id)
+
+
+class Heartbeats:
+    """Every node's signed heartbeat every ``HEARTBEAT_MS`` of virtual time (the runner's
+    thread in production)."""
+
+    name = "heartbeats"
+    inputs: frozenset[str] = frozenset()
+    recovery = Recovery.NONE
+
+    def __init__(self, nodes: list[NodeLogic], start_ms: int) -> None:
+        self.nodes, self.next_ms, self.seq = nodes, start_ms, 0
+        self.stopped: set[str] = set()
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        return Outcome()
+
+    def tick(self, ctx: Context) -> Outcome:
+        if ctx.now_ms < self.next_ms:
+            return Outcome()
+        self.next_ms = ctx.now_ms + HEARTBEAT_MS
+        self.seq += 1
+        out = []
+        for n in self.nodes:
+            if n.node_id in self.stopped:
+                continue
+            load, free = n.heartbeat_load()
+            out.append(sign_event(new_event(
+                "NodeHeartbeat", n.node_id, occurred_at=ctx.now_ms, node_id=n.node_id,
+                load_permille=load, free_slots=free, seq=self.seq), n.keys, n.node_id))
+        return Outcome.of(out)
+
+
+class Submitter:
+    """An account: signs submissions with sealed private parameters and grants the data
+    key to each node assigned one of its tasks (``Client`` and ``grant-agent``)."""
+
+    name = "submitter"
+    inputs = frozenset({"NodeRegistered", "TaskAssigned"})
+    recovery = Recovery.NONE
+
+    def __init__(self, account: str = "alice", grants: bool = True) -> None:
+        self.account, self.keys, self.grants = account, account_keys(account), grants
+        self.data_keys: dict[str, bytes] = {}
+        self.node_keys: dict[str, bytes] = {}
+        self.granted: set[tuple[str, str, int]] = set()
+
+    def submission(self, task_id: str, workload: str, params: dict[str, str], now_ms: int,
+                   replicas: int = 3, quorum: int = 2, deadline_ms: int = 600_000) -> Event:
+        w = get_workload(workload)
+        units = w.compute_units(w.validate(params))
+        q = PriceBook().quote(workload, units, replicas, "consumer", now_ms, 60_000)
+        public, private = w.split(params)
+        payload = None
+        if private:
+            self.data_keys[task_id], payload = seal_input(task_id, private)
+        return sign_event(new_event(
+            "TaskSubmitted", self.account, occurred_at=now_ms, task_id=task_id,
+            submitter_id=self.account, workload=workload, params=public, replicas=replicas,
+            quorum=quorum, compute_units=units, max_price_micro=q.price_micro,
+            quote_id=q.quote_id, quoted_price_micro=q.price_micro,
+            quote_expires_at=q.expires_at, tier="consumer", region=None,
+            homogeneous=w.bit_exact, deadline_ms=deadline_ms,
+            result_key=self.keys.encryption_public, payload_ref=None, payload=payload,
+            signing_key=self.keys.signing_public), self.keys, self.account)
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        f = event.fields
+        if event.name == "NodeRegistered":
+            if verify_event(event, f["signing_key"], f["node_id"]):
+                self.node_keys.setdefault(f["node_id"], f["encryption_key"])
+            return Outcome()
+        replica = (f["task_id"], f["node_id"], f["attempt"])
+        data_key = self.data_keys.get(f["task_id"])
+        if not self.grants or data_key is None or replica in self.granted:
+            return Outcome()
+        self.granted.add(replica)
+        return Outcome.of([sign_event(grant(self.account, f["task_id"], f["node_id"],
+                                            f["attempt"], data_key, self.node_keys[f["node_id"]])
+                                      .with_envelope(occurred_at=ctx.now_ms),
+                                      self.keys, self.account)])
+
+    def tick(self, ctx: Context) -> Outcome:
+        return Outcome()
+
+
+class Sim:
+    """The network: ``sim.runner`` drives it; helpers read the outcome."""
+
+    def __init__(self, faults: dict[str, Fault] | None = None, nodes: int = 4,
+                 grants: bool = True, commit_ms: int = 30_000, reveal_ms: int = 15_000,
+                 reissue_grace_ms: int = 60_000, stake: int = 5_000_000) -> None:
+        faults = faults or {}
+        names = [f"n{i}" for i in range(nodes)]
+        self.nodes = [node(n, faults.get(n, Fault.NONE)) for n in names]
+        self.ledger = LedgerDecider("ledger")
+        self.allocator = Allocator("allocator", policy=LeastLoadedPolicy(),
+                                   windows=Windows(commit_ms=commit_ms, reveal_ms=reveal_ms))
+        self.verifier = Verifier("verifier", reissue_grace_ms=reissue_grace_ms)
+        self.alice = Submitter("alice", grants=grants)
+        self.runner = MemoryRunner([self.ledger, self.allocator, self.verifier, self.alice,
+                                    *self.nodes])
+        for n in self.nodes:  # the copier reads the reveals already on the log
+            n.copy_digest = self._copied_digest(n.node_id)
+        self.heart = Heartbeats(self.nodes, self.runner.now_ms)
+        self.runner.processors = [*self.runner.processors, self.heart]
+        t = self.runner.now_ms
+        self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
+                                      account="alice", amount_micro=10**12))
+        for n in self.nodes:
+            self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
+                                          account=f"op-{n.node_id}", amount_micro=stake))
+            self.runner.publish(registration(n, stake=stake))
+        self.runner.advance(HEARTBEAT_MS)
+
+    def _copied_digest(self, node_id: str) -> Callable[[str], bytes | None]:
+        def copy(task_id: str) -> bytes | None:
+            for e in self.runner.events("ResultRevealed"):
+                if e.fields["task_id"] == task_id and e.fields["node_id"] != node_id:
+                    digest: bytes = e.fields["digest"]
+                    return digest
+            return None
+        return copy
+
+    def submit(self, task_id: str, workload: str = "heat2d",
+               params: dict[str, str] | None = None, **terms: int) -> None:
+        """Alice submits a task now."""
+        self.runner.publish(self.alice.submission(
+            task_id, workload, params or {"grid": "8", "steps": "1"}, self.runner.now_ms,
+            **terms), source="alice")
+
+    def verdict(self, task_id: str) -> Event | None:
+        """The task's ``TaskVerified`` or ``TaskFailed``, if any yet."""
+        for e in self.runner.events("TaskVerified", "TaskFailed"):
+            if e.fields["task_id"] == task_id:
+                return e
+        return None
+
+    def balance(self, account: str) -> int:
+        return self.ledger.book.balance(account)
