@@ -27,7 +27,7 @@ from fastavro import parse_schema
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from destra.errors import UnknownSchema
+from schemas.errors import UnknownSchema
 from schemas.ranges import Checker, compile_checker
 
 NAMESPACE = "network.destra"
@@ -92,7 +92,83 @@ def fingerprint_of(schema_json: Any) -> tuple[str, bytes]:
 def _version(name: str, version: int | None, schema_json: dict[str, Any]) -> SchemaVersion:
     canonical, fp = fingerprint_of(schema_json)
     parsed = parse_schema(copy.deepcopy(schema_json))
+    _python_defaults(parsed, {})
     return SchemaVersion(name, version, schema_json, parsed, canonical, fp)
+
+
+_JSON_KINDS: dict[str, tuple[type, ...]] = {
+    "null": (type(None),), "boolean": (bool,), "int": (int,), "long": (int,),
+    "float": (int, float), "double": (int, float), "string": (str,), "bytes": (str, bytes),
+    "fixed": (str, bytes), "enum": (str,), "record": (dict,), "map": (dict,), "array": (list,),
+}
+
+
+def _python_defaults(schema: Any, named: dict[str, Any]) -> None:
+    """Turn every field default of a parsed schema into the value a reader must give.
+
+    JSON has no bytes: Avro writes a ``bytes`` or ``fixed`` default as a string
+    whose code points 0-255 are the bytes. fastavro fills a missing field with
+    the JSON value as it is, so an event written before a ``bytes`` field with
+    default ``""`` existed would decode with ``""`` (text), not ``b""``.
+    """
+    if isinstance(schema, list):
+        for branch in schema:
+            _python_defaults(branch, named)
+        return
+    if not isinstance(schema, dict):
+        return
+    kind = schema.get("type")
+    if kind in ("record", "error", "enum", "fixed"):
+        named[schema["name"]] = schema
+    if kind in ("record", "error"):
+        for field in schema["fields"]:
+            _python_defaults(field["type"], named)
+            if "default" in field:
+                field["default"] = _python_value(field["type"], field["default"], named)
+    elif kind == "array":
+        _python_defaults(schema["items"], named)
+    elif kind == "map":
+        _python_defaults(schema["values"], named)
+    elif isinstance(kind, dict | list):
+        _python_defaults(kind, named)
+
+
+def _python_value(schema: Any, value: Any, named: Mapping[str, Any]) -> Any:
+    """A JSON default of ``schema`` as the Python value fastavro reads for that type."""
+    if isinstance(schema, str):
+        if schema in named:
+            return _python_value(named[schema], value, named)
+        if schema == "bytes" and isinstance(value, str):
+            return value.encode("latin-1")
+        return value
+    if isinstance(schema, list):  # a union: the first branch the JSON value can be
+        for branch in schema:
+            if isinstance(value, _JSON_KINDS.get(_kind(branch, named), ())):
+                return _python_value(branch, value, named)
+        return value
+    kind = schema["type"]
+    if kind == "fixed" and isinstance(value, str):
+        return value.encode("latin-1")
+    if kind in ("record", "error") and isinstance(value, dict):
+        types = {f["name"]: f["type"] for f in schema["fields"]}
+        return {k: _python_value(types[k], v, named) if k in types else v
+                for k, v in value.items()}
+    if kind == "array" and isinstance(value, list):
+        return [_python_value(schema["items"], v, named) for v in value]
+    if kind == "map" and isinstance(value, dict):
+        return {k: _python_value(schema["values"], v, named) for k, v in value.items()}
+    if kind in ("record", "error", "array", "map", "enum", "fixed"):
+        return value  # a value that does not fit its type: left for the reader to refuse
+    return _python_value(kind, value, named)  # {"type": "bytes"} and the like
+
+
+def _kind(schema: Any, named: Mapping[str, Any]) -> str:
+    if isinstance(schema, str):
+        return str(named[schema]["type"]) if schema in named else schema
+    if isinstance(schema, list):
+        return "union"
+    kind = schema["type"]
+    return kind if isinstance(kind, str) and kind in _JSON_KINDS else _kind(kind, named)
 
 
 class Catalog:
@@ -175,9 +251,10 @@ class Catalog:
             raise UnknownSchema(f"no schema for event type {name!r}") from None
 
     def defaults(self, name: str) -> dict[str, Any]:
-        """The top-level fields that declare a default, with a copy of it."""
+        """The top-level fields that declare a default, with a copy of it as a Python value
+        (``b""`` for a ``bytes`` field's ``""``)."""
         return {f["name"]: copy.deepcopy(f["default"])
-                for f in self.current(name).json["fields"] if "default" in f}
+                for f in self.current(name).parsed["fields"] if "default" in f}
 
 
 @functools.cache

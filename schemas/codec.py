@@ -17,8 +17,8 @@ from typing import Any
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import ValidationError, validate
 
-from destra.errors import CorruptEvent, InvalidEvent
 from schemas.catalog import MARKER, Catalog, Writing, default_catalog
+from schemas.errors import CorruptEvent, InvalidEvent
 from schemas.events import Event
 
 HEADER_SIZE = 10

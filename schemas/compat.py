@@ -23,8 +23,8 @@ import avro.errors
 import avro.schema
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
-from destra.errors import IncompatibleSchema
 from schemas.catalog import Catalog, fingerprint_of, load_history
+from schemas.errors import IncompatibleSchema
 
 
 def check_pair(reader_json: Mapping[str, Any], writer_json: Mapping[str, Any]) -> list[str]:
