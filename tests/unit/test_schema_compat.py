@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -9,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastavro import parse_schema, schemaless_writer
 
 from destra.errors import IncompatibleSchema, UnknownSchema
-from schemas import Catalog, decode, default_catalog, encode
-from schemas.catalog import AVSC_DIR, HISTORY_DIR
+from schemas import Catalog, decode, default_catalog, encode, new_event
+from schemas.catalog import AVSC_DIR, HISTORY_DIR, MARKER, SchemaVersion, _python_defaults
 from schemas.compat import check_catalog, check_pair, release, unreleased
 from schemas.samples import sample_event
 
@@ -108,6 +110,51 @@ def test_a_reader_with_a_new_defaulted_field_reads_old_bytes(tmp_path: Path) -> 
     assert decode(new_bytes, catalog=evolved).fields["gpu_temp_c"] == 71
     with pytest.raises(UnknownSchema):
         decode(new_bytes)
+
+
+def _written_with(old: SchemaVersion, fields: dict[str, Any]) -> bytes:
+    """Single-object bytes of ``fields`` as a producer on released version ``old`` wrote them."""
+    body = io.BytesIO()
+    known = {f["name"] for f in old.json["fields"]}
+    schemaless_writer(body, old.parsed, {k: v for k, v in fields.items() if k in known})
+    return MARKER + old.fingerprint + body.getvalue()
+
+
+@pytest.mark.parametrize(("name", "version", "field"), [
+    ("TaskSubmitted", 1, "signing_key"),
+    ("TaskAssigned", 1, "submitter_key"),
+    ("TaskAssigned", 2, "result_key"),
+])
+def test_a_bytes_field_added_later_reads_from_old_events_as_empty_bytes(
+    name: str, version: int, field: str
+) -> None:
+    catalog = default_catalog()
+    old = catalog.history(name)[version - 1]
+    assert field not in {f["name"] for f in old.json["fields"]}
+    assert _field(catalog.schema_json(name), field)["default"] == "", "JSON has no bytes"
+
+    read = decode(_written_with(old, sample_event(name).fields))
+    assert read.fields[field] == b"" and isinstance(read.fields[field], bytes)
+    assert new_event(name, "test").fields[field] == b"", "new events get the same default"
+
+
+def test_json_defaults_of_bytes_and_fixed_become_bytes_wherever_they_nest() -> None:
+    schema = parse_schema({"type": "record", "name": "R", "fields": [
+        {"name": "union", "type": ["bytes", "null"], "default": "\u00ff"},
+        {"name": "null", "type": ["null", "bytes"], "default": None},
+        {"name": "fixed", "type": {"type": "fixed", "name": "F", "size": 1}, "default": "\u0001"},
+        {"name": "named", "type": "F", "default": "\u0002"},
+        {"name": "array", "type": {"type": "array", "items": "bytes"}, "default": ["a"]},
+        {"name": "map", "type": {"type": "map", "values": "bytes"}, "default": {"k": "v"}},
+        {"name": "record", "type": {"type": "record", "name": "S", "fields": [
+            {"name": "inner", "type": "bytes", "default": "z"}]}, "default": {"inner": "y"}},
+        {"name": "text", "type": "string", "default": "t"},
+    ]})
+    _python_defaults(schema, {})
+    assert {f["name"]: f["default"] for f in schema["fields"]} == {
+        "union": b"\xff", "null": None, "fixed": b"\x01", "named": b"\x02", "array": [b"a"],
+        "map": {"k": b"v"}, "record": {"inner": b"y"}, "text": "t"}
+    assert schema["fields"][6]["type"]["fields"][0]["default"] == b"z"
 
 
 def test_release_refuses_an_incompatible_change_and_writes_nothing(tmp_path: Path) -> None:
