@@ -64,6 +64,24 @@ class Settings:
     """Largest ciphertext carried inside an event; bigger ones go to the blob store.
     A quarter of the broker's 1 MiB message limit, leaving room for the rest of a batch."""
 
+    genesis_file: Path | None = None
+    """The network's genesis file (its services' public keys); ``home/genesis.json``
+    when unset. Every process that acts on the services' events needs it."""
+
+    service_key_dir: Path | None = None
+    """Where this operator keeps the services' private keys (``<role>.key``, 0600);
+    ``home/services`` when unset. Only the operator running a service needs its key."""
+
+    @property
+    def genesis_path(self) -> Path:
+        """The genesis file."""
+        return self.genesis_file if self.genesis_file is not None else self.home / "genesis.json"
+
+    @property
+    def service_keys(self) -> Path:
+        """The directory of the services' private keys."""
+        return self.service_key_dir if self.service_key_dir is not None else self.home / "services"
+
     @property
     def blobs(self) -> Path:
         """The blob store's directory."""
@@ -89,7 +107,8 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         paths = {"DESTRA_HOME": "home", "DESTRA_CACHE_DIR": "cache_dir",
-                 "DESTRA_BLOB_DIR": "blob_dir"}
+                 "DESTRA_BLOB_DIR": "blob_dir", "DESTRA_GENESIS": "genesis_file",
+                 "DESTRA_SERVICE_KEYS": "service_key_dir"}
         strings = {
             "DESTRA_KAFKA_BOOTSTRAP": "kafka_bootstrap",
             "DESTRA_PG_DSN": "pg_dsn",
