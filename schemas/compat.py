@@ -9,7 +9,9 @@ next version. The verdicts come from the official ``avro`` library's checker.
 
 Range attributes and docs are not part of the Parsing Canonical Form, so
 changing them needs no release; tightening a range can still reject
-recorded events on replay, which review must catch.
+recorded events on replay, which review must catch. Defaults (of fields and
+of enums) are not part of it either, but a reader resolves with them, so a
+changed default is released, as a version with the same fingerprint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import avro.errors
 import avro.schema
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
-from schemas.catalog import Catalog, fingerprint_of, load_history
+from schemas.catalog import Catalog, load_history
 from schemas.errors import IncompatibleSchema
 
 
@@ -61,14 +63,28 @@ def check_catalog(catalog: Catalog) -> dict[str, list[str]]:
     }
 
 
+def release_form(schema: Any) -> Any:
+    """What a release pins of a schema: all of it but docs and ``destra.*`` range attributes.
+
+    More than the Parsing Canonical Form, which drops the defaults a reader
+    resolves with (a field's, an enum's) and the aliases.
+    """
+    if isinstance(schema, list):
+        return [release_form(item) for item in schema]
+    if isinstance(schema, dict):
+        return {key: release_form(value) for key, value in schema.items()
+                if key != "doc" and not key.startswith("destra.")}
+    return schema
+
+
 def unreleased(catalog: Catalog, history_dir: Path | None = None) -> list[str]:
     """Event types whose current schema is not its latest released version."""
     history_dir = catalog.history_dir if history_dir is None else history_dir
     out = []
     for name in catalog.names:
         versions = load_history(history_dir, name)
-        latest = fingerprint_of(versions[-1][1])[0] if versions else None
-        if latest != catalog.current(name).canonical_form:
+        latest = release_form(versions[-1][1]) if versions else None
+        if latest != release_form(catalog.current(name).json):
             out.append(name)
     return out
 

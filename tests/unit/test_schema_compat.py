@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ def test_a_reader_with_a_new_defaulted_field_reads_old_bytes(tmp_path: Path) -> 
         decode(new_bytes)
 
 
-def _written_with(old: SchemaVersion, fields: dict[str, Any]) -> bytes:
+def _written_with(old: SchemaVersion, fields: Mapping[str, Any]) -> bytes:
     """Single-object bytes of ``fields`` as a producer on released version ``old`` wrote them."""
     body = io.BytesIO()
     known = {f["name"] for f in old.json["fields"]}
@@ -139,7 +139,7 @@ def test_a_bytes_field_added_later_reads_from_old_events_as_empty_bytes(
 
 
 def test_json_defaults_of_bytes_and_fixed_become_bytes_wherever_they_nest() -> None:
-    schema = parse_schema({"type": "record", "name": "R", "fields": [
+    schema: Any = parse_schema({"type": "record", "name": "R", "fields": [
         {"name": "union", "type": ["bytes", "null"], "default": "\u00ff"},
         {"name": "null", "type": ["null", "bytes"], "default": None},
         {"name": "fixed", "type": {"type": "fixed", "name": "F", "size": 1}, "default": "\u0001"},
@@ -155,6 +155,53 @@ def test_json_defaults_of_bytes_and_fixed_become_bytes_wherever_they_nest() -> N
         "union": b"\xff", "null": None, "fixed": b"\x01", "named": b"\x02", "array": [b"a"],
         "map": {"k": b"v"}, "record": {"inner": b"y"}, "text": "t"}
     assert schema["fields"][6]["type"]["fields"][0]["default"] == b"z"
+
+
+def _choice(schema: dict[str, Any]) -> dict[str, Any]:
+    enum: dict[str, Any] = _field(schema, "choice")["type"]
+    return enum
+
+
+def _add_veto(schema: dict[str, Any]) -> None:
+    _choice(schema)["symbols"].append("VETO")
+
+
+def test_a_reader_with_the_enum_default_reads_a_vote_choice_added_later(tmp_path: Path) -> None:
+    catalog = default_catalog()
+    vetoing = catalog.schema_json("VoteCast")
+    _add_veto(vetoing)
+    # A reader on today's schema that has heard of the writer's newer version
+    # (history/VoteCast/v3 written, avsc not yet upgraded) resolves it into its own.
+    avsc, history = tmp_path / "avsc", tmp_path / "history"
+    shutil.copytree(AVSC_DIR, avsc)
+    shutil.copytree(HISTORY_DIR, history)
+    (history / "VoteCast" / "v3.avsc").write_text(json.dumps(vetoing))
+    reader = Catalog(avsc, history)
+    newer = reader.history("VoteCast")[-1]
+    assert newer.fingerprint != reader.fingerprint("VoteCast")
+
+    read = decode(_written_with(newer, {**sample_event("VoteCast").fields, "choice": "VETO"}),
+                  catalog=reader)
+    assert read.fields["choice"] == "ABSTAIN"
+    assert check_pair(catalog.schema_json("VoteCast"), vetoing) == []
+    # v1 had no default: a reader still on it must upgrade before a choice is added.
+    assert check_pair(catalog.history("VoteCast")[0].json, vetoing)
+
+
+def test_a_changed_default_is_released_though_the_fingerprint_stays(tmp_path: Path) -> None:
+    evolved = _evolved(tmp_path, "VoteCast", lambda s: _choice(s).update(default="NO"))
+    assert unreleased(evolved) == ["VoteCast"]
+    assert release(evolved) == ["VoteCast/v3.avsc"]
+    versions = Catalog(evolved.avsc_dir, evolved.history_dir).history("VoteCast")
+    assert versions[-1].fingerprint == versions[-2].fingerprint == versions[0].fingerprint
+
+
+def test_a_changed_doc_or_range_needs_no_release(tmp_path: Path) -> None:
+    def edit(schema: dict[str, Any]) -> None:
+        _field(schema, "voter_id")["doc"] = "Who votes, again."
+        _field(schema, "voter_id")["destra.max_length"] = 64
+
+    assert unreleased(_evolved(tmp_path, "VoteCast", edit)) == []
 
 
 def test_release_refuses_an_incompatible_change_and_writes_nothing(tmp_path: Path) -> None:
