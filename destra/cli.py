@@ -89,6 +89,7 @@ def _status_text(s: dict[str, Any]) -> str:
                      f"  data {b['data_dir']}  log {b['log']}")
     lines.append(f"postgres  {'up' if p['version'] else 'DOWN'}  {p['dsn']}  "
                  f"version {p['version']}  pid {p['pid']}  data {p['data_dir']}")
+    lines.append(f"genesis   {s.get('genesis')}")
     return "\n".join(lines)
 
 
@@ -288,15 +289,23 @@ def ledger_balances(as_json: bool, **flags: Any) -> None:
 @click.argument("amount_micro", type=click.IntRange(min=1))
 @click.option("--reason", default="faucet", show_default=True, help="Recorded with the mint.")
 def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
-    """Faucet for a local network: mint AMOUNT_MICRO micro-tokens to ACCOUNT (an event)."""
+    """Mint AMOUNT_MICRO micro-tokens to ACCOUNT: a TokensMinted signed with the treasury key.
+
+    Only the operator holding the network's treasury key ($DESTRA_HOME/services/
+    treasury.key, or DESTRA_SERVICE_KEYS) can mint; the ledger refuses any other mint.
+    """
     from infra import services
     from schemas import new_event
+    from streams.authority import Genesis, load_signer
     from streams.producer import EventProducer
 
     settings = load_settings(**flags)
+    treasury = load_signer(settings.service_keys, "treasury",
+                           Genesis.load(settings.genesis_path))
     event = new_event("TokensMinted", settings.producer_id, account=account,
                       amount_micro=amount_micro, reason=reason)
-    with EventProducer(settings, kafka_address(settings, services)) as producer:
+    with EventProducer(settings, kafka_address(settings, services),
+                       signer=treasury) as producer:
         producer.send(event)
     click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
                "the ledger processor posts it")

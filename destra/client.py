@@ -44,6 +44,7 @@ from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
+from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
@@ -158,7 +159,16 @@ class Client:
         self._node_keys: dict[str, bytes] = {}
         self._granted: set[tuple[str, str, int]] = set()
         self._producer = EventProducer(self.settings, self.bootstrap)
+        self._genesis: Genesis | None = None
         self._prices: PriceBook | None = None
+
+    @property
+    def genesis(self) -> Genesis:
+        """The network's genesis file: a verdict, an assignment or a price is believed only
+        when the service key it names signed it."""
+        if self._genesis is None:
+            self._genesis = Genesis.load(self.settings.genesis_path)
+        return self._genesis
 
     # -- quotes and submissions -------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class Client:
         """The network's prices: defaults, then every ``PriceUpdated`` on its topic."""
         if self._prices is None:
             book = PriceBook()
-            for event in _read_topic(self.bootstrap, self._topic("PriceUpdated")):
+            for event in self._events("PriceUpdated"):
                 f = event.fields
                 try:
                     book.apply(PriceUpdate(f["tier"], f["price_per_unit_micro"],
@@ -277,7 +287,7 @@ class Client:
         """
         if node_id not in self._node_keys:
             bound: dict[str, bytes] = {}
-            for e in _read_topic(self.bootstrap, self._topic("NodeRegistered")):
+            for e in self._events("NodeRegistered"):
                 f = e.fields
                 if not verify_event(e, f["signing_key"], f["node_id"]):
                     continue  # not proof of possession of the key it registers
@@ -312,7 +322,7 @@ class Client:
         Tries each agreeing node's sealed copy; ``ResultRefused`` if none opens to the
         verified digest, ``DestraError`` if the task has no verdict or failed.
         """
-        verdict = next((e for e in _read_topic(self.bootstrap, self._topic("TaskVerified"))
+        verdict = next((e for e in self._events("TaskVerified")
                         if e.fields["task_id"] == task_id), None)
         if verdict is None:
             raise DestraError(f"task {task_id} has no verdict yet")
@@ -322,7 +332,7 @@ class Client:
         digest: bytes = verdict.fields["digest"]
         agreed = {c["node_id"] for c in verdict.fields["contributions"] if c["agreed"]}
         problems = []
-        for reveal in _read_topic(self.bootstrap, self._topic("ResultRevealed")):
+        for reveal in self._events("ResultRevealed"):
             f = reveal.fields
             if f["task_id"] != task_id or f["node_id"] not in agreed:
                 continue
@@ -350,7 +360,7 @@ class Client:
         The watch also grants data keys to the nodes assigned this account's tasks.
         """
         return Watch(self.settings, self.bootstrap, from_start=from_start,
-                     on_event=self.on_event)
+                     on_event=self.on_event, genesis=self.genesis)
 
     def wait(self, task_ids: Iterable[str], *, watch: Watch | None = None,
              timeout_s: float = 600.0,
@@ -367,17 +377,30 @@ class Client:
     def _topic(self, event: str) -> str:
         return topic_for(event).name(self.settings.topic_prefix)
 
+    def _events(self, name: str) -> list[Event]:
+        """Every believable event on the topic of ``name`` events, from its start."""
+        return _read_topic(self.bootstrap, self.genesis, self._topic(name))
+
     def close(self) -> None:
         """Flush what was sent."""
         self._producer.close()
 
 
 class Watch:
-    """Reads the task topics from now (or from the start) and tracks tasks' progress."""
+    """Reads the task topics from now (or from the start) and tracks tasks' progress.
+
+    An assignment or verdict not signed by the service the genesis names for it is
+    skipped (the services' consumers dead-letter it); ``genesis`` defaults to the file
+    ``settings.genesis_path``.
+    """
 
     def __init__(self, settings: Settings, bootstrap: str, from_start: bool = False,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 genesis: Genesis | None = None) -> None:
         self._on_event = on_event
+        self._genesis = genesis or Genesis.load(settings.genesis_path)
+        self.refused = 0
+        """Authority events skipped for want of a valid service signature."""
         self._consumer = Consumer(consumer_config(bootstrap, f"watch-{uuid.uuid4()}", {
             "enable.auto.commit": False, "logger": KAFKA_LOG}))
         topics = sorted({topic_for(e).name(settings.topic_prefix) for e in WATCHED})
@@ -435,8 +458,9 @@ class Watch:
             if msg.error() is not None:
                 continue
             try:
-                event = decode(msg.value() or b"")
+                event = self._genesis.require(decode(msg.value() or b""))
             except DestraError:
+                self.refused += 1
                 continue
             if self._on_event is not None:
                 self._on_event(event)
@@ -450,12 +474,13 @@ class Watch:
         self._consumer.close()
 
 
-def _read_topic(bootstrap: str, topic: str) -> list[Event]:
-    """Every decodable event of a (small) topic, from its start to its end now."""
+def _read_topic(bootstrap: str, genesis: Genesis, topic: str) -> list[Event]:
+    """Every decodable event of a (small) topic, from its start to its end now, less the
+    authority events the genesis refuses."""
     events = []
     for msg in read_all(bootstrap, topic):
         try:
-            events.append(decode(msg.value() or b""))
+            events.append(genesis.require(decode(msg.value() or b"")))
         except DestraError:
             continue
     return events

@@ -74,7 +74,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     try:
         echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
              f"verifier (Faust), 5 node runners ({DISHONEST} returns wrong results)")
-        with EventProducer(run, bootstrap) as producer:
+        with EventProducer(run, bootstrap, signer=net.signer("treasury")) as producer:
             for account in ["alice", *(f"op-{n}" for n, _ in NODES)]:
                 producer.send(new_event("TokensMinted", "faucet", account=account,
                                         amount_micro=FUNDS, reason="demo faucet"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from destra.errors import InfraError
 from destra.settings import Settings
 from schemas import decode
+from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.reading import read_all
 from streams.topics import topic_for
 
@@ -34,6 +35,9 @@ class LocalNetwork:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The network's genesis and its services' keys, made on first use (a fixture may
+        # have made them already); every process gets their paths.
+        self.genesis = ensure_genesis(self.settings.genesis_path, self.settings.service_keys)
         # The keystores of this network's nodes and accounts are encrypted with a random
         # passphrase kept in a 0600 file beside the logs (a real operator uses their own).
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -55,9 +59,15 @@ class LocalNetwork:
         return {**env, "DESTRA_KAFKA_BOOTSTRAP": self.bootstrap,
                 "DESTRA_PG_DSN": self.pg_dsn, "DESTRA_TOPIC_PREFIX": self.settings.topic_prefix,
                 "DESTRA_HOME": str(self.settings.home),
+                "DESTRA_GENESIS": str(self.settings.genesis_path),
+                "DESTRA_SERVICE_KEYS": str(self.settings.service_keys),
                 "DESTRA_PASSPHRASE_FILE": str(self.passphrase_file),
                 "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **self.env_extra}
+
+    def signer(self, role: str) -> ServiceSigner:
+        """A service role's signer (e.g. ``treasury`` to mint), from this network's keys."""
+        return load_signer(self.settings.service_keys, role, self.genesis)
 
     def spawn(self, name: str, *args: str, producer_id: str | None = None) -> None:
         """Start ``python args...`` as the process ``name``."""

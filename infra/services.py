@@ -3,7 +3,9 @@
 What ``up`` started is written to a state file under ``Settings.home`` so that
 ``status`` and ``down`` (in other processes) know the pids, ports and data
 directories. External services (a bootstrap or a DSN in the settings) are
-used as they are: never started, never stopped.
+used as they are: never started, never stopped. ``up`` also writes the
+network's genesis file and its services' keys when absent
+(``streams.authority.ensure_genesis``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from infra import kafka, postgres
 from infra.procs import pid_alive, stop_pids
 from ledger.migrate import apply_migrations
 from streams.admin import ensure_topics, live_broker_count
+from streams.authority import ensure_genesis
 
 
 @dataclass
@@ -124,6 +127,7 @@ def _start_postgres(settings: Settings, state: InfraState) -> None:
 
 
 def _prepare(settings: Settings, state: InfraState) -> None:
+    ensure_genesis(settings.genesis_path, settings.service_keys)
     ensure_topics(state.kafka_bootstrap, settings.topic_prefix,
                   replication_factor=settings.replication_factor,
                   min_insync_replicas=settings.min_insync_replicas)
@@ -171,6 +175,7 @@ def status(settings: Settings) -> dict[str, Any]:
     return {
         "running": live > 0 and pg_version is not None,
         "state_file": str(state_path(settings)),
+        "genesis": str(settings.genesis_path),
         "kafka": {
             "bootstrap": state.kafka_bootstrap,
             "external": state.kafka_external,

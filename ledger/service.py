@@ -23,6 +23,7 @@ from typing import Any
 from destra.settings import Settings
 from ledger.projection import LedgerProjection, OffsetProjection
 from ledger.views import ViewProjection, view_topics
+from streams.authority import Genesis
 from streams.consumer import Delivery, EventConsumer
 from streams.reading import end_offsets
 from streams.topics import topic_for
@@ -41,6 +42,9 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
     """Consume and apply in batches; stop when idle, past ``until`` offsets, or told to.
 
     Reads ``topics`` (default: the ledger's) from the offsets the projection stored.
+    Authority events (ledger entries, verdicts, assignments...) without a valid service
+    signature are dead-lettered by the consumer, never applied: the genesis file
+    ``settings.genesis_path`` must exist.
     """
     positions = projection.positions()
     group = f"{projection.name}-{projection.schema}"
@@ -48,6 +52,7 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
         settings, bootstrap, group, list(topics or [ledger_topic(settings)]),
         overrides={"enable.auto.commit": False},
         start_at=lambda t, p: positions.get((t, p)),
+        genesis=Genesis.load(settings.genesis_path),
     )
     applied = 0
     last = time.monotonic()

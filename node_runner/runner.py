@@ -64,6 +64,7 @@ from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
+from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
@@ -146,6 +147,8 @@ class NodeRunner:
         self.awaiting: dict[tuple[str, int], Event] = {}
         """Encrypted assignments waiting for their data key."""
         self.freshness = Freshness()
+        self.genesis = Genesis.load(self.settings.genesis_path)
+        """Whose assignments and reveal calls to believe: the network's service keys."""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._producer = EventProducer(self.settings, self.bootstrap)
@@ -233,6 +236,9 @@ class NodeRunner:
         self._expire_awaiting(accept_work)
 
     def _handle(self, event: Event, accept_work: bool) -> None:
+        if (refusal := self.genesis.check(event)) is not None:
+            log.warning("%s refused: %s", event.name, refusal)
+            return
         f = event.fields
         if event.name == "TaskAssigned":
             if not accept_work or f["commit_deadline"] < now_ms():

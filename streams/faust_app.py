@@ -2,7 +2,10 @@
 
 The allocator and the verifier are Faust agents. They speak the same bytes as
 every other client: the codec here is the single-object Avro codec of
-``schemas``, registered with Faust under the name ``destra-avro``.
+``schemas``, registered with Faust under the name ``destra-avro``. The
+``Publisher`` signs the authority events a service emits with its role's key;
+``install_service`` hands a handler only authority events the genesis accepts
+and dead-letters the others (``streams.authority``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from destra.errors import EventError
 from destra.settings import Settings
 from schemas import Event, decode, encode, new_event
 from schemas.codec import encode_unchecked
+from schemas.errors import ConfigError
 from schemas.events import now_ms
+from streams.authority import AUTHORITY, Genesis, ServiceSigner, held_signers, signers_by_event
 from streams.topics import DEAD_LETTER, topic_for
 
 CODEC_NAME = "destra-avro"
@@ -132,14 +137,25 @@ def broker_ms(message: Any) -> int:
 
 
 class Publisher:
-    """Sends events from Faust agents to their catalogue topics, keyed as the catalogue says.
+    """Sends events from Faust agents to their catalogue topics, keyed as the catalogue says,
+    signing each authority event with the service key ``signers`` maps its type to.
+
+    ``signers`` None: the keys this operator holds under ``settings.service_keys``, each
+    type signed by the first role of ``streams.authority.ROLES`` that may emit it (a
+    worker should pass its own roles' signers). An authority event with no signer raises
+    ``ConfigError``: unsigned, every consumer would refuse it.
 
     Events for ``tasks.assignments`` go to the partition ``partition_for`` gives
     their node, the only partition that node reads.
     """
 
-    def __init__(self, app: faust.App, settings: Settings) -> None:
+    def __init__(self, app: faust.App, settings: Settings,
+                 signers: Mapping[str, ServiceSigner] | None = None) -> None:
         self.app, self.settings = app, settings
+        if signers is None:
+            signers = signers_by_event(held_signers(
+                settings.service_keys, Genesis.load(settings.genesis_path)))
+        self.signers = dict(signers)
         self._topics: dict[str, faust.TopicT] = {}
         self.sent = 0
 
@@ -149,9 +165,20 @@ class Publisher:
                                                 key_serializer="raw")
         return self._topics[name]
 
+    def sign(self, event: Event) -> Event:
+        """``event`` signed by its type's service signer (other events as they are)."""
+        if event.name not in AUTHORITY:
+            return event
+        signer = self.signers.get(event.name)
+        if signer is None:
+            raise ConfigError(f"no service key to sign {event.name}: this worker holds none "
+                              f"of {', '.join(AUTHORITY[event.name])} (settings.service_keys)")
+        return signer.sign(event)
+
     async def publish(self, events: Iterable[Event]) -> None:
-        """Send each event (awaiting its enqueueing, in order)."""
+        """Sign and send each event (awaiting its enqueueing, in order)."""
         for event in events:
+            event = self.sign(event)
             spec = topic_for(event.name)
             key = str(event.fields[spec.key])
             partition = spec.partition_of(key)
@@ -159,8 +186,11 @@ class Publisher:
                 key=key.encode(), value=event, partition=partition)
             self.sent += 1
 
-    async def reject(self, refused: list[tuple[Event, Any, str]]) -> None:
-        """Dead-letter events a handler refused, with the reason; empties the list."""
+    async def reject(self, refused: list[tuple[Event, Any, str]], error: str = "Rejected") -> None:
+        """Dead-letter events a handler refused, with the reason; empties the list.
+
+        A refused event read from a topic is kept as the bytes it came as.
+        """
         letters = []
         for event, origin, reason in refused:
             letters.append(new_event(
@@ -168,8 +198,9 @@ class Publisher:
                 source_topic=origin.topic if origin else "(none)",
                 source_partition=origin.partition if origin else 0,
                 source_offset=origin.offset if origin else 0,
-                key=origin.key if origin else None, value=encode_unchecked(event),
-                reason=reason[:2000], error="Rejected"))
+                key=origin.key if origin else None,
+                value=event.raw if event.raw is not None else encode_unchecked(event),
+                reason=reason[:2000], error=error))
         refused.clear()
         await self.publish(letters)
 
@@ -181,23 +212,31 @@ Handler = Callable[[Event, int, Any], list[Event]]
 def install_service(app: faust.App, settings: Settings, name: str,
                     handlers: Mapping[str, Handler], rejected: list[tuple[Event, Any, str]],
                     on_tick: Callable[[int], list[Event]], publisher: Publisher,
-                    tick_s: float = 0.25) -> None:
+                    tick_s: float = 0.25, genesis: Genesis | None = None) -> None:
     """Run a transport-free service as a Faust agent and a timer.
 
-    The agent reads every topic carrying one of ``handlers``' event types, calls
-    the handler with the record's timestamp and origin, publishes what it
-    returns and dead-letters whatever the service put in ``rejected``; the
-    timer calls ``on_tick`` with the wall clock. Agent and timer share one
-    event loop, so the service needs no locking.
+    The agent reads every topic carrying one of ``handlers``' event types,
+    dead-letters an authority event the genesis refuses (default: the file
+    ``settings.genesis_path``) before any handler sees it, calls the handler with
+    the record's timestamp and origin, publishes what it returns and dead-letters
+    whatever the service put in ``rejected``; the timer calls ``on_tick`` with the
+    wall clock. Agent and timer share one event loop, so the service needs no locking.
     """
+    genesis = genesis or Genesis.load(settings.genesis_path)
 
     @app.agent(topics(app, settings, *handlers), name=name)
     async def agent(stream: Any) -> None:
         async for record in stream.events():
-            handler = handlers.get(record.value.name)
+            event = record.value
+            handler = handlers.get(event.name)
             if handler is None:
                 continue  # another event type sharing one of the topics
-            await publisher.publish(handler(record.value, broker_ms(record.message),
+            refusal = genesis.check(event)
+            if refusal is not None:
+                await publisher.reject([(event, Origin.of(record.message), refusal)],
+                                       error="UnauthenticatedEvent")
+                continue
+            await publisher.publish(handler(event, broker_ms(record.message),
                                             Origin.of(record.message)))
             if rejected:
                 await publisher.reject(rejected)

@@ -1,7 +1,9 @@
 """A thin typed producer over confluent-kafka: idempotent, ``acks=all``, Avro events.
 
 Each event goes to the topic the catalogue names for its type, keyed by the
-field the topic is keyed by, so every event about one key stays in order.
+field the topic is keyed by, so every event about one key stays in order. A
+producer given a service ``signer`` signs every authority event it sends
+(``streams.authority``) with that role's key.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from destra.errors import DeliveryFailed
 from destra.settings import Settings
 from schemas import Event, encode
+from streams.authority import AUTHORITY, ServiceSigner
 from streams.klog import KAFKA_LOG
 from streams.topics import topic_for
 
@@ -26,7 +29,15 @@ def producer_config(bootstrap: str, overrides: Mapping[str, Any] | None = None) 
         "bootstrap.servers": bootstrap,
         "enable.idempotence": True,  # implies acks=all and bounded in-flight requests
         "acks": "all",
-        "linger.ms": 5,
+        # No batching timer: a record is sent as soon as the broker connection is free;
+        # what queues meanwhile (up to 5 requests in flight) still goes out as one batch.
+        # 5 ms here was 5 ms on every hop a librdkafka client produces (submissions,
+        # grants, commits, reveals, ledger entries).
+        "linger.ms": 0,
+        # First retry after 10 ms (doubling up to retry.backoff.max.ms, 1 s), not 100 ms:
+        # a transactional producer's AddOffsetsToTxn answered CONCURRENT_TRANSACTIONS
+        # (the previous transaction's markers still being written) waits this long.
+        "retry.backoff.ms": 10,
         "compression.type": "lz4",
         "message.timeout.ms": 120_000,
         "logger": KAFKA_LOG,
@@ -43,8 +54,11 @@ class EventProducer:
         settings: Settings,
         bootstrap: str,
         overrides: Mapping[str, Any] | None = None,
+        signer: ServiceSigner | None = None,
     ) -> None:
         self.settings = settings
+        self.signer = signer
+        """The service role whose key signs the authority events sent (None: none signed)."""
         self._config = producer_config(bootstrap, overrides)
         self._producer: Producer | None = None
         self._failures: list[str] = []
@@ -66,11 +80,15 @@ class EventProducer:
         spec = topic_for(event.name)
         return str(event.fields[spec.key]).encode()
 
-    def send(self, event: Event, on_delivery: DeliveryCallback | None = None) -> None:
-        """Encode (validating) and enqueue one event; raises InvalidEvent before sending."""
+    def send(self, event: Event, on_delivery: DeliveryCallback | None = None) -> Event:
+        """Sign (an authority event, with a signer), encode (validating) and enqueue one
+        event; raises InvalidEvent before sending. Returns the event as sent."""
+        if self.signer is not None and event.name in AUTHORITY:
+            event = self.signer.sign(event)
         key = self.key_of(event)
         self.send_raw(self.topic_name(event), key, encode(event), on_delivery,
                       topic_for(event.name).partition_of(key.decode()))
+        return event
 
     def send_raw(
         self,
@@ -128,6 +146,15 @@ class EventProducer:
         positions = consumer.position(consumer.assignment())
         self._kafka.send_offsets_to_transaction(
             positions, consumer.consumer_group_metadata(), timeout_s)
+        self._kafka.commit_transaction(timeout_s)
+
+    def commit_positions(self, consumer: Any, timeout_s: float = 60.0) -> None:
+        """Commit the transaction with the consumer's valid positions (there may be none
+        yet right after a subscription: then the transaction commits alone)."""
+        positions = [tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
+        if positions:
+            self._kafka.send_offsets_to_transaction(
+                positions, consumer.consumer_group_metadata(), timeout_s)
         self._kafka.commit_transaction(timeout_s)
 
     def flush_pending(self, timeout_s: float = 30.0) -> None:

@@ -61,12 +61,19 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def network(kafka: str, request: pytest.FixtureRequest) -> Settings:
-    """Settings for a fresh network on the session broker: its own topic prefix."""
+def network(kafka: str, request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for a fresh network on the session broker: its own topic prefix, and its
+    own genesis and service keys in a temporary directory (``tests.support.service_signed``
+    signs as its services)."""
     from streams.admin import ensure_topics
+    from streams.authority import ensure_genesis
 
     prefix = f"t{random.randint(0, 1 << 30):x}."
+    keys = tmp_path_factory.mktemp("genesis")
     settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix,
-                        producer_id=request.node.name[:60])
+                        producer_id=request.node.name[:60],
+                        genesis_file=keys / "genesis.json", service_key_dir=keys / "services")
+    ensure_genesis(settings.genesis_path, settings.service_keys)
     ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
     return settings

@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable
 
 from destra.crypto import KeyPair, sign_event
+from destra.settings import Settings
 from schemas import Event
+from streams.authority import AUTHORITY, Genesis, ServiceSigner, load_signer
 
 
 def free_port_block(count: int, *, spread: int = 100) -> int:
@@ -47,3 +49,20 @@ def signed_submission(event: Event) -> Event:
     keys = account_keys(event.fields["submitter_id"])
     return sign_event(event.replace(signing_key=keys.signing_public), keys,
                       event.fields["submitter_id"])
+
+
+def service_signer(settings: Settings, role: str) -> ServiceSigner:
+    """The signer of a service role of the network ``settings`` names (its genesis)."""
+    return load_signer(settings.service_keys, role, Genesis.load(settings.genesis_path))
+
+
+def service_signed(settings: Settings, event: Event) -> Event:
+    """An authority event signed by the first role allowed to emit it; others unchanged."""
+    roles = AUTHORITY.get(event.name)
+    return event if roles is None else service_signer(settings, roles[0]).sign(event)
+
+
+def genesis_env(settings: Settings) -> dict[str, str]:
+    """The variables that give a spawned process the network's genesis and service keys."""
+    return {"DESTRA_GENESIS": str(settings.genesis_path),
+            "DESTRA_SERVICE_KEYS": str(settings.service_keys)}

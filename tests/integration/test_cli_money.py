@@ -21,17 +21,23 @@ def test_minted_tokens_reach_the_balance_the_cli_shows(
     network: Settings, kafka: str, pg_dsn: str
 ) -> None:
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_PG_DSN=pg_dsn,
-               DESTRA_TOPIC_PREFIX=network.topic_prefix)
+               DESTRA_TOPIC_PREFIX=network.topic_prefix,
+               DESTRA_GENESIS=str(network.genesis_path),
+               DESTRA_SERVICE_KEYS=str(network.service_keys))
 
-    def destra(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "destra", *args], env=env, text=True,
-                              capture_output=True, timeout=120, check=False)
+    def destra(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "destra", *args], env={**env, **extra},
+                              text=True, capture_output=True, timeout=120, check=False)
 
-    # Two mints, and one refused by the CLI before anything is sent.
+    # Two mints, and two refused by the CLI before anything is sent: a bad amount, and
+    # an operator without the treasury key.
     assert destra("mint", "alice", "1500000").returncode == 0
     assert destra("mint", "alice", "2500").returncode == 0
     refused = destra("mint", "alice", "0")
     assert refused.returncode == 2 and "AMOUNT_MICRO" in refused.stderr
+    keyless = destra("mint", "alice", "7",
+                     DESTRA_SERVICE_KEYS=str(network.service_keys.parent / "no-keys"))
+    assert keyless.returncode == 1 and "no treasury key" in keyless.stderr
 
     # The processor posts the entries; the projection folds them into Postgres.
     processor.run(network, kafka, idle_exit_s=3)

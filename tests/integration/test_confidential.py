@@ -29,6 +29,7 @@ from schemas.samples import with_fields
 from streams.producer import EventProducer
 from streams.reading import read_all
 from tests.integration.test_lifecycle import FUNDS, _balances, _events, _mint
+from tests.support import service_signed
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -219,10 +220,10 @@ def test_result_refuses_a_delivery_whose_digest_differs_from_the_verified_one(
 
     with EventProducer(settings, kafka) as producer:
         producer.send(reveal("n0", b'{"answer":41}'))
-        producer.send(new_event(
+        producer.send(service_signed(settings, new_event(
             "TaskVerified", "verifier", task_id=task_id, digest=digest, quorum=2,
             result_ref=None, contributions=[
-                {"node_id": n, "compute_units": 1, "agreed": True} for n in ("n0", "n1")]))
+                {"node_id": n, "compute_units": 1, "agreed": True} for n in ("n0", "n1")])))
     with pytest.raises(ResultRefused, match="n0: its result's SHA-256 is not the verified"):
         client.result(task_id)
 

@@ -21,7 +21,7 @@ from schemas import decode, new_event
 from schemas.samples import sample_event, with_fields
 from streams.producer import EventProducer
 from streams.reading import read_all
-from tests.support import signed_submission
+from tests.support import genesis_env, service_signed, service_signer, signed_submission
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
 def _processor(spawned: list[subprocess.Popen[bytes]], network: Settings, kafka: str,
                *args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_TOPIC_PREFIX=network.topic_prefix,
-               DESTRA_PRODUCER_ID="ledger")
+               DESTRA_PRODUCER_ID="ledger", **genesis_env(network))
     proc = subprocess.Popen([sys.executable, "-m", "ledger.processor", *args], env=env)
     spawned.append(proc)
     return proc
@@ -68,7 +68,8 @@ def test_a_processor_killed_mid_stream_escrows_and_pays_exactly_once(
     network: Settings, kafka: str, pg_dsn: str, spawned: list[subprocess.Popen[bytes]]
 ) -> None:
     rich = [f"rich-{i}" for i in range(4)]
-    mints = [new_event("TokensMinted", "faucet", account=a, amount_micro=10**12, reason="test")
+    mints = [service_signed(network, new_event("TokensMinted", "faucet", account=a,
+                                               amount_micro=10**12, reason="test"))
              for a in rich]
     template = sample_event("TaskSubmitted")
     submissions = [signed_submission(
@@ -77,10 +78,11 @@ def test_a_processor_killed_mid_stream_escrows_and_pays_exactly_once(
                     quote_expires_at=2**62, compute_units=50, replicas=3, quorum=2))
         for i in range(N)
     ]
-    verdicts = [
+    verifier = service_signer(network, "verifier")
+    verdicts = [verifier.sign(
         with_fields(sample_event("TaskVerified"), task_id=s.fields["task_id"], contributions=[
             {"node_id": f"node-{(i + k) % 5}", "compute_units": 50, "agreed": k < 2}
-            for k in range(3)])
+            for k in range(3)]))
         for i, s in enumerate(submissions)
     ]
     producer = EventProducer(network, kafka)

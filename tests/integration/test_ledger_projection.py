@@ -19,6 +19,7 @@ from ledger.events import entry_events
 from ledger.projection import LedgerProjection
 from ledger.service import replay
 from streams.producer import EventProducer
+from tests.support import genesis_env, service_signer
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ def _traffic(n_tasks: int, seed: int) -> tuple[Book, list]:  # type: ignore[type
 def _projector(network: Settings, kafka: str, pg_dsn: str, schema: str,
                *args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_PG_DSN=pg_dsn,
-               DESTRA_TOPIC_PREFIX=network.topic_prefix)
+               DESTRA_TOPIC_PREFIX=network.topic_prefix, **genesis_env(network))
     return subprocess.Popen([sys.executable, "-m", "ledger.service", "--schema", schema, *args],
                             env=env)
 
@@ -64,7 +65,7 @@ def test_a_projector_killed_mid_stream_applies_every_entry_exactly_once(
 ) -> None:
     expected, txs = _traffic(n_tasks=2500, seed=11)
     events = [e for tx in txs for e in entry_events(tx, "test")]
-    with EventProducer(network, kafka) as producer:
+    with EventProducer(network, kafka, signer=service_signer(network, "ledger")) as producer:
         for event in events:
             producer.send(event)
     schema = f"live_{uuid.uuid4().hex[:8]}"
@@ -102,7 +103,7 @@ def test_a_redelivered_batch_changes_nothing(network: Settings, kafka: str, pg_d
     from streams.consumer import EventConsumer
 
     _, txs = _traffic(n_tasks=20, seed=3)
-    with EventProducer(network, kafka) as producer:
+    with EventProducer(network, kafka, signer=service_signer(network, "ledger")) as producer:
         for tx in txs:
             for event in entry_events(tx, "test"):
                 producer.send(event)

@@ -54,7 +54,7 @@ def local_network(network: Settings, kafka: str, pg_dsn: str,
 
 
 def _mint(net: LocalNetwork, *accounts: str) -> None:
-    with EventProducer(net.settings, net.bootstrap) as producer:
+    with EventProducer(net.settings, net.bootstrap, signer=net.signer("treasury")) as producer:
         for account in accounts:
             producer.send(new_event("TokensMinted", "faucet", account=account,
                                     amount_micro=FUNDS, reason="test"))

@@ -38,6 +38,7 @@ from schemas import Event
 from schemas.samples import SAMPLE_TIME_MS, sample_event
 from streams.consumer import EventConsumer
 from streams.producer import EventProducer
+from tests.support import genesis_env, service_signed
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +55,7 @@ def ev(name: str, at: int, **fields: Any) -> Event:
 def send(network: Settings, kafka: str, events: list[Event]) -> None:
     with EventProducer(network, kafka) as producer:
         for e in events:
-            producer.send(e)
+            producer.send(service_signed(network, e))
 
 
 def fold(network: Settings, kafka: str, views: ViewProjection) -> int:
@@ -234,7 +235,7 @@ def test_views_fold_a_lifecycle_in_any_order_exactly_once(
 
     # The CLI reads the same views.
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_PG_DSN=pg_dsn,
-               DESTRA_TOPIC_PREFIX=network.topic_prefix)
+               DESTRA_TOPIC_PREFIX=network.topic_prefix, **genesis_env(network))
 
     def destra(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "destra", *args, "--schema", schema],
@@ -279,7 +280,7 @@ def test_the_projector_process_folds_the_ledger_and_the_views(
     ])
     schema = f"proc_{sfx}"
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_PG_DSN=pg_dsn,
-               DESTRA_TOPIC_PREFIX=network.topic_prefix)
+               DESTRA_TOPIC_PREFIX=network.topic_prefix, **genesis_env(network))
     done = subprocess.run(
         [sys.executable, "-m", "ledger.service", "--schema", schema, "--idle-exit", "3"],
         env=env, capture_output=True, text=True, timeout=180, check=False)
