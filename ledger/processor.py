@@ -12,23 +12,22 @@ rebuilt from its own committed entries and the submissions it escrowed.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from destra.errors import DestraError, EventError
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
 from ledger.service import end_offsets
-from schemas import decode
-from streams.consumer import consumer_config, dead_letter, fetch
-from streams.klog import KAFKA_LOG
-from streams.producer import EventProducer
+from schemas import Event, decode
+from streams.authority import Genesis, load_signer
+from streams.consumer import consumer_config
+from streams.kafka_runner import KafkaRunner
 from streams.topics import topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
@@ -95,61 +94,26 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
 
 def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
         running: Callable[[], bool] = lambda: True, crash_before_commit: int = 0) -> int:
-    """Process until ``running()`` is false or nothing arrives for ``idle_exit_s``."""
-    decider = LedgerDecider(settings.producer_id)
+    """Process until ``running()`` is false or nothing arrives for ``idle_exit_s``.
+
+    The decider runs under ``streams.kafka_runner.KafkaRunner`` like every service:
+    its inputs pass the genesis authority check, its entries are signed with the
+    ledger's key, and each batch commits in one transaction.
+    """
+    decider = LedgerDecider(settings.producer_id or "ledger")
     rebuild(settings, bootstrap, decider)
-    producer = EventProducer(settings, bootstrap, {
-        # Stable per network: a restarted processor fences its killed predecessor.
-        "transactional.id": f"{settings.topic_prefix}ledger-processor",
-        "transaction.timeout.ms": 60_000,
-        "message.timeout.ms": 55_000,  # librdkafka: must not exceed the transaction timeout
-    })
-    producer.init_transactions()
-    inputs = sorted({_topic(settings, e) for e in INPUTS} | {_topic(settings, "TaskFailed")})
-    consumer = Consumer(consumer_config(bootstrap, f"{settings.topic_prefix}ledger-processor",
-                                        {"enable.auto.commit": False, "logger": KAFKA_LOG}))
-    consumer.subscribe(inputs)
-    emitted, last, batches = 0, time.monotonic(), 0
-    try:
-        while running():
-            batch = [m for m in fetch(consumer, BATCH, 1.0) if m.error() is None]
-            if not batch:
-                if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
-                    break
-                continue
-            last = time.monotonic()
-            producer.begin()
-            try:
-                emitted += _handle(batch, decider, producer, settings)
-                batches += 1
-                if batches == crash_before_commit:
-                    # Failpoint for the crash tests: die with the batch's events sent
-                    # but its transaction open, the worst moment to lose a process.
-                    producer.flush_pending()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                producer.commit(consumer)
-            except BaseException:
-                # The in-memory decisions of this batch are not committed: start again.
-                producer.abort()
-                raise
-    finally:
-        consumer.close()
-    return emitted
+    genesis = Genesis.load(settings.genesis_path)
+    signer = load_signer(settings.service_keys, "ledger", genesis)
 
+    def sign(event: Event) -> Event:
+        return signer.sign(event) if signer.may_sign(event.name) else event
 
-def _handle(batch: list[Message], decider: LedgerDecider, producer: EventProducer,
-            settings: Settings) -> int:
-    emitted = 0
-    for msg in batch:
-        try:
-            event = decode(msg.value() or b"")
-        except EventError as e:
-            producer.send(dead_letter(msg, e, settings.producer_id))
-            continue
-        for out in decider.decide(event):
-            producer.send(out)
-            emitted += 1
-    return emitted
+    runner = KafkaRunner(settings, bootstrap, [decider],
+                         # Stable per network: a restarted processor fences its predecessor.
+                         group=f"{settings.topic_prefix}ledger-processor",
+                         snapshot_keys=signer.keys, sign=sign, check=genesis.check,
+                         crash_before_commit=crash_before_commit)
+    return runner.run(running, idle_exit_s).emitted
 
 
 def main() -> None:

@@ -101,3 +101,8 @@ class DecryptionFailed(DestraError):
 
 class KeystoreError(ConfigError):
     """A keystore is missing, malformed, or the passphrase is wrong or not given."""
+
+
+class StateError(DestraError):
+    """A processor's stored state cannot be restored: not a snapshot, or not signed by the
+    service's own key (refused rather than trusted)."""

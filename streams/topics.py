@@ -44,6 +44,9 @@ class TopicSpec:
     """Stamp records with the broker's append time, not the producer's: deadlines judged
     on this topic's records use a clock the producing node cannot set."""
 
+    max_message_bytes: int | None = None
+    """The broker's record size limit for this topic, when not its default (1 MiB)."""
+
     hashed_partitions: bool = False
     """Every producer picks the partition itself with ``partition_for(key)``, so a
     reader of one key can read one known partition (``tasks.assignments``)."""
@@ -66,6 +69,8 @@ class TopicSpec:
             # out-of-sync replica become leader and drop acknowledged events.
             "unclean.leader.election.enable": "false",
             "message.timestamp.type": "LogAppendTime" if self.broker_time else "CreateTime",
+            **({"max.message.bytes": str(self.max_message_bytes)}
+               if self.max_message_bytes else {}),
         }
 
 
@@ -100,6 +105,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="proposals and votes"),
     TopicSpec("deadletter", "source_topic", ("DeadLettered",), 3,
               doc="records that failed to decode or validate, with the reason and original bytes"),
+    TopicSpec("processors.state", "processor", (), 1, cleanup="compact",
+              max_message_bytes=65 * 1024 * 1024,
+              doc="each service's latest state snapshot, signed, written in the same "
+                  "transaction as its outputs and input positions (streams.kafka_runner)"),
 )
 
 def partition_for(key: str, partitions: int) -> int:
@@ -115,6 +124,7 @@ def partition_for(key: str, partitions: int) -> int:
 
 
 DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
+STATE = next(t for t in TOPICS if t.suffix == "processors.state")
 
 
 _BY_EVENT = {event: spec for spec in TOPICS for event in spec.events}

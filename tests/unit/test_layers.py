@@ -57,6 +57,7 @@ KNOWN_UPWARD = frozenset({
     ("streams.consumer", "destra.settings"),
     ("streams.faust_app", "destra.settings"),
     ("streams.producer", "destra.settings"),
+    ("streams.kafka_runner", "destra.settings"),
     ("infra.services", "destra.settings"),
     ("allocator.agents", "destra.settings"),
     ("verifier.agents", "destra.settings"),
