@@ -1,7 +1,8 @@
 """The allocator's event handling: submissions in, ``TaskAssigned`` out.
 
-Transport-free: the Faust agents in ``allocator.agents`` (and the lifecycle
-benchmark) feed it decoded events and publish what it returns. It
+Transport-free, behind the processing contract (``streams.processing``): the Kafka
+runner (``streams.kafka_runner``, in ``python -m destra.processors``) and the
+in-memory runner feed it decoded events and publish what it returns. It
 
 * keeps the node table from signed ``NodeRegistered`` and ``NodeHeartbeat``;
 * waits until the ledger has escrowed a submission (the ``escrow:<task>``

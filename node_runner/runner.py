@@ -30,24 +30,27 @@ claim proves possession of it), and then:
 * on SIGTERM takes no new work, finishes what runs, answers the reveal calls of
   what it committed (up to a grace period) and exits.
 
+What to do with each assignment, grant and reveal call is ``node_runner.logic.NodeLogic``
+(the processing contract, also run by the in-memory runner in tests); this module is
+its transport: the consumer, the producer, the task threads and the heartbeats.
+
 ``fault`` makes it misbehave, for tests and the demo: ``wrong-result`` (a
 digest that is not the output's), ``no-show`` (takes work, never commits),
 ``late`` (commits after the commit deadline), ``copy`` (computes nothing,
 commits to random bytes, then reveals a digest copied from other replicas'
-reveals: the commitment does not open, so the copy is refused).
+reveals: the commitment does not open, so the copy is refused), ``late-reveal``
+(reveals after its reveal deadline).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
+import random
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -56,37 +59,27 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from destra import __version__, keystore
 from destra.blobs import BlobStore, store_or_inline
 from destra.blobs import fetch as fetch_blob
-from destra.confidential import merge_params, open_grant, open_input, seal_result
-from destra.crypto import KeyPair, sign_event, verify_event
+from destra.confidential import merge_params, open_input, seal_result
+from destra.crypto import KeyPair, sign_event
 from destra.errors import DecryptionFailed, DestraError, InvalidParams
-from destra.freshness import Freshness
 from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
+from node_runner.logic import Computed, Fault, NodeLogic
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
+from streams.processing import Context, Outcome, Work
 from streams.producer import EventProducer
 from streams.topics import partition_for, topic_for
-from verifier.commitments import commitment, new_salt
 from workloads import get_workload
-from workloads.canonical import canonical_json, sha256
+from workloads.canonical import canonical_json
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_MS = 2_000
 SHUTDOWN_GRACE_S = 30.0
-
-
-class Fault(StrEnum):
-    """Ways a node can misbehave on purpose."""
-
-    NONE = "none"
-    WRONG_RESULT = "wrong-result"
-    NO_SHOW = "no-show"
-    LATE = "late"
-    COPY = "copy"
 
 
 @dataclass
@@ -108,19 +101,6 @@ class NodeConfig:
 
 
 @dataclass
-class _Result:
-    attempt: int
-    salt: bytes
-    digest: bytes
-    runtime_ms: int
-    revealed: bool = False
-    sealed: bytes | None = None
-    """The output sealed to the submitter, when carried inline."""
-    sealed_ref: str | None = None
-    """Its blob reference, when too big to travel in the reveal."""
-
-
-@dataclass
 class NodeRunner:
     """One node: call ``run`` (blocks until ``stop``)."""
 
@@ -129,11 +109,6 @@ class NodeRunner:
     config: NodeConfig
     keys: KeyPair = field(init=False)
     capability: Capability | None = None
-    results: dict[tuple[str, int], _Result] = field(default_factory=dict)
-    reveal_calls: dict[tuple[str, int], Event] = field(default_factory=dict)
-    """Reveal calls for results not finished yet (a late node's)."""
-    busy: int = 0
-    completed: int = 0
     passphrase: bytes | None = None
     """The keystore's passphrase; from the environment when not given."""
 
@@ -144,9 +119,12 @@ class NodeRunner:
             keystore.node_path(self.settings, self.node_id), passphrase)
         self.keys = self.keyring.current
         self.blobs = BlobStore(self.settings.blobs)
-        self.awaiting: dict[tuple[str, int], Event] = {}
-        """Encrypted assignments waiting for their data key."""
-        self.freshness = Freshness()
+        self.logic = NodeLogic(self.node_id, self.keyring.all(), self._compute, self._seal,
+                               slots=self.config.slots, fault=self.config.fault,
+                               producer_id=self.settings.producer_id,
+                               copy_digest=self._copy_digest)
+        """The task logic (``node_runner.logic``); this class is its transport and threads."""
+        self._rng = random.SystemRandom()
         self.genesis = Genesis.load(self.settings.genesis_path)
         """Whose assignments and reveal calls to believe: the network's service keys."""
         self._stop = threading.Event()
@@ -204,9 +182,14 @@ class NodeRunner:
             consumer.close()
             self._producer.flush()
 
+    @property
+    def completed(self) -> int:
+        """Replicas this node has finished computing."""
+        return self.logic.completed
+
     def _unrevealed(self) -> bool:
         with self._lock:
-            return self.busy > 0 or any(not r.revealed for r in self.results.values())
+            return self.logic.pending()
 
     def _consumer(self) -> Consumer:
         spec = topic_for("TaskAssigned")
@@ -233,75 +216,46 @@ class NodeRunner:
                 else:
                     self._handle(event, accept_work)
             consumer.store_offsets(msg)
-        self._expire_awaiting(accept_work)
+        with self._lock:
+            self.logic.accept_work = accept_work
+            outcome = self.logic.tick(self._ctx())
+        self._apply(outcome)
+
+    def _ctx(self) -> Context:
+        return Context(now_ms(), self._rng)
 
     def _handle(self, event: Event, accept_work: bool) -> None:
         if (refusal := self.genesis.check(event)) is not None:
             log.warning("%s refused: %s", event.name, refusal)
             return
-        f = event.fields
-        if event.name == "TaskAssigned":
-            if not accept_work or f["commit_deadline"] < now_ms():
-                return  # shutting down, or stale work a restart re-read: it was replaced
-            if self.config.fault == Fault.NO_SHOW:
-                return
-            with self._lock:
-                self.busy += 1
-            if f["payload"] is None and f["payload_ref"] is None:
-                self._pool.submit(self._execute, event, None)
-            else:
-                with self._lock:
-                    self.awaiting[(f["task_id"], f["attempt"])] = event
-        elif event.name == "DataKeyGranted" and accept_work:
-            self._on_grant(event)
-        elif event.name == "RevealOpened":
-            self._reveal(event)
+        with self._lock:
+            self.logic.accept_work = accept_work
+            outcome = self.logic.handle(event, self._ctx())
+        self._apply(outcome)
 
-    def _on_grant(self, grant: Event) -> None:
-        """Start an encrypted replica once its grant checks out."""
-        f = grant.fields
-        with self._lock:
-            assignment = self.awaiting.get((f["task_id"], f["attempt"]))
-        if assignment is None:
-            return  # not ours to run (stale, replaced or already started)
-        a = assignment.fields
-        if not verify_event(grant, a["submitter_key"], a["submitter_id"]):
-            log.warning("grant for %s refused: not signed by its submitter", f["task_id"])
-            return
-        refusal = self.freshness.refusal(grant, now_ms())
-        if refusal is not None:
-            log.warning("grant for %s refused: %s", f["task_id"], refusal)
-            return
-        data_key = None
-        for keys in self.keyring.all():  # a grant made just before a key rotation too
-            try:
-                data_key = open_grant(keys, grant)
-                break
-            except DecryptionFailed as err:
-                problem = err
-        if data_key is None:
-            log.warning("grant for %s refused: %s", f["task_id"], problem)
-            return
-        self.freshness.accept(grant)
-        with self._lock:
-            if self.awaiting.pop((f["task_id"], f["attempt"]), None) is None:
-                return
-        self._pool.submit(self._execute, assignment, data_key)
+    def _apply(self, outcome: Outcome) -> None:
+        """Send what the logic emitted; run the work it asked for on the task threads."""
+        for event in outcome.emit:
+            self._producer.send(event)
+        for r in outcome.rejected:
+            log.warning("%s refused: %s", r.event.name, r.reason)
+        for work in outcome.work:
+            self._pool.submit(self._run, work)
 
-    def _expire_awaiting(self, accept_work: bool) -> None:
-        """Give up the replicas whose grant did not come by their commit deadline
-        (all of them when draining: no new work starts)."""
-        now = now_ms()
+    def _run(self, work: Work) -> None:
+        if work.not_before_ms is not None:  # a faulty node's delay
+            self._stop.wait(max(0.0, (work.not_before_ms - now_ms()) / 1000))
+        try:
+            result: Any = work.run()
+        except Exception as err:  # a failing task must not kill the node
+            result = err
         with self._lock:
-            for key, a in list(self.awaiting.items()):
-                if a.fields["commit_deadline"] < now or not accept_work:
-                    del self.awaiting[key]
-                    self.busy -= 1
-        self.freshness.prune(now)
+            outcome = self.logic.finished(work.key, result, self._ctx())
+        self._apply(outcome)
 
     # -- work -------------------------------------------------------------------------------
 
-    def _compute(self, assignment: Event, data_key: bytes | None) -> tuple[bytes, int]:
+    def _compute(self, assignment: Event, data_key: bytes | None) -> Computed:
         """The canonical output and runtime of one replica.
 
         An input the submitter got wrong (unreadable with the key it granted, or
@@ -317,71 +271,17 @@ class NodeRunner:
                 params = merge_params(params, open_input(data_key, f["task_id"], sealed))
             parsed = workload.validate(params)
         except (DecryptionFailed, InvalidParams) as err:
-            return canonical_json({"task_id": f["task_id"], "error": "invalid-input",
-                                   "detail": str(err)}), 0
+            return Computed(canonical_json({"task_id": f["task_id"], "error": "invalid-input",
+                                            "detail": str(err)}), 0)
         result = workload.run(parsed, self.device)
-        return result.output, result.runtime_ms
+        return Computed(result.output, result.runtime_ms)
 
-    def _execute(self, assignment: Event, data_key: bytes | None) -> None:
+    def _seal(self, assignment: Event, output: bytes) -> tuple[bytes | None, str | None]:
+        """The output sealed to the submitter, inline or in the blob store."""
         f = assignment.fields
-        sealed: bytes | None = None
-        sealed_ref: str | None = None
-        try:
-            if self.config.fault == Fault.COPY:
-                salt, digest, runtime_ms = new_salt(), secrets.token_bytes(32), 0
-            else:
-                output, runtime_ms = self._compute(assignment, data_key)
-                salt, digest = new_salt(), sha256(output)
-                if self.config.fault == Fault.WRONG_RESULT:
-                    digest = hashlib.sha256(b"not the output" + digest).digest()
-                if f["result_key"]:
-                    sealed, sealed_ref = store_or_inline(
-                        self.blobs, seal_result(f["result_key"], f["task_id"], self.node_id,
-                                                f["attempt"], output),
-                        self.settings.inline_max_bytes)
-            if self.config.fault == Fault.LATE:
-                self._stop.wait(max(0.0, (f["commit_deadline"] - now_ms()) / 1000 + 1.0))
-            self._commit(f["task_id"], f["attempt"], salt, digest, runtime_ms,
-                         sealed, sealed_ref)
-        except Exception:  # a failing task must not kill the node; the verifier times it out
-            log.exception("task %s failed on %s", f["task_id"], self.node_id)
-        finally:
-            with self._lock:
-                self.busy -= 1
-                self.completed += 1
-
-    def _commit(self, task_id: str, attempt: int, salt: bytes, digest: bytes,
-                runtime_ms: int, sealed: bytes | None = None,
-                sealed_ref: str | None = None) -> None:
-        with self._lock:
-            self.results[(task_id, attempt)] = _Result(attempt, salt, digest, runtime_ms,
-                                                       sealed=sealed, sealed_ref=sealed_ref)
-            early = self.reveal_calls.pop((task_id, attempt), None)
-        self._producer.send(self._signed(new_event(
-            "ResultCommitted", self.settings.producer_id, task_id=task_id,
-            node_id=self.node_id, attempt=attempt,
-            commitment=commitment(task_id, self.node_id, attempt, salt, digest))))
-        if early is not None:
-            self._reveal(early)
-
-    def _reveal(self, call: Event) -> None:
-        f = call.fields
-        key = (f["task_id"], f["attempt"])
-        with self._lock:
-            result = self.results.get(key)
-            if result is None:
-                self.reveal_calls[key] = call
-                return
-            if result.revealed:
-                return
-            result.revealed = True
-        salt, digest = result.salt, result.digest
-        if self.config.fault == Fault.COPY:
-            digest = self._copy_digest(f["task_id"]) or digest
-        self._producer.send(self._signed(new_event(
-            "ResultRevealed", self.settings.producer_id, task_id=f["task_id"],
-            node_id=self.node_id, attempt=f["attempt"], salt=salt, digest=digest,
-            runtime_ms=result.runtime_ms, result_ref=result.sealed_ref, result=result.sealed)))
+        return store_or_inline(self.blobs, seal_result(f["result_key"], f["task_id"],
+                                                       self.node_id, f["attempt"], output),
+                               self.settings.inline_max_bytes)
 
     def _copy_digest(self, task_id: str) -> bytes | None:
         """The copier's trick: the first digest another replica revealed for the task."""
@@ -414,12 +314,11 @@ class NodeRunner:
     def heartbeat(self) -> None:
         """Publish load and free slots now."""
         with self._lock:
-            busy = self.busy
+            load, free = self.logic.heartbeat_load()
         self._seq += 1
         self._producer.send(self._signed(new_event(
             "NodeHeartbeat", self.settings.producer_id, node_id=self.node_id,
-            load_permille=min(1000, busy * 1000 // self.config.slots),
-            free_slots=max(0, self.config.slots - busy), seq=self._seq)))
+            load_permille=load, free_slots=free, seq=self._seq)))
 
     def _signed(self, event: Event) -> Event:
         return sign_event(event, self.keys, self.node_id)

@@ -61,7 +61,12 @@ def make_app(settings: Settings, app_id: str, bootstrap: str, **options: Any) ->
         "consumer_auto_offset_reset": "earliest",
     }
     defaults.update(options)
-    return faust.App(app_id, **defaults)
+    app = faust.App(app_id, **defaults)
+    if not defaults["web_enabled"]:
+        # `faust worker` sets conf.web_enabled from --with-web (default on) and would bind
+        # port 6066 on every interface; the boot strategy's own flag is checked first.
+        app.boot_strategy.enable_web = False
+    return app
 
 
 class DeadLetteringTopic(faust.Topic):

@@ -212,13 +212,13 @@ class KafkaRunner:
             while running():
                 batch = [m for m in fetch(consumer, self.batch, self.poll_s)
                          if m.error() is None]
-                tick_due = (time.monotonic() - last_tick) * 1000 >= self.tick_ms
-                if not batch and not tick_due:
-                    if idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
-                        break
-                    continue
                 if batch:
                     last_record = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
+                    break
+                tick_due = (time.monotonic() - last_tick) * 1000 >= self.tick_ms
+                if not batch and not tick_due:
+                    continue
                 self._transaction(producer, consumer, batch, tick_due)
                 if tick_due:
                     last_tick = time.monotonic()

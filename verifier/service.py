@@ -1,6 +1,7 @@
 """The verifier's event handling around the pure Proof of Sync tally.
 
-Transport-free: the Faust agents in ``verifier.agents`` feed it decoded events
+Transport-free, behind the processing contract (``streams.processing``): the Kafka
+runner (``streams.kafka_runner``) and the in-memory runner feed it decoded events
 with the broker's append time (commits and reveals are stamped by the broker,
 so a node cannot backdate them) and publish what it returns. It
 
@@ -93,6 +94,9 @@ class Verifier:
     """Tasks with a verdict, and when: their tallies answer late events for
     ``forget_after_ms``, then go (anything later is refused as expired anyway)."""
     forget_after_ms: int = 600_000
+    _terms_swept_at: int = field(default=0, init=False, repr=False)
+    """When ``terms`` was last swept for tasks that never got a tally (not snapshotted:
+    a restarted verifier sweeps at its first tick)."""
 
     # -- the processing contract -------------------------------------------------------------
 
@@ -246,6 +250,15 @@ class Verifier:
                 del self.closed[task_id]
                 self.tallies.pop(task_id, None)
                 self.terms.pop(task_id, None)
+        if now_ms - self._terms_swept_at >= self.park_ms:
+            # A task failed before any assignment (rejected by the ledger, invalid or no
+            # capacity at the allocator) never opens a tally, so ``closed`` never forgets
+            # its terms: forget them once no assignment can come (past its deadline, and
+            # past the allocator's queue timeout, by ``forget_after_ms``).
+            self._terms_swept_at = now_ms
+            for task_id, terms in list(self.terms.items()):
+                if task_id not in self.tallies and now_ms > terms.expires_at + self.forget_after_ms:
+                    del self.terms[task_id]
         for task_id, waiting in list(self.parked.items()):
             keep = []
             for event, where, since in waiting:

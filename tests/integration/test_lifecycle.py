@@ -190,7 +190,7 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
     # Long enough (seconds) that the kill lands while it runs.
-    task_id = client.submit(client.quote("mlp-digits", {"epochs": "40", "hidden": "64"}))
+    task_id = client.submit(client.quote("mlp-digits", {"epochs": "150", "hidden": "64"}))
     assigned: list[str] = []
     deadline = time.monotonic() + 120
     while len(assigned) < 3:
@@ -239,7 +239,9 @@ def test_bad_submissions_get_a_clear_cli_error(network: Settings, kafka: str,
 
     env = {**__import__("os").environ, "DESTRA_KAFKA_BOOTSTRAP": kafka,
            "DESTRA_TOPIC_PREFIX": network.topic_prefix, "DESTRA_HOME": str(tmp_path),
-           "DESTRA_PASSPHRASE": "test passphrase"}
+           "DESTRA_PASSPHRASE": "test passphrase",
+           # A submitter needs the network's genesis: whose verdicts and prices to believe.
+           "DESTRA_GENESIS": str(network.genesis_path)}
 
     def submit(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "destra", "submit", *args], env=env,

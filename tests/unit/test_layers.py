@@ -59,8 +59,6 @@ KNOWN_UPWARD = frozenset({
     ("streams.producer", "destra.settings"),
     ("streams.kafka_runner", "destra.settings"),
     ("infra.services", "destra.settings"),
-    ("allocator.agents", "destra.settings"),
-    ("verifier.agents", "destra.settings"),
     ("ledger.processor", "destra.settings"),
     ("ledger.service", "destra.settings"),
     ("ledger.views", "destra.settings"),
@@ -72,7 +70,6 @@ KNOWN_UPWARD = frozenset({
     ("node_runner.runner", "destra.crypto"),
     ("allocator.service", "destra.freshness"),
     ("verifier.service", "destra.freshness"),
-    ("node_runner.runner", "destra.freshness"),
     # the node's version, keys, sealed formats and blob store
     ("node_runner.runner", "destra"),
     ("node_runner.runner", "destra.keystore"),
