@@ -189,3 +189,19 @@ def test_granted_replicas_of_an_encrypted_task_are_judged_as_usual() -> None:
     v.on_committed(_commit("b"), T0 + 100, "w")
     out = v.on_tick(T0 + 10_001)
     assert sorted(e.name for e in out) == ["NodePenalized", "ReissueRequested"]
+
+
+def test_the_terms_of_a_task_never_assigned_are_forgotten_after_its_deadline() -> None:
+    """A task the ledger or the allocator failed opens no tally: its terms must still go."""
+    v = _verifier()  # task "t": submitted at T0, deadline 60 s, never assigned
+    v.on_tick(T0 + 60_000 + v.forget_after_ms)
+    assert "t" in v.terms  # not yet past deadline + forget_after_ms
+    v.on_tick(T0 + 60_000 + v.forget_after_ms + v.park_ms + 1)
+    assert "t" not in v.terms
+
+
+def test_the_terms_of_an_open_task_are_kept() -> None:
+    v = _verifier()
+    _assign(v)
+    v.on_tick(T0 + 60_000 + v.forget_after_ms + v.park_ms + 1)
+    assert "t" in v.terms
