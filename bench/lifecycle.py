@@ -5,7 +5,7 @@
                               [--timestamps broker|catalogue]
 
 Starts its own Kafka broker and Postgres, the whole network as processes (ledger
-processor and projector, the Faust allocator and verifier, node runners), then
+processor and projector, the allocator and verifier worker, node runners), then
 submits the smallest workload (heat2d 8x8, 1 step: 1 compute unit, a private
 seed so every input is encrypted and granted) with 3 replicas, quorum 2, every
 check on (signed submissions, escrow, signed commits and reveals checked against
@@ -307,8 +307,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         ensure_topics(cluster.bootstrap, prefix, replication_factor=1, min_insync_replicas=1,
                       specs=specs)
         with EventProducer(settings, cluster.bootstrap) as producer:
-            producer.send(new_event("TokensMinted", "faucet", account="bench",
-                                    amount_micro=10**15, reason="bench"))
+            producer.send(net.signer("treasury").sign(new_event(
+                "TokensMinted", "treasury", account="bench", amount_micro=10**15,
+                reason="bench")))
         net.start_services()
         names = [f"b{i}" for i in range(nodes)]
         for n in names:
@@ -316,7 +317,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         net.wait_registered(names, timeout_s=180)
         client = Client(settings, cluster.bootstrap, "bench", net.passphrase)
         warm = [client.submit(client.quote(*SMALLEST)) for _ in range(10)]
-        client.wait(warm, timeout_s=300)
+        states = {p.state for p in client.wait(warm, timeout_s=300).values()}
+        if states != {"verified"}:
+            raise SystemExit(f"bench: the warm-up tasks did not verify ({states}); see {tmp}/logs")
 
         groups = {name: [proc.pid] for name, proc in net.procs.items()}
         groups["client (bench)"] = [os.getpid()]

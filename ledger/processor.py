@@ -68,7 +68,8 @@ def read_all(bootstrap: str, topic: str) -> list[Any]:
     return records
 
 
-def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
+def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider,
+            genesis: Genesis) -> int:
     """Restore balances from committed entries and terms of escrowed submissions."""
     restored = 0
     for msg in read_all(bootstrap, _topic(settings, "LedgerEntryPosted")):
@@ -76,14 +77,16 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider) -> int:
             event = decode(msg.value())
         except EventError:
             continue  # dead-lettered when it was first consumed
-        if event.name == "LedgerEntryPosted":
+        if event.name == "LedgerEntryPosted" and genesis.check(event) is None:
             decider.restore(event)
             restored += 1
     for msg in read_all(bootstrap, _topic(settings, "PriceUpdated")):
         try:
-            decider.decide(decode(msg.value()))  # prices decide nothing: state only
+            price = decode(msg.value())
         except EventError:
             continue
+        if genesis.check(price) is None:  # a forged price is not the network's
+            decider.decide(price)  # prices decide nothing: state only
     for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted")):
         try:
             decider.remember(decode(msg.value()))
@@ -101,8 +104,8 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     ledger's key, and each batch commits in one transaction.
     """
     decider = LedgerDecider(settings.producer_id or "ledger")
-    rebuild(settings, bootstrap, decider)
     genesis = Genesis.load(settings.genesis_path)
+    rebuild(settings, bootstrap, decider, genesis)
     signer = load_signer(settings.service_keys, "ledger", genesis)
 
     def sign(event: Event) -> Event:

@@ -34,7 +34,7 @@ import random
 import signal
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,8 @@ class KafkaRunner:
     poll_s: float = 0.05
     instance: str = "0"
     """This instance's name in the group (static membership)."""
+    producer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """librdkafka settings for the transactional producer, over the runner's own."""
     crash_before_commit: int = 0
     """Failpoint for crash tests: SIGKILL this process in its n-th batch, the batch's
     events delivered and its transaction open, the worst moment to lose it."""
@@ -157,7 +159,7 @@ class KafkaRunner:
                                             {"enable.auto.commit": False}))
         try:
             tp = TopicPartition(self.state_topic, 0)
-            low, high = consumer.get_watermark_offsets(tp, timeout=30)
+            low, high = _watermarks(consumer, tp)
             back = 16
             while True:
                 start = max(low, high - back)
@@ -196,6 +198,7 @@ class KafkaRunner:
             "message.timeout.ms": 55_000,  # librdkafka: not above the transaction timeout
             "message.max.bytes": MAX_SNAPSHOT_BYTES + 1024 * 1024,
             "linger.ms": 0,
+            **self.producer_overrides,
         })
         producer.init_transactions()
         consumer = Consumer(consumer_config(self.bootstrap, self.group, {
@@ -324,6 +327,20 @@ class KafkaRunner:
                 reason=r.reason[:2000], error="Rejected")
             producer.send(letter)
             self.stats.rejected += 1
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 60.0) -> tuple[int, int]:
+    """A partition's offsets, waiting out a leader not elected yet (a topic just made)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            return int(low), int(high)
+        except KafkaException as err:
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for %s/%d: %s", tp.topic, tp.partition, err)
+            time.sleep(0.2)
 
 
 def _timestamp(msg: Message) -> int:

@@ -77,7 +77,8 @@ class Verifier:
     keys: dict[str, bytes] = field(default_factory=dict)
     terms: dict[str, _Terms] = field(default_factory=dict)
     tallies: dict[str, TaskTally] = field(default_factory=dict)
-    """Every task's tally, closed ones kept to answer late events (``task_closed``)."""
+    """The tally of every task in flight; a verdict drops it (``closed`` answers late
+    events), so the state, and its snapshot, is bounded by the work in flight."""
     open_tasks: set[str] = field(default_factory=set)
     """Tasks without a verdict yet: the only tallies the timer has to look at."""
     reputation: dict[str, int] = field(default_factory=dict)
@@ -91,8 +92,8 @@ class Verifier:
     granted: set[tuple[str, str, int]] = field(default_factory=set)
     """Grants read before their assignment (the two share a partition, so rarely)."""
     closed: dict[str, int] = field(default_factory=dict)
-    """Tasks with a verdict, and when: their tallies answer late events for
-    ``forget_after_ms``, then go (anything later is refused as expired anyway)."""
+    """Tasks with a verdict, and when: a late event about one is refused (``task_closed``)
+    for ``forget_after_ms``, after which it is refused as expired anyway."""
     forget_after_ms: int = 600_000
     _terms_swept_at: int = field(default=0, init=False, repr=False)
     """When ``terms`` was last swept for tasks that never got a tally (not snapshotted:
@@ -162,6 +163,10 @@ class Verifier:
         """A replica placed; opens the task's tally on its first one."""
         f = e.fields
         task_id = f["task_id"]
+        if task_id in self.closed:
+            self.rejected.append((e, where, f"{RejectReason.TASK_CLOSED}: {task_id} has its "
+                                            "verdict"))
+            return []
         tally = self.tallies.get(task_id)
         if tally is None:
             terms = self.terms.get(task_id)
@@ -186,6 +191,8 @@ class Verifier:
     def on_granted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A submitter's signed ``DataKeyGranted``: the replica may now run."""
         f = e.fields
+        if f["task_id"] in self.closed:
+            return []  # a grant for a replica of a finished task: nothing to run
         terms = self.terms.get(f["task_id"])
         if terms is None:
             return self._park(e, where, now_ms)
@@ -233,8 +240,8 @@ class Verifier:
         out: list[Event] = []
         for replica, deadline in list(self.ungranted.items()):
             task_id, node_id, attempt = replica
-            tally = self.tallies[task_id]
-            if tally.outcome is not None:
+            tally = self.tallies.get(task_id)
+            if tally is None or tally.outcome is not None:
                 del self.ungranted[replica]
             elif now_ms > deadline:
                 del self.ungranted[replica]
@@ -248,8 +255,6 @@ class Verifier:
         for task_id, at in list(self.closed.items()):
             if now_ms - at > self.forget_after_ms:
                 del self.closed[task_id]
-                self.tallies.pop(task_id, None)
-                self.terms.pop(task_id, None)
         if now_ms - self._terms_swept_at >= self.park_ms:
             # A task failed before any assignment (rejected by the ledger, invalid or no
             # capacity at the allocator) never opens a tally, so ``closed`` never forgets
@@ -279,6 +284,10 @@ class Verifier:
     def _tally_for(self, e: Event, where: Any, now_ms: int) -> TaskTally | None:
         """The event's tally once its signature checks; parks or rejects otherwise."""
         f = e.fields
+        if f["task_id"] in self.closed:
+            self.rejected.append((e, where, f"{RejectReason.TASK_CLOSED}: {f['task_id']} has "
+                                            "its verdict"))
+            return None
         key = self.keys.get(f["node_id"])
         tally = self.tallies.get(f["task_id"])
         if key is None or tally is None:
@@ -320,11 +329,13 @@ class Verifier:
     def _events(self, decisions: list[Decision], source: Event | None,
                 where: Any) -> list[Event]:
         out: list[Event] = []
+        closing: list[str] = []
         for d in decisions:
             if isinstance(d, Verified | Failed):
                 self.open_tasks.discard(d.task_id)
                 tally = self.tallies.get(d.task_id)
                 self.closed.setdefault(d.task_id, tally.clock if tally is not None else 0)
+                closing.append(d.task_id)
             if isinstance(d, Verified):
                 out.append(new_event(
                     "TaskVerified", self.producer_id, task_id=d.task_id, digest=d.digest,
@@ -353,4 +364,7 @@ class Verifier:
                                      reason=str(d.reason), detail=d.detail[:2000]))
             elif isinstance(d, Rejected) and source is not None:
                 self.rejected.append((source, where, f"{d.reason}: {d.detail}".rstrip(": ")))
+        for task_id in closing:  # a verdict is final: only the closed mark stays
+            self.tallies.pop(task_id, None)
+            self.terms.pop(task_id, None)
         return out

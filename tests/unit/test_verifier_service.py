@@ -200,8 +200,12 @@ def test_the_terms_of_a_task_never_assigned_are_forgotten_after_its_deadline() -
     assert "t" not in v.terms
 
 
-def test_the_terms_of_an_open_task_are_kept() -> None:
+def test_an_open_task_keeps_its_terms_and_a_closed_one_only_its_closed_mark() -> None:
     v = _verifier()
     _assign(v)
-    v.on_tick(T0 + 60_000 + v.forget_after_ms + v.park_ms + 1)
-    assert "t" in v.terms
+    v.on_tick(T0 + 59_000)  # open: nobody committed yet, the deadline is ahead
+    assert "t" in v.terms and "t" in v.tallies
+    v.on_tick(T0 + 60_001)  # the deadline passed: a verdict, and the state goes
+    assert "t" not in v.terms and "t" not in v.tallies and "t" in v.closed
+    v.on_committed(_commit("a"), T0 + 60_002, "w")  # a late commit is refused at once
+    assert v.rejected and v.rejected[-1][2].startswith("task_closed")
