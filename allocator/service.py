@@ -23,6 +23,7 @@ in-memory runner feed it decoded events and publish what it returns. It
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -109,7 +110,9 @@ class Allocator:
     recovery = Recovery.SNAPSHOT
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
-        """One input event (``streams.processing``)."""
+        """One input event (``streams.processing``), at processing time: a replica placed
+        from a backlog gets its whole commit window from when it is placed."""
+        ctx = dataclasses.replace(ctx, now_ms=ctx.processing_ms)
         return dispatch({
             "NodeRegistered": self.on_registered, "NodeHeartbeat": self.on_heartbeat,
             "TaskSubmitted": self.on_submitted, "LedgerEntryPosted": self.on_entry,
@@ -343,9 +346,7 @@ class Allocator:
         waiting, self.reissues = self.reissues, []
         for request in waiting:
             placed = self._place_reissue(request, now_ms)
-            if placed is None:
-                self.reissues.append(request)
-            else:
+            if placed is not None:  # else _place_reissue queued it again (once)
                 out += placed
         free_operators = self._free_operators(now_ms)
         for task_id in list(self.queue):

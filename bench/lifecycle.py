@@ -68,10 +68,11 @@ from destra.network import LocalNetwork  # noqa: E402
 from destra.settings import Settings  # noqa: E402
 from infra.kafka import KafkaCluster, ensure_jars  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
-from ledger.processor import read_all, wait_for_transactions  # noqa: E402
+from ledger.processor import wait_for_transactions  # noqa: E402
 from schemas import decode, new_event  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
 from streams.producer import EventProducer  # noqa: E402
+from streams.reading import read_all  # noqa: E402
 from streams.topics import TOPICS, topic_for  # noqa: E402
 
 SMALLEST = ("heat2d", {"grid": "8", "steps": "1", "seed": "7"})

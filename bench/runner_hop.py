@@ -127,10 +127,11 @@ def main() -> None:
                                 producer_id="bench")
             print(f"one runner hop, {args.events} events at {args.rate}/s, broker LogAppendTime")
             for label, overrides in [
-                ("default (retry.backoff.ms 10, max 1000)", {}),
-                ("retry.backoff.max.ms 10", {"retry.backoff.max.ms": 10}),
-                ("retry.backoff.ms 1, max 5", {"retry.backoff.ms": 1,
-                                               "retry.backoff.max.ms": 5}),
+                ("runner (retry.backoff.ms 2, max 10)", {}),
+                ("librdkafka's backoff (100 ms, max 1000)", {"retry.backoff.ms": 100,
+                                                           "retry.backoff.max.ms": 1000}),
+                ("retry.backoff.ms 10, max 1000", {"retry.backoff.ms": 10,
+                                                   "retry.backoff.max.ms": 1000}),
             ]:
                 one(settings, cluster.bootstrap, args.events, args.rate, overrides, label)
         finally:

@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
-
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from destra.errors import DestraError, EventError
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
-from ledger.service import end_offsets
 from schemas import Event, decode
 from streams.authority import Genesis, load_signer
-from streams.consumer import consumer_config
 from streams.kafka_runner import KafkaRunner
+from streams.reading import read_all
 from streams.topics import topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
@@ -39,33 +35,6 @@ BATCH = 200
 
 def _topic(settings: Settings, event: str) -> str:
     return topic_for(event).name(settings.topic_prefix)
-
-
-def read_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every committed record of a topic, from offset 0 to its end now."""
-    ends = end_offsets(bootstrap, topic)
-    if not ends:
-        return []
-    consumer = Consumer(consumer_config(bootstrap, f"rebuild-{uuid.uuid4()}",
-                                        {"enable.auto.commit": False}))
-    # Assigned, not subscribed: no group to join, so a rebuild starts at once.
-    assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends]
-    consumer.assign(assignment)
-    records = []
-    try:
-        while True:
-            msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None:
-                records.append(msg)
-                continue
-            # Compare positions, not record offsets: transaction markers take
-            # offsets too, so the last record may sit below the high watermark.
-            positions = consumer.position(assignment)
-            if all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in positions):
-                break
-    finally:
-        consumer.close()
-    return records
 
 
 def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider,

@@ -10,15 +10,19 @@ consumer group, and for each batch of records, in one Kafka transaction,
 * ticks the processors with the wall clock every ``tick_ms``;
 * produces what they emit, signed with the service key of the role that may
   emit each type, and dead-letters what they refused, with the reason;
-* writes a signed snapshot of each ``Recovery.SNAPSHOT`` processor that
-  handled anything to the compacted ``processors.state`` topic;
-* commits the consumer's positions.
+* writes the state record of the group to the compacted ``processors.state``
+  topic: the input positions after the batch and a snapshot of each
+  ``Recovery.SNAPSHOT`` processor, signed with the service's key.
 
 A crash before the commit shows none of it to ``read_committed`` readers and
 the inputs are read again; a crash after it never re-reads them. A restart
-restores the latest snapshot of each processor, which is exactly the state
-after the last committed batch, and resumes from that batch's positions: the
-cost of a restart is one snapshot, not the length of history.
+first fences its killed predecessor (``init_transactions``), then restores
+the latest state record, which is exactly the state and positions after the
+last committed batch, and reads on from there: the cost of a restart is one
+snapshot, not the length of history. The positions travel in the record, as
+pyeventsourcing records its tracking position with the new events, so a
+batch costs no ``AddOffsetsToTxn`` / ``TxnOffsetCommit`` round trips and the
+consumer needs no group membership (it is assigned every input partition).
 
 Nothing waits on a timer between a record's arrival and its handler: the
 consumer returns as soon as one record is there (``streams.consumer.fetch``)
@@ -38,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from destra.settings import Settings
 from schemas import Event, decode, new_event
@@ -112,8 +116,6 @@ class KafkaRunner:
     tick_ms: int = 50
     batch: int = 500
     poll_s: float = 0.05
-    instance: str = "0"
-    """This instance's name in the group (static membership)."""
     producer_overrides: Mapping[str, Any] = field(default_factory=dict)
     """librdkafka settings for the transactional producer, over the runner's own."""
     crash_before_commit: int = 0
@@ -134,27 +136,35 @@ class KafkaRunner:
         self._snapshotting = [p for p in self.processors if p.recovery == Recovery.SNAPSHOT]
         self._seen_ms = 0
         """The latest record time read, or tick time: the clock never goes back."""
+        self._pickled: dict[str, bytes] = {}
+        """Each snapshotting processor's latest pickled state."""
+        self._positions: dict[tuple[str, int], int] = {}
+        """The next offset to read of each input partition, as of the last batch."""
+        self._assigned: list[TopicPartition] = []
 
     # -- restart ----------------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Restore each snapshotting processor from its latest committed snapshot."""
+    def restore(self) -> dict[tuple[str, int], int]:
+        """Restore each snapshotting processor from the group's latest committed state
+        record; the input positions that state is at (empty on a first start)."""
         started = time.perf_counter()
-        wanted = {self._state_key(p) for p in self._snapshotting}
-        latest = self._latest_snapshots(wanted) if wanted else {}
-        for p in self._snapshotting:
-            data = latest.get(self._state_key(p))
-            if data is None:
-                continue  # a first start
-            p.restore(open_snapshot(data, self.snapshot_keys.signing_public))  # type: ignore[attr-defined]
-            self.stats.restored[p.name] = len(data)
+        data = self._latest_record(self.group)
+        positions: dict[tuple[str, int], int] = {}
+        if data is not None:
+            record = open_snapshot(data, self.snapshot_keys.signing_public)
+            positions = dict(record["positions"])
+            for p in self._snapshotting:
+                state = record["states"].get(p.name)
+                if state is not None:
+                    # Signed by this service's key with the record, checked above.
+                    p.restore(pickle.loads(state))  # type: ignore[attr-defined]  # noqa: S301
+                    self._pickled[p.name] = state
+                    self.stats.restored[p.name] = len(state)
         self.stats.restore_ms = (time.perf_counter() - started) * 1000
+        return positions
 
-    def _state_key(self, p: Processor) -> str:
-        return f"{self.group}/{p.name}"
-
-    def _latest_snapshots(self, wanted: set[str]) -> dict[str, bytes]:
-        """The last committed record of each wanted key, reading back from the topic's end."""
+    def _latest_record(self, key: str) -> bytes | None:
+        """The last committed state record under ``key``, reading back from the topic's end."""
         consumer = Consumer(consumer_config(self.bootstrap, f"{self.group}-restore",
                                             {"enable.auto.commit": False}))
         try:
@@ -164,8 +174,8 @@ class KafkaRunner:
             while True:
                 start = max(low, high - back)
                 found = self._read_range(consumer, tp, start, high)
-                if wanted <= set(found) or start == low:
-                    return found
+                if key in found or start == low:
+                    return found.get(key)
                 back *= 4
         finally:
             consumer.close()
@@ -186,30 +196,54 @@ class KafkaRunner:
             if position.offset >= end:
                 return found
 
+    def _assign(self, consumer: Consumer, positions: dict[tuple[str, int], int]) -> None:
+        """Read every partition of the inputs from the restored positions; a partition the
+        record does not name starts at the group's committed offset (a network upgraded
+        from group offsets), else at its beginning."""
+        partitions = []
+        for topic in self.inputs:
+            meta = _topic_metadata(consumer, topic)
+            partitions += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        unknown = [tp for tp in partitions if (tp.topic, tp.partition) not in positions]
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in (_committed(consumer, unknown) if unknown else [])}
+        start = []
+        for tp in partitions:
+            at = positions.get((tp.topic, tp.partition), committed.get((tp.topic, tp.partition)))
+            start.append(TopicPartition(tp.topic, tp.partition,
+                                        at if at is not None and at >= 0 else OFFSET_BEGINNING))
+        self._positions = {k: v for k, v in positions.items() if v >= 0}
+        self._assigned = partitions
+        consumer.assign(start)
+
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, running: Callable[[], bool] = lambda: True,
             idle_exit_s: float | None = None) -> RunStats:
         """Process until ``running()`` is false, or nothing arrives for ``idle_exit_s``."""
-        self.restore()
         producer = EventProducer(self.settings, self.bootstrap, {
             "transactional.id": self.group,
             "transaction.timeout.ms": 60_000,
             "message.timeout.ms": 55_000,  # librdkafka: not above the transaction timeout
             "message.max.bytes": MAX_SNAPSHOT_BYTES + 1024 * 1024,
             "linger.ms": 0,
+            # A transaction begun while the last one's markers are being written is
+            # answered CONCURRENT_TRANSACTIONS and retried: librdkafka backs off
+            # exponentially up to retry.backoff.max.ms (1 s by default), which put
+            # 1.2 s into a hop's p99 (bench/runner_hop.py). Retry every few ms instead.
+            "retry.backoff.ms": 2,
+            "retry.backoff.max.ms": 10,
             **self.producer_overrides,
         })
+        # Fence a killed predecessor first: once this returns, its open transaction is
+        # aborted and no record of it can commit after the state read below.
         producer.init_transactions()
+        positions = self.restore()
         consumer = Consumer(consumer_config(self.bootstrap, self.group, {
             "enable.auto.commit": False, "logger": KAFKA_LOG,
             "fetch.wait.max.ms": 10, "fetch.queue.backoff.ms": 0,
-            # Static membership: a restarted instance takes its partitions back at once,
-            # instead of waiting out its killed predecessor's session.
-            "group.instance.id": f"{self.group}-{self.instance}",
-            "session.timeout.ms": 10_000,
         }))
-        consumer.subscribe(self.inputs)
+        self._assign(consumer, positions)
         last_tick, last_record = 0.0, time.monotonic()
         try:
             while running():
@@ -249,23 +283,24 @@ class KafkaRunner:
                     outcomes.append((outcome, None))
         if not batch and not any(o.emit or o.rejected or o.work for o, _ in outcomes):
             return  # a quiet tick: nothing to commit (its state changes are re-derived)
+        for tp in consumer.position(self._assigned):
+            if tp.offset >= 0:
+                self._positions[(tp.topic, tp.partition)] = tp.offset
         producer.begin()
         try:
             for letter in letters:
                 producer.send(letter)
             for outcome, msg in outcomes:
                 self._publish(producer, outcome, msg)
-            for index in sorted(touched):
-                p = self.processors[index]
-                if p.recovery == Recovery.SNAPSHOT:
-                    producer.send_raw(self.state_topic, self._state_key(p).encode(),
-                                      seal_snapshot(p.snapshot(),  # type: ignore[attr-defined]
-                                                    self.snapshot_keys), partition=0)
-                    self.stats.snapshots += 1
+            producer.send_raw(self.state_topic, self.group.encode(),
+                              self._record(touched), partition=0)
+            self.stats.snapshots += 1
             if self.stats.batches + 1 == self.crash_before_commit:
                 producer.flush_pending()
                 os.kill(os.getpid(), signal.SIGKILL)
-            producer.commit_positions(consumer)
+            # The positions travel in the state record, in this transaction: no
+            # AddOffsetsToTxn / TxnOffsetCommit round trips (about 12 ms a batch here).
+            producer.commit_positions(None)
         except BaseException:
             # This batch's decisions are not committed: the process must start again
             # from the last snapshot (its in-memory state is ahead of the log).
@@ -277,15 +312,22 @@ class KafkaRunner:
         self.stats.batches += 1
         self.stats.records += len(batch)
 
+    def _record(self, touched: set[int]) -> bytes:
+        """The state record of this transaction: the input positions and each snapshotting
+        processor's state (pickled again only if it handled something)."""
+        for index in touched:
+            p = self.processors[index]
+            if p.recovery == Recovery.SNAPSHOT:
+                self._pickled[p.name] = pickle.dumps(
+                    p.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[attr-defined]
+        return seal_snapshot({"positions": self._positions, "states": dict(self._pickled)},
+                             self.snapshot_keys)
+
     def _clock(self, consumer: Consumer) -> int | None:
         """The time a tick may judge deadlines at: the wall clock once every assigned
         partition is read to its end, else the latest record time read (a worker catching
-        up after a restart must not call a commit late that is waiting unread); None
-        while no partition is assigned."""
-        assignment = consumer.assignment()
-        if not assignment:
-            return None
-        for tp in consumer.position(assignment):
+        up after a restart must not call a commit late that is waiting unread)."""
+        for tp in consumer.position(self._assigned):
             low, high = consumer.get_watermark_offsets(tp, cached=True)
             if high < 0 or (tp.offset < high and not (tp.offset < 0 and high == low)):
                 return self._seen_ms or None
@@ -303,7 +345,8 @@ class KafkaRunner:
         if refusal is not None:
             return [(Outcome.refuse(event, refusal), msg)]
         ctx = Context(_timestamp(msg), self.rng, Origin(msg.topic() or "", msg.partition() or 0,
-                                                        msg.offset() or 0, msg.key()))
+                                                        msg.offset() or 0, msg.key()),
+                      wall_ms=now_ms())
         out = []
         for index, p in enumerate(self.processors):
             if p in self._by_name.get(event.name, ()):
@@ -341,6 +384,33 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 60.0)
                 raise
             log.info("waiting for %s/%d: %s", tp.topic, tp.partition, err)
             time.sleep(0.2)
+
+
+def _committed(consumer: Consumer, partitions: list[TopicPartition],
+               timeout_s: float = 60.0) -> list[TopicPartition]:
+    """The group's committed offsets, waiting out a coordinator still loading."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return list(consumer.committed(partitions, timeout=10))
+        except KafkaException as err:
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for the group coordinator: %s", err)
+            time.sleep(0.2)
+
+
+def _topic_metadata(consumer: Consumer, topic: str, timeout_s: float = 60.0) -> Any:
+    """A topic's metadata, waiting for it to exist with leaders (a network just made)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is not None and meta.error is None and meta.partitions and all(
+                p.leader >= 0 for p in meta.partitions.values()):
+            return meta
+        if time.monotonic() > deadline:
+            raise StateError(f"input topic {topic} does not exist (run `destra infra up`)")
+        time.sleep(0.2)
 
 
 def _timestamp(msg: Message) -> int:

@@ -52,6 +52,15 @@ class Context:
     """The only source of randomness a handler may use (salts, random placement): the
     operating system's in production, a seeded one in tests."""
     origin: Origin | None = None
+    wall_ms: int | None = None
+    """The runner's clock when it handles the event (processing time), when that can be
+    later than ``now_ms`` (a worker catching up on a backlog). A deadline a handler sets
+    from now must start here, or work placed late is due before it is sent."""
+
+    @property
+    def processing_ms(self) -> int:
+        """The later of the event's time and the runner's clock."""
+        return max(self.now_ms, self.wall_ms or 0)
 
 
 @dataclass(frozen=True)

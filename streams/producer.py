@@ -150,8 +150,10 @@ class EventProducer:
 
     def commit_positions(self, consumer: Any, timeout_s: float = 60.0) -> None:
         """Commit the transaction with the consumer's valid positions (there may be none
-        yet right after a subscription: then the transaction commits alone)."""
-        positions = [tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
+        yet right after a subscription: then the transaction commits alone; with no
+        consumer, the caller keeps its positions in the transaction itself)."""
+        positions = [] if consumer is None else [
+            tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
         if positions:
             self._kafka.send_offsets_to_transaction(
                 positions, consumer.consumer_group_metadata(), timeout_s)

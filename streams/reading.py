@@ -67,10 +67,15 @@ def read_all(bootstrap: str, topic: str) -> list[Any]:
         while True:
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
-                records.append(msg)
-                continue
+                end = ends[(msg.topic(), msg.partition())]
+                if msg.offset() < end:  # later records are past "now": not this read's
+                    records.append(msg)
+                    if msg.offset() < end - 1:
+                        continue  # more of this partition to read before checking
             # Compare positions, not record offsets: transaction markers take
-            # offsets too, so the last record may sit below the high watermark.
+            # offsets too, so the last record may sit below the high watermark. Checked
+            # on every record at or past an end too, or a topic written faster than it
+            # is read would be read forever.
             positions = consumer.position(assignment)
             if all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in positions):
                 break

@@ -104,3 +104,35 @@ def test_a_replayed_or_stale_heartbeat_is_dead_lettered() -> None:
                                    free_slots=2, seq=2))
     alloc.on_heartbeat(stale, T0 + 400_000)
     assert alloc.rejected.pop()[2].startswith("expired-event: NodeHeartbeat")
+
+
+def test_a_reissue_waiting_for_capacity_is_queued_once_however_many_ticks_pass() -> None:
+    # Found by the chaos test: every tick queued another copy, and each was placed.
+    alloc = _allocator()
+    _submit(alloc, "t1")  # the three nodes' first slots
+    _submit(alloc, "t2")  # and their second: the network is full
+    request = new_event("ReissueRequested", "verifier", task_id="t1", replica_index=0,
+                        attempt=1, exclude_node_ids=["a", "b", "c"])
+    assert alloc.on_reissue(request, T0 + 1) == []
+    for i in range(5):
+        alloc.on_tick(T0 + 2 + i)
+    assert alloc.reissues == [request]
+
+
+def test_a_replica_placed_from_a_backlog_gets_its_whole_commit_window_from_placement() -> None:
+    # Found by the chaos test: a worker restarting behind a backlog placed replicas with
+    # deadlines counted from the escrow record's time, already past when sent.
+    from streams.processing import Context
+
+    alloc = _allocator()
+    units = get_workload("matmul").compute_units(get_workload("matmul").validate(PARAMS))
+    alloc.on_submitted(with_fields(sample_event("TaskSubmitted"), task_id="t1",
+                                   workload="matmul", params=PARAMS, compute_units=units,
+                                   replicas=3, quorum=2, tier="consumer", region=None,
+                                   homogeneous=False), T0)
+    escrow = with_fields(sample_event("LedgerEntryPosted"), task_id="t1",
+                         account="escrow:t1", kind="escrow", amount_micro=100)
+    late = T0 + 25_000  # the worker reads the escrow entry 25 s after it was appended
+    out = alloc.handle(escrow, Context(T0, wall_ms=late)).emit
+    assert [e.name for e in out] == ["TaskAssigned"] * 3
+    assert all(e.fields["commit_deadline"] >= late + alloc.windows.commit_ms for e in out)
