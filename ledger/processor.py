@@ -74,7 +74,6 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     """
     decider = LedgerDecider(settings.producer_id or "ledger")
     genesis = Genesis.load(settings.genesis_path)
-    rebuild(settings, bootstrap, decider, genesis)
     signer = load_signer(settings.service_keys, "ledger", genesis)
 
     def sign(event: Event) -> Event:
@@ -84,7 +83,11 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
                          # Stable per network: a restarted processor fences its predecessor.
                          group=f"{settings.topic_prefix}ledger-processor",
                          snapshot_keys=signer.keys, sign=sign, check=genesis.check,
-                         crash_before_commit=crash_before_commit)
+                         crash_before_commit=crash_before_commit,
+                         # After fencing: the killed predecessor's open transaction on
+                         # ledger.entries would hold the rebuild's read back for the
+                         # whole transaction timeout (the chaos test saw 25-60 s).
+                         prepare=lambda: rebuild(settings, bootstrap, decider, genesis))
     return runner.run(running, idle_exit_s).emitted
 
 

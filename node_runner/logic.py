@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 LATE_BY_MS = 1_000
 """How long after its deadline a ``late`` node commits (or a ``late-reveal`` one reveals)."""
+FORGET_AFTER_MS = 3_600_000
+"""How long a node remembers a replica after committing or revealing it."""
 COPY_WAIT_MS = 500
 """How long a copier waits for other replicas' reveals before revealing a copy."""
 
@@ -70,7 +72,8 @@ class _Result:
     salt: bytes
     digest: bytes
     runtime_ms: int
-    revealed: bool = False
+    at_ms: int
+    """When it was committed."""
     sealed: bytes | None = None
     """The output sealed to the submitter, when carried inline."""
     sealed_ref: str | None = None
@@ -105,6 +108,9 @@ class NodeLogic:
     results: dict[tuple[str, int], _Result] = field(default_factory=dict)
     reveal_calls: dict[tuple[str, int], Event] = field(default_factory=dict)
     """Reveal calls for results not finished yet (a late node's)."""
+    revealed: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Replicas revealed, and when: a repeated reveal call (a restart re-reading its
+    partition) is answered once. Results go once revealed, so memory stays bounded."""
     freshness: Freshness = field(default_factory=Freshness)
     busy: int = 0
     completed: int = 0
@@ -147,11 +153,20 @@ class NodeLogic:
                 del self.awaiting[key]
                 self.busy -= 1
         self.freshness.prune(ctx.now_ms)
+        # Forget what no verifier can still ask about: any reveal deadline is long past.
+        old = ctx.now_ms - FORGET_AFTER_MS
+        for done in [k for k, at in self.revealed.items() if at < old]:
+            del self.revealed[done]
+        for stale in [k for k, r in self.results.items() if r.at_ms < old]:
+            del self.results[stale]
+        for stale in [k for k, c in self.reveal_calls.items()
+                      if c.fields["reveal_deadline"] < old]:
+            del self.reveal_calls[stale]
         return Outcome()
 
     def pending(self) -> bool:
         """Whether a replica is running or a result has not been revealed."""
-        return self.busy > 0 or any(not r.revealed for r in self.results.values())
+        return self.busy > 0 or bool(self.results)
 
     def _on_assigned(self, a: Event, ctx: Context) -> Outcome:
         f = a.fields
@@ -220,7 +235,7 @@ class NodeLogic:
             sealed, sealed_ref = (self.seal(assignment, result.output)
                                   if assignment.fields["result_key"] else (None, None))
         self.results[(task_id, attempt)] = _Result(attempt, salt, digest, result.runtime_ms,
-                                                   sealed=sealed, sealed_ref=sealed_ref)
+                                                   ctx.now_ms, sealed, sealed_ref)
         out = Outcome.of([self._signed(new_event(
             "ResultCommitted", self.producer_id, occurred_at=ctx.now_ms, task_id=task_id,
             node_id=self.node_id, attempt=attempt,
@@ -233,13 +248,13 @@ class NodeLogic:
     def _reveal(self, call: Event, ctx: Context) -> Outcome:
         f = call.fields
         key = (f["task_id"], f["attempt"])
-        result = self.results.get(key)
+        if key in self.revealed:
+            return Outcome()
+        result = self.results.pop(key, None)
         if result is None:
             self.reveal_calls[key] = call
             return Outcome()
-        if result.revealed:
-            return Outcome()
-        result.revealed = True
+        self.revealed[key] = ctx.now_ms
         digest = result.digest
         if self.fault == Fault.COPY:
             digest = self.copy_digest(f["task_id"]) or digest

@@ -116,6 +116,10 @@ class KafkaRunner:
     tick_ms: int = 50
     batch: int = 500
     poll_s: float = 0.05
+    prepare: Callable[[], None] | None = None
+    """Run after fencing the predecessor and before restoring: a ``Recovery.REPLAY``
+    processor's rebuild. Fencing first matters: a killed instance's open transaction
+    holds back every read_committed reader of its topics until it is aborted."""
     producer_overrides: Mapping[str, Any] = field(default_factory=dict)
     """librdkafka settings for the transactional producer, over the runner's own."""
     crash_before_commit: int = 0
@@ -223,8 +227,11 @@ class KafkaRunner:
         """Process until ``running()`` is false, or nothing arrives for ``idle_exit_s``."""
         producer = EventProducer(self.settings, self.bootstrap, {
             "transactional.id": self.group,
-            "transaction.timeout.ms": 60_000,
-            "message.timeout.ms": 55_000,  # librdkafka: not above the transaction timeout
+            # A batch's transaction takes milliseconds; a killed instance's open one holds
+            # back read_committed readers of its topics until it is fenced by the next
+            # instance or this times out.
+            "transaction.timeout.ms": 15_000,
+            "message.timeout.ms": 14_000,  # librdkafka: not above the transaction timeout
             "message.max.bytes": MAX_SNAPSHOT_BYTES + 1024 * 1024,
             "linger.ms": 0,
             # A transaction begun while the last one's markers are being written is
@@ -238,6 +245,8 @@ class KafkaRunner:
         # Fence a killed predecessor first: once this returns, its open transaction is
         # aborted and no record of it can commit after the state read below.
         producer.init_transactions()
+        if self.prepare is not None:
+            self.prepare()
         positions = self.restore()
         consumer = Consumer(consumer_config(self.bootstrap, self.group, {
             "enable.auto.commit": False, "logger": KAFKA_LOG,

@@ -169,3 +169,22 @@ def test_a_forged_verdict_is_refused_by_the_authority_check() -> None:
     sim.runner.publish(forged, source="mallory")
     assert (forged, "unsigned-authority-event") in sim.runner.dead_letters
     assert sim.balance(node_wallet("n0")) == 0
+
+
+def test_a_node_forgets_revealed_replicas_so_its_memory_stays_bounded() -> None:
+    # Found by bench/restart.py: every result ever computed stayed in memory.
+    sim = Sim()
+    for i in range(5):
+        sim.submit(f"t{i}")
+    sim.runner.run_until(lambda: all(_settled(sim, f"t{i}") for i in range(5)), 20_000)
+    assert all(not n.results and not n.reveal_calls for n in sim.nodes)
+    assert sum(len(n.revealed) for n in sim.nodes) == 15
+    opened = sim.runner.events("RevealOpened")[0]
+    node = next(n for n in sim.nodes if n.node_id == opened.fields["node_id"])
+    sim.runner.publish(opened)  # a repeated reveal call is not answered twice
+    assert node.reveal_calls == {}
+    assert len([e for e in sim.runner.events("ResultRevealed")
+                if e.fields["node_id"] == node.node_id]) == len(node.revealed)
+    sim.runner.tick_ms = 60_000  # an hour in a minute's steps
+    sim.runner.advance(3_700_000)
+    assert all(not n.revealed for n in sim.nodes)
