@@ -120,6 +120,15 @@ class Allocator:
             "ReissueRequested": self.on_reissue, "ResultCommitted": self.on_committed,
             "ResultRevealed": self.on_revealed}, self.rejected, event, ctx)
 
+    def wants(self, event: Event) -> bool:
+        """Of the ledger's entries only the escrow of a task matters here (one in about
+        eight per task): the others are not worth a signature check."""
+        if event.name != "LedgerEntryPosted":
+            return True
+        f = event.fields
+        return bool(f["kind"] == "escrow" and f["task_id"]
+                    and f["account"] == f"escrow:{f['task_id']}" and f["amount_micro"] > 0)
+
     def tick(self, ctx: Context) -> Outcome:
         """Time passed: deadlines and the queue."""
         return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,

@@ -350,7 +350,8 @@ def node() -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
               help="torch threads per task.")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Ignore CUDA even when present.")
-@click.option("--fault", type=click.Choice(["wrong-result", "no-show", "late", "copy"]),
+@click.option("--fault", type=click.Choice(["wrong-result", "no-show", "late", "late-reveal",
+                                            "copy"]),
               default=None, help="Misbehave on purpose (tests and demos).")
 def node_run(name: str | None, operator: str | None, region: str, tier: str, stake_micro: int,
              slots: int, threads: int, force_cpu: bool, fault: str | None,

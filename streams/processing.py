@@ -139,6 +139,14 @@ class Processor(Protocol):
         """React to time passing (deadlines)."""
 
 
+class Selective(Protocol):
+    """A processor that acts on only some events of a type it reads."""
+
+    def wants(self, event: Event) -> bool:
+        """Whether ``handle`` would act on ``event``: a cheap look at its fields, before any
+        signature is checked (the runner skips what no processor wants)."""
+
+
 class Snapshotting(Protocol):
     """A processor whose ``recovery`` is ``SNAPSHOT``."""
 

@@ -196,6 +196,9 @@ class TaskTally:
         self._slots = [_Slot(i) for i in range(replicas)]
         self._used: dict[str, tuple[int, int]] = {}  # node ever assigned -> (replica, attempt)
         self._clock = 0
+        self.send_floor_ms = 0
+        """The time decisions are sent at (processing time), when the caller knows it is
+        later than the events' time: the reveal phase opens no earlier."""
 
     # -- events ---------------------------------------------------------------------------
 
@@ -351,8 +354,10 @@ class TaskTally:
             return self._fail(Reason.NO_QUORUM, f"{live} replicas left, quorum {self.quorum}")
         if self.opened_at is not None or committed < live:
             return []
-        self.opened_at = self._clock
-        return [RevealOpened(self.task_id, self._clock)]
+        # The calls to reveal go out now, at processing time, which a worker catching up
+        # on a backlog is past the commits' time: every voter's window counts from there.
+        self.opened_at = max(self._clock, self.send_floor_ms)
+        return [RevealOpened(self.task_id, self.opened_at)]
 
     def _judge(self) -> list[Decision]:
         """Verdict when no voter is pending and a digest has quorum; fail when none can."""

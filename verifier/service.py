@@ -95,6 +95,8 @@ class Verifier:
     """Tasks with a verdict, and when: a late event about one is refused (``task_closed``)
     for ``forget_after_ms``, after which it is refused as expired anyway."""
     forget_after_ms: int = 600_000
+    _sending_ms: int = field(default=0, init=False, repr=False)
+    """Processing time of the event being handled (``Context.processing_ms``)."""
     _terms_swept_at: int = field(default=0, init=False, repr=False)
     """When ``terms`` was last swept for tasks that never got a tally (not snapshotted:
     a restarted verifier sweeps at its first tick)."""
@@ -109,7 +111,9 @@ class Verifier:
                         "freshness", "ungranted", "granted", "closed")
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
-        """One input event (``streams.processing``)."""
+        """One input event (``streams.processing``): judged at its own time (the broker's,
+        for commits and reveals), a reveal phase it opens counted from processing time."""
+        self._sending_ms = ctx.processing_ms
         return dispatch({
             "NodeRegistered": self.on_registered, "TaskSubmitted": self.on_submitted,
             "TaskAssigned": self.on_assigned, "DataKeyGranted": self.on_granted,
@@ -177,6 +181,7 @@ class Verifier:
                 max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
                 expires_at=terms.expires_at)
             self.open_tasks.add(task_id)
+        self._floored(tally)
         replica = (task_id, f["node_id"], f["attempt"])
         if (f["payload"] is not None or f["payload_ref"] is not None) and tally.outcome is None:
             if replica in self.granted:
@@ -281,6 +286,10 @@ class Verifier:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _floored(self, tally: TaskTally) -> TaskTally:
+        tally.send_floor_ms = max(tally.send_floor_ms, self._sending_ms)
+        return tally
+
     def _tally_for(self, e: Event, where: Any, now_ms: int) -> TaskTally | None:
         """The event's tally once its signature checks; parks or rejects otherwise."""
         f = e.fields
@@ -301,7 +310,7 @@ class Verifier:
         if refusal is not None:
             self.rejected.append((e, where, refusal))
             return None
-        return tally
+        return self._floored(tally)
 
     @staticmethod
     def _not_yet_assigned(tally: TaskTally, decisions: list[Decision], node_id: str) -> bool:

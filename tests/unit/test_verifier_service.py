@@ -209,3 +209,21 @@ def test_an_open_task_keeps_its_terms_and_a_closed_one_only_its_closed_mark() ->
     assert "t" not in v.terms and "t" not in v.tallies and "t" in v.closed
     v.on_committed(_commit("a"), T0 + 60_002, "w")  # a late commit is refused at once
     assert v.rejected and v.rejected[-1][2].startswith("task_closed")
+
+
+def test_a_reveal_phase_opened_from_a_backlog_gives_voters_their_whole_window() -> None:
+    # Found by the chaos test: a worker restarting behind its commits opened the reveal
+    # phase at the commits' time, so every reveal was late and the task failed no_quorum.
+    from streams.processing import Context
+
+    v = _verifier()
+    _assign(v)  # commit deadline T0 + 10 s, reveal deadline T0 + 20 s: a 10 s window
+    late = T0 + 25_000  # read 25 s after they were appended
+    out = []
+    for n in NODES:
+        out += v.handle(_commit(n), Context(T0 + 100, wall_ms=late)).emit
+    opened = [e for e in out if e.name == "RevealOpened"]
+    assert len(opened) == 3
+    assert all(e.fields["reveal_deadline"] >= late + 10_000 for e in opened)
+    reveals = [v.handle(_reveal(n), Context(late + 500, wall_ms=late + 500)) for n in NODES]
+    assert [e.name for r in reveals for e in r.emit] == ["TaskVerified"]
