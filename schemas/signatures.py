@@ -28,6 +28,7 @@ signature in place of the ``0x00`` (``sign_encoded``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,7 +63,7 @@ class KeyPair:
     @property
     def signing_public(self) -> bytes:
         """The Ed25519 public key others verify with (32 bytes)."""
-        return bytes(SigningKey(self.signing_seed).verify_key)
+        return bytes(self._signing_key.verify_key)
 
     @property
     def encryption_public(self) -> bytes:
@@ -71,7 +72,12 @@ class KeyPair:
 
     def sign(self, message: bytes) -> bytes:
         """A detached 64-byte Ed25519 signature of ``message``."""
-        return SigningKey(self.signing_seed).sign(message).signature
+        return self._signing_key.sign(message).signature
+
+    @functools.cached_property
+    def _signing_key(self) -> SigningKey:
+        # Built once: deriving the Ed25519 key from its seed is most of a signature's cost.
+        return SigningKey(self.signing_seed)
 
     def save(self, path: Path) -> None:
         """Write the keys to ``path``, readable by the owner only.

@@ -257,9 +257,11 @@ class Verifier:
         for task_id in list(self.open_tasks):
             out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
         self.freshness.prune(now_ms)
-        for task_id, at in list(self.closed.items()):
-            if now_ms - at > self.forget_after_ms:
-                del self.closed[task_id]
+        while self.closed:  # in closing order, near enough time order: stop at a young one
+            task_id, at = next(iter(self.closed.items()))
+            if now_ms - at <= self.forget_after_ms:
+                break
+            del self.closed[task_id]
         if now_ms - self._terms_swept_at >= self.park_ms:
             # A task failed before any assignment (rejected by the ledger, invalid or no
             # capacity at the allocator) never opens a tally, so ``closed`` never forgets
