@@ -193,10 +193,12 @@ class KafkaRunner:
         consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
         while True:
             msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None and msg.offset() < end:
-                if msg.key() is not None:
-                    found[msg.key().decode()] = msg.value() or b""
-                if msg.offset() < end - 1:
+            offset = msg.offset() if msg is not None and msg.error() is None else None
+            if msg is not None and offset is not None and offset < end:
+                key = msg.key()
+                if key is not None:
+                    found[key.decode()] = msg.value() or b""
+                if offset < end - 1:
                     continue
             # Checked at every record at or past the end too: other services write this
             # topic many times a second, so a read that waits for a quiet poll never ends
@@ -304,8 +306,8 @@ class KafkaRunner:
         try:
             for letter in letters:
                 producer.send(letter)
-            for outcome, msg in outcomes:
-                self._publish(producer, outcome, msg)
+            for outcome, source in outcomes:
+                self._publish(producer, outcome, source)
             producer.send_raw(self.state_topic, self.group.encode(),
                               self._record(touched), partition=0)
             self.stats.snapshots += 1
@@ -365,7 +367,7 @@ class KafkaRunner:
         ctx = Context(_timestamp(msg), self.rng, Origin(msg.topic() or "", msg.partition() or 0,
                                                         msg.offset() or 0, msg.key()),
                       wall_ms=now_ms())
-        out = []
+        out: list[tuple[Outcome, Message | None]] = []
         for index, p in enumerate(self.processors):
             if p in readers:
                 touched.add(index)
