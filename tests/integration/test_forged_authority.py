@@ -32,8 +32,11 @@ TASK, VICTIM, MALLORY = "task-forged", "node-victim", "mallory"
 
 FORGED: dict[str, dict[str, object]] = {
     "TokensMinted": {"account": MALLORY, "amount_micro": 10**12},
-    "LedgerEntryPosted": {"account": user(MALLORY), "amount_micro": 10**12, "kind": "mint",
-                          "transaction_id": "mint/forged", "task_id": None},
+    # An escrow credit: the entry the allocator acts on (it would place an unpaid task),
+    # and a balance the projection would fold.
+    "LedgerEntryPosted": {"account": f"escrow:{TASK}", "amount_micro": 10**12,
+                          "kind": "escrow", "transaction_id": f"escrow/{TASK}",
+                          "task_id": TASK},
     "TaskVerified": {"task_id": TASK, "contributions": [
         {"node_id": VICTIM, "compute_units": 1_000, "agreed": True}]},
     "TaskFailed": {"task_id": TASK},
@@ -43,9 +46,10 @@ FORGED: dict[str, dict[str, object]] = {
     "TaskAssigned": {"task_id": TASK, "node_id": VICTIM},
 }
 
-# The processes that read each event type (and so must each refuse it): the ledger
+# The processes that act on each event type (and so must each refuse it): the ledger
 # processor, the projector (ledger and views) and the processors worker (allocator and
-# verifier agents).
+# verifier). A processor checks only what it would act on: the allocator reads a
+# ledger entry only if it is an escrow credit.
 READERS = {
     "TokensMinted": {"ledger-processor"},
     "PriceUpdated": {"ledger-processor"},
