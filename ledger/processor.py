@@ -12,9 +12,10 @@ rebuilt from its own committed entries and the submissions it escrowed.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from destra.errors import DestraError, EventError
@@ -23,7 +24,7 @@ from ledger.decider import LedgerDecider
 from schemas import Event, decode
 from streams.authority import Genesis, load_signer
 from streams.kafka_runner import KafkaRunner
-from streams.reading import read_all
+from streams.reading import end_offsets, read_all
 from streams.topics import topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
@@ -37,31 +38,52 @@ def _topic(settings: Settings, event: str) -> str:
     return topic_for(event).name(settings.topic_prefix)
 
 
-def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider,
-            genesis: Genesis) -> int:
-    """Restore balances from committed entries and terms of escrowed submissions."""
+def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis: Genesis,
+            checkpoint: Mapping[str, Any] | None = None) -> int:
+    """Restore the decider: from its latest checkpoint when there is one, then its own
+    committed entries, the prices and the submissions after it (from offset 0 without).
+    Only entries and prices the genesis keys signed count. The number of entries read."""
+    entries_from: dict[tuple[str, int], int] = {}
+    positions: dict[tuple[str, int], int] = {}
+    before: set[str] = set()
+    if checkpoint is not None:
+        decider.restore_state(checkpoint["state"])
+        entries_from, positions = checkpoint["entries_from"], checkpoint["positions"]
+        before = set(decider.book.applied)
     restored = 0
-    for msg in read_all(bootstrap, _topic(settings, "LedgerEntryPosted")):
+    for msg in read_all(bootstrap, _topic(settings, "LedgerEntryPosted"), entries_from):
         try:
             event = decode(msg.value())
         except EventError:
             continue  # dead-lettered when it was first consumed
-        if event.name == "LedgerEntryPosted" and genesis.check(event) is None:
-            decider.restore(event)
-            restored += 1
-    for msg in read_all(bootstrap, _topic(settings, "PriceUpdated")):
+        if event.name != "LedgerEntryPosted" or genesis.check(event) is not None:
+            continue
+        if event.fields["transaction_id"] in before:
+            continue  # in the checkpoint already (its own batch's entries)
+        decider.restore(event)
+        restored += 1
+    for msg in read_all(bootstrap, _topic(settings, "PriceUpdated"), positions):
         try:
             price = decode(msg.value())
         except EventError:
             continue
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
-    for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted")):
+    for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted"), positions):
         try:
             decider.remember(decode(msg.value()))
         except EventError:
             continue
     return restored
+
+
+def checkpoint(bootstrap: str, settings: Settings, decider: LedgerDecider,
+               positions: dict[tuple[str, int], int]) -> dict[str, Any]:
+    """The decider's checkpoint at the end of the current batch: its state, where its entries
+    topic ends now (its entries from there on are this batch's, already in the state, or
+    later ones), and the input positions after the batch."""
+    return {"state": decider.checkpoint_state(), "positions": positions,
+            "entries_from": end_offsets(bootstrap, _topic(settings, "LedgerEntryPosted"))}
 
 
 def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
@@ -87,7 +109,11 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
                          # After fencing: the killed predecessor's open transaction on
                          # ledger.entries would hold the rebuild's read back for the
                          # whole transaction timeout (the chaos test saw 25-60 s).
-                         prepare=lambda: rebuild(settings, bootstrap, decider, genesis))
+                         checkpoint=lambda at: checkpoint(bootstrap, settings, decider, at),
+                         checkpoint_every_s=float(os.environ.get("DESTRA_LEDGER_CHECKPOINT_S",
+                                                                 "30")))
+    runner.prepare = lambda: rebuild(settings, bootstrap, decider, genesis,
+                                     runner.latest_checkpoint())
     return runner.run(running, idle_exit_s).emitted
 
 

@@ -116,6 +116,12 @@ class KafkaRunner:
     tick_ms: int = 50
     batch: int = 500
     poll_s: float = 0.05
+    checkpoint: Callable[[dict[tuple[str, int], int]], Any] | None = None
+    """For a ``Recovery.REPLAY`` processor: its state as of the end of the current batch,
+    given the input positions after it; written signed under ``<group>/checkpoint`` every
+    ``checkpoint_every_s`` in the batch's transaction, so its rebuild replays only what
+    came after (``latest_checkpoint``)."""
+    checkpoint_every_s: float = 30.0
     prepare: Callable[[], None] | None = None
     """Run after fencing the predecessor and before restoring: a ``Recovery.REPLAY``
     processor's rebuild. Fencing first matters: a killed instance's open transaction
@@ -145,6 +151,7 @@ class KafkaRunner:
         self._positions: dict[tuple[str, int], int] = {}
         """The next offset to read of each input partition, as of the last batch."""
         self._assigned: list[TopicPartition] = []
+        self._checkpointed = time.monotonic()
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -166,6 +173,11 @@ class KafkaRunner:
                     self.stats.restored[p.name] = len(state)
         self.stats.restore_ms = (time.perf_counter() - started) * 1000
         return positions
+
+    def latest_checkpoint(self) -> Any | None:
+        """The last committed ``checkpoint`` of this group, opened, or None."""
+        data = self._latest_record(f"{self.group}/checkpoint")
+        return None if data is None else open_snapshot(data, self.snapshot_keys.signing_public)
 
     def _latest_record(self, key: str) -> bytes | None:
         """The last committed state record under ``key``, reading back from the topic's end."""
@@ -311,6 +323,12 @@ class KafkaRunner:
             producer.send_raw(self.state_topic, self.group.encode(),
                               self._record(touched), partition=0)
             self.stats.snapshots += 1
+            if self.checkpoint is not None and (
+                    time.monotonic() - self._checkpointed >= self.checkpoint_every_s):
+                producer.send_raw(self.state_topic, f"{self.group}/checkpoint".encode(),
+                                  seal_snapshot(self.checkpoint(dict(self._positions)),
+                                                self.snapshot_keys), partition=0)
+                self._checkpointed = time.monotonic()
             if self.stats.batches + 1 == self.crash_before_commit:
                 producer.flush_pending()
                 os.kill(os.getpid(), signal.SIGKILL)

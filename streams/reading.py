@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -51,16 +52,21 @@ def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float = 3
             time.sleep(0.2)
 
 
-def read_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every committed record (a ``confluent_kafka.Message``) of a topic, from offset 0 to its
-    end now."""
-    ends = end_offsets(bootstrap, topic)
+def read_all(bootstrap: str, topic: str,
+             start: Mapping[tuple[str, int], int] | None = None) -> list[Any]:
+    """Every committed record (a ``confluent_kafka.Message``) of a topic, from offset 0 (or
+    ``start``'s offset of each partition it names) to its end now."""
+    start = start or {}
+    # Only partitions with something to read: a consumer's position in one it reads
+    # nothing from stays unset, and the end would never be seen reached.
+    ends = {tp: end for tp, end in end_offsets(bootstrap, topic).items()
+            if start.get(tp, 0) < end}
     if not ends:
         return []
     consumer = Consumer(consumer_config(bootstrap, f"rebuild-{uuid.uuid4()}",
                                         {"enable.auto.commit": False}))
     # Assigned, not subscribed: no group to join, so a rebuild starts at once.
-    assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t, p in ends]
+    assignment = [TopicPartition(t, p, start.get((t, p), OFFSET_BEGINNING)) for t, p in ends]
     consumer.assign(assignment)
     records = []
     try:

@@ -47,6 +47,9 @@ class TopicSpec:
     max_message_bytes: int | None = None
     """The broker's record size limit for this topic, when not its default (1 MiB)."""
 
+    extra: tuple[tuple[str, str], ...] = ()
+    """Further topic-level broker settings."""
+
     hashed_partitions: bool = False
     """Every producer picks the partition itself with ``partition_for(key)``, so a
     reader of one key can read one known partition (``tasks.assignments``)."""
@@ -71,6 +74,7 @@ class TopicSpec:
             "message.timestamp.type": "LogAppendTime" if self.broker_time else "CreateTime",
             **({"max.message.bytes": str(self.max_message_bytes)}
                if self.max_message_bytes else {}),
+            **dict(self.extra),
         }
 
 
@@ -107,6 +111,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="records that failed to decode or validate, with the reason and original bytes"),
     TopicSpec("processors.state", "processor", (), 1, cleanup="compact",
               max_message_bytes=65 * 1024 * 1024,
+              # Written every batch: small segments, so compaction keeps it to the latest
+              # record per key instead of an ever-growing active segment.
+              extra=(("segment.bytes", str(64 * 1024 * 1024)), ("segment.ms", "600000"),
+                     ("min.cleanable.dirty.ratio", "0.1")),
               doc="each service's latest state snapshot, signed, written in the same "
                   "transaction as its outputs and input positions (streams.kafka_runner)"),
 )

@@ -43,7 +43,9 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
 def _processor(spawned: list[subprocess.Popen[bytes]], network: Settings, kafka: str,
                *args: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_TOPIC_PREFIX=network.topic_prefix,
-               DESTRA_PRODUCER_ID="ledger", **genesis_env(network))
+               DESTRA_PRODUCER_ID="ledger",
+               # A checkpoint nearly every batch: each restart rebuilds from one.
+               DESTRA_LEDGER_CHECKPOINT_S="0.2", **genesis_env(network))
     proc = subprocess.Popen([sys.executable, "-m", "ledger.processor", *args], env=env)
     spawned.append(proc)
     return proc

@@ -142,3 +142,22 @@ def test_state_rebuilt_from_entries_and_submissions_decides_as_before() -> None:
     assert again.decide(_submit("t2", 600))[0].fields["reason"] == "insufficient-funds"
     assert _entries(again.decide(_verified("t1", ["n1", "n2", "n3"]))) == _entries(
         live.decide(_verified("t1", ["n1", "n2", "n3"])))
+
+
+def test_a_decider_restored_from_its_checkpoint_decides_as_before_minus_the_settled() -> None:
+    import pickle
+
+    live = _decider()
+    live.decide(_mint("alice", 10_000))
+    live.decide(_submit("t1", 600))
+    live.decide(_submit("t2", 700))
+    live.decide(_verified("t1", ["n1", "n2", "n3"]))  # t1 settled: its terms can go
+    state = live.checkpoint_state()
+    assert set(state["tasks"]) == {"t2"}  # type: ignore[arg-type]
+    assert all(b != 0 for b in state["balances"].values())  # type: ignore[attr-defined]
+    again = _decider()
+    again.restore_state(pickle.loads(pickle.dumps(state)))
+    assert again.book.snapshot() == live.book.snapshot()
+    assert again.decide(_submit("t1", 600)) == []  # a settled id is not escrowed again
+    assert _entries(again.decide(_verified("t2", ["n1", "n2"]))) == _entries(
+        live.decide(_verified("t2", ["n1", "n2"])))
