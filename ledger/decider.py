@@ -196,8 +196,10 @@ class LedgerDecider:
             return []  # not escrowed here, or already settled
         shares = [Share(node_wallet(c["node_id"]), c["compute_units"])
                   for c in e.fields["contributions"] if c["agreed"]]
-        return self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
-                                    terms.compute_units * terms.replicas, shares, self.fee_bps))
+        out = self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
+                                   terms.compute_units * terms.replicas, shares, self.fee_bps))
+        self.tasks.pop(task_id, None)  # settled: its id stays in ``applied``, its terms go
+        return out
 
     def _on_TaskFailed(self, e: Event) -> list[Event]:  # noqa: N802
         task_id = e.fields["task_id"]
@@ -205,7 +207,9 @@ class LedgerDecider:
         held = self.book.balance(escrow(task_id))
         if terms is None or held == 0:
             return []  # a rejection this ledger made itself, or already refunded
-        return self._post(refund_tx(f"refund/{task_id}", task_id, terms.payer, held))
+        out = self._post(refund_tx(f"refund/{task_id}", task_id, terms.payer, held))
+        self.tasks.pop(task_id, None)
+        return out
 
     def _on_NodePenalized(self, e: Event) -> list[Event]:  # noqa: N802
         f = e.fields
