@@ -190,7 +190,8 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
     # Long enough (seconds) that the kill lands while it runs.
-    task_id = client.submit(client.quote("mlp-digits", {"epochs": "150", "hidden": "64"}))
+    # (n-body, 1024 bodies, 200 steps: about 7 s on one core of this machine.)
+    task_id = client.submit(client.quote("nbody", {"n": "1024", "steps": "200"}))
     assigned: list[str] = []
     deadline = time.monotonic() + 120
     while len(assigned) < 3:
