@@ -112,8 +112,11 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
                          checkpoint=lambda at: checkpoint(bootstrap, settings, decider, at),
                          checkpoint_every_s=float(os.environ.get("DESTRA_LEDGER_CHECKPOINT_S",
                                                                  "30")))
-    runner.prepare = lambda: rebuild(settings, bootstrap, decider, genesis,
-                                     runner.latest_checkpoint())
+
+    def prepare() -> None:
+        rebuild(settings, bootstrap, decider, genesis, runner.latest_checkpoint())
+
+    runner.prepare = prepare
     return runner.run(running, idle_exit_s).emitted
 
 

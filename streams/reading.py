@@ -73,10 +73,11 @@ def read_all(bootstrap: str, topic: str,
         while True:
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
-                end = ends[(msg.topic(), msg.partition())]
-                if msg.offset() < end:  # later records are past "now": not this read's
+                offset = msg.offset()
+                end = ends.get((msg.topic() or "", msg.partition() or 0), 0)
+                if offset is not None and offset < end:  # later ones are past "now"
                     records.append(msg)
-                    if msg.offset() < end - 1:
+                    if offset < end - 1:
                         continue  # more of this partition to read before checking
             # Compare positions, not record offsets: transaction markers take
             # offsets too, so the last record may sit below the high watermark. Checked
