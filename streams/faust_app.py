@@ -11,7 +11,6 @@ and dead-letters the others (``streams.authority``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -24,6 +23,7 @@ from schemas.codec import encode_unchecked
 from schemas.errors import ConfigError
 from schemas.events import now_ms
 from streams.authority import AUTHORITY, Genesis, ServiceSigner, held_signers, signers_by_event
+from streams.processing import Origin
 from streams.topics import DEAD_LETTER, topic_for
 
 CODEC_NAME = "destra-avro"
@@ -121,19 +121,9 @@ def topics(app: faust.App, settings: Settings, *events: str) -> faust.TopicT:
                               value_serializer=CODEC_NAME, key_serializer="raw")
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where a consumed record was: for the dead letter that refuses it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-
-    @classmethod
-    def of(cls, message: Any) -> Origin:
-        """The origin of a Faust ``Message``."""
-        return cls(message.topic, message.partition, message.offset, message.key)
+def origin_of(message: Any) -> Origin:
+    """Where a Faust ``Message`` was (``streams.processing.Origin``)."""
+    return Origin(message.topic, message.partition, message.offset, message.key)
 
 
 def broker_ms(message: Any) -> int:
@@ -238,11 +228,11 @@ def install_service(app: faust.App, settings: Settings, name: str,
                 continue  # another event type sharing one of the topics
             refusal = genesis.check(event)
             if refusal is not None:
-                await publisher.reject([(event, Origin.of(record.message), refusal)],
+                await publisher.reject([(event, origin_of(record.message), refusal)],
                                        error="UnauthenticatedEvent")
                 continue
             await publisher.publish(handler(event, broker_ms(record.message),
-                                            Origin.of(record.message)))
+                                            origin_of(record.message)))
             if rejected:
                 await publisher.reject(rejected)
 
