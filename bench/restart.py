@@ -45,7 +45,6 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import statistics
 import sys
@@ -60,23 +59,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from allocator.policies import RandomPolicy  # noqa: E402
-from allocator.pricing import PriceBook  # noqa: E402
 from allocator.service import Allocator, Windows  # noqa: E402
-from destra.confidential import grant, merge_params, open_input, seal_input, seal_result  # noqa: E402
-from destra.crypto import KeyPair, sign_event, verify_event  # noqa: E402
-from destra.errors import DecryptionFailed, InvalidParams  # noqa: E402
+from destra.crypto import KeyPair  # noqa: E402
+from destra.sim import HEARTBEAT_MS, Compute, Heartbeats, Submitter, node, registration  # noqa: E402
 from ledger.decider import LedgerDecider  # noqa: E402
-from node_runner.logic import Computed, Fault, NodeLogic  # noqa: E402
+from node_runner.logic import Fault  # noqa: E402
 from schemas import Event, decode, encode, new_event, signatures  # noqa: E402
 from streams.kafka_runner import open_snapshot, seal_snapshot  # noqa: E402
 from streams.memory import MemoryRunner  # noqa: E402
-from streams.processing import Context, Outcome, Recovery, Work  # noqa: E402
+from streams.processing import Context, Outcome, Work  # noqa: E402
 from verifier.service import Verifier  # noqa: E402
-from workloads import get_workload  # noqa: E402
-from workloads.canonical import canonical_json  # noqa: E402
 
 CPU = torch.device("cpu")
-HEARTBEAT_MS = 2_000
 TICK_MS = 1_000
 """The runner's tick: every deadline here is tens of seconds, a second is fine enough."""
 WORKLOAD = "heat2d"
@@ -85,143 +79,7 @@ PRIVATE = {"seed": "7"}
 REPEATS = 5
 
 
-# -- the network's outside parties (after tests/sim.py, which a bench must not import) ---------
-
-def keys_for(name: str) -> KeyPair:
-    """Deterministic keys for a bench account or node (never use such keys for real)."""
-    return KeyPair(hashlib.sha256(f"{name} signing".encode()).digest(),
-                   hashlib.sha256(f"{name} x25519".encode()).digest())
-
-
-class Compute:
-    """What ``NodeRunner`` computes (sealed inputs inline); with ``reuse``, a workload runs
-    once per distinct input and its output is handed back for identical inputs."""
-
-    def __init__(self, reuse: bool) -> None:
-        self.reuse, self.runs, self.reused = reuse, 0, 0
-        self._done: dict[tuple[str, str], Computed] = {}
-
-    def __call__(self, assignment: Event, data_key: bytes | None) -> Computed:
-        f = assignment.fields
-        workload = get_workload(f["workload"])
-        try:
-            params = dict(f["params"])
-            if data_key is not None:
-                params = merge_params(params, open_input(data_key, f["task_id"], f["payload"]))
-            parsed = workload.validate(params)
-        except (DecryptionFailed, InvalidParams) as err:
-            return Computed(canonical_json({"error": "invalid-input", "detail": str(err)}), 0)
-        key = (f["workload"], repr(sorted(parsed.items())))
-        if self.reuse and key in self._done:
-            self.reused += 1
-            return self._done[key]
-        self.runs += 1
-        result = workload.run(parsed, CPU)
-        self._done[key] = Computed(result.output, result.runtime_ms)
-        return self._done[key]
-
-
-def node(name: str, compute: Compute, fault: Fault = Fault.NONE, slots: int = 4) -> NodeLogic:
-    keys = keys_for(name)
-
-    def seal(a: Event, output: bytes) -> tuple[bytes | None, str | None]:
-        f = a.fields
-        return seal_result(f["result_key"], f["task_id"], name, f["attempt"], output), None
-
-    return NodeLogic(name, (keys,), compute, seal, slots=slots, fault=fault, producer_id=name)
-
-
-def registration(n: NodeLogic, stake: int) -> Event:
-    return sign_event(new_event(
-        "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=f"op-{n.node_id}",
-        region="eu-west", signing_key=n.keys.signing_public,
-        encryption_key=n.keys.encryption_public, device_name="bench cpu", device_class="cpu",
-        tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots, stake_micro=stake,
-        software="bench"), n.keys, n.node_id)
-
-
-class Heartbeats:
-    """Every node's signed heartbeat every ``HEARTBEAT_MS`` of virtual time."""
-
-    name = "heartbeats"
-    inputs: frozenset[str] = frozenset()
-    recovery = Recovery.NONE
-
-    def __init__(self, nodes: list[NodeLogic], start_ms: int) -> None:
-        self.nodes, self.next_ms, self.seq = nodes, start_ms, 0
-
-    def handle(self, event: Event, ctx: Context) -> Outcome:
-        return Outcome()
-
-    def tick(self, ctx: Context) -> Outcome:
-        if ctx.now_ms < self.next_ms:
-            return Outcome()
-        self.next_ms = ctx.now_ms + HEARTBEAT_MS
-        self.seq += 1
-        out = []
-        for n in self.nodes:
-            load, free = n.heartbeat_load()
-            out.append(sign_event(new_event(
-                "NodeHeartbeat", n.node_id, occurred_at=ctx.now_ms, node_id=n.node_id,
-                load_permille=load, free_slots=free, seq=self.seq), n.keys, n.node_id))
-        return Outcome.of(out)
-
-
-class Submitter:
-    """An account: signed submissions with sealed private parameters, and a grant of the
-    data key to each node assigned one of its tasks (what ``Client.watch`` does). Forgets a
-    task at its verdict."""
-
-    name = "submitter"
-    inputs = frozenset({"NodeRegistered", "TaskAssigned", "TaskVerified", "TaskFailed"})
-    recovery = Recovery.NONE
-
-    def __init__(self, account: str) -> None:
-        self.account, self.keys = account, keys_for(account)
-        self.data_keys: dict[str, bytes] = {}
-        self.node_keys: dict[str, bytes] = {}
-        self.granted: set[tuple[str, str, int]] = set()
-
-    def submission(self, task_id: str, params: dict[str, str], now_ms: int,
-                   units_delta: int = 0) -> Event:
-        w = get_workload(WORKLOAD)
-        units = w.compute_units(w.validate(params)) + units_delta
-        q = PriceBook().quote(WORKLOAD, units, 3, "consumer", now_ms, 60_000)
-        public, private = w.split(params)
-        payload = None
-        if private:
-            self.data_keys[task_id], payload = seal_input(task_id, private)
-        return sign_event(new_event(
-            "TaskSubmitted", self.account, occurred_at=now_ms, task_id=task_id,
-            submitter_id=self.account, workload=WORKLOAD, params=public, replicas=3, quorum=2,
-            compute_units=units, max_price_micro=q.price_micro, quote_id=q.quote_id,
-            quoted_price_micro=q.price_micro, quote_expires_at=q.expires_at, tier="consumer",
-            region=None, homogeneous=w.bit_exact, deadline_ms=600_000,
-            result_key=self.keys.encryption_public, payload_ref=None, payload=payload,
-            signing_key=self.keys.signing_public), self.keys, self.account)
-
-    def handle(self, event: Event, ctx: Context) -> Outcome:
-        f = event.fields
-        if event.name == "NodeRegistered":
-            if verify_event(event, f["signing_key"], f["node_id"]):
-                self.node_keys.setdefault(f["node_id"], f["encryption_key"])
-            return Outcome()
-        if event.name in ("TaskVerified", "TaskFailed"):
-            if self.data_keys.pop(f["task_id"], None) is not None:
-                self.granted = {r for r in self.granted if r[0] != f["task_id"]}
-            return Outcome()
-        replica = (f["task_id"], f["node_id"], f["attempt"])
-        data_key = self.data_keys.get(f["task_id"])
-        if data_key is None or replica in self.granted:
-            return Outcome()
-        self.granted.add(replica)
-        return Outcome.of([sign_event(grant(self.account, f["task_id"], f["node_id"],
-                                            f["attempt"], data_key, self.node_keys[f["node_id"]])
-                                      .with_envelope(occurred_at=ctx.now_ms),
-                                      self.keys, self.account)])
-
-    def tick(self, ctx: Context) -> Outcome:
-        return Outcome()
+# -- the network's outside parties: destra.sim ------------------------------------------------
 
 
 class Timed:
@@ -303,11 +161,11 @@ class Network:
         now = self.runner.now_ms
         params = dict(PUBLIC) if self.plain else {**PUBLIC, **PRIVATE}
         if index % 100 == 37:  # declares the wrong compute: the allocator fails it
-            event = self.alice.submission(f"t{index}", params, now, units_delta=1)
+            event = self.alice.submission(f"t{index}", WORKLOAD, params, now, units_delta=1)
         elif index % 100 == 73:  # no funds: the ledger rejects it
-            event = self.bob.submission(f"t{index}", params, now)
+            event = self.bob.submission(f"t{index}", WORKLOAD, params, now)
         else:
-            event = self.alice.submission(f"t{index}", params, now)
+            event = self.alice.submission(f"t{index}", WORKLOAD, params, now)
         self.runner.publish(event, source="outside")
 
     def harvest(self) -> None:

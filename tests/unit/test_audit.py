@@ -1,4 +1,4 @@
-"""``destra audit`` (ledger.audit) on logs of whole in-memory networks (tests.sim).
+"""``destra audit`` (ledger.audit) on logs of whole in-memory networks (destra.sim).
 
 The sim's log is turned into records as the topics would hold them, each
 service event signed by its role's key of a test genesis; then the log is
@@ -11,12 +11,12 @@ from collections import Counter
 
 import pytest
 
+from destra.sim import Sim
 from ledger.audit import AuditConfig, Record, audit
 from node_runner.logic import Fault
 from schemas import Event, new_event
 from streams.authority import AUTHORITY, ROLES, Genesis, ServiceSigner
 from streams.topics import topic_for
-from tests.sim import Sim
 from tests.support import account_keys
 
 SIGNERS = {role: ServiceSigner(role, account_keys(f"service {role}")) for role in ROLES}

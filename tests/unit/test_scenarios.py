@@ -11,11 +11,11 @@ import pickle
 
 from allocator.service import Allocator
 from destra.crypto import KeyPair, sign_event
+from destra.sim import Sim
 from ledger.book import escrow, stake
 from ledger.decider import node_wallet
 from node_runner.logic import Fault
 from schemas import new_event
-from tests.sim import Sim
 from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO, Verifier
 

@@ -1,12 +1,16 @@
 """A whole network on the in-memory runner: ledger, allocator, verifier, nodes, a submitter.
 
-The processors are the production ones; only the transport is in memory and
-the clock virtual. Workloads really run (small ones), with real signatures
-and real encryption of private parameters.
+The processors are the production ones; only the transport is in memory and the
+clock virtual (``streams.memory``). Workloads really run (small ones), with real
+signatures and real encryption of private parameters. The deadline scenarios in
+``tests/unit/test_scenarios.py`` and ``bench/restart.py`` build on it.
+
+The keys here are derived from names, for repeatable runs: never use them for real.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -15,14 +19,13 @@ from allocator.policies import LeastLoadedPolicy
 from allocator.pricing import PriceBook
 from allocator.service import Allocator, Windows
 from destra.confidential import grant, merge_params, open_input, seal_input, seal_result
-from destra.crypto import sign_event, verify_event
+from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, InvalidParams
 from ledger.decider import LedgerDecider
 from node_runner.logic import Computed, Fault, NodeLogic
 from schemas import Event, new_event
 from streams.memory import MemoryRunner
 from streams.processing import Context, Outcome, Recovery
-from tests.support import account_keys
 from verifier.service import Verifier
 from workloads import get_workload
 from workloads.canonical import canonical_json
@@ -31,46 +34,67 @@ CPU = torch.device("cpu")
 HEARTBEAT_MS = 2_000
 
 
-def compute(assignment: Event, data_key: bytes | None, sealed: dict[str, bytes]) -> Computed:
-    """What ``NodeRunner`` computes, without the blob store (sealed inputs travel inline)."""
-    f = assignment.fields
-    workload = get_workload(f["workload"])
-    try:
-        params = dict(f["params"])
-        if data_key is not None:
-            params = merge_params(params, open_input(data_key, f["task_id"], f["payload"]))
-        parsed = workload.validate(params)
-    except (DecryptionFailed, InvalidParams) as err:
-        return Computed(canonical_json({"error": "invalid-input", "detail": str(err)}), 0)
-    result = workload.run(parsed, CPU)
-    return Computed(result.output, result.runtime_ms)
+def keys_for(name: str) -> KeyPair:
+    """Deterministic keys for a simulated account or node (never use such keys for real)."""
+    return KeyPair(hashlib.sha256(f"{name} signing".encode()).digest(),
+                   hashlib.sha256(f"{name} x25519".encode()).digest())
 
 
-def node(name: str, fault: Fault = Fault.NONE, slots: int = 1) -> NodeLogic:
-    """A node's task logic with deterministic test keys."""
-    keys = account_keys(name)
+class Compute:
+    """What ``NodeRunner`` computes, sealed inputs travelling inline; with ``reuse``, a
+    workload runs once per distinct input and its output is handed back for the same
+    input again (for long simulations: say so where figures are printed)."""
+
+    def __init__(self, reuse: bool = False) -> None:
+        self.reuse, self.runs, self.reused = reuse, 0, 0
+        self._done: dict[tuple[str, str], Computed] = {}
+
+    def __call__(self, assignment: Event, data_key: bytes | None) -> Computed:
+        f = assignment.fields
+        workload = get_workload(f["workload"])
+        try:
+            params = dict(f["params"])
+            if data_key is not None:
+                params = merge_params(params, open_input(data_key, f["task_id"], f["payload"]))
+            parsed = workload.validate(params)
+        except (DecryptionFailed, InvalidParams) as err:
+            return Computed(canonical_json({"error": "invalid-input", "detail": str(err)}), 0)
+        key = (f["workload"], repr(sorted(parsed.items())))
+        if self.reuse and key in self._done:
+            self.reused += 1
+            return self._done[key]
+        self.runs += 1
+        result = workload.run(parsed, CPU)
+        self._done[key] = Computed(result.output, result.runtime_ms)
+        return self._done[key]
+
+
+def node(name: str, compute: Callable[[Event, bytes | None], Computed] | None = None,
+         fault: Fault = Fault.NONE, slots: int = 1) -> NodeLogic:
+    """A node's task logic with deterministic keys; results sealed inline."""
+    keys = keys_for(name)
 
     def seal(a: Event, output: bytes) -> tuple[bytes | None, str | None]:
         f = a.fields
         return seal_result(f["result_key"], f["task_id"], name, f["attempt"], output), None
 
-    return NodeLogic(name, (keys,), lambda a, k: compute(a, k, {}), seal, slots=slots,
-                     fault=fault, producer_id=name)
+    return NodeLogic(name, (keys,), compute or Compute(), seal, slots=slots, fault=fault,
+                     producer_id=name)
 
 
-def registration(n: NodeLogic, operator: str | None = None, stake: int = 0) -> Event:
+def registration(n: NodeLogic, stake: int = 0, operator: str | None = None) -> Event:
     """The node's signed ``NodeRegistered``."""
     return sign_event(new_event(
         "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator or f"op-{n.node_id}",
         region="eu-west", signing_key=n.keys.signing_public,
-        encryption_key=n.keys.encryption_public, device_name="test cpu", device_class="cpu",
-        tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots, stake_micro=stake,
-        software="test"), n.keys, n.node_id)
+        encryption_key=n.keys.encryption_public, device_name="simulated cpu",
+        device_class="cpu", tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots,
+        stake_micro=stake, software="simulation"), n.keys, n.node_id)
 
 
 class Heartbeats:
-    """Every node's signed heartbeat every ``HEARTBEAT_MS`` of virtual time (the runner's
-    thread in production)."""
+    """Every node's signed heartbeat every ``HEARTBEAT_MS`` of virtual time (the node
+    runner's thread in production)."""
 
     name = "heartbeats"
     inputs: frozenset[str] = frozenset()
@@ -101,22 +125,26 @@ class Heartbeats:
 
 class Submitter:
     """An account: signs submissions with sealed private parameters and grants the data
-    key to each node assigned one of its tasks (``Client`` and ``grant-agent``)."""
+    key to each node assigned one of its tasks (``Client.watch`` and ``grant-agent``);
+    forgets a task at its verdict."""
 
     name = "submitter"
-    inputs = frozenset({"NodeRegistered", "TaskAssigned"})
+    inputs = frozenset({"NodeRegistered", "TaskAssigned", "TaskVerified", "TaskFailed"})
     recovery = Recovery.NONE
 
     def __init__(self, account: str = "alice", grants: bool = True) -> None:
-        self.account, self.keys, self.grants = account, account_keys(account), grants
+        self.account, self.keys, self.grants = account, keys_for(account), grants
         self.data_keys: dict[str, bytes] = {}
         self.node_keys: dict[str, bytes] = {}
         self.granted: set[tuple[str, str, int]] = set()
 
     def submission(self, task_id: str, workload: str, params: dict[str, str], now_ms: int,
-                   replicas: int = 3, quorum: int = 2, deadline_ms: int = 600_000) -> Event:
+                   replicas: int = 3, quorum: int = 2, deadline_ms: int = 600_000,
+                   units_delta: int = 0) -> Event:
+        """A signed ``TaskSubmitted`` at the network's price; ``units_delta`` misdeclares
+        its compute (the allocator then fails it)."""
         w = get_workload(workload)
-        units = w.compute_units(w.validate(params))
+        units = w.compute_units(w.validate(params)) + units_delta
         q = PriceBook().quote(workload, units, replicas, "consumer", now_ms, 60_000)
         public, private = w.split(params)
         payload = None
@@ -138,6 +166,10 @@ class Submitter:
             if verify_event(event, f["signing_key"], f["node_id"]):
                 self.node_keys.setdefault(f["node_id"], f["encryption_key"])
             return Outcome()
+        if event.name in ("TaskVerified", "TaskFailed"):
+            if self.data_keys.pop(f["task_id"], None) is not None:
+                self.granted = {r for r in self.granted if r[0] != f["task_id"]}
+            return Outcome()
         replica = (f["task_id"], f["node_id"], f["attempt"])
         data_key = self.data_keys.get(f["task_id"])
         if not self.grants or data_key is None or replica in self.granted:
@@ -153,14 +185,15 @@ class Submitter:
 
 
 class Sim:
-    """The network: ``sim.runner`` drives it; helpers read the outcome."""
+    """A small network: ``sim.runner`` drives it; helpers read the outcome."""
 
     def __init__(self, faults: dict[str, Fault] | None = None, nodes: int = 4,
                  grants: bool = True, commit_ms: int = 30_000, reveal_ms: int = 15_000,
                  reissue_grace_ms: int = 60_000, stake: int = 5_000_000) -> None:
         faults = faults or {}
-        names = [f"n{i}" for i in range(nodes)]
-        self.nodes = [node(n, faults.get(n, Fault.NONE)) for n in names]
+        compute = Compute()
+        self.nodes = [node(f"n{i}", compute, faults.get(f"n{i}", Fault.NONE))
+                      for i in range(nodes)]
         self.ledger = LedgerDecider("ledger")
         self.allocator = Allocator("allocator", policy=LeastLoadedPolicy(),
                                    windows=Windows(commit_ms=commit_ms, reveal_ms=reveal_ms))
@@ -174,10 +207,11 @@ class Sim:
         self.runner.processors = [*self.runner.processors, self.heart]
         t = self.runner.now_ms
         self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
-                                      account="alice", amount_micro=10**12))
+                                      account="alice", amount_micro=10**12, reason="sim"))
         for n in self.nodes:
             self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
-                                          account=f"op-{n.node_id}", amount_micro=stake))
+                                          account=f"op-{n.node_id}", amount_micro=stake,
+                                          reason="sim"))
             self.runner.publish(registration(n, stake=stake))
         self.runner.advance(HEARTBEAT_MS)
 
@@ -205,4 +239,5 @@ class Sim:
         return None
 
     def balance(self, account: str) -> int:
+        """An account's balance in the simulated ledger."""
         return self.ledger.book.balance(account)
