@@ -17,8 +17,9 @@ from pathlib import Path
 
 from destra.errors import InfraError
 from destra.settings import Settings
-from schemas import decode
+from schemas import decode, new_event
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
+from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.topics import topic_for
 
@@ -68,6 +69,14 @@ class LocalNetwork:
     def signer(self, role: str) -> ServiceSigner:
         """A service role's signer (e.g. ``treasury`` to mint), from this network's keys."""
         return load_signer(self.settings.service_keys, role, self.genesis)
+
+    def mint(self, *accounts: str, amount_micro: int = 10**12) -> None:
+        """Credit each account, by ``TokensMinted`` events the treasury key signs."""
+        with EventProducer(self.settings, self.bootstrap,
+                           signer=self.signer("treasury")) as producer:
+            for account in accounts:
+                producer.send(new_event("TokensMinted", "treasury", account=account,
+                                        amount_micro=amount_micro, reason="local network"))
 
     def spawn(self, name: str, *args: str, producer_id: str | None = None) -> None:
         """Start ``python args...`` as the process ``name``."""

@@ -18,7 +18,7 @@ from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.processor import wait_for_transactions
 from schemas import Event, decode, new_event
-from streams.authority import ensure_genesis, load_signer
+from streams.authority import load_signer
 from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.topics import topic_for
@@ -47,12 +47,7 @@ def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[
     settings = network.with_(home=tmp_path / "home")
     local = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
         "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
-    genesis = ensure_genesis(settings.genesis_path, settings.service_keys)
-    treasury = load_signer(settings.service_keys, "treasury", genesis)
-    with EventProducer(settings, kafka) as producer:
-        for account in ("alice", *(f"op-{n}" for n in NODES)):
-            producer.send(treasury.sign(new_event("TokensMinted", "treasury", account=account,
-                                                  amount_micro=10**12, reason="test")))
+    local.mint("alice", *(f"op-{n}" for n in NODES))
     yield local
     local.stop()
 

@@ -22,8 +22,7 @@ from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.projection import LedgerProjection
 from ledger.service import project, replay
-from schemas import Event, decode, new_event
-from streams.producer import EventProducer
+from schemas import Event, decode
 from streams.reading import read_all
 from streams.topics import topic_for
 from verifier.proof_of_sync import Reason
@@ -54,10 +53,7 @@ def local_network(network: Settings, kafka: str, pg_dsn: str,
 
 
 def _mint(net: LocalNetwork, *accounts: str) -> None:
-    with EventProducer(net.settings, net.bootstrap, signer=net.signer("treasury")) as producer:
-        for account in accounts:
-            producer.send(new_event("TokensMinted", "faucet", account=account,
-                                    amount_micro=FUNDS, reason="test"))
+    net.mint(*accounts, amount_micro=FUNDS)
 
 
 def _mix(i: int) -> tuple[str, dict[str, str]]:
