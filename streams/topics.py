@@ -52,7 +52,9 @@ class TopicSpec:
 
     hashed_partitions: bool = False
     """Every producer picks the partition itself with ``partition_for(key)``, so a
-    reader of one key can read one known partition (``tasks.assignments``)."""
+    reader of one key can read one known partition (``tasks.assignments``), and the
+    task-keyed topics, all of ``TASK_PARTITIONS``, are co-partitioned: a verifier shard
+    reads the same partitions of each (``streams.leases``)."""
 
     def name(self, prefix: str) -> str:
         """The full topic name under a network prefix."""
@@ -83,19 +85,22 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="latest registration (keys, capability, stake) per node"),
     TopicSpec("nodes.heartbeats", "node_id", ("NodeHeartbeat",), 6, cleanup="compact,delete",
               retention_ms=DAY_MS, doc="liveness and load; only the latest matters"),
-    TopicSpec("tasks.submitted", "task_id", ("TaskSubmitted",), 6,
+    TopicSpec("tasks.submitted", "task_id", ("TaskSubmitted",), 6, hashed_partitions=True,
               doc="every submission, the start of a task's life"),
     TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened"),
               12, hashed_partitions=True,
               doc="work, data-key grants and reveal calls for one node; partitioned by node "
                   "(partition_for) so a runner reads only its own partition"),
-    TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6,
+    TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6, hashed_partitions=True,
               doc="the verifier asks the allocator to place a lost replica again"),
-    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6, broker_time=True,
+    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6, hashed_partitions=True,
+              broker_time=True,
               doc="signed commitments H(salt, digest), the commit phase"),
-    TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6, broker_time=True,
+    TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6, hashed_partitions=True,
+              broker_time=True,
               doc="salts and digests, the reveal phase"),
     TopicSpec("tasks.verdicts", "task_id", ("TaskVerified", "TaskFailed"), 6,
+              hashed_partitions=True,
               doc="Proof-of-Sync outcomes"),
     TopicSpec("nodes.penalties", "node_id", ("NodePenalized",), 3,
               doc="judgements against dissenting or absent nodes"),
@@ -109,6 +114,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="proposals and votes"),
     TopicSpec("deadletter", "source_topic", ("DeadLettered",), 3,
               doc="records that failed to decode or validate, with the reason and original bytes"),
+    TopicSpec("processors.leases", "unit", (), 3,
+              doc="never written: its partitions are the processors' units of work (0 the "
+                  "allocator, 1.. the verifier's task shards), leased to the live workers by "
+                  "their consumer group (streams.leases)"),
     TopicSpec("processors.state", "processor", (), 1, cleanup="compact",
               max_message_bytes=65 * 1024 * 1024,
               # Written every batch: small segments, so compaction keeps it to the latest
@@ -131,6 +140,11 @@ def partition_for(key: str, partitions: int) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % partitions
 
 
+TASK_PARTITIONS = 6
+"""Partitions of every task-keyed topic: the same count and hash (``partition_for``)."""
+TASK_TOPICS = tuple(t for t in TOPICS if t.key == "task_id")
+assert all(t.partitions == TASK_PARTITIONS and t.hashed_partitions for t in TASK_TOPICS)
+LEASES = next(t for t in TOPICS if t.suffix == "processors.leases")
 DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
 STATE = next(t for t in TOPICS if t.suffix == "processors.state")
 
