@@ -26,7 +26,7 @@ registered keys, commit-reveal, settlement). Prints:
   submit -> verified, i.e. the latency without queueing for slots;
 * the broker's raw ceiling (Kafka's ProducerPerformance, ``bench/backbone.py``)
   against the records/s the lifecycle wrote;
-* the processors worker's top functions by own time (cProfile of its main thread).
+* each processors unit's top functions by own time (cProfile of the unit's thread).
 
 Timestamps: by default every topic a hop reads is created with
 ``message.timestamp.type=LogAppendTime`` (``--timestamps broker``), so every hop is
@@ -236,7 +236,8 @@ def thread_snapshot(pid: int) -> dict[str, float]:
             comm = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
         except OSError:
             comm = "?"
-        kind = "main" if t.id == pid else comm if comm.startswith("rdk:") else "other threads"
+        kind = ("main" if t.id == pid else comm
+                if comm.startswith(("rdk:", "allocator", "verifier")) else "other threads")
         out[kind] = out.get(kind, 0.0) + t.user_time + t.system_time
     return out
 
@@ -406,15 +407,15 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         net.stop()
         stop_embedded(tmp / "pg", pg.system_user)
         cluster.stop()
-    profile = tmp / "processors.prof"
-    if profile.exists():
+    profiles = sorted(tmp.glob("processors.prof.*"))
+    for profile in profiles:  # one per unit: the allocator and each verifier shard
         out = io.StringIO()
         stats = pstats.Stats(str(profile), stream=out)
-        stats.sort_stats("tottime").print_stats(12)
-        print("processors worker (allocator+verifier), top functions by own time "
-              "(cProfile, main thread; both runs and the warm-up):")
+        stats.sort_stats("tottime").print_stats(8)
+        print(f"processors worker, unit {profile.suffix[1:]}: top functions by own time "
+              "(cProfile of its thread; both runs and the warm-up):")
         print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
-    else:
+    if not profiles:
         print("no profile written (the processors worker did not exit cleanly)")
 
 

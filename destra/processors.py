@@ -1,19 +1,24 @@
-"""The network's stream processors in one worker: the allocator and the verifier.
+"""The network's stream processors: a worker that runs the allocator and the verifier.
 
     python -m destra.processors
 
-Reads ``DESTRA_*`` settings (or the state of ``destra infra up``). Tuning, all
-in milliseconds: ``DESTRA_COMMIT_WINDOW_MS`` (floor of a replica's commit
-window, default 30000), ``DESTRA_REVEAL_WINDOW_MS`` (15000),
-``DESTRA_QUEUE_TIMEOUT_MS`` (120000), ``DESTRA_REISSUE_GRACE_MS`` (60000), and
-``DESTRA_MAX_REISSUES`` (3 per task). Stops cleanly on SIGTERM.
+Start one or several: the workers share the units of work (``streams.leases``:
+the allocator, and the verifier's task shards) through one consumer group, and
+a worker that dies hands its units to the others after
+``DESTRA_LEASE_SESSION_MS`` (6000) of silence. Reads ``DESTRA_*`` settings (or
+the state of ``destra infra up``). Tuning, all in milliseconds:
+``DESTRA_COMMIT_WINDOW_MS`` (floor of a replica's commit window, default
+30000), ``DESTRA_REVEAL_WINDOW_MS`` (15000), ``DESTRA_QUEUE_TIMEOUT_MS``
+(120000), ``DESTRA_REISSUE_GRACE_MS`` (60000), and ``DESTRA_MAX_REISSUES`` (3
+per task). Stops cleanly on SIGTERM, handing its units over at once.
 
-Both run under ``streams.kafka_runner.KafkaRunner``: exactly-once batches, and
-their state snapshotted in the same transaction as their outputs, so a worker
-killed at any line restarts where the last committed batch left it, tasks in
-flight and node table included. Their outputs are signed with the allocator's
-and the verifier's keys from ``$DESTRA_HOME/services`` (see ``streams.authority``);
-every input passes the genesis authority check first.
+Each unit runs under ``streams.kafka_runner.KafkaRunner``: exactly-once
+batches, and its state snapshotted in the same transaction as its outputs, so a
+unit killed at any line restarts, here or on another worker, where its last
+committed batch left it, tasks in flight and node table included. Outputs are
+signed with the allocator's and the verifier's keys from
+``$DESTRA_HOME/services`` (see ``streams.authority``); every input passes the
+genesis authority check first.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from destra.settings import Settings
 from schemas import Event
 from streams.authority import Genesis, held_signers, signers_by_event
 from streams.kafka_runner import KafkaRunner
+from streams.leases import ALLOCATOR_UNIT, SESSION_MS, LeasedWorker, Shard, unit_name
 from verifier.service import Verifier
 
 
@@ -45,32 +51,51 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def build(settings: Settings, bootstrap: str,
-          env: Mapping[str, str] | None = None) -> tuple[KafkaRunner, Allocator, Verifier]:
-    """The runner with both processors, and the processors themselves."""
+def windows_from(env: Mapping[str, str]) -> Windows:
+    """The allocator's deadlines from ``DESTRA_*_MS``."""
+    return Windows(commit_ms=_int(env, "DESTRA_COMMIT_WINDOW_MS", 30_000),
+                   reveal_ms=_int(env, "DESTRA_REVEAL_WINDOW_MS", 15_000),
+                   queue_timeout_ms=_int(env, "DESTRA_QUEUE_TIMEOUT_MS", 120_000))
+
+
+def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
+               env: Mapping[str, str] | None = None) -> KafkaRunner:
+    """The runner of one unit (``streams.leases``): the allocator, or one verifier shard."""
     env = os.environ if env is None else env
-    windows = Windows(commit_ms=_int(env, "DESTRA_COMMIT_WINDOW_MS", 30_000),
-                      reveal_ms=_int(env, "DESTRA_REVEAL_WINDOW_MS", 15_000),
-                      queue_timeout_ms=_int(env, "DESTRA_QUEUE_TIMEOUT_MS", 120_000))
-    allocator = Allocator(settings.producer_id or "allocator", windows=windows)
-    verifier = Verifier(settings.producer_id or "verifier",
-                        max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
-                        reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000))
     genesis = Genesis.load(settings.genesis_path)
-    signers = held_signers(settings.service_keys, genesis, ("allocator", "verifier"))
-    if len(signers) != 2:
-        raise ConfigError(f"the processors need the allocator's and the verifier's keys in "
-                          f"{settings.service_keys}")
+    role = "allocator" if unit == ALLOCATOR_UNIT else "verifier"
+    signers = held_signers(settings.service_keys, genesis, (role,))
+    if len(signers) != 1:
+        raise ConfigError(f"the processors need the {role}'s key in {settings.service_keys}")
     by_event = signers_by_event(signers)
 
     def sign(event: Event) -> Event:
         signer = by_event.get(event.name)
         return signer.sign(event) if signer is not None else event
 
-    runner = KafkaRunner(settings, bootstrap, [allocator, verifier],
-                         group=f"{settings.topic_prefix}processors",
-                         snapshot_keys=signers[0].keys, sign=sign, check=genesis.check)
-    return runner, allocator, verifier
+    processor: Allocator | Verifier
+    shard = None
+    if unit == ALLOCATOR_UNIT:
+        processor = Allocator(settings.producer_id or "allocator", windows=windows_from(env))
+    else:
+        shard = Shard(unit - 1, units - 1)
+        processor = Verifier(settings.producer_id or "verifier",
+                             max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
+                             reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000))
+    return KafkaRunner(settings, bootstrap, [processor],
+                       group=f"{settings.topic_prefix}processors/{unit_name(unit, units)}",
+                       snapshot_keys=signers[0].keys, sign=sign, check=genesis.check,
+                       shard=shard)
+
+
+def worker(settings: Settings, bootstrap: str,
+           env: Mapping[str, str] | None = None) -> LeasedWorker:
+    """A processors worker: it runs the units the group leases it."""
+    env = os.environ if env is None else env
+    return LeasedWorker(settings.topic_prefix, settings.producer_id or "processors", bootstrap,
+                        lambda unit, units: build_unit(settings, bootstrap, unit, units, env),
+                        session_ms=_int(env, "DESTRA_LEASE_SESSION_MS", SESSION_MS),
+                        profile=env.get("DESTRA_PROFILE") or None)
 
 
 def main() -> None:
@@ -83,7 +108,7 @@ def main() -> None:
     bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
     if not bootstrap:
         raise SystemExit("processors: no Kafka; run `destra infra up` or set DESTRA_*")
-    runner, _, _ = build(settings, bootstrap)
+    leased = worker(settings, bootstrap)
     stop = False
 
     def on_term(signum: int, frame: Any) -> None:
@@ -92,19 +117,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    profile = os.environ.get("DESTRA_PROFILE")
-    if profile:  # cProfile of the whole worker, written when it exits (bench/lifecycle.py)
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            runner.run(lambda: not stop)
-        finally:
-            profiler.disable()
-            profiler.dump_stats(profile)
-        return
-    runner.run(lambda: not stop)
+    leased.run(lambda: not stop)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,9 @@ class KafkaCluster:
             f"share.coordinator.state.topic.replication.factor={rf}",
             f"share.coordinator.state.topic.min.isr={2 if many else 1}",
             "group.initial.rebalance.delay.ms=0",
+            # The processors workers' leases (streams.leases) may fail over faster than
+            # the 6 s the broker allows by default.
+            "group.min.session.timeout.ms=1000",
             # Unclean election would let a lagging replica lose acknowledged writes.
             "unclean.leader.election.enable=false",
             "num.network.threads=2",

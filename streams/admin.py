@@ -14,7 +14,7 @@ from streams.klog import KAFKA_LOG
 from streams.topics import TOPICS, TopicSpec
 
 
-def _admin(bootstrap: str) -> AdminClient:
+def admin_client(bootstrap: str) -> AdminClient:
     # Connection refusals while a broker starts are expected: logged, not printed.
     config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": KAFKA_LOG}
     return AdminClient(config)
@@ -23,7 +23,7 @@ def _admin(bootstrap: str) -> AdminClient:
 def live_broker_count(bootstrap: str, timeout_s: float = 2.0) -> int:
     """How many brokers the cluster reports in its metadata; 0 if it does not answer."""
     try:
-        metadata = _admin(bootstrap).list_topics(timeout=timeout_s)
+        metadata = admin_client(bootstrap).list_topics(timeout=timeout_s)
     except KafkaException:
         return 0
     return len(metadata.brokers)
@@ -52,7 +52,7 @@ def ensure_topics(
 
     Idempotent: topics that already exist are left as they are.
     """
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [
         NewTopic(spec.name(prefix), num_partitions=spec.partitions,
@@ -78,7 +78,7 @@ def describe_topics(bootstrap: str, prefix: str, timeout_s: float = 10.0) -> lis
     """Partitions, replication and configuration of the network's topics."""
     from confluent_kafka.admin import ConfigResource, ResourceType
 
-    admin = _admin(bootstrap)
+    admin = admin_client(bootstrap)
     metadata = admin.list_topics(timeout=timeout_s)
     names = sorted(n for n in metadata.topics if n.startswith(prefix))
     resources = [ConfigResource(ResourceType.TOPIC, n) for n in names]
@@ -101,6 +101,6 @@ def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> 
     """Delete topics (used by benchmarks to clean up after themselves)."""
     if not names:
         return
-    admin = _admin(bootstrap)  # must outlive the futures it resolves
+    admin = admin_client(bootstrap)  # must outlive the futures it resolves
     for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
         future.result(timeout=timeout_s)

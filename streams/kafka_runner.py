@@ -52,9 +52,10 @@ from schemas.events import now_ms
 from schemas.signatures import KeyPair, verify
 from streams.consumer import consumer_config, dead_letter, fetch
 from streams.klog import KAFKA_LOG
+from streams.leases import Shard, task_topics
 from streams.processing import Context, Origin, Outcome, Processor, Recovery
 from streams.producer import EventProducer
-from streams.topics import DEAD_LETTER, STATE, topic_for
+from streams.topics import DEAD_LETTER, STATE, TASK_PARTITIONS, partition_for, topic_for
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,11 @@ class KafkaRunner:
     crash_before_commit: int = 0
     """Failpoint for crash tests: SIGKILL this process in its n-th batch, the batch's
     events delivered and its transaction open, the worst moment to lose it."""
+    shard: Shard | None = None
+    """A verifier shard (``streams.leases``): read only its partitions of the task topics,
+    and of the other topics only the events of its own tasks. A record on a task topic
+    whose task belongs to another partition is dead-lettered as misrouted: no shard but
+    this one reads it there."""
     stats: RunStats = field(default_factory=RunStats)
 
     def __post_init__(self) -> None:
@@ -152,6 +158,7 @@ class KafkaRunner:
         """The next offset to read of each input partition, as of the last batch."""
         self._assigned: list[TopicPartition] = []
         self._checkpointed = time.monotonic()
+        self._task_topics = task_topics(self.settings.topic_prefix)
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -226,7 +233,9 @@ class KafkaRunner:
         partitions = []
         for topic in self.inputs:
             meta = _topic_metadata(consumer, topic)
-            partitions += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+            mine = (self.shard.partitions() if self.shard is not None
+                    and topic in self._task_topics else sorted(meta.partitions))
+            partitions += [TopicPartition(topic, p) for p in mine]
         unknown = [tp for tp in partitions if (tp.topic, tp.partition) not in positions]
         committed = {(tp.topic, tp.partition): tp.offset
                      for tp in (_committed(consumer, unknown) if unknown else [])}
@@ -381,6 +390,16 @@ class KafkaRunner:
         except EventError as err:
             letters.append(dead_letter(msg, err, self.settings.producer_id or self.group))
             return []
+        if self.shard is not None:
+            task_id = event.fields.get("task_id")
+            if isinstance(task_id, str) and not self.shard.owns(task_id):
+                if msg.topic() in self._task_topics:
+                    right = partition_for(task_id, TASK_PARTITIONS)
+                    letters.append(dead_letter(msg, EventError(
+                        f"misrouted: task {task_id} belongs on partition {right} of "
+                        f"{msg.topic()}, not {msg.partition()}; nobody judges it here"),
+                        self.settings.producer_id or self.group))
+                return []  # another shard's task
         readers = [p for p in self._by_name.get(event.name, ())
                    if not hasattr(p, "wants") or p.wants(event)]
         if not readers:
