@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -184,6 +185,36 @@ class Submitter:
         return Outcome()
 
 
+class OnVirtualClock:
+    """A service run on the virtual clock: the penalties it emits unsigned are stamped with
+    the time it decided them (``Context.now_ms``), as a live service's wall clock stamps
+    them near the broker's. The verifier stamps its events with the wall clock, which here
+    is far from the virtual one: the ledger would refuse its penalties as stale."""
+
+    STAMPED = frozenset({"NodePenalized"})
+    """What the ledger judges by age (its other outputs are left as they are)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name, self.inputs, self.recovery = inner.name, inner.inputs, inner.recovery
+
+    @staticmethod
+    def _stamped(out: Outcome, ctx: Context) -> Outcome:
+        out.emit = [e.with_envelope(occurred_at=ctx.now_ms)
+                    if e.signature is None and e.name in OnVirtualClock.STAMPED else e
+                    for e in out.emit]
+        return out
+
+    def handle(self, event: Event, ctx: Context) -> Outcome:
+        return self._stamped(self.inner.handle(event, ctx), ctx)
+
+    def tick(self, ctx: Context) -> Outcome:
+        return self._stamped(self.inner.tick(ctx), ctx)
+
+    def finished(self, key: Any, result: Any, ctx: Context) -> Outcome:
+        return self._stamped(self.inner.finished(key, result, ctx), ctx)
+
+
 class Sim:
     """A small network: ``sim.runner`` drives it; helpers read the outcome."""
 
@@ -199,8 +230,8 @@ class Sim:
                                    windows=Windows(commit_ms=commit_ms, reveal_ms=reveal_ms))
         self.verifier = Verifier("verifier", reissue_grace_ms=reissue_grace_ms)
         self.alice = Submitter("alice", grants=grants)
-        self.runner = MemoryRunner([self.ledger, self.allocator, self.verifier, self.alice,
-                                    *self.nodes])
+        self.runner = MemoryRunner([self.ledger, self.allocator, OnVirtualClock(self.verifier),
+                                    self.alice, *self.nodes])
         for n in self.nodes:  # the copier reads the reveals already on the log
             n.copy_digest = self._copied_digest(n.node_id)
         self.heart = Heartbeats(self.nodes, self.runner.now_ms)

@@ -166,17 +166,21 @@ def _merge(postings: Iterable[Posting]) -> list[Posting]:
 
 @dataclass
 class Book:
-    """Balances folded from transactions; each transaction id is applied once."""
+    """Balances folded from transactions; a transaction id remembered is applied once."""
 
     balances: dict[str, int] = field(default_factory=dict)
     applied: set[str] = field(default_factory=set)
+    """The ids this book refuses to apply again. Its owner keeps only those that can recur
+    (the ledger decider remembers ids that expire in ``ledger.horizon``, not here)."""
 
     def balance(self, account: str) -> int:
         """The account's balance in micro-tokens (0 if it never moved)."""
         return self.balances.get(account, 0)
 
-    def apply(self, tx: Transaction) -> bool:
-        """Apply a transaction; False (and no change) if it was applied before."""
+    def apply(self, tx: Transaction, *, remember: bool = True) -> bool:
+        """Apply a transaction; False (and no change) if its id is in ``applied``.
+        ``remember=False`` applies it without adding its id (its caller keeps it from
+        recurring another way)."""
         if tx.transaction_id in self.applied:
             return False
         after = {p.account: self.balance(p.account) for p in tx.postings}
@@ -186,7 +190,8 @@ class Book:
         if overdrawn:
             raise InsufficientFunds(f"{tx.transaction_id} would overdraw {', '.join(overdrawn)}")
         self.balances.update(after)
-        self.applied.add(tx.transaction_id)
+        if remember:
+            self.applied.add(tx.transaction_id)
         return True
 
     def total(self) -> int:

@@ -1,32 +1,60 @@
 """The ledger's decisions: which money moves each domain event causes.
 
-Pure and deterministic: given the same events in the same order it emits the
-same LedgerEntryPosted (and rejection TaskFailed) events. The decisions are
-recorded as events, so the Postgres projection only folds entries and its
-replay from offset 0 cannot decide differently from the live run.
+Pure and deterministic: given the same events at the same record times it
+emits the same LedgerEntryPosted (and rejection TaskFailed) events. The
+decisions are recorded as events, so the Postgres projection only folds
+entries and its replay from offset 0 cannot decide differently from the live
+run.
+
+Freshness, by the broker's clock. ``tasks.submitted``, ``ledger.mints`` and
+``nodes.penalties`` are ``broker_time`` topics: each record's time
+(``Context.now_ms``) is its append time, which no producer can set. An input
+that moves money by id is judged at that time, so a copy of it appended later,
+byte for byte, is refused by age and the ledger need not remember its id for
+ever (``ledger.horizon``):
+
+- a submission appended after its quote expired (``quote_expires_at`` +
+  ``CLOCK_SKEW_MS``) or more than ``MAX_SUBMISSION_AGE_MS`` after it was made
+  is refused as ``stale-submission``; one made more than ``MAX_FUTURE_MS``
+  after it was appended, ``future-submission`` (both as TaskFailed, like every
+  refusal of a submission);
+- a mint or a penalty appended more than ``MAX_AUTHORITY_AGE_MS`` after it was
+  made, or made more than ``MAX_FUTURE_MS`` after, is refused: dead-lettered
+  (``Outcome.rejected``), since a service's event has no submitter to tell.
+
+Without a broker time (``decide`` with none: tests, tools) an event is judged
+at its own ``occurred_at``.
 
 Rules:
-- TokensMinted: mint to ``user:<account>``.
-- TaskSubmitted: reject (TaskFailed) when it is not signed by the key it
-  carries, or that key is not the one the account first submitted with; when
-  the quote expired before the submission was made (event time, not wall
-  clock); when the quoted price is below the network's price for the compute
-  (``PriceUpdated``), or exceeds the submitter's max price; when funds are
-  short. Else escrow.
+- TokensMinted: mint to ``user:<account>``, once per event id.
+- TaskSubmitted: a task still escrowed here, or whose id a valid submission
+  used within its freshness, is ignored (the first submission stands, refused
+  or escrowed: a refused submission replayed after its account was funded is
+  not escrowed). Else reject (TaskFailed) when stale or future-dated (above);
+  when it is not signed by the key it carries, or that key is not the one the
+  account first submitted with; when the quote expired before the submission
+  was made (event time); when the quoted price is below the network's price
+  for the compute (``PriceUpdated``), or exceeds the submitter's max price;
+  when funds are short. Else escrow.
 - NodeRegistered (signed by the key it registers): lock ``stake_micro`` from
   the operator's account as the node's stake, once per node; an operator
   without the funds gets no stake locked.
 - TaskVerified: pay each agreeing replica's node wallet ``node:<id>`` by the
   compute it gave, the network fee to the treasury, the rest back.
 - TaskFailed (from the verifier): refund whatever the task still holds.
-- NodePenalized: slash the node's stake, never below zero.
-Transaction ids derive from the deciding event (``escrow/<task>``), so a
-decision made twice is refused by the book: nobody is paid twice.
+- NodePenalized: slash the node's stake, never below zero, once per event id.
+
+Nothing is paid twice: escrow, mint and slash are refused twice by the ids the
+ledger keeps until they expire (``escrow/<task>`` as ``task/<task>``,
+``mint/<event>``, ``slash/<event>``), a stake by ``stake/<node>`` (kept: one
+per node); a settlement or a refund needs no id, as it takes what the task's
+escrow still holds and the first one leaves it at zero.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from allocator.pricing import PriceBook, PriceUpdate, task_price
 from destra.crypto import verify_event
@@ -47,14 +75,36 @@ from ledger.book import (
     user,
 )
 from ledger.events import entry_events
+from ledger.horizon import Horizon
 from schemas import Event, new_event
 from streams.processing import Context, Outcome, Recovery
+from streams.topics import topic_for
 
 DEFAULT_FEE_BPS = 500
 """The network's fee on payouts: 5 %."""
 
 PRICE_GRACE_MS = 300_000
 """A quote made at the price of up to this long before the submission is honoured."""
+
+CLOCK_SKEW_MS = 5_000
+"""How far the network's clocks (the quote service's, the brokers') may disagree: a
+submission appended up to this long after its quote's expiry still counts."""
+
+MAX_SUBMISSION_AGE_MS = 600_000
+"""A submission appended more than this long after it was made is refused, whatever its
+quote says (a quote's expiry is the submitter's to copy, so it alone bounds nothing)."""
+
+MAX_FUTURE_MS = 60_000
+"""An input made more than this long after the broker appended it is refused: its
+``occurred_at`` is the producer's clock, and a date far ahead would keep it fresh."""
+
+MAX_AUTHORITY_AGE_MS = 600_000
+"""A mint or a penalty appended more than this long after it was made is refused: the
+services send them at once (the runner's producer gives up after 14 s)."""
+
+BROKER_TIMED = ("TaskSubmitted", "TokensMinted", "NodePenalized")
+"""The ledger's inputs that move money by id; their topics stamp broker time."""
+assert all(topic_for(name).broker_time for name in BROKER_TIMED)
 
 
 def node_wallet(node_id: str) -> str:
@@ -82,43 +132,110 @@ class LedgerDecider:
     account_keys: dict[str, bytes] = field(default_factory=dict)
     """The signing key each account is bound to: the first it submitted a valid task with."""
     prices: PriceBook = field(default_factory=PriceBook)
+    horizon: Horizon = field(default_factory=lambda: Horizon(
+        {name: topic_for(name).partitions for name in BROKER_TIMED}, margin_ms=CLOCK_SKEW_MS))
+    """The ids of the submissions, mints and penalties seen, until each can no longer recur."""
+    recent: set[str] = field(default_factory=set)
+    """The transaction ids posted since the last checkpoint (``checkpoint_taken``): a rebuild
+    skips the entries of the checkpoint's own batch, already in its state."""
 
     name = "ledger"
     inputs = frozenset({"TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted",
                         "NodeRegistered", "PriceUpdated", "TaskFailed"})
     recovery = Recovery.REPLAY
-    """Rebuilt from its latest checkpoint (``checkpoint_state``, written every 30 s) and
-    its own entries, the prices and the submissions since (``ledger.processor.rebuild``)."""
+    """Rebuilt from its latest checkpoint (``checkpoint_state``, written every 30 s, bounded
+    by the work in flight) and its own entries, refusals, the prices and the submissions
+    since (``ledger.processor.rebuild``)."""
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
-        """One input event (``streams.processing``): the entries it causes."""
-        return Outcome.of(self.decide(event))
+        """One input event (``streams.processing``) at its record time: the entries and
+        rejections it causes, or its refusal (a stale or future-dated mint or penalty)."""
+        partition = ctx.origin.partition if ctx.origin is not None else None
+        return self.judge(event, ctx.now_ms, partition)
 
     def tick(self, ctx: Context) -> Outcome:
         """The ledger has no deadlines."""
         return Outcome()
 
     def decide(self, event: Event) -> list[Event]:
-        """The events this one causes (empty when it moves no money or was seen)."""
+        """The events this one causes (empty when it moves no money, was seen or is
+        refused), judged at its own ``occurred_at``: for tests and tools."""
+        return self.judge(event).emit
+
+    def judge(self, event: Event, at_ms: int | None = None,
+              partition: int | None = None) -> Outcome:
+        """What ``event``, read at broker time ``at_ms`` (None: its ``occurred_at``) from
+        ``partition`` of its topic, causes. Advances its topic's watermark first, which
+        lets go of the ids that can no longer recur."""
+        at = event.occurred_at if at_ms is None else at_ms
+        if event.name in BROKER_TIMED:
+            self.horizon.observe(event.name, partition, at)
         handler = getattr(self, f"_on_{event.name}", None)
-        return handler(event) if handler is not None else []
+        if handler is None:
+            return Outcome()
+        return handler(event, at)  # type: ignore[no-any-return]
 
-    def _post(self, tx: Transaction) -> list[Event]:
-        if not tx.postings or not self.book.apply(tx):
+    def _post(self, tx: Transaction, at: int, *, remember: bool = False) -> list[Event]:
+        """Apply ``tx`` and its entries, stamped ``at`` (the deciding record's time).
+        ``remember``: the book keeps its id for ever (a stake); other ids are kept
+        in ``horizon`` by the caller, or not at all (settle, refund)."""
+        if not tx.postings or not self.book.apply(tx, remember=remember):
             return []
-        return entry_events(tx, self.producer_id)
+        self.recent.add(tx.transaction_id)
+        return entry_events(tx, self.producer_id, at)
 
-    def _on_TokensMinted(self, e: Event) -> list[Event]:  # noqa: N802 - named for the event
+    def _stale_authority(self, e: Event, at: int) -> str | None:
+        """Why a mint or penalty is too old or too far ahead of broker time ``at``, or None."""
+        if at - e.occurred_at > MAX_AUTHORITY_AGE_MS:
+            return (f"stale: {e.name} {e.event_id} made at {e.occurred_at}, appended at {at}, "
+                    f"more than {MAX_AUTHORITY_AGE_MS} ms later (a replay?)")
+        if e.occurred_at - at > MAX_FUTURE_MS:
+            return (f"future-dated: {e.name} {e.event_id} made at {e.occurred_at}, "
+                    f"appended at {at}")
+        return None
+
+    def _on_TokensMinted(self, e: Event, at: int) -> Outcome:  # noqa: N802 - named for the event
         f = e.fields
-        return self._post(mint_tx(f"mint/{e.event_id}", user(f["account"]), f["amount_micro"]))
+        key = f"mint/{e.event_id}"
+        refusal = self._stale_authority(e, at)
+        if refusal is not None:
+            return Outcome.refuse(e, refusal)
+        if key in self.horizon or key in self.book.applied:
+            return Outcome()
+        self.horizon.keep(key, e.name, e.occurred_at + MAX_AUTHORITY_AGE_MS)
+        return Outcome.of(self._post(mint_tx(key, user(f["account"]), f["amount_micro"]), at))
 
-    def _on_TaskSubmitted(self, e: Event) -> list[Event]:  # noqa: N802
+    @staticmethod
+    def submission_expiry(e: Event) -> int:
+        """The broker time after which a submission is stale (refused by age)."""
+        f = e.fields
+        return min(f["quote_expires_at"] + CLOCK_SKEW_MS, e.occurred_at + MAX_SUBMISSION_AGE_MS)
+
+    def _on_TaskSubmitted(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        return Outcome.of(self._submitted(e, at))
+
+    def _submitted(self, e: Event, at: int) -> list[Event]:
         f = e.fields
         task_id, payer = f["task_id"], user(f["submitter_id"])
-        if task_id in self.tasks or f"escrow/{task_id}" in self.book.applied:
-            return []  # a resubmitted id: the first submission stands
+        if task_id in self.tasks:
+            return []  # escrowed and in flight: the first submission stands
         price = f["quoted_price_micro"]
-        reason = self._check_signature(e) or self._check_price(e)
+        reason: tuple[str, str] | None = None
+        expiry = self.submission_expiry(e)
+        if at > expiry:
+            reason = ("stale-submission", f"task {task_id} appended at {at} (broker time), "
+                      f"after {expiry}: its quote {f['quote_id']} expired at "
+                      f"{f['quote_expires_at']}, made at {e.occurred_at}")
+        elif e.occurred_at - at > MAX_FUTURE_MS:
+            reason = ("future-submission", f"task {task_id} made at {e.occurred_at}, "
+                      f"appended at {at} (broker time)")
+        elif f"task/{task_id}" in self.horizon or f"escrow/{task_id}" in self.book.applied:
+            return []  # a resubmitted id: the first submission stands, refused or escrowed
+        reason = reason or self._check_signature(e)
+        if reason is None:
+            # Signed by the account's key: its id is taken, whatever is decided below.
+            self.horizon.keep(f"task/{task_id}", e.name, expiry)
+        reason = reason or self._check_price(e)
         if reason is None and f["quote_expires_at"] < e.occurred_at:
             reason = ("quote-expired", f"quote {f['quote_id']} expired at "
                       f"{f['quote_expires_at']}, submitted at {e.occurred_at}")
@@ -133,10 +250,10 @@ class LedgerDecider:
             except DestraError as err:
                 reason = ("invalid-price", str(err))
         if reason is not None:
-            return [new_event("TaskFailed", self.producer_id, task_id=task_id,
+            return [new_event("TaskFailed", self.producer_id, occurred_at=at, task_id=task_id,
                               reason=reason[0], detail=reason[1])]
         self.tasks[task_id] = TaskTerms(payer, f["compute_units"], f["replicas"])
-        return self._post(tx)
+        return self._post(tx, at)
 
     def _check_signature(self, e: Event) -> tuple[str, str] | None:
         """Why a submission's signature does not count, or None; binds new accounts."""
@@ -165,88 +282,136 @@ class LedgerDecider:
                                          f"{f['replicas']} replicas in {f['tier']}")
         return None
 
-    def _on_PriceUpdated(self, e: Event) -> list[Event]:  # noqa: N802
+    def _on_PriceUpdated(self, e: Event, at: int) -> Outcome:  # noqa: N802
         f = e.fields
         try:
             self.prices.apply(PriceUpdate(f["tier"], f["price_per_unit_micro"],
                                           f["effective_at"]))
         except DestraError:
             pass  # an unknown tier prices nothing
-        return []
+        return Outcome()
 
-    def _on_NodeRegistered(self, e: Event) -> list[Event]:  # noqa: N802
+    def _on_NodeRegistered(self, e: Event, at: int) -> Outcome:  # noqa: N802
         f = e.fields
         node, amount = f["node_id"], f["stake_micro"]
         if amount <= 0 or f"stake/{node}" in self.book.applied:
-            return []
+            return Outcome()
         if not verify_event(e, f["signing_key"], node):
-            return []
+            return Outcome()
         payer = user(f["operator_id"])
         try:
             tx = stake_tx(f"stake/{node}", node, payer, amount, self.book.balance(payer))
         except DestraError:
-            return []  # the operator cannot cover it: the node runs unstaked
-        return self._post(tx)
+            return Outcome()  # the operator cannot cover it: the node runs unstaked
+        return Outcome.of(self._post(tx, at, remember=True))
 
-    def _on_TaskVerified(self, e: Event) -> list[Event]:  # noqa: N802
+    def _on_TaskVerified(self, e: Event, at: int) -> Outcome:  # noqa: N802
         task_id = e.fields["task_id"]
         terms = self.tasks.get(task_id)
         held = self.book.balance(escrow(task_id))
         if terms is None or held == 0:
-            return []  # not escrowed here, or already settled
+            return Outcome()  # not escrowed here, or already settled: no id needed
         shares = [Share(node_wallet(c["node_id"]), c["compute_units"])
                   for c in e.fields["contributions"] if c["agreed"]]
         out = self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
-                                   terms.compute_units * terms.replicas, shares, self.fee_bps))
-        self.tasks.pop(task_id, None)  # settled: its id stays in ``applied``, its terms go
-        return out
+                                   terms.compute_units * terms.replicas, shares, self.fee_bps),
+                         at)
+        self.tasks.pop(task_id, None)  # settled: escrow at zero, its terms go
+        return Outcome.of(out)
 
-    def _on_TaskFailed(self, e: Event) -> list[Event]:  # noqa: N802
+    def _on_TaskFailed(self, e: Event, at: int) -> Outcome:  # noqa: N802
         task_id = e.fields["task_id"]
         terms = self.tasks.get(task_id)
         held = self.book.balance(escrow(task_id))
         if terms is None or held == 0:
-            return []  # a rejection this ledger made itself, or already refunded
-        out = self._post(refund_tx(f"refund/{task_id}", task_id, terms.payer, held))
+            return Outcome()  # a rejection this ledger made itself, or already refunded
+        out = self._post(refund_tx(f"refund/{task_id}", task_id, terms.payer, held), at)
         self.tasks.pop(task_id, None)
-        return out
+        return Outcome.of(out)
 
-    def _on_NodePenalized(self, e: Event) -> list[Event]:  # noqa: N802
+    def _on_NodePenalized(self, e: Event, at: int) -> Outcome:  # noqa: N802
         f = e.fields
-        node = f["node_id"]
-        return self._post(slash_tx(f"slash/{e.event_id}", node, f["task_id"], f["slash_micro"],
-                                   self.book.balance(stake(node))))
+        node, key = f["node_id"], f"slash/{e.event_id}"
+        refusal = self._stale_authority(e, at)
+        if refusal is not None:
+            return Outcome.refuse(e, refusal)
+        if key in self.horizon or key in self.book.applied:
+            return Outcome()
+        # Kept even when the stake is empty: replayed after a new stake, it must not slash.
+        self.horizon.keep(key, e.name, e.occurred_at + MAX_AUTHORITY_AGE_MS)
+        return Outcome.of(self._post(slash_tx(key, node, f["task_id"], f["slash_micro"],
+                                              self.book.balance(stake(node))), at))
 
     def restore(self, entry: Event) -> None:
-        """Re-apply one of this ledger's own earlier entries (state rebuild on start)."""
+        """Re-apply one of this ledger's own earlier entries (state rebuild on start).
+
+        Its transaction's id is kept as the deciding input's would be. The input is not
+        at hand, so its expiry is bounded from the entry's time (the input's record time,
+        ``entry_events``): never earlier than the input's own, so it is kept at least as
+        long; ``remember`` gives a submission's exact one."""
         f = entry.fields
+        tx = f["transaction_id"]
         self.book.balances[f["account"]] = self.book.balance(f["account"]) + f["amount_micro"]
-        self.book.applied.add(f["transaction_id"])
+        kind, _, ref = tx.partition("/")
+        if kind == "stake":
+            self.book.applied.add(tx)
+        elif kind == "escrow":
+            self.horizon.keep(f"task/{ref}", "TaskSubmitted",
+                              entry.occurred_at + MAX_FUTURE_MS + MAX_SUBMISSION_AGE_MS)
+        elif kind in ("mint", "slash"):
+            self.horizon.keep(tx, "TokensMinted" if kind == "mint" else "NodePenalized",
+                              entry.occurred_at + MAX_FUTURE_MS + MAX_AUTHORITY_AGE_MS)
+        elif kind in ("settle", "refund") and self.book.balance(escrow(ref)) == 0:
+            self.tasks.pop(ref, None)  # settled after the checkpoint: no longer in flight
 
     def remember(self, submission: Event) -> None:
         """Recall the terms of a submission escrowed before a restart (after ``restore``)."""
         f = submission.fields
         if f["signing_key"] and verify_event(submission, f["signing_key"], f["submitter_id"]):
             self.account_keys.setdefault(f["submitter_id"], f["signing_key"])
+        key = f"task/{f['task_id']}"
+        if key in self.horizon:  # escrowed (restored) or refused: its exact expiry
+            self.horizon.expires.pop(key)
+            self.horizon.keep(key, "TaskSubmitted", self.submission_expiry(submission))
         if self.book.balance(escrow(f["task_id"])) > 0:  # escrowed, not settled yet
             self.tasks[f["task_id"]] = TaskTerms(user(f["submitter_id"]), f["compute_units"],
                                                  f["replicas"])
 
-    def checkpoint_state(self) -> dict[str, object]:
-        """What a restart needs, without what can no longer matter: tasks whose escrow is
-        settled and accounts at zero are left out (a balance absent is zero). It still
-        grows with history through the transaction ids applied, which keep a replayed
-        or resubmitted task from being escrowed twice."""
+    def refused(self, rejection: Event) -> None:
+        """Recall a submission this ledger refused before a restart (its ``TaskFailed``), so
+        a copy replayed within its freshness is not escrowed. Its expiry is bounded from the
+        rejection's time, which is no earlier than the submission's record time."""
+        self.horizon.keep(f"task/{rejection.fields['task_id']}", "TaskSubmitted",
+                          rejection.occurred_at + MAX_FUTURE_MS + MAX_SUBMISSION_AGE_MS)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a restart needs, bounded by the work in flight, not by history: tasks whose
+        escrow is settled and accounts at zero are left out (a balance absent is zero); the
+        ids of submissions, mints and penalties only until they expire (``horizon``); the
+        transaction ids posted since the last checkpoint, so the rebuild skips this batch's
+        entries, already in the state. Call ``checkpoint_taken`` once it is written."""
         return {"balances": {a: b for a, b in self.book.balances.items() if b != 0},
-                "applied": set(self.book.applied), "prices": self.prices,
+                "applied": set(self.book.applied), "recent": set(self.recent),
+                "horizon": self.horizon.state(), "prices": self.prices,
                 "account_keys": dict(self.account_keys),
                 "tasks": {t: terms for t, terms in self.tasks.items()
                           if self.book.balance(escrow(t)) > 0}}
 
-    def restore_state(self, state: dict[str, object]) -> None:
-        """Take over a state ``checkpoint_state`` returned."""
-        self.book.balances = dict(state["balances"])  # type: ignore[call-overload]
-        self.book.applied = set(state["applied"])  # type: ignore[call-overload]
-        self.prices = state["prices"]  # type: ignore[assignment]
-        self.account_keys = dict(state["account_keys"])  # type: ignore[call-overload]
-        self.tasks = dict(state["tasks"])  # type: ignore[call-overload]
+    def checkpoint_taken(self) -> None:
+        """A checkpoint was taken: ``recent`` starts again (a later checkpoint's batch
+        comes after every entry posted so far)."""
+        self.recent.clear()
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Take over a state ``checkpoint_state`` returned. One written before ids expired
+        has every id in ``applied``: each skips the rebuild; the settlements' and refunds'
+        are dropped, the others kept (they no longer grow)."""
+        self.book.balances = dict(state["balances"])
+        self.book.applied = {i for i in state["applied"]
+                             if not i.startswith(("settle/", "refund/"))}
+        self.recent = set(state.get("recent", state["applied"]))
+        if "horizon" in state:
+            self.horizon.load(state["horizon"])
+        self.prices = state["prices"]
+        self.account_keys = dict(state["account_keys"])
+        self.tasks = dict(state["tasks"])

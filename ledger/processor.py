@@ -6,7 +6,10 @@ Each batch of input records, the entries and rejections they cause and the
 consumer's positions are committed in one Kafka transaction: a crash before
 the commit shows none of them to ``read_committed`` readers and re-reads the
 inputs, a crash after it never re-reads them. On start the decider's state is
-rebuilt from its own committed entries and the submissions it escrowed.
+rebuilt from its latest checkpoint, then its own committed entries, refusals
+and the submissions after it. The checkpoint is bounded by the work in flight:
+the ids the ledger keeps to refuse a replay expire by broker time
+(``ledger.decider``, ``ledger.horizon``).
 """
 
 from __future__ import annotations
@@ -41,15 +44,17 @@ def _topic(settings: Settings, event: str) -> str:
 def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis: Genesis,
             checkpoint: Mapping[str, Any] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
-    committed entries, the prices and the submissions after it (from offset 0 without).
-    Only entries and prices the genesis keys signed count. The number of entries read."""
+    committed entries, its refusals of submissions, the prices and the submissions after
+    it (from offset 0 without). Only entries, refusals and prices the genesis keys signed
+    count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     before: set[str] = set()
     if checkpoint is not None:
         decider.restore_state(checkpoint["state"])
         entries_from, positions = checkpoint["entries_from"], checkpoint["positions"]
-        before = set(decider.book.applied)
+        before = set(decider.recent)  # the checkpoint's own batch's transactions
+        decider.checkpoint_taken()
     restored = 0
     for msg in read_all(bootstrap, _topic(settings, "LedgerEntryPosted"), entries_from):
         try:
@@ -69,6 +74,16 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
             continue
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
+    for msg in read_all(bootstrap, _topic(settings, "TaskFailed"), positions):
+        try:
+            verdict = decode(msg.value())
+        except EventError:
+            continue
+        # Its own refusals of submissions (committed with the batch that read them): a
+        # copy replayed while still fresh must find the task id taken.
+        if (verdict.name == "TaskFailed" and verdict.signer == "ledger"
+                and genesis.check(verdict) is None):
+            decider.refused(verdict)
     for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted"), positions):
         try:
             decider.remember(decode(msg.value()))
@@ -82,7 +97,9 @@ def checkpoint(bootstrap: str, settings: Settings, decider: LedgerDecider,
     """The decider's checkpoint at the end of the current batch: its state, where its entries
     topic ends now (its entries from there on are this batch's, already in the state, or
     later ones), and the input positions after the batch."""
-    return {"state": decider.checkpoint_state(), "positions": positions,
+    state = decider.checkpoint_state()
+    decider.checkpoint_taken()
+    return {"state": state, "positions": positions,
             "entries_from": end_offsets(bootstrap, _topic(settings, "LedgerEntryPosted"))}
 
 

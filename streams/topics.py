@@ -86,7 +86,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("nodes.heartbeats", "node_id", ("NodeHeartbeat",), 6, cleanup="compact,delete",
               retention_ms=DAY_MS, doc="liveness and load; only the latest matters"),
     TopicSpec("tasks.submitted", "task_id", ("TaskSubmitted",), 6, hashed_partitions=True,
-              doc="every submission, the start of a task's life"),
+              broker_time=True,
+              doc="every submission, the start of a task's life; broker time, by which the "
+                  "ledger refuses a stale or replayed one"),
     TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened"),
               12, hashed_partitions=True,
               doc="work, data-key grants and reveal calls for one node; partitioned by node "
@@ -102,10 +104,12 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("tasks.verdicts", "task_id", ("TaskVerified", "TaskFailed"), 6,
               hashed_partitions=True,
               doc="Proof-of-Sync outcomes"),
-    TopicSpec("nodes.penalties", "node_id", ("NodePenalized",), 3,
-              doc="judgements against dissenting or absent nodes"),
-    TopicSpec("ledger.mints", "account", ("TokensMinted",), 3,
-              doc="faucet and governance mints: inputs of the ledger processor"),
+    TopicSpec("nodes.penalties", "node_id", ("NodePenalized",), 3, broker_time=True,
+              doc="judgements against dissenting or absent nodes; broker time, by which the "
+                  "ledger refuses a replayed one"),
+    TopicSpec("ledger.mints", "account", ("TokensMinted",), 3, broker_time=True,
+              doc="faucet and governance mints: inputs of the ledger processor; broker "
+                  "time, by which it refuses a replayed one"),
     TopicSpec("ledger.entries", "account", ("LedgerEntryPosted",), 6,
               doc="money movements the ledger processor decided; the Postgres ledger folds them"),
     TopicSpec("market.prices", "tier", ("PriceUpdated",), 1, cleanup="compact",

@@ -181,9 +181,11 @@ def test_a_penalty_for_a_fault_nobody_made_is_named(dissent: Sim) -> None:
     log = records(dissent)
     verified = next(r.event for r in log if r.event.name == "TaskVerified")
     honest = next(c["node_id"] for c in verified.fields["contributions"] if c["agreed"])
+    # Made when it is appended (the log's clock): an older one the ledger refuses as stale.
     forged = SIGNERS["verifier"].sign(new_event(
-        "NodePenalized", "verifier", node_id=honest, task_id=verified.fields["task_id"],
-        reason="no_reveal", slash_micro=250_000, reputation_permille=950))
+        "NodePenalized", "verifier", occurred_at=log[-1].timestamp, node_id=honest,
+        task_id=verified.fields["task_id"], reason="no_reveal", slash_micro=250_000,
+        reputation_permille=950))
     _append(log, forged)
     report = audit(log, GENESIS)
     named = [(d.check, d.kind, d.event_id) for d in report.discrepancies]

@@ -11,7 +11,7 @@ import pickle
 
 from allocator.service import Allocator
 from destra.crypto import KeyPair, sign_event
-from destra.sim import Sim
+from destra.sim import OnVirtualClock, Sim
 from ledger.book import escrow, stake
 from ledger.decider import node_wallet
 from node_runner.logic import Fault
@@ -146,7 +146,8 @@ def test_processors_restored_from_a_snapshot_mid_task_finish_it() -> None:
     allocator.restore(state_a)
     verifier.restore(state_v)
     procs = list(sim.runner.processors)
-    procs[procs.index(sim.allocator)], procs[procs.index(sim.verifier)] = allocator, verifier
+    at_v = next(i for i, p in enumerate(procs) if getattr(p, "inner", None) is sim.verifier)
+    procs[procs.index(sim.allocator)], procs[at_v] = allocator, OnVirtualClock(verifier)
     sim.runner.processors = procs
     sim.runner.run_until(lambda: _settled(sim, "t1") and _settled(sim, "t2"), 10_000)
     assert {sim.verdict(t).name for t in ("t1", "t2")} == {"TaskVerified"}  # type: ignore[union-attr]
