@@ -50,10 +50,14 @@ def ensure_topics(
 ) -> list[str]:
     """Create the missing topics of the catalogue; returns the names created.
 
-    Idempotent: topics that already exist are left as they are.
+    Idempotent. Topics that already exist keep their partitions and get the
+    catalogue's topic settings, so a network made by an older version is
+    upgraded in place (for example, a topic that now stamps broker time).
     """
     admin = admin_client(bootstrap)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
+    _reconcile(admin, [s for s in specs if s.name(prefix) in existing], prefix,
+               min_insync_replicas, timeout_s)
     new = [
         NewTopic(spec.name(prefix), num_partitions=spec.partitions,
                  replication_factor=replication_factor,
@@ -74,6 +78,29 @@ def ensure_topics(
     return created
 
 
+def _reconcile(admin: AdminClient, specs: list[TopicSpec], prefix: str,
+               min_insync_replicas: int, timeout_s: float) -> None:
+    """Set the catalogue's settings on topics that exist (an incremental SET of each)."""
+    from confluent_kafka.admin import (
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    if not specs:
+        return
+    resources = [ConfigResource(ResourceType.TOPIC, spec.name(prefix), incremental_configs=[
+        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+        for k, v in spec.config(min_insync_replicas).items()]) for spec in specs]
+    for resource, future in admin.incremental_alter_configs(resources).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as e:
+            raise InfraError(f"could not update the settings of topic {resource.name}: "
+                             f"{e.args[0].str()}") from e
+
+
 def describe_topics(bootstrap: str, prefix: str, timeout_s: float = 10.0) -> list[TopicState]:
     """Partitions, replication and configuration of the network's topics."""
     from confluent_kafka.admin import ConfigResource, ResourceType
@@ -87,7 +114,8 @@ def describe_topics(bootstrap: str, prefix: str, timeout_s: float = 10.0) -> lis
     for resource, future in configs.items():
         topic = metadata.topics[resource.name]
         entries = future.result(timeout=timeout_s)
-        wanted = ("cleanup.policy", "retention.ms", "min.insync.replicas")
+        wanted = ("cleanup.policy", "retention.ms", "min.insync.replicas",
+                  "message.timestamp.type")
         states.append(TopicState(
             name=resource.name,
             partitions=len(topic.partitions),

@@ -46,7 +46,7 @@ NODES = [f"c{i}" for i in range(5)]
 SLOTS = 3
 STAKE = 50_000_000  # 50 dissents or 200 missed reveals: no slash is ever capped here
 FUNDS = 10**12
-SUBMIT_S = 90.0
+SUBMIT_S = 50.0
 """Submissions are spread over this long, and the kills land within it."""
 SEED = int(os.environ.get("DESTRA_CHAOS_SEED", "20261210"))
 
@@ -94,7 +94,9 @@ def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[
     local = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
         # Short windows: a killed node's replicas are judged and reissued within seconds.
         "DESTRA_COMMIT_WINDOW_MS": "6000", "DESTRA_REVEAL_WINDOW_MS": "5000",
-        "DESTRA_REISSUE_GRACE_MS": "10000"})
+        "DESTRA_REISSUE_GRACE_MS": "10000",
+        # A killed processors worker's units are free for its successor 3 s after.
+        "DESTRA_LEASE_SESSION_MS": "3000"})
     yield local
     local.stop()
 
@@ -107,12 +109,12 @@ def _task(i: int) -> tuple[str, dict[str, str]]:
 
 
 def _schedule(rng: random.Random, names: list[str]) -> list[tuple[float, str]]:
-    """Two kill times per process within the submission phase, at least 15 s apart so the
+    """Two kill times per process within the submission phase, at least 12 s apart so the
     restarted process is up and working when it dies again."""
     out = []
     for name in names:
         first = rng.uniform(8.0, SUBMIT_S / 2)
-        out += [(first, name), (rng.uniform(first + 15.0, SUBMIT_S), name)]
+        out += [(first, name), (rng.uniform(first + 12.0, SUBMIT_S), name)]
     return sorted(out)
 
 

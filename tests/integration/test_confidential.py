@@ -42,7 +42,7 @@ def local_network(network: Settings, kafka: str, pg_dsn: str,
                   tmp_path: Path) -> Iterator[LocalNetwork]:
     settings = network.with_(home=tmp_path / "home", inline_max_bytes=INLINE_MAX)
     net = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": "15000", "DESTRA_REVEAL_WINDOW_MS": "15000",
+        "DESTRA_COMMIT_WINDOW_MS": "10000", "DESTRA_REVEAL_WINDOW_MS": "10000",
         "DESTRA_INLINE_MAX_BYTES": str(INLINE_MAX)})
     yield net
     net.stop()

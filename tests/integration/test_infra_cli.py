@@ -69,3 +69,27 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     result = _destra(env, "infra", "status")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: kafka_brokers must be 1 or 3, got 2"
+
+
+def test_topics_of_an_older_network_get_the_catalogues_settings(kafka: str) -> None:
+    """A network made before a topic started stamping broker time is upgraded in place:
+    ``ensure_topics`` (run by ``infra up``) sets the catalogue's settings on topics that
+    exist, and keeps their data and partitions."""
+    from dataclasses import replace
+
+    from streams.admin import ensure_topics
+    from streams.topics import topic_for
+
+    prefix = f"old{os.getpid()}."
+    submitted = topic_for("TaskSubmitted")
+    assert submitted.broker_time
+    older = [replace(s, broker_time=False) if s is submitted else s for s in TOPICS]
+    ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1, specs=older)
+    name = submitted.name(prefix)
+    before = {t.name: t for t in describe_topics(kafka, prefix)}[name]
+    assert before.config["message.timestamp.type"] == "CreateTime"
+
+    assert ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1) == []
+    after = {t.name: t for t in describe_topics(kafka, prefix)}[name]
+    assert after.config["message.timestamp.type"] == "LogAppendTime"
+    assert after.partitions == before.partitions
