@@ -213,7 +213,7 @@ class Network:
 
 def median_s(run: Callable[[], Any], repeats: int = REPEATS) -> float:
     """Median CPU seconds of this thread: the cores are shared, and all of it is one
-    thread's work (unpickling, zlib, Ed25519), so on an idle machine it is the wall time."""
+    thread's work (unpickling, Ed25519), so on an idle machine it is the wall time."""
     times = []
     for _ in range(repeats):
         started = time.thread_time()
@@ -329,8 +329,9 @@ def report(rows: list[dict[str, Any]], net: Network, run_wall: float, run_cpu: f
            tasks: int, virtual_ms: int, args: argparse.Namespace, say: Callable[[str], None]
            ) -> None:
     say("")
-    say("Restart cost per processor, CPU ms of the restarting thread (sealed = DSNP1 + "
-        f"Ed25519 + zlib(pickle); restart = open + restore into a fresh instance; medians of "
+    say("Restart cost per processor, CPU ms of the restarting thread (sealed = DSNP2 + "
+        "Ed25519 + pickle, lz4 left to the producer; restart = open + restore into a fresh "
+        f"instance; medians of "
         f"{REPEATS}; the ledger's replay: decode + fold, without the Kafka reads)")
     say(f"{'tasks':>8} {'processor':<10} {'recovery':<9} {'bytes':>11} {'seal ms':>9} "
         f"{'restart ms':>10}  notes")
