@@ -62,6 +62,7 @@ from destra.errors import DestraError
 from ledger.book import (
     Book,
     InsufficientFunds,
+    LedgerError,
     Share,
     Transaction,
     escrow,
@@ -202,8 +203,12 @@ class LedgerDecider:
             return Outcome.refuse(e, refusal)
         if key in self.horizon or key in self.book.applied:
             return Outcome()
+        try:
+            tx = mint_tx(key, user(f["account"]), f["amount_micro"])
+        except LedgerError as err:
+            return Outcome.refuse(e, f"invalid-mint: {err}")
         self.horizon.keep(key, e.name, e.occurred_at + MAX_AUTHORITY_AGE_MS)
-        return Outcome.of(self._post(mint_tx(key, user(f["account"]), f["amount_micro"]), at))
+        return Outcome.of(self._post(tx, at))
 
     @staticmethod
     def submission_expiry(e: Event) -> int:
@@ -313,9 +318,15 @@ class LedgerDecider:
             return Outcome()  # not escrowed here, or already settled: no id needed
         shares = [Share(node_wallet(c["node_id"]), c["compute_units"])
                   for c in e.fields["contributions"] if c["agreed"]]
-        out = self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
-                                   terms.compute_units * terms.replicas, shares, self.fee_bps),
-                         at)
+        try:
+            # Checked whole before anything moves: shares beyond what the escrow bought
+            # (a verifier's error, or its key misused) pay nobody and leave the escrow
+            # held, the verdict dead-lettered with the reason.
+            out = self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
+                                       terms.compute_units * terms.replicas, shares,
+                                       self.fee_bps), at)
+        except LedgerError as err:
+            return Outcome.refuse(e, f"unpayable-verdict: {err}")
         self.tasks.pop(task_id, None)  # settled: escrow at zero, its terms go
         return Outcome.of(out)
 

@@ -15,7 +15,7 @@ the interleaving of partitions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import psycopg
@@ -26,6 +26,9 @@ from ledger.migrate import apply_migrations
 from streams.consumer import Delivery
 
 PROJECTION = "ledger"
+
+Refuse = Callable[[Delivery, Exception], None]
+"""Called with a delivery Postgres refused to store, and why (``OffsetProjection.apply``)."""
 
 
 class LedgerCorrupt(DestraError):
@@ -71,9 +74,24 @@ class OffsetProjection:
         ).fetchall()
         return {(t, p): o for t, p, o in rows}
 
-    def apply(self, deliveries: Iterable[Delivery]) -> int:
-        """Apply a batch in one transaction; returns how many deliveries changed something."""
+    def apply(self, deliveries: Iterable[Delivery], refuse: Refuse | None = None) -> int:
+        """Apply a batch in one transaction; returns how many deliveries changed something.
+
+        A value Postgres refuses (``psycopg.DataError``: a NUL in a text, a number out of
+        a column's range) fails the batch; with ``refuse``, the batch is applied again
+        with a savepoint around each delivery, and each one Postgres refuses is handed to
+        ``refuse`` (which dead-letters it) before the transaction commits, its effects
+        undone and its offset passed, so the projection goes on past it. Without
+        ``refuse`` the error is raised."""
         deliveries = list(deliveries)
+        try:
+            return self._apply(deliveries, None)
+        except psycopg.DataError:
+            if refuse is None:
+                raise
+        return self._apply(deliveries, refuse)
+
+    def _apply(self, deliveries: list[Delivery], refuse: Refuse | None) -> int:
         ends: dict[tuple[str, int], int] = {}
         for d in deliveries:  # events the projection ignores still advance the offset
             ends[(d.topic, d.partition)] = max(ends.get((d.topic, d.partition), 0), d.offset + 1)
@@ -86,7 +104,14 @@ class OffsetProjection:
             for d in deliveries:
                 if d.offset < done.get((d.topic, d.partition), 0):
                     continue  # already applied before a restart
-                applied += self._fold(d)
+                if refuse is None:
+                    applied += self._fold(d)
+                    continue
+                try:
+                    with self._conn.transaction():  # a savepoint: undoes this delivery only
+                        applied += self._fold(d)
+                except psycopg.DataError as err:
+                    refuse(d, err)
             for (topic, partition), next_offset in ends.items():
                 self._conn.execute(
                     "INSERT INTO projection_offsets (projection, topic, partition, next_offset)"
@@ -111,10 +136,10 @@ class LedgerProjection(OffsetProjection):
 
     name = PROJECTION
 
-    def apply(self, deliveries: Iterable[Delivery]) -> int:
+    def apply(self, deliveries: Iterable[Delivery], refuse: Refuse | None = None) -> int:
         """Apply a batch in one transaction; returns how many entries were new."""
         try:
-            return super().apply(deliveries)
+            return super().apply(deliveries, refuse)
         except psycopg.errors.CheckViolation as e:
             raise LedgerCorrupt(f"an entry would overdraw an account: {e}") from e
 

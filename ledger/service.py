@@ -65,7 +65,7 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
                     break
                 batch.append(d)
             if batch:
-                applied += projection.apply(batch)
+                applied += projection.apply(batch, consumer.refuse)
                 positions.update({(d.topic, d.partition): d.offset + 1 for d in batch})
                 last = time.monotonic()
             if until is not None and not batch and consumer.caught_up(until):

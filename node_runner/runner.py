@@ -230,7 +230,11 @@ class NodeRunner:
             return
         with self._lock:
             self.logic.accept_work = accept_work
-            outcome = self.logic.handle(event, self._ctx())
+            try:
+                outcome = self.logic.handle(event, self._ctx())
+            except Exception as err:  # one event the logic cannot take must not stop the node
+                log.warning("%s refused: %s: %s", event.name, type(err).__name__, err)
+                return
         self._apply(outcome)
 
     def _apply(self, outcome: Outcome) -> None:
@@ -297,7 +301,10 @@ class NodeRunner:
             while time.monotonic() < deadline:
                 for msg in fetch(consumer, 500, 0.5):
                     if msg.error() is None and msg.key() == task_id.encode():
-                        event = decode(msg.value() or b"")
+                        try:
+                            event = decode(msg.value() or b"")
+                        except DestraError:
+                            continue
                         if event.fields["node_id"] != self.node_id:
                             digest: bytes = event.fields["digest"]
                             return digest

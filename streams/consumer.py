@@ -9,6 +9,7 @@ goes on; the caller never sees it.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from confluent_kafka import (
 from destra.errors import DestraError, EventError
 from destra.settings import Settings
 from schemas import Event, decode, new_event
+from schemas.codec import encode_unchecked
 from schemas.errors import UnauthenticatedEvent
 from streams.authority import AUTHORITY, Genesis
 from streams.klog import KAFKA_LOG
@@ -207,6 +209,17 @@ class EventConsumer:
         self._consumer.store_offsets(offsets=[_next_offset(*where(msg))])
         self.dead_lettered += 1
 
+    def refuse(self, delivery: Delivery, error: Exception) -> None:
+        """Dead-letter an event its caller could not handle (a value Postgres refuses), with
+        the reason, durably, before the caller moves past it."""
+        event = delivery.event
+        self._dead_letters.send(letter(
+            delivery.topic, delivery.partition, delivery.offset, delivery.key,
+            event.raw or encode_unchecked(event), f"{type(error).__name__}: {error}",
+            type(error).__name__, self.settings.producer_id))
+        self._dead_letters.flush()
+        self.dead_lettered += 1
+
     def close(self) -> None:
         """Commit what was handled and leave the group."""
         try:
@@ -237,15 +250,37 @@ def fetch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Messa
     return first + consumer.consume(max_messages - 1, 0)
 
 
+DEAD_LETTER_COPY_MAX_BYTES = 512 * 1024
+"""A record whose key and value together exceed this is referenced in its dead letter, not
+copied: the dead-letter topic takes records up to the broker's default 1 MiB, and a record
+the broker accepted on another topic (compressed, or on a topic with a higher limit) can
+be larger. The reference is where it is (topic, partition, offset), its size and the
+SHA-256 of its value."""
+
+
 def dead_letter(msg: Message, error: Exception, producer_id: str) -> Event:
-    """The DeadLettered event for a record: where it was, why, and its original bytes."""
+    """The DeadLettered event for a record: where it was, why, and its original bytes (or a
+    reference to them when they are too large to copy)."""
     topic, partition, offset = where(msg)
+    return letter(topic, partition, offset, msg.key(), msg.value() or b"",
+                  str(error), type(error).__name__, producer_id)
+
+
+def letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
+           reason: str, error: str, producer_id: str) -> Event:
+    """The DeadLettered event for the record at ``topic``/``partition``/``offset``: its key
+    and value copied when they fit (``DEAD_LETTER_COPY_MAX_BYTES``), else a reference."""
+    size = len(value) + len(key or b"")
+    if size <= DEAD_LETTER_COPY_MAX_BYTES:
+        return new_event(
+            "DeadLettered", producer_id,
+            source_topic=topic, source_partition=partition, source_offset=offset,
+            key=key, value=value, reason=reason[:2000], error=error[:128] or "Error")
     return new_event(
         "DeadLettered", producer_id,
         source_topic=topic, source_partition=partition, source_offset=offset,
-        key=msg.key(), value=msg.value() or b"",
-        reason=str(error)[:2000], error=type(error).__name__,
-    )
+        key=None, value=b"", reason=reason[:2000], error=error[:128] or "Error",
+        original_size=size, original_sha256=hashlib.sha256(value).hexdigest())
 
 
 def refuse(genesis: Genesis, msg: Message, event: Event, producer_id: str) -> Event | None:

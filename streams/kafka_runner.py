@@ -45,16 +45,16 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from destra.settings import Settings
-from schemas import Event, decode, new_event
+from schemas import Event, decode
 from schemas.codec import encode_unchecked
 from schemas.errors import EventError, StateError
 from schemas.events import now_ms
 from schemas.signatures import KeyPair, verify
-from streams.consumer import consumer_config, dead_letter, fetch
+from streams.consumer import consumer_config, dead_letter, fetch, letter, where
 from streams.klog import KAFKA_LOG
 from streams.leases import Shard, task_topics
 from streams.processing import Context, Origin, Outcome, Processor, Recovery
-from streams.producer import EventProducer
+from streams.producer import EventProducer, RecordTooLarge
 from streams.topics import DEAD_LETTER, STATE, TASK_PARTITIONS, partition_for, topic_for
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,10 @@ class KafkaRunner:
         if self.prepare is not None:
             self.prepare()
         positions = self.restore()
+        for p in self._snapshotting:  # the state a rewind goes back to before any batch
+            if p.name not in self._pickled:
+                self._pickled[p.name] = pickle.dumps(
+                    p.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[attr-defined]
         consumer = Consumer(consumer_config(self.bootstrap, self.group, {
             "enable.auto.commit": False, "logger": KAFKA_LOG,
             "fetch.wait.max.ms": 10, "fetch.queue.backoff.ms": 0,
@@ -308,11 +312,26 @@ class KafkaRunner:
 
     def _transaction(self, producer: EventProducer, consumer: Consumer, batch: list[Message],
                      tick: bool) -> None:
-        touched: set[int] = set()
-        outcomes: list[tuple[Outcome, Message | None]] = []
-        letters: list[Event] = []
-        for msg in batch:
-            outcomes += self._handle(msg, touched, letters)
+        poisoned: dict[tuple[str, int, int], BaseException] = {}
+        while True:
+            touched: set[int] = set()
+            outcomes: list[tuple[Outcome, Message | None]] = []
+            letters: list[Event] = []
+            try:
+                for msg in batch:
+                    failed = poisoned.get(where(msg))
+                    if failed is not None:
+                        letters.append(self._failure_letter(msg, failed))
+                        continue
+                    outcomes += self._handle(msg, touched, letters)
+                break
+            except HandlerFailed as err:
+                # A handler raised midway through one event, so its processor's state may
+                # be half-changed: every processor goes back to its state after the last
+                # committed batch and the batch runs again without that record, which is
+                # dead-lettered with the error. Nothing was produced yet.
+                poisoned[where(err.msg)] = err.error
+                self._rewind()
         wall = now_ms()
         for msg in batch:  # a producer's clock ahead of ours must not move deadlines
             self._seen_ms = max(self._seen_ms, min(_timestamp(msg), wall))
@@ -393,7 +412,7 @@ class KafkaRunner:
                 letters: list[Event]) -> list[tuple[Outcome, Message | None]]:
         try:
             event = decode(msg.value() or b"")
-        except EventError as err:
+        except Exception as err:  # EventError, or anything else a decoder let escape
             letters.append(dead_letter(msg, err, self.settings.producer_id or self.group))
             return []
         if self.shard is not None:
@@ -420,25 +439,74 @@ class KafkaRunner:
         for index, p in enumerate(self.processors):
             if p in readers:
                 touched.add(index)
-                out.append((p.handle(event, ctx), msg))
+                try:
+                    out.append((p.handle(event, ctx), msg))
+                except Exception as err:
+                    if self._rewindable:
+                        raise HandlerFailed(msg, err) from err
+                    # A processor that cannot be rewound (the ledger decider, rebuilt by
+                    # replay) validates before it changes anything, so a raise leaves its
+                    # state as it was: the event is refused, the others stand.
+                    log.warning("%s refused %s at %s/%s/%s: %s: %s", p.name, event.name,
+                                msg.topic(), msg.partition(), msg.offset(),
+                                type(err).__name__, err)
+                    out.append((Outcome.refuse(event, _failure_reason(err)), msg))
         return out
+
+    @property
+    def _rewindable(self) -> bool:
+        """Every processor here is snapshotted: the runner can put them back as they were
+        after the last committed batch."""
+        return bool(self.processors) and len(self._snapshotting) == len(self.processors)
+
+    def _rewind(self) -> None:
+        """Every snapshotting processor back to its state after the last committed batch."""
+        for p in self._snapshotting:
+            # Pickled by this process from the processor's own snapshot.
+            p.restore(pickle.loads(self._pickled[p.name]))  # type: ignore[attr-defined]  # noqa: S301
+
+    def _failure_letter(self, msg: Message, error: BaseException) -> Event:
+        topic, partition, offset = where(msg)
+        self.stats.rejected += 1
+        return letter(topic, partition, offset, msg.key(), msg.value() or b"",
+                      _failure_reason(error), type(error).__name__,
+                      self.settings.producer_id or self.group)
 
     def _publish(self, producer: EventProducer, outcome: Outcome, msg: Message | None) -> None:
         for e in outcome.emit:
-            producer.send(self.sign(e))
+            try:
+                producer.send(self.sign(e))
+            except RecordTooLarge as err:
+                # Refused before it was sent: an output its topic cannot take must not
+                # abort the batch (the restart would decide it again, and fail again).
+                log.error("%s not emitted: %s", e.name, err)
+                if msg is not None:
+                    producer.send(self._failure_letter(msg, err))
+                continue
             self.stats.emitted += 1
         for r in outcome.rejected:
             origin = r.origin
-            letter = new_event(
-                "DeadLettered", self.settings.producer_id or self.group,
-                source_topic=origin.topic if origin else (msg.topic() if msg else "(none)"),
-                source_partition=origin.partition if origin else (msg.partition() if msg else 0),
-                source_offset=origin.offset if origin else (msg.offset() if msg else 0),
-                key=origin.key if origin else (msg.key() if msg else None),
-                value=r.event.raw if getattr(r.event, "raw", None) else encode_unchecked(r.event),
-                reason=r.reason[:2000], error="Rejected")
-            producer.send(letter)
+            producer.send(letter(
+                origin.topic if origin else (msg.topic() or "(none)" if msg else "(none)"),
+                origin.partition if origin else ((msg.partition() or 0) if msg else 0),
+                origin.offset if origin else ((msg.offset() or 0) if msg else 0),
+                origin.key if origin else (msg.key() if msg else None),
+                r.event.raw or encode_unchecked(r.event),
+                r.reason, "Rejected", self.settings.producer_id or self.group))
             self.stats.rejected += 1
+
+
+class HandlerFailed(Exception):
+    """A processor's handler raised on ``msg``: the batch is run again without it."""
+
+    def __init__(self, msg: Message, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.msg = msg
+        self.error = error
+
+
+def _failure_reason(error: BaseException) -> str:
+    return f"handler-error: {type(error).__name__}: {error}"
 
 
 def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 60.0) -> tuple[int, int]:

@@ -13,12 +13,18 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from destra.errors import DeliveryFailed
+from destra.errors import DeliveryFailed, InvalidEvent
 from destra.settings import Settings
 from schemas import Event, encode
 from streams.authority import AUTHORITY, ServiceSigner
 from streams.klog import KAFKA_LOG
-from streams.topics import topic_for
+from streams.topics import RECORD_OVERHEAD_BYTES, topic_for
+
+
+class RecordTooLarge(InvalidEvent):
+    """An event whose encoding exceeds its topic's record size limit: refused before it
+    is sent, where the broker would refuse it (or a consumer could not dead-letter it)."""
+
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
@@ -86,8 +92,16 @@ class EventProducer:
         if self.signer is not None and event.name in AUTHORITY:
             event = self.signer.sign(event)
         key = self.key_of(event)
-        self.send_raw(self.topic_name(event), key, encode(event), on_delivery,
-                      topic_for(event.name).partition_of(key.decode()))
+        value = encode(event)
+        spec = topic_for(event.name)
+        size = len(key) + len(value) + RECORD_OVERHEAD_BYTES
+        if size > spec.max_record_bytes:
+            raise RecordTooLarge(
+                f"{event.name} {event.event_id}: {len(value)} bytes encoded (key {len(key)}) "
+                f"exceeds the {spec.max_record_bytes}-byte record limit of topic "
+                f"{spec.suffix}; large payloads go to the blob store")
+        self.send_raw(self.topic_name(event), key, value, on_delivery,
+                      spec.partition_of(key.decode()))
         return event
 
     def send_raw(

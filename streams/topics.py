@@ -12,6 +12,12 @@ import hashlib
 from dataclasses import dataclass
 
 FOREVER = -1
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+"""The broker's default ``max.message.bytes``: the record size limit of a topic that does
+not set its own (``TopicSpec.max_message_bytes``)."""
+RECORD_OVERHEAD_BYTES = 256
+"""What a record batch adds around one record's key and value (batch header, record
+header, varints), rounded up: a record is checked against its topic's limit with it."""
 DAY_MS = 24 * 3600 * 1000
 
 
@@ -55,6 +61,11 @@ class TopicSpec:
     reader of one key can read one known partition (``tasks.assignments``), and the
     task-keyed topics, all of ``TASK_PARTITIONS``, are co-partitioned: a verifier shard
     reads the same partitions of each (``streams.leases``)."""
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record the topic takes: its ``max.message.bytes``."""
+        return self.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
 
     def name(self, prefix: str) -> str:
         """The full topic name under a network prefix."""

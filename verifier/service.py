@@ -30,6 +30,7 @@ from typing import Any
 from destra.crypto import verify_event
 from destra.freshness import Freshness
 from schemas import Event, new_event
+from schemas.errors import InvalidQuorum
 from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.proof_of_sync import (
     Decision,
@@ -176,10 +177,21 @@ class Verifier:
             terms = self.terms.get(task_id)
             if terms is None:
                 return self._park(e, where, now_ms)
-            tally = self.tallies[task_id] = TaskTally(
-                task_id, terms.compute_units, terms.replicas, terms.quorum,
-                max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
-                expires_at=terms.expires_at)
+            try:
+                tally = TaskTally(
+                    task_id, terms.compute_units, terms.replicas, terms.quorum,
+                    max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
+                    expires_at=terms.expires_at)
+            except InvalidQuorum as err:
+                # Terms no tally can judge (a quorum that is not a majority of the
+                # replicas): the assignment is refused, the task fails so its escrow is
+                # refunded, and its other assignments find it closed.
+                self.rejected.append((e, where, f"invalid-quorum: {err}"))
+                self.terms.pop(task_id, None)
+                self.closed.setdefault(task_id, now_ms)
+                return [new_event("TaskFailed", self.producer_id, task_id=task_id,
+                                  reason="invalid_quorum", detail=str(err)[:2000])]
+            self.tallies[task_id] = tally
             self.open_tasks.add(task_id)
         self._floored(tally)
         replica = (task_id, f["node_id"], f["attempt"])
