@@ -67,7 +67,10 @@ class ParamSpec:
         if self.kind == "int":
             if not _INT_RE.fullmatch(raw):
                 raise bad("is not an integer")
-            value = int(raw)
+            try:
+                value = int(raw)
+            except ValueError:  # more digits than Python converts (4,300)
+                raise bad("has too many digits") from None
         elif self.kind == "float":
             try:
                 value = float(raw)
