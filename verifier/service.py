@@ -194,15 +194,18 @@ class Verifier:
             self.tallies[task_id] = tally
             self.open_tasks.add(task_id)
         self._floored(tally)
+        decisions = tally.on_assigned(f["node_id"], f["replica_index"], f["attempt"],
+                                      f["commit_deadline"], f["reveal_deadline"], now_ms)
         replica = (task_id, f["node_id"], f["attempt"])
-        if (f["payload"] is not None or f["payload_ref"] is not None) and tally.outcome is None:
+        # Only an assignment the tally took waits for its data key: a refused one
+        # (unexpected_assignment) must not fail the task with no_data_key at its deadline.
+        if (f["payload"] is not None or f["payload_ref"] is not None) and tally.outcome is None \
+                and not _refused(decisions):
             if replica in self.granted:
                 self.granted.discard(replica)
             else:
                 self.ungranted[replica] = f["commit_deadline"]
-        out = self._events(tally.on_assigned(f["node_id"], f["replica_index"], f["attempt"],
-                                             f["commit_deadline"], f["reveal_deadline"], now_ms),
-                           e, where)
+        out = self._events(decisions, e, where)
         return out + self._unpark(task_id, now_ms)
 
     def on_granted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -236,7 +239,8 @@ class Verifier:
         decisions = tally.on_committed(f["node_id"], f["attempt"], f["commitment"], now_ms)
         if self._not_yet_assigned(tally, decisions, f["node_id"]):
             return self._park(e, where, now_ms)
-        self.freshness.accept(e)
+        if not _refused(decisions):  # a refused event is not spent: its copy may still count
+            self.freshness.accept(e)
         return self._events(decisions, e, where)
 
     def on_revealed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -249,7 +253,8 @@ class Verifier:
                                       f["runtime_ms"], now_ms, f["result_ref"])
         if self._not_yet_assigned(tally, decisions, f["node_id"]):
             return self._park(e, where, now_ms)
-        self.freshness.accept(e)
+        if not _refused(decisions):  # a refused event is not spent: its copy may still count
+            self.freshness.accept(e)
         return self._events(decisions, e, where)
 
     def on_tick(self, now_ms: int) -> list[Event]:
@@ -391,3 +396,8 @@ class Verifier:
             self.tallies.pop(task_id, None)
             self.terms.pop(task_id, None)
         return out
+
+
+def _refused(decisions: list[Any]) -> bool:
+    """Whether the tally refused the event these decisions answer."""
+    return any(isinstance(d, Rejected) for d in decisions)
