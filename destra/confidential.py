@@ -59,7 +59,7 @@ def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str]:
               and doc.get("task_id") == task_id and isinstance(doc.get("params"), dict)
               and all(isinstance(k, str) and isinstance(v, str)
                       for k, v in doc["params"].items()))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json.loads goes
         ok = False
     if not ok:
         raise InvalidParams(f"task {task_id}: the decrypted input is not a {INPUT_SCHEMA} "
