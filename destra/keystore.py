@@ -221,7 +221,7 @@ def _header(path: Path, data: dict[str, Any]) -> tuple[_Kdf, bytes, bytes]:
             raise ValueError("unsupported kdf or cipher")
         n, r, p = int(kdf_data["n"]), int(kdf_data["r"]), int(kdf_data["p"])
         salt, sealed = bytes.fromhex(kdf_data["salt"]), bytes.fromhex(data["sealed"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: int(Infinity)
         raise KeystoreError(f"{path}: malformed keystore ({e})") from e
     try:
         return _Kdf(n, r, p), salt, sealed
@@ -242,7 +242,7 @@ def _decrypt(path: Path, data: dict[str, Any],
         current = _keypair(secrets["current"])
         previous = [_Retired(_keypair(s), int(s["retired_at"])) for s in secrets["previous"]]
         headers = [data["public"], *data.get("previous_public", [])]
-    except (DecryptionFailed, KeyError, TypeError, ValueError) as e:
+    except (DecryptionFailed, KeyError, TypeError, ValueError, OverflowError) as e:
         raise corrupted from e
     expected = [_public(current), *({**_public(r.keys), "retired_at": r.retired_at}
                                     for r in previous)]

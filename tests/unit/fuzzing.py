@@ -77,7 +77,8 @@ def _sized(spec: Mapping[str, Any]) -> list[int]:
 
 
 def values(schema: Any, spec: Mapping[str, Any] | None = None, *,
-           named: dict[str, Any] | None = None, wrong_types: bool = False) -> st.SearchStrategy[Any]:
+           named: dict[str, Any] | None = None,
+           wrong_types: bool = False) -> st.SearchStrategy[Any]:
     """Values for an (inlined) Avro schema, biased to the edges of its ``destra.*`` ranges:
     boundary integers, lengths at the limits, huge fields, unicode (NUL, lone surrogates).
     ``wrong_types`` mixes in values of other types, which the encoder must refuse."""

@@ -33,6 +33,7 @@ def _decode_or_refuse(data: bytes) -> Event | None:
     except EventError:
         return None
     # What the consumer does next with a decoded record: its signature span and check.
+    assert event.raw is not None
     signature_span(event.raw)
     unsigned_bytes(event.raw)
     verify_event(event, KEYS.signing_public, "fuzz")

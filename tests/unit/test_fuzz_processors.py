@@ -371,7 +371,9 @@ def _feed(target: Target, processor: Any, event: Event, offset: int) -> None:
     before = copy.deepcopy(target.state(processor))
     outcome = processor.handle(decoded, ctx)
     assert isinstance(outcome, Outcome)
-    if outcome.rejected and not outcome.emit and not outcome.work:
+    refused = [r for r in outcome.rejected if r.event.event_id == decoded.event_id]
+    if refused and len(refused) == len(outcome.rejected) and not outcome.emit \
+            and not outcome.work:  # refused it, and nothing else happened (no event unparked)
         after = target.state(processor)
         assert target.unchanged(before, after, decoded), (
             f"{target.name} changed its state on refusing {decoded.name}: "
