@@ -1,7 +1,7 @@
 """`destra demo`: the whole network on this machine, a mix of real tasks, and the books.
 
-Brings up Kafka (KRaft) and Postgres, the ledger processor and projector, the
-Faust processors (allocator and verifier) and five node runners, one of which
+Brings up Kafka (KRaft) and Postgres, the ledger processor and projector, a
+processors worker (the allocator and the verifier's shards) and five node runners, one of which
 returns wrong results; mints tokens, submits a mix of every workload and a few
 bad submissions, follows the tasks to their verdicts, shows a result
 decrypted by its submitter (private parameters and results travel encrypted)
@@ -73,7 +73,8 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
                        env_extra={"DESTRA_COMMIT_WINDOW_MS": "60000"})
     try:
         echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
-             f"verifier (Faust), 5 node runners ({DISHONEST} returns wrong results)")
+             f"verifier shards (one processors worker), 5 node runners ({DISHONEST} returns "
+             "wrong results)")
         with EventProducer(run, bootstrap, signer=net.signer("treasury")) as producer:
             for account in ["alice", *(f"op-{n}" for n, _ in NODES)]:
                 producer.send(new_event("TokensMinted", "faucet", account=account,

@@ -1,7 +1,7 @@
-"""A whole local network as processes: the ledger processor and projector, the Faust
-processors (allocator and verifier), and node runners. Used by `destra demo`,
-the lifecycle tests and the lifecycle benchmark; each process logs to its own
-file under ``workdir``."""
+"""A whole local network as processes: the ledger processor and projector, a
+processors worker (the allocator and the verifier's shards), and node runners.
+Used by `destra demo`, the lifecycle tests and the lifecycle benchmark; each
+process logs to its own file under ``workdir``."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class LocalNetwork:
         log.close()
 
     def start_services(self) -> None:
-        """The ledger processor, the projector (ledger and views) and the Faust processors."""
+        """The ledger processor, the projector (ledger and views) and a processors worker."""
         self.spawn("ledger-processor", "-m", "ledger.processor")
         self.spawn("projector", "-m", "ledger.service")
         self.spawn("processors", "-m", "destra.processors")
