@@ -6,12 +6,15 @@ Profiles, chosen by ``DESTRA_FUZZ_PROFILE``:
 * ``ci`` (the default): a few dozen examples a test, the whole suite in seconds;
 * ``long``: ``DESTRA_FUZZ_EXAMPLES`` examples a test (default 5,000), for ``bench/fuzz.py``.
 
-``count(target, n)`` tallies the generated inputs each target received; the bench
-prints the tallies after a long run.
+``count(target, n)`` tallies the generated inputs each target received (shrinking and
+explicit examples included); with ``DESTRA_FUZZ_COUNTS`` set to a path, the tallies are
+written there as JSON when the process exits, for the bench to print.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -40,6 +43,15 @@ COUNTS: Counter[str] = Counter()
 def count(target: str, n: int = 1) -> None:
     """Tally ``n`` generated inputs fed to ``target``."""
     COUNTS[target] += n
+
+
+def _write_counts() -> None:
+    with open(os.environ["DESTRA_FUZZ_COUNTS"], "w") as f:
+        json.dump(dict(COUNTS), f)
+
+
+if os.environ.get("DESTRA_FUZZ_COUNTS"):  # bench/fuzz.py collects them from each run
+    atexit.register(_write_counts)
 
 
 # ---------------------------------------------------------------- values
