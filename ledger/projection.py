@@ -74,8 +74,11 @@ class OffsetProjection:
         ).fetchall()
         return {(t, p): o for t, p, o in rows}
 
-    def apply(self, deliveries: Iterable[Delivery], refuse: Refuse | None = None) -> int:
+    def apply(self, deliveries: Iterable[Delivery], refuse: Refuse | None = None,
+              passed: Mapping[tuple[str, int], int] | None = None) -> int:
         """Apply a batch in one transaction; returns how many deliveries changed something.
+        ``passed``: further positions to store with it (past records the consumer
+        dead-lettered, which never reach here).
 
         A value Postgres refuses (``psycopg.DataError``: a NUL in a text, a number out of
         a column's range) fails the batch; with ``refuse``, the batch is applied again
@@ -85,14 +88,15 @@ class OffsetProjection:
         ``refuse`` the error is raised."""
         deliveries = list(deliveries)
         try:
-            return self._apply(deliveries, None)
+            return self._apply(deliveries, None, passed)
         except psycopg.DataError:
             if refuse is None:
                 raise
-        return self._apply(deliveries, refuse)
+        return self._apply(deliveries, refuse, passed)
 
-    def _apply(self, deliveries: list[Delivery], refuse: Refuse | None) -> int:
-        ends: dict[tuple[str, int], int] = {}
+    def _apply(self, deliveries: list[Delivery], refuse: Refuse | None,
+               passed: Mapping[tuple[str, int], int] | None) -> int:
+        ends: dict[tuple[str, int], int] = dict(passed or {})
         for d in deliveries:  # events the projection ignores still advance the offset
             ends[(d.topic, d.partition)] = max(ends.get((d.topic, d.partition), 0), d.offset + 1)
         applied = 0
@@ -136,10 +140,11 @@ class LedgerProjection(OffsetProjection):
 
     name = PROJECTION
 
-    def apply(self, deliveries: Iterable[Delivery], refuse: Refuse | None = None) -> int:
+    def apply(self, deliveries: Iterable[Delivery], refuse: Refuse | None = None,
+              passed: Mapping[tuple[str, int], int] | None = None) -> int:
         """Apply a batch in one transaction; returns how many entries were new."""
         try:
-            return super().apply(deliveries, refuse)
+            return super().apply(deliveries, refuse, passed)
         except psycopg.errors.CheckViolation as e:
             raise LedgerCorrupt(f"an entry would overdraw an account: {e}") from e
 

@@ -64,9 +64,12 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
                 if d is None:
                     break
                 batch.append(d)
-            if batch:
-                applied += projection.apply(batch, consumer.refuse)
+            passed = consumer.take_passed()
+            if batch or passed:
+                # Past what the consumer dead-lettered too: a restart does not read it again.
+                applied += projection.apply(batch, consumer.refuse, passed)
                 positions.update({(d.topic, d.partition): d.offset + 1 for d in batch})
+            if batch:
                 last = time.monotonic()
             if until is not None and not batch and consumer.caught_up(until):
                 break

@@ -106,6 +106,10 @@ class EventConsumer:
         self._dead_letters = dead_letters or EventProducer(settings, bootstrap)
         self._owns_dlq = dead_letters is None
         self.dead_lettered = 0
+        self.passed: dict[tuple[str, int], int] = {}
+        """Per partition, the offset after the last record dead-lettered here: a caller
+        that keeps its positions itself stores these too (``take_passed``), so a restart
+        does not read those records again."""
         self.batch_size = 500
         self._buffer: deque[Message] = deque()
 
@@ -206,8 +210,15 @@ class EventConsumer:
         self._dead_letters.send(dead_letter(msg, error, self.settings.producer_id))
         # Durable on the dead-letter topic before the bad record's offset moves on.
         self._dead_letters.flush()
-        self._consumer.store_offsets(offsets=[_next_offset(*where(msg))])
+        topic, partition, offset = where(msg)
+        self._consumer.store_offsets(offsets=[_next_offset(topic, partition, offset)])
+        self.passed[(topic, partition)] = offset + 1
         self.dead_lettered += 1
+
+    def take_passed(self) -> dict[tuple[str, int], int]:
+        """The positions past the records dead-lettered since the last call (``passed``)."""
+        passed, self.passed = self.passed, {}
+        return passed
 
     def refuse(self, delivery: Delivery, error: Exception) -> None:
         """Dead-letter an event its caller could not handle (a value Postgres refuses), with

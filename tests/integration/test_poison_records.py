@@ -22,6 +22,7 @@ import hashlib
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ def test_poison_records_are_dead_lettered_and_the_network_goes_on(net: LocalNetw
     wait_for_transactions(net.settings, net.bootstrap, [f"refund/{impossible}"])
     net.check_alive()
 
-    # A restart does not replay any of them into a crash.
+    # A restart does not replay any of them into a crash, nor read them again.
+    seen = Counter(_source(x) for x in _letters(net))
     for name, module in (("ledger-processor", "ledger.processor"),
                          ("projector", "ledger.service"), ("processors", "destra.processors")):
         net.kill(name, signal.SIGKILL)
@@ -189,3 +191,11 @@ def test_poison_records_are_dead_lettered_and_the_network_goes_on(net: LocalNetw
     credited = {decode(m.value()).fields["account"]
                 for m in read_all(net.bootstrap, _topic(net, "LedgerEntryPosted"))}
     assert not credited & {f"node:n{i}" for i in range(4)}
+    again = Counter(_source(x) for x in _letters(net))
+    assert {k: again[k] for k in seen} == dict(seen), "a restart read a poison record again"
+
+
+def _source(letter: Event) -> tuple[str, str, int, int]:
+    f = letter.fields
+    return (f["envelope"]["producer_id"], f["source_topic"], f["source_partition"],
+            f["source_offset"])
