@@ -18,11 +18,12 @@ from faust.serializers import codecs
 
 from destra.errors import EventError
 from destra.settings import Settings
-from schemas import Event, decode, encode, new_event
+from schemas import Event, decode, encode
 from schemas.codec import encode_unchecked
 from schemas.errors import ConfigError
 from schemas.events import now_ms
 from streams.authority import AUTHORITY, Genesis, ServiceSigner, held_signers, signers_by_event
+from streams.consumer import letter
 from streams.processing import Origin
 from streams.topics import DEAD_LETTER, topic_for
 
@@ -91,20 +92,12 @@ class DeadLetteringTopic(faust.Topic):
     async def on_value_decode_error(self, exc: Exception, message: Any) -> None:
         """Dead-letter the record instead of raising in the agent."""
         cause = exc.__cause__ if isinstance(exc.__cause__, EventError) else exc
-        letter = new_event(
-            "DeadLettered",
-            self.settings.producer_id,
-            source_topic=message.topic,
-            source_partition=message.partition,
-            source_offset=message.offset,
-            key=message.key,
-            value=message.value or b"",
-            reason=str(cause)[:2000],
-            error=type(cause).__name__,
-        )
+        dead = letter(message.topic, message.partition, message.offset, message.key,
+                      message.value or b"", str(cause), type(cause).__name__,
+                      self.settings.producer_id)
         dead_letters = self.app.topic(DEAD_LETTER.name(self.settings.topic_prefix),
                                       value_serializer=CODEC_NAME, key_serializer="raw")
-        sent = await dead_letters.send(key=message.topic.encode(), value=letter)
+        sent = await dead_letters.send(key=message.topic.encode(), value=dead)
         await sent
 
 
@@ -188,14 +181,11 @@ class Publisher:
         """
         letters = []
         for event, origin, reason in refused:
-            letters.append(new_event(
-                "DeadLettered", self.settings.producer_id,
-                source_topic=origin.topic if origin else "(none)",
-                source_partition=origin.partition if origin else 0,
-                source_offset=origin.offset if origin else 0,
-                key=origin.key if origin else None,
-                value=event.raw if event.raw is not None else encode_unchecked(event),
-                reason=reason[:2000], error=error))
+            letters.append(letter(
+                origin.topic if origin else "(none)", origin.partition if origin else 0,
+                origin.offset if origin else 0, origin.key if origin else None,
+                event.raw if event.raw is not None else encode_unchecked(event),
+                reason, error, self.settings.producer_id))
         refused.clear()
         await self.publish(letters)
 
