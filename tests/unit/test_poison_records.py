@@ -249,3 +249,28 @@ def test_a_handler_that_raises_has_its_event_dead_lettered_and_the_batch_goes_on
         # change anything (the ledger decider does); this one did not, and shows it.
         assert counter.total == 1_103
         assert counter.seen == [1, 13, 2]
+
+
+# -- the ledger's rebuild: what the live run ignored, the rebuild ignores -------------------------
+
+def test_the_ledger_rebuild_skips_an_event_of_another_type_on_the_submissions_topic(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ledger.processor as processor
+
+    class _Rec:
+        def __init__(self, value: bytes) -> None:
+            self._value = value
+
+        def value(self) -> bytes:
+            return self._value
+
+    submitted = _submit("t1", 300_000)
+    stray = encode(sample_event("NodeHeartbeat"))  # written to tasks.submitted by anyone
+    topics = {topic_for("TaskSubmitted").name("t."): [stray, encode(submitted)]}
+    monkeypatch.setattr(processor, "read_all", lambda bootstrap, topic, start=None: [
+        _Rec(v) for v in topics.get(topic, [])])
+    d = _decider()
+    processor.rebuild(Settings(topic_prefix="t."), "127.0.0.1:1", d, genesis=None,  # type: ignore[arg-type]
+                      checkpoint=None)
+    # It went past the stray event to the submission after it: its account is bound.
+    assert d.account_keys["alice"] == submitted.fields["signing_key"]
