@@ -9,8 +9,9 @@ the CLI's parameter parsing with ``--others``. Each group runs in its own
 pytest process; the generated inputs each target received are tallied
 (``fuzzing.count``) and printed per target, with the total and the pytest
 verdict of each group. A processor example is a sequence of one to four
-events, so its targets count events handled (or refused by the codec), not
-examples. Exits non-zero if any group fails.
+events, so its targets count events (handled; or refused by the decoder, written
+unchecked with values the encoder refuses), not examples. Exits non-zero if any
+group fails.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def main() -> int:
                         help="examples a test for the sealed formats, keystore and CLI")
     parser.add_argument("--out", type=Path, help="also write the summary here")
     args = parser.parse_args()
-    lines = [f"fuzz run: Hypothesis profile 'long', {args.examples} examples a test "
-             f"(decoders and handlers), {args.others} (the others)", ""]
+    import hypothesis
+
+    lines = [f"fuzz run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: Hypothesis "
+             f"{hypothesis.__version__}, profile 'long', {args.examples} examples a test "
+             f"(decoders and handlers), {args.others} (the others); {os.cpu_count()} CPUs", ""]
     total, failed = 0, False
     for group, files in GROUPS.items():
         examples = args.examples if group == "decoders and handlers" else args.others

@@ -4,8 +4,9 @@ Each example is a short sequence of well-formed events of the processor's input 
 built from events about tasks and nodes it knows, with some fields fuzzed (boundary
 integers, huge and unicode text, ids it knows and ids it does not), signed by the party
 the fields name or not, at times around the events' own. Each goes through the codec as
-the runner does (``encode`` refusing is the codec's refusal; what it writes must decode),
-then to ``handle``; the work the handler asks for is run and handed back to ``finished``.
+the runner does (what ``encode`` refuses, written unchecked as a hostile producer could,
+must be refused by the decoder; what it writes must decode), then to ``handle``; the
+work the handler asks for is run and handed back to ``finished``, and odd times tick.
 
 The property: no exception escapes a handler, and a refusal (an outcome that only
 rejects) leaves the processor's state as it was.
@@ -31,8 +32,8 @@ from destra.crypto import sign_event
 from ledger.decider import LedgerDecider
 from node_runner.logic import Computed, NodeLogic
 from schemas import Event, new_event
-from schemas.codec import decode, encode
-from schemas.errors import InvalidEvent
+from schemas.codec import decode, encode, encode_unchecked
+from schemas.errors import EventError, InvalidEvent
 from schemas.samples import sample_event, with_fields
 from streams.processing import Context, Origin, Outcome
 from tests.support import account_keys
@@ -363,7 +364,16 @@ def _feed(target: Target, processor: Any, event: Event, offset: int) -> None:
     try:
         data = encode(event)
     except InvalidEvent:
-        count(f"{target.name}: refused by the codec")
+        # A party's client would not write it, but a hostile producer can put the same
+        # values on the wire: the decoder in front of the handler must refuse them.
+        try:
+            raw = encode_unchecked(event)
+        except InvalidEvent:
+            count(f"{target.name}: not writable at all")  # a lone surrogate...
+            return
+        count(f"{target.name}: refused by the decoder")
+        with pytest.raises(EventError):
+            decode(raw)
         return
     decoded = decode(data)
     count(f"{target.name}: handled")
