@@ -108,6 +108,12 @@ BROKER_TIMED = ("TaskSubmitted", "TokensMinted", "NodePenalized")
 assert all(topic_for(name).broker_time for name in BROKER_TIMED)
 
 
+def _unstorable(*ids: str) -> bool:
+    """Whether an id holds a NUL, which no PostgreSQL text can: an entry naming it would be
+    refused by the Postgres ledger (dead-lettered), so it moves no money here either."""
+    return any("\x00" in i for i in ids)
+
+
 def node_wallet(node_id: str) -> str:
     """The account a node's earnings are paid into."""
     return f"node:{node_id}"
@@ -203,6 +209,9 @@ class LedgerDecider:
             return Outcome.refuse(e, refusal)
         if key in self.horizon or key in self.book.applied:
             return Outcome()
+        if _unstorable(f["account"]):
+            return Outcome.refuse(e, "invalid-mint: an account id with a NUL character, "
+                                     "which no ledger can store (PostgreSQL text)")
         try:
             tx = mint_tx(key, user(f["account"]), f["amount_micro"])
         except LedgerError as err:
@@ -236,6 +245,9 @@ class LedgerDecider:
                       f"appended at {at} (broker time)")
         elif f"task/{task_id}" in self.horizon or f"escrow/{task_id}" in self.book.applied:
             return []  # a resubmitted id: the first submission stands, refused or escrowed
+        if reason is None and _unstorable(task_id, payer):
+            reason = ("invalid-id", "a task or account id with a NUL character: no ledger "
+                                    "can store it (PostgreSQL text)")
         reason = reason or self._check_signature(e)
         if reason is None:
             # Signed by the account's key: its id is taken, whatever is decided below.
@@ -301,6 +313,8 @@ class LedgerDecider:
         node, amount = f["node_id"], f["stake_micro"]
         if amount <= 0 or f"stake/{node}" in self.book.applied:
             return Outcome()
+        if _unstorable(node, f["operator_id"]):
+            return Outcome()  # no ledger could store its stake's entries: it runs unstaked
         if not verify_event(e, f["signing_key"], node):
             return Outcome()
         payer = user(f["operator_id"])

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from destra.crypto import sign_event
 from destra.settings import Settings
 from ledger.book import escrow, user
 from ledger.decider import LedgerDecider
@@ -274,3 +275,20 @@ def test_the_ledger_rebuild_skips_an_event_of_another_type_on_the_submissions_to
                       checkpoint=None)
     # It went past the stray event to the submission after it: its account is bound.
     assert d.account_keys["alice"] == submitted.fields["signing_key"]
+
+
+def test_ids_no_postgres_text_can_hold_move_no_money() -> None:
+    d = _decider()
+    d.decide(_mint("alice", 1_000_000))
+    out = d.decide(_submit("t\x00", 300_000))
+    assert [(e.name, e.fields["reason"]) for e in out] == [("TaskFailed", "invalid-id")]
+    assert d.book.balance(user("alice")) == 1_000_000 and "t\x00" not in d.tasks
+    refused = d.judge(_mint("bob\x00", 5).with_envelope(occurred_at=T0), T0)
+    assert "NUL" in refused.rejected[0].reason and d.book.balance(user("bob\x00")) == 0
+    d.decide(_mint("op", 1_000_000))
+    keys = account_keys("n\x00")
+    registered = sign_event(with_fields(
+        sample_event("NodeRegistered"), node_id="n\x00", operator_id="op", stake_micro=1_000,
+        signing_key=keys.signing_public).with_envelope(occurred_at=T0), keys, "n\x00")
+    assert d.decide(registered) == []
+    assert d.book.balance(user("op")) == 1_000_000
