@@ -467,7 +467,6 @@ class KafkaRunner:
 
     def _failure_letter(self, msg: Message, error: BaseException) -> Event:
         topic, partition, offset = where(msg)
-        self.stats.rejected += 1
         return letter(topic, partition, offset, msg.key(), msg.value() or b"",
                       _failure_reason(error), type(error).__name__,
                       self.settings.producer_id or self.group)
