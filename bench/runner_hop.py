@@ -89,7 +89,8 @@ def one(settings: Settings, bootstrap: str, events: int, rate: float,
     thread = threading.Thread(target=serve)
     thread.start()
     producer = EventProducer(settings, bootstrap)
-    time.sleep(3)  # the runner starts: fences, restores its state record, assigns partitions
+    if not runner.ready.wait(120):  # fenced, state restored, partitions assigned
+        raise SystemExit("runner_hop: the runner did not start within 120 s")
     for i in range(events):
         producer.send(treasury.sign(new_event("TokensMinted", "treasury", account=f"a{i}",
                                               amount_micro=1, reason="bench")))

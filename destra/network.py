@@ -17,7 +17,7 @@ from pathlib import Path
 
 from destra.errors import InfraError
 from destra.settings import Settings
-from schemas import decode, new_event
+from schemas import Event, decode, new_event
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.producer import EventProducer
 from streams.reading import read_all
@@ -149,6 +149,12 @@ class LocalNetwork:
                 proc.kill()
                 codes[name] = proc.wait(10)
         return codes
+
+    def events(self, name: str) -> list[Event]:
+        """Every committed ``name`` event on its topic so far, in log order per partition."""
+        topic = topic_for(name).name(self.settings.topic_prefix)
+        return [e for e in (decode(m.value()) for m in read_all(self.bootstrap, topic))
+                if e.name == name]
 
     def log(self, name: str) -> str:
         """A process's log so far."""

@@ -36,6 +36,7 @@ import os
 import pickle  # noqa: S403 - only ever loads snapshots this service signed (checked first)
 import random
 import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -165,6 +166,8 @@ class KafkaRunner:
         self._assigned: list[TopicPartition] = []
         self._checkpointed = time.monotonic()
         self._task_topics = task_topics(self.settings.topic_prefix)
+        self.ready = threading.Event()
+        """Set once ``run`` has fenced its predecessor, restored its state and is reading."""
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -291,6 +294,7 @@ class KafkaRunner:
             "fetch.wait.max.ms": 10, "fetch.queue.backoff.ms": 0,
         }))
         self._assign(consumer, positions)
+        self.ready.set()
         last_tick, last_record = 0.0, time.monotonic()
         try:
             while running():

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from destra.network import LocalNetwork
 from destra.settings import Settings
+from infra.postgres import create_database
 from tests.support import free_port_block
 
 
@@ -77,3 +79,16 @@ def network(kafka: str, request: pytest.FixtureRequest,
     ensure_genesis(settings.genesis_path, settings.service_keys)
     ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
     return settings
+
+
+@pytest.fixture
+def three_operators(network: Settings, kafka: str, pg_dsn: str,
+                    tmp_path: Path) -> Iterator[LocalNetwork]:
+    """A network whose services are not started yet: alice and operators op-a, op-b and
+    op-c funded, 20 s commit and 10 s reveal windows."""
+    settings = network.with_(home=tmp_path / "home")
+    local = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
+        "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
+    local.mint("alice", "op-a", "op-b", "op-c")
+    yield local
+    local.stop()

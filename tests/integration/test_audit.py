@@ -17,10 +17,9 @@ from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.processor import wait_for_transactions
-from schemas import Event, decode, new_event
+from schemas import new_event
 from streams.authority import load_signer
 from streams.producer import EventProducer
-from streams.reading import read_all
 from streams.topics import topic_for
 
 pytestmark = pytest.mark.integration
@@ -28,11 +27,6 @@ pytestmark = pytest.mark.integration
 NODES = {"a": None, "b": None, "c": "wrong-result"}
 STAKE = 10_000_000  # five dissents of 1_000_000 each are all slashed
 
-
-def _events(net: LocalNetwork, name: str) -> list[Event]:
-    topic = topic_for(name).name(net.settings.topic_prefix)
-    return [e for e in (decode(m.value()) for m in read_all(net.bootstrap, topic))
-            if e.name == name]
 
 
 def _audit(net: LocalNetwork) -> tuple[int, dict[str, Any]]:
@@ -66,7 +60,7 @@ def test_audit_of_a_clean_run_is_clean_and_names_a_wrong_payee_verdict(
     watch.close()
     client.close()
     assert {t: p.state for t, p in done.items()} == dict.fromkeys(tasks, "verified")
-    penalties = _events(net, "NodePenalized")
+    penalties = net.events("NodePenalized")
     assert {(p.fields["node_id"], p.fields["reason"]) for p in penalties} == {("c", "dissent")}
     wait_for_transactions(net.settings, net.bootstrap,
                           [f"settle/{t}" for t in tasks] + [f"slash/{p.event_id}"
@@ -80,7 +74,7 @@ def test_audit_of_a_clean_run_is_clean_and_names_a_wrong_payee_verdict(
     assert report["checked"]["penalties"] == report["checked"]["penalties_rederived"] == 5
 
     # Signed with the verifier's own key, but paying the node that dissented.
-    real = next(e for e in _events(net, "TaskVerified") if e.fields["task_id"] == tasks[0])
+    real = next(e for e in net.events("TaskVerified") if e.fields["task_id"] == tasks[0])
     units = max(c["compute_units"] for c in real.fields["contributions"])
     verifier = load_signer(net.settings.service_keys, "verifier", net.genesis)
     forged = verifier.sign(new_event(

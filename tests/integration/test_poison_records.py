@@ -23,8 +23,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -32,8 +31,6 @@ from confluent_kafka import Producer
 
 from destra.client import Client
 from destra.network import LocalNetwork
-from destra.settings import Settings
-from infra.postgres import create_database
 from ledger.processor import wait_for_transactions
 from schemas import Event, decode, encode
 from schemas.events import now_ms
@@ -47,13 +44,8 @@ BIG = 5 * 1024 * 1024
 
 
 @pytest.fixture
-def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[LocalNetwork]:
-    settings = network.with_(home=tmp_path / "home")
-    local = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
-    local.mint("alice", "op-a", "op-b", "op-c")
-    yield local
-    local.stop()
+def net(three_operators: LocalNetwork) -> LocalNetwork:
+    return three_operators
 
 
 def _topic(net: LocalNetwork, event: str) -> str:

@@ -11,36 +11,19 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from destra.client import Client
 from destra.network import LocalNetwork
-from destra.settings import Settings
-from infra.postgres import create_database
-from schemas import Event, decode
-from streams.reading import read_all
-from streams.topics import topic_for
 
 pytestmark = pytest.mark.integration
 
 
-def _events(net: LocalNetwork, name: str) -> list[Event]:
-    topic = topic_for(name).name(net.settings.topic_prefix)
-    return [e for e in (decode(m.value()) for m in read_all(net.bootstrap, topic))
-            if e.name == name]
-
 
 @pytest.fixture
-def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[LocalNetwork]:
-    settings = network.with_(home=tmp_path / "home")
-    local = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
-    local.mint("alice", "op-a", "op-b", "op-c")
-    yield local
-    local.stop()
+def net(three_operators: LocalNetwork) -> LocalNetwork:
+    return three_operators
 
 
 def test_a_killed_processors_worker_restarts_with_its_tasks_and_nodes(net: LocalNetwork) -> None:
@@ -58,15 +41,15 @@ def test_a_killed_processors_worker_restarts_with_its_tasks_and_nodes(net: Local
              for i in range(20)]
     client.flush()
     deadline = time.monotonic() + 60
-    while not _events(net, "TaskAssigned"):
+    while not net.events("TaskAssigned"):
         assert time.monotonic() < deadline, "nothing was assigned"
         time.sleep(0.05)
     net.kill("processors", signal.SIGKILL)
     net.spawn("processors", "-m", "destra.processors")
     done = client.wait(tasks, watch=watch, timeout_s=240)
     assert {t: p.state for t, p in done.items()} == dict.fromkeys(tasks, "verified"), (
-        [e.fields for e in _events(net, "TaskFailed")],
-        [(e.fields["reason"], e.fields["source_topic"]) for e in _events(net, "DeadLettered")])
+        [e.fields for e in net.events("TaskFailed")],
+        [(e.fields["reason"], e.fields["source_topic"]) for e in net.events("DeadLettered")])
 
     # Killed again when idle: a task submitted at once is placed from the restored table.
     net.kill("processors", signal.SIGKILL)
@@ -79,10 +62,10 @@ def test_a_killed_processors_worker_restarts_with_its_tasks_and_nodes(net: Local
     net.check_alive()
 
     # Exactly once across both kills: one verdict per task, one assignment per replica.
-    verdicts = Counter(e.fields["task_id"] for e in _events(net, "TaskVerified"))
+    verdicts = Counter(e.fields["task_id"] for e in net.events("TaskVerified"))
     assert verdicts == Counter({t: 1 for t in [*tasks, last]})
     replicas = Counter((e.fields["task_id"], e.fields["replica_index"], e.fields["attempt"])
-                       for e in _events(net, "TaskAssigned"))
+                       for e in net.events("TaskAssigned"))
     assert max(replicas.values()) == 1
-    registrations = Counter(e.fields["node_id"] for e in _events(net, "NodeRegistered"))
+    registrations = Counter(e.fields["node_id"] for e in net.events("NodeRegistered"))
     assert registrations == Counter(dict.fromkeys(nodes, 1))

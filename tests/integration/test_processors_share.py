@@ -20,20 +20,12 @@ from destra.client import Client
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
-from schemas import Event, decode
 from streams.leases import Shard, holders
-from streams.reading import read_all
-from streams.topics import topic_for
 
 pytestmark = pytest.mark.integration
 
 UNITS = {"allocator", "verifier-0of2", "verifier-1of2"}
 
-
-def _events(net: LocalNetwork, name: str) -> list[Event]:
-    topic = topic_for(name).name(net.settings.topic_prefix)
-    return [e for e in (decode(m.value()) for m in read_all(net.bootstrap, topic))
-            if e.name == name]
 
 
 def _wait_holders(net: LocalNetwork, workers: set[str], timeout_s: float) -> dict[str, list[str]]:
@@ -82,7 +74,7 @@ def test_two_workers_share_the_units_and_one_takes_over_when_the_other_dies(
     before = submit(16, 0)
     done = client.wait(before, watch=watch, timeout_s=180)
     assert {t: p.state for t, p in done.items()} == dict.fromkeys(before, "verified")
-    judges = Counter(e.producer_id for e in _events(net, "TaskVerified"))
+    judges = Counter(e.producer_id for e in net.events("TaskVerified"))
     shards = {w: [u for u in us if u.startswith("verifier")] for w, us in held.items()}
     for worker, mine in shards.items():
         assert (judges[worker] > 0) == bool(mine), (judges, held)
@@ -93,7 +85,7 @@ def test_two_workers_share_the_units_and_one_takes_over_when_the_other_dies(
     survivor = next(w for w in held if w != victim)
     inflight = submit(16, 100)
     deadline = time.monotonic() + 60
-    while not any(e.fields["task_id"] in inflight for e in _events(net, "TaskAssigned")):
+    while not any(e.fields["task_id"] in inflight for e in net.events("TaskAssigned")):
         assert time.monotonic() < deadline, "nothing was assigned"
         time.sleep(0.05)
     killed_at = time.monotonic()
@@ -104,11 +96,11 @@ def test_two_workers_share_the_units_and_one_takes_over_when_the_other_dies(
           f"{moved_s:.1f} s later")
     done = client.wait(inflight, watch=watch, timeout_s=240)
     assert {t: p.state for t, p in done.items()} == dict.fromkeys(inflight, "verified"), (
-        [e.fields for e in _events(net, "TaskFailed")],
-        [(e.fields["reason"], e.fields["source_topic"]) for e in _events(net, "DeadLettered")])
+        [e.fields for e in net.events("TaskFailed")],
+        [(e.fields["reason"], e.fields["source_topic"]) for e in net.events("DeadLettered")])
     # The dead worker's tasks in flight were judged by the survivor (a few may have been
     # judged before the kill, by the dead one).
-    verdicts = {e.fields["task_id"]: e.producer_id for e in _events(net, "TaskVerified")}
+    verdicts = {e.fields["task_id"]: e.producer_id for e in net.events("TaskVerified")}
     theirs = [t for t in inflight if any(
         Shard(int(u[len("verifier-")]), 2).owns(t) for u in held[victim] if u != "allocator")]
     assert theirs, "no task in flight on the killed worker's shards"
@@ -123,10 +115,10 @@ def test_two_workers_share_the_units_and_one_takes_over_when_the_other_dies(
 
     # Exactly once across the handovers: one verdict per task, one assignment per replica.
     every = [*before, *inflight, *last]
-    assert Counter(e.fields["task_id"] for e in _events(net, "TaskVerified")) == Counter(
+    assert Counter(e.fields["task_id"] for e in net.events("TaskVerified")) == Counter(
         dict.fromkeys(every, 1))
     replicas = Counter((e.fields["task_id"], e.fields["replica_index"], e.fields["attempt"])
-                       for e in _events(net, "TaskAssigned"))
+                       for e in net.events("TaskAssigned"))
     assert max(replicas.values()) == 1
-    misrouted = [e for e in _events(net, "DeadLettered") if "misrouted" in e.fields["reason"]]
+    misrouted = [e for e in net.events("DeadLettered") if "misrouted" in e.fields["reason"]]
     assert not misrouted
