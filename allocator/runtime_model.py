@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingRegressor
 
 from workloads import WORKLOADS
 
@@ -233,6 +232,8 @@ class RuntimeModel:
             y = np.asarray([math.log(o.runtime_ms / analytic_ms(o.task, o.node))
                             for o in snapshot])
             # Small histories (a young network) need small leaves to tell workloads apart.
+            from sklearn.ensemble import HistGradientBoostingRegressor  # ~0.8 s to import
+
             model = HistGradientBoostingRegressor(
                 max_iter=100, learning_rate=0.2, min_samples_leaf=2 if len(y) < 200 else 5,
                 random_state=self.seed)

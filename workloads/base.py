@@ -17,10 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from destra.errors import InvalidParams
 from workloads.canonical import sha256
+from workloads.lazy import torch
 
 OPS_PER_UNIT = 1_000_000
 _MAX_STR_LEN = 1024

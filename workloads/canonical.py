@@ -13,21 +13,25 @@ the sign of zero depends on summation order. NaN is an error: it means the run f
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import struct
 from typing import Any
 
 import numpy as np
-import torch
 
 from destra.errors import WorkloadFailed
+from workloads.lazy import torch
+
 
 # dtype -> (integer view dtype, explicit mantissa bits, smallest positive normal)
-_FLOAT_LAYOUT: dict[torch.dtype, tuple[torch.dtype, int, float]] = {
-    torch.float32: (torch.int32, 23, float(torch.finfo(torch.float32).tiny)),
-    torch.float64: (torch.int64, 52, float(torch.finfo(torch.float64).tiny)),
-}
+@functools.cache
+def _float_layouts() -> dict[torch.dtype, tuple[torch.dtype, int, float]]:
+    return {
+        torch.float32: (torch.int32, 23, float(torch.finfo(torch.float32).tiny)),
+        torch.float64: (torch.int64, 52, float(torch.finfo(torch.float64).tiny)),
+    }
 
 _MAGIC = b"DTEN1"
 
@@ -38,9 +42,10 @@ def round_tensor(t: torch.Tensor, bits: int) -> torch.Tensor:
     ``bits`` runs from 0 (powers of two only) to 23 for float32 or 52 for float64
     (no rounding). The result has the dtype and device of ``t``; ``t`` is not changed.
     """
-    if t.dtype not in _FLOAT_LAYOUT:
+    layouts = _float_layouts()
+    if t.dtype not in layouts:
         raise TypeError(f"round_tensor needs float32 or float64, got {t.dtype}")
-    int_dtype, mantissa, tiny = _FLOAT_LAYOUT[t.dtype]
+    int_dtype, mantissa, tiny = layouts[t.dtype]
     if not 0 <= bits <= mantissa:
         raise ValueError(f"bits must be in [0, {mantissa}] for {t.dtype}, got {bits}")
     if bool(torch.isnan(t).any()):

@@ -7,8 +7,6 @@ import math
 import time
 from typing import Any
 
-import torch
-
 from workloads.base import (
     ParamSpec,
     Workload,
@@ -21,6 +19,7 @@ from workloads.base import (
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64, tensor_bytes
+from workloads.lazy import torch
 
 # Fields up to 256 x 256 travel whole; larger ones as a strided preview plus a hash.
 _FULL_FIELD_CELLS = 256 * 256

@@ -6,8 +6,6 @@ import statistics
 import time
 from typing import Any
 
-import torch
-
 from destra.errors import WorkloadFailed
 from workloads.base import (
     ParamSpec,
@@ -22,12 +20,13 @@ from workloads.base import (
     units,
 )
 from workloads.canonical import canonical_json
+from workloads.lazy import torch
 
 # Entries are integers in [-8, 8]: every partial sum of a row-column product is an integer
 # of magnitude <= 64 n <= 2^20 < 2^24, so float32 (and float64) GEMM is exact in any
 # summation order, blocking or thread count. The benchmark measures the real kernel.
 _ENTRY_MAX = 8
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = ("float32", "float64")
 
 
 class Matmul(Workload):
@@ -46,7 +45,7 @@ class Matmul(Workload):
                   doc="matrix side"),
         ParamSpec(name="repeats", public=True, kind="int", default=3, min=1, max=100,
                   doc="timed multiplications"),
-        ParamSpec(name="dtype", public=True, kind="str", default="float32", choices=tuple(_DTYPES),
+        ParamSpec(name="dtype", public=True, kind="str", default="float32", choices=_DTYPES,
                   doc="element type of the multiplication"),
         seed_spec(),
     )
@@ -67,7 +66,7 @@ class Matmul(Workload):
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
         """Multiply, time each repeat, and output exact checksums of the product."""
         started = time.perf_counter_ns()
-        n, dtype = params["n"], _DTYPES[params["dtype"]]
+        n, dtype = params["n"], getattr(torch, params["dtype"])
         gen = cpu_generator(params["seed"])
         with deterministic(device):
             a64, b64 = (torch.randint(-_ENTRY_MAX, _ENTRY_MAX + 1, (n, n), generator=gen)

@@ -7,8 +7,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from workloads.base import (
     ParamSpec,
@@ -22,6 +20,7 @@ from workloads.base import (
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64
+from workloads.lazy import torch
 
 N_FEATURES = 64
 N_CLASSES = 10
@@ -125,7 +124,7 @@ class MlpDigits(Workload):
             for start in range(0, n_train, params["batch_size"]):
                 idx = order[start:start + params["batch_size"]]
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(logits(x_train[idx]), y_train[idx])
+                loss = torch.nn.functional.cross_entropy(logits(x_train[idx]), y_train[idx])
                 loss.backward()
                 opt.step()
         with torch.no_grad():

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from workloads.base import (
     ParamSpec,
     Workload,
@@ -19,6 +17,7 @@ from workloads.base import (
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64
+from workloads.lazy import torch
 
 # Pair interactions per force chunk: bounds each (rows, n, 3) float64 temporary at 48 MiB.
 _CHUNK_PAIRS = 1 << 21

@@ -7,11 +7,10 @@ import re
 import time
 from typing import Any
 
-import torch
-
 from destra.errors import InvalidParams
 from workloads.base import ParamSpec, Workload, WorkloadResult, finish, units
 from workloads.canonical import canonical_json
+from workloads.lazy import torch
 
 # Integer operations per 64-byte SHA-256 compression: 64 rounds of about 30 ops plus a
 # 48-word message schedule of about 10 ops each. This is the hash-to-FLOP exchange rate.

@@ -7,11 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from destra.errors import InvalidParams, WorkloadFailed
 from workloads.base import ParamSpec, Workload, WorkloadResult, finish, seed_spec
 from workloads.canonical import canonical_json, sha256
+from workloads.lazy import torch
 from workloads.mlp_digits import MlpDigits
 
 MAX_POINTS = 64
