@@ -60,7 +60,8 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
         while running is None or running():
             batch: list[Delivery] = []
             while len(batch) < BATCH:
-                d = consumer.poll(0.2 if batch else 1.0)
+                # Reading to ``until``, a quiet poll is short: the end may be reached.
+                d = consumer.poll(0.2 if batch else 0.05 if until is not None else 1.0)
                 if d is None:
                     break
                 batch.append(d)
@@ -78,6 +79,17 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
     finally:
         consumer.close()
     return applied
+
+
+def project_to_now(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
+                   topics: Sequence[str] | None = None, timeout_s: float = 300.0) -> int:
+    """``project`` every record committed on ``topics`` (default: the ledger's) when called,
+    and stop there: no idle wait."""
+    names = list(topics or [ledger_topic(settings)])
+    ends = {key: end for name in names for key, end in end_offsets(bootstrap, name).items()}
+    deadline = time.monotonic() + timeout_s
+    return project(settings, bootstrap, projection, until=ends, topics=names,
+                   running=lambda: time.monotonic() < deadline)
 
 
 def project_views(settings: Settings, bootstrap: str, projection: ViewProjection,

@@ -32,7 +32,7 @@ from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.projection import LedgerProjection
-from ledger.service import project, replay
+from ledger.service import project_to_now, replay
 from schemas import Event, decode, new_event
 from schemas.events import now_ms
 from streams.producer import EventProducer
@@ -279,7 +279,7 @@ def test_five_hundred_tasks_survive_sigkills_of_every_process(net: LocalNetwork)
 
     projection = LedgerProjection(net.pg_dsn, "public")
     try:
-        project(net.settings, net.bootstrap, projection, idle_exit_s=3)
+        project_to_now(net.settings, net.bootstrap, projection)
         projection.check()  # what `destra ledger check` runs
         balances = dict(projection.balances())
     finally:

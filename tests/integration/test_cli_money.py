@@ -12,7 +12,7 @@ import pytest
 from destra.settings import Settings
 from ledger import processor
 from ledger.projection import LedgerProjection
-from ledger.service import project
+from ledger.service import project_to_now
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_minted_tokens_reach_the_balance_the_cli_shows(
     processor.run(network, kafka, idle_exit_s=3)
     projection = LedgerProjection(pg_dsn)
     try:
-        project(network, kafka, projection, idle_exit_s=3)
+        project_to_now(network, kafka, projection)
     finally:
         projection.close()
 

@@ -16,7 +16,7 @@ import pytest
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
 from ledger.projection import LedgerProjection
-from ledger.service import project
+from ledger.service import project_to_now
 from schemas import decode, new_event
 from schemas.samples import sample_event, with_fields
 from streams.producer import EventProducer
@@ -131,7 +131,7 @@ def test_a_processor_killed_mid_stream_escrows_and_pays_exactly_once(
     # The Postgres projection of those entries: exact balances, entries sum to zero.
     projection = LedgerProjection(pg_dsn, f"proc_{uuid.uuid4().hex[:8]}")
     try:
-        project(network, kafka, projection, idle_exit_s=3)
+        project_to_now(network, kafka, projection)
         assert projection.check() == len(entries)
         assert projection.balances() == expected.book.snapshot()
     finally:

@@ -21,7 +21,7 @@ from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.projection import LedgerProjection
-from ledger.service import project, replay
+from ledger.service import project_to_now, replay
 from schemas import Event, decode
 from streams.reading import read_all
 from streams.topics import topic_for
@@ -77,7 +77,7 @@ def _honest_digest(workload: str, params: dict[str, str]) -> bytes:
 def _balances(net: LocalNetwork, schema: str) -> dict[str, int]:
     projection = LedgerProjection(net.pg_dsn, schema)
     try:
-        project(net.settings, net.bootstrap, projection, idle_exit_s=3)
+        project_to_now(net.settings, net.bootstrap, projection)
         projection.check()
         return dict(projection.balances())
     finally:

@@ -32,7 +32,7 @@ from ledger.book import (
 from ledger.decider import node_wallet
 from ledger.events import entry_events
 from ledger.projection import LedgerProjection
-from ledger.service import project_views
+from ledger.service import project_to_now
 from ledger.views import ViewProjection, view_topics
 from schemas import Event
 from schemas.samples import SAMPLE_TIME_MS, sample_event
@@ -59,7 +59,7 @@ def send(network: Settings, kafka: str, events: list[Event]) -> None:
 
 
 def fold(network: Settings, kafka: str, views: ViewProjection) -> int:
-    return project_views(network, kafka, views, idle_exit_s=3)
+    return project_to_now(network, kafka, views, topics=view_topics(network))
 
 
 def snapshot(pg_dsn: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
