@@ -12,7 +12,7 @@ import pytest
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
-from tests.support import free_port_block
+from tests.support import TEARDOWN_GRACE_S, free_port_block
 
 
 @pytest.fixture(scope="session")
@@ -91,4 +91,4 @@ def three_operators(network: Settings, kafka: str, pg_dsn: str,
         "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
     local.mint("alice", "op-a", "op-b", "op-c")
     yield local
-    local.stop()
+    local.stop(timeout_s=TEARDOWN_GRACE_S)

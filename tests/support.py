@@ -13,6 +13,11 @@ from destra.settings import Settings
 from schemas import Event
 from streams.authority import AUTHORITY, Genesis, ServiceSigner, load_signer
 
+TEARDOWN_GRACE_S = 5.0
+"""How long a test's network gets to stop on SIGTERM before SIGKILL. Its checks are done:
+a node draining for a reveal call that will never come (its replica was dropped, or the
+task decided without it) would otherwise hold the suite for the node's 30 s grace."""
+
 
 def free_port_block(count: int, *, spread: int = 100) -> int:
     """A base port p such that p..p+count-1 and p+spread..p+spread+count-1 are all free."""

@@ -21,6 +21,7 @@ from schemas import new_event
 from streams.authority import load_signer
 from streams.producer import EventProducer
 from streams.topics import topic_for
+from tests.support import TEARDOWN_GRACE_S
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[
         "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
     local.mint("alice", *(f"op-{n}" for n in NODES))
     yield local
-    local.stop()
+    local.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
 def test_audit_of_a_clean_run_is_clean_and_names_a_wrong_payee_verdict(

@@ -38,6 +38,7 @@ from schemas.events import now_ms
 from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.topics import topic_for
+from tests.support import TEARDOWN_GRACE_S
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +99,7 @@ def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[
         # A killed processors worker's units are free for its successor 3 s after.
         "DESTRA_LEASE_SESSION_MS": "3000"})
     yield local
-    local.stop()
+    local.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
 def _task(i: int) -> tuple[str, dict[str, str]]:

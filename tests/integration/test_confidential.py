@@ -29,7 +29,7 @@ from schemas.samples import with_fields
 from streams.producer import EventProducer
 from streams.reading import read_all
 from tests.integration.test_lifecycle import FUNDS, _balances, _events, _mint
-from tests.support import service_signed
+from tests.support import TEARDOWN_GRACE_S, service_signed
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def local_network(network: Settings, kafka: str, pg_dsn: str,
         "DESTRA_COMMIT_WINDOW_MS": "10000", "DESTRA_REVEAL_WINDOW_MS": "10000",
         "DESTRA_INLINE_MAX_BYTES": str(INLINE_MAX)})
     yield net
-    net.stop()
+    net.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
 def _tasks() -> list[tuple[str, dict[str, str]]]:

@@ -23,7 +23,7 @@ from streams.authority import AUTHORITY
 from streams.consumer import dead_letter_topic
 from streams.producer import EventProducer
 from streams.reading import read_all
-from tests.support import eventually
+from tests.support import TEARDOWN_GRACE_S, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def local_network(network: Settings, kafka: str, pg_dsn: str,
     net = LocalNetwork(network.with_(home=tmp_path / "home"), kafka, create_database(pg_dsn),
                        tmp_path / "logs")
     yield net
-    net.stop()
+    net.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
 def _forgeries() -> list[tuple[str, Event]]:

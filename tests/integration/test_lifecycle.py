@@ -25,6 +25,7 @@ from ledger.service import project_to_now, replay
 from schemas import Event, decode
 from streams.reading import read_all
 from streams.topics import topic_for
+from tests.support import TEARDOWN_GRACE_S
 from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO
 from workloads import get_workload
@@ -41,15 +42,28 @@ def _events(settings: Settings, kafka: str, name: str) -> list[Event]:
     return [e for e in (decode(m.value()) for m in read_all(kafka, topic)) if e.name == name]
 
 
+def _local_network(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path,
+                   commit_ms: int) -> Iterator[LocalNetwork]:
+    settings = network.with_(home=tmp_path / "home")
+    net = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
+        "DESTRA_COMMIT_WINDOW_MS": str(commit_ms), "DESTRA_REVEAL_WINDOW_MS": "15000",
+        "DESTRA_REISSUE_GRACE_MS": "30000"})
+    yield net
+    net.stop(timeout_s=TEARDOWN_GRACE_S)
+
+
 @pytest.fixture
 def local_network(network: Settings, kafka: str, pg_dsn: str,
                   tmp_path: Path) -> Iterator[LocalNetwork]:
-    settings = network.with_(home=tmp_path / "home")
-    net = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "15000",
-        "DESTRA_REISSUE_GRACE_MS": "30000"})
-    yield net
-    net.stop()
+    """Commit windows of 20 s: a loaded 2-core machine never makes an honest node late."""
+    yield from _local_network(network, kafka, pg_dsn, tmp_path, commit_ms=20_000)
+
+
+@pytest.fixture
+def short_deadlines(network: Settings, kafka: str, pg_dsn: str,
+                    tmp_path: Path) -> Iterator[LocalNetwork]:
+    """Commit windows of 10 s, for a test that waits for one to pass."""
+    yield from _local_network(network, kafka, pg_dsn, tmp_path, commit_ms=10_000)
 
 
 def _mint(net: LocalNetwork, *accounts: str) -> None:
@@ -173,9 +187,9 @@ def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exa
 
 
 def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
-    local_network: LocalNetwork
+    short_deadlines: LocalNetwork
 ) -> None:
-    net = local_network
+    net = short_deadlines
     nodes = ["k0", "k1", "k2", "k3"]
     _mint(net, "alice")
     net.start_services()
@@ -185,9 +199,10 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
 
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
-    # Long enough (seconds) that the kill lands while it runs.
-    # (n-body, 1024 bodies, 200 steps: about 7 s on one core of this machine.)
-    task_id = client.submit(client.quote("nbody", {"n": "1024", "steps": "200"}))
+    # Long enough that the kill lands while it runs, short enough to finish well inside the
+    # 10 s commit window: n-body, 512 bodies, 200 steps, about 1.6 s on one core of this
+    # machine (2.5 s when three replicas share its two cores).
+    task_id = client.submit(client.quote("nbody", {"n": "512", "steps": "200"}))
     assigned: list[str] = []
     deadline = time.monotonic() + 120
     while len(assigned) < 3:
@@ -197,7 +212,7 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
                 assigned.append(a.fields["node_id"])
         time.sleep(0.2)
     victim = assigned[0]
-    time.sleep(1.0)  # deliberately: let the victim get into the task before it dies
+    time.sleep(0.3)  # deliberately: let the victim get into the task before it dies
     assert not any(c.fields["node_id"] == victim and c.fields["task_id"] == task_id
                    for c in _events(net.settings, net.bootstrap, "ResultCommitted"))
     net.kill(f"node-{victim}", signal.SIGKILL)

@@ -21,6 +21,7 @@ from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
 from streams.leases import Shard, holders
+from tests.support import TEARDOWN_GRACE_S
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[
         "DESTRA_LEASE_SESSION_MS": "2000"})
     local.mint("alice", "op-a", "op-b", "op-c")
     yield local
-    local.stop()
+    local.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
 def test_two_workers_share_the_units_and_one_takes_over_when_the_other_dies(
