@@ -47,7 +47,7 @@ NODES = [f"c{i}" for i in range(5)]
 SLOTS = 3
 STAKE = 50_000_000  # 50 dissents or 200 missed reveals: no slash is ever capped here
 FUNDS = 10**12
-SUBMIT_S = 50.0
+SUBMIT_S = 35.0
 """Submissions are spread over this long, and the kills land within it."""
 SEED = int(os.environ.get("DESTRA_CHAOS_SEED", "20261210"))
 
