@@ -265,6 +265,30 @@ def print_cpu(before: dict[str, dict[int, float]], after: dict[str, dict[int, fl
           f"({100 * total / max(0.001, wall_s):5.1f} % of one CPU)")
 
 
+GOAL_TASKS_S = 200
+"""The processors issue's goal: verified-and-paid tasks per second on this machine."""
+
+
+def print_budget(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]],
+                 tasks: int) -> None:
+    """Whether this machine's CPUs can reach the goal at the CPU each task costs."""
+    cpus = psutil.cpu_count() or 1
+    spent = {label: sum(t - before.get(label, {}).get(pid, 0.0) for pid, t in pids.items())
+             for label, pids in after.items()}
+    per_task = {label: 1000 * s / max(1, tasks) for label, s in spent.items()}
+    total = sum(per_task.values())
+    budget = 1000 * cpus / GOAL_TASKS_S
+    broker = sum(v for k, v in per_task.items() if k.startswith("kafka broker"))
+    ours = total - broker
+    print(f"CPU budget: {GOAL_TASKS_S} tasks/s on {cpus} CPUs allows {budget:.1f} ms of CPU "
+          f"per task, all processes together; measured {total:.1f} ms/task (x{total / budget:.1f}"
+          f" the budget), so these CPUs cap the network at {1000 * cpus / total:.1f} tasks/s")
+    print(f"  the broker alone: {broker:.1f} ms/task (x{broker / budget:.1f} the budget; cap "
+          f"{1000 * cpus / max(broker, 0.001):.1f} tasks/s even if nothing else ran); the "
+          f"network's own processes: {ours:.1f} ms/task (cap {1000 * cpus / max(ours, 0.001):.1f}"
+          f" tasks/s with a free broker)")
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -367,7 +391,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
               f"{nodes} nodes x {slots} slots; submitted in {submit_s:.2f}s")
         print(f"verified: {sum(p.state == 'verified' for p in done.values())}, "
               f"verified and paid: {len(paid)}")
-        print(f"throughput: {throughput:.1f} verified-and-paid tasks/s (goal 1000), "
+        print(f"throughput: {throughput:.1f} verified-and-paid tasks/s (goal {GOAL_TASKS_S}), "
               f"first submission to last settlement entry {(last - first) / 1000:.1f} s")
         sub_ver = [float(tl.task["TaskVerified"][t] - submitted[t]) for t in paid
                    if t in tl.task.get("TaskVerified", {})]
@@ -375,6 +399,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             print(_row("submit -> verified", sub_ver))
         print_hops(tl, ids, "full load")
         print_cpu(cpu_before, cpu_after, len(paid), wall)
+        print_budget(cpu_before, cpu_after, len(paid))
         for name in threaded:
             print_threads(name, threads_before[name], threads_after[name], len(paid))
 
