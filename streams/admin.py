@@ -128,10 +128,11 @@ def describe_topics(bootstrap: str, prefix: str, timeout_s: float = 10.0) -> lis
     return sorted(states, key=lambda s: s.name)
 
 
-def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
+def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0,
+                  access: KafkaAccess | None = None) -> None:
     """Delete topics (used by benchmarks to clean up after themselves)."""
     if not names:
         return
-    admin = admin_client(bootstrap)  # must outlive the futures it resolves
+    admin = admin_client(bootstrap, access)  # must outlive the futures it resolves
     for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
         future.result(timeout=timeout_s)
