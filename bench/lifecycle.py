@@ -66,10 +66,11 @@ from destra.client import Client, Watch  # noqa: E402
 from destra.errors import DestraError  # noqa: E402
 from destra.network import LocalNetwork  # noqa: E402
 from destra.settings import Settings  # noqa: E402
-from infra.kafka import KafkaCluster, ensure_jars  # noqa: E402
+from infra.kafka import KafkaCluster, ensure_jars, new_security  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
 from ledger.processor import wait_for_transactions  # noqa: E402
 from schemas import decode, new_event  # noqa: E402
+from streams import security  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
 from streams.producer import EventProducer  # noqa: E402
 from streams.reading import read_all  # noqa: E402
@@ -316,8 +317,10 @@ def light_load(client: Client, watch: Watch, count: int, rate: float) -> list[st
 def run(args: argparse.Namespace, tmp: Path) -> None:
     """Run the benchmark and print its figures."""
     libs = ensure_jars(Settings.from_env().cache_dir)
-    cluster = KafkaCluster(tmp / "kafka", libs, brokers=1, port=_free_port())
+    cluster = KafkaCluster(tmp / "kafka", libs, brokers=1, port=_free_port(),
+                           security=new_security(tmp / "tls"))
     cluster.start()
+    security.use(cluster.access)  # this process is the operator; the network's are its own
     pg = start_embedded(tmp / "pg")
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     settings = Settings(kafka_bootstrap=cluster.bootstrap, topic_prefix=prefix,
@@ -419,7 +422,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             ensure_topics(cluster.bootstrap, prefix, replication_factor=1,
                           min_insync_replicas=1,
                           specs=[replace(topic_for("TaskSubmitted"), suffix="raw")])
-            raw = raw_ceiling(libs, cluster.bootstrap, prefix + "raw", args.raw_records, size)
+            raw = raw_ceiling(libs, cluster.bootstrap, prefix + "raw", args.raw_records, size,
+                              (cluster.access, tmp / "ca.pem"))
             rate = len(window) / max(0.001, (last - first) / 1000)
             print(f"== broker: records appended during the full-load window: {len(window)} "
                   f"({len(window) / max(1, len(paid)):.1f} per task, mean {size} bytes): "

@@ -24,8 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from destra.settings import Settings
-from infra.kafka import KafkaCluster, ensure_jars
+from infra.kafka import KafkaCluster, ensure_jars, new_security
 from schemas import Event, decode, new_event
+from streams import security
 from streams.admin import ensure_topics
 from streams.authority import ensure_genesis, load_signer
 from streams.kafka_runner import KafkaRunner
@@ -121,8 +122,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         libs = ensure_jars(Settings.from_env().cache_dir)
-        cluster = KafkaCluster(Path(tmp) / "kafka", libs, brokers=1, port=29_500)
+        cluster = KafkaCluster(Path(tmp) / "kafka", libs, brokers=1, port=29_500,
+                               security=new_security(Path(tmp) / "tls"))
         cluster.start()
+        security.use(cluster.access)
         try:
             settings = Settings(kafka_bootstrap=cluster.bootstrap, home=Path(tmp) / "home",
                                 producer_id="bench")

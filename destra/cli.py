@@ -47,11 +47,23 @@ def infra() -> None:
 @infra.command("up")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def infra_up(as_json: bool, **flags: Any) -> None:
-    """Start Kafka (KRaft) and Postgres, create topics, apply migrations."""
-    from infra import services
+@click.option("--insecure", is_flag=True, default=None,
+              help="Plaintext Kafka: no TLS, no authentication, no ACLs. Local debugging "
+                   "only [DESTRA_KAFKA_INSECURE=1].")
+def infra_up(as_json: bool, insecure: bool | None, **flags: Any) -> None:
+    """Start Kafka (KRaft) and Postgres, create topics, apply migrations.
 
-    settings = load_settings(**flags)
+    Kafka listens with TLS (a local CA and broker certificate in $DESTRA_HOME/tls)
+    and SASL/SCRAM-SHA-512; every service gets its own principal and ACLs, their
+    credentials beside their keys in $DESTRA_HOME/services. `destra node join` and
+    `destra account create` give nodes and submitters theirs.
+    """
+    from infra import services
+    from streams.security import INSECURE_WARNING
+
+    settings = load_settings(**flags).with_(kafka_insecure=insecure)
+    if settings.kafka_insecure:
+        click.echo(INSECURE_WARNING, err=True)
     services.up(settings)
     emit(services.status(settings), as_json, _status_text)
 
@@ -304,7 +316,7 @@ def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
                            Genesis.load(settings.genesis_path))
     event = new_event("TokensMinted", settings.producer_id, account=account,
                       amount_micro=amount_micro, reason=reason)
-    with EventProducer(settings, kafka_address(settings, services),
+    with EventProducer(settings, kafka_address(settings, services, role="treasury"),
                        signer=treasury) as producer:
         producer.send(event)
     click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
@@ -367,7 +379,7 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
     node_id = name or f"node-{socket.gethostname()}"
     config = NodeConfig(node_id, operator or node_id, region, tier, stake_micro, slots,
                         Fault(fault) if fault else Fault.NONE, threads, force_cpu)
-    runner = NodeRunner(settings, kafka_address(settings, services), config,
+    runner = NodeRunner(settings, kafka_address(settings, services, node=node_id), config,
                         passphrase=_passphrase())
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
@@ -381,6 +393,61 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
 
     runner.run(on_ready=ready)
     click.echo(f"node {node_id} stopped after {runner.completed} task(s)")
+
+
+def _issue(settings: Any, kind: str, name: str) -> None:
+    """The operator's act: a principal with its ACLs, its credentials saved beside the
+    party's keystore (copy that file to the party's machine)."""
+    from destra import keystore
+    from infra import services
+    from streams import security
+
+    bootstrap = kafka_address(settings, services)
+    access = security.current()
+    if not access.secure:
+        raise DestraError("this network runs --insecure: there are no principals to issue")
+    prefix = settings.topic_prefix
+    if kind == "node":
+        user, acls = security.node_principal(prefix, name), security.node_acls(prefix, name)
+        path = keystore.node_credentials(settings, name)
+    else:
+        user, acls = security.account_principal(prefix, name), security.account_acls(prefix, name)
+        path = keystore.account_credentials(settings, name)
+    security.issue(bootstrap, user, access.ca_pem, path)
+    security.create_acls(bootstrap, acls)
+    click.echo(f"{kind} {name}: Kafka principal {user}, credentials in {path} (0600)")
+
+
+@node.command("join")
+@settings_options
+@click.argument("name")
+def node_join(name: str, **flags: Any) -> None:
+    """Give node NAME its Kafka principal and ACLs (run by the network's operator).
+
+    It may write its registration, heartbeats, commits and reveals, and read its
+    assignments. The credentials go to $DESTRA_HOME/nodes/NAME/kafka.json, beside the
+    node's keystore; on another machine, copy that file there (same path under its
+    DESTRA_HOME, or name it with DESTRA_KAFKA_CREDENTIALS).
+    """
+    _issue(load_settings(**flags), "node", name)
+
+
+@cli.group()
+def account() -> None:
+    """Submitter accounts."""
+
+
+@account.command("create")
+@settings_options
+@click.argument("name")
+def account_create(name: str, **flags: Any) -> None:
+    """Give account NAME its Kafka principal and ACLs (run by the network's operator).
+
+    It may write submissions and data-key grants, and read the registry, assignments,
+    results, verdicts and prices. The credentials go to
+    $DESTRA_HOME/accounts/NAME.kafka.json, beside the account's keystore.
+    """
+    _issue(load_settings(**flags), "account", name)
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -420,7 +487,8 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
     from infra import services
 
     settings = load_settings(**flags)
-    client = Client(settings, kafka_address(settings, services), account, _passphrase())
+    client = Client(settings, kafka_address(settings, services, account=account),
+                    account, _passphrase())
     try:
         q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier)
         if not as_json:
@@ -486,7 +554,8 @@ def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags:
     from infra import services
 
     settings = load_settings(**flags)
-    client = Client(settings, kafka_address(settings, services), account, _passphrase())
+    client = Client(settings, kafka_address(settings, services, account=account),
+                    account, _passphrase())
     try:
         r = client.result(task_id)
     finally:
@@ -522,7 +591,8 @@ def grant_agent(account: str, idle_exit: float | None, **flags: Any) -> None:
     from infra import services
 
     settings = load_settings(**flags)
-    client = Client(settings, kafka_address(settings, services), account, _passphrase())
+    client = Client(settings, kafka_address(settings, services, account=account),
+                    account, _passphrase())
     watch = client.watch(from_start=True)
     click.echo(f"granting data keys for {account}; Ctrl-C to stop", err=True)
     idle_since = time.monotonic()

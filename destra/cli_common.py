@@ -8,6 +8,7 @@ back: no import cycle.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,14 +48,41 @@ def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
 
 
-def kafka_address(settings: Settings, services: Any) -> str:
-    """The Kafka bootstrap: the configured one, else the one ``destra infra up`` started."""
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap
+def kafka_address(settings: Settings, services: Any, *, node: str | None = None,
+                  account: str | None = None, role: str | None = None) -> str:
+    """The Kafka bootstrap: the configured one, else the one ``destra infra up`` started.
+
+    Also chooses this process's principal (``streams.security.configure``): the file
+    ``DESTRA_KAFKA_CREDENTIALS`` names, else plaintext for an insecure network, else
+    the credentials of the node, the account or the service ``role`` given, else the
+    operator's (``admin``).
+    """
+    from destra import keystore
+    from streams import security
+
     state = services.read_state(settings)
-    if state is None:
+    if settings.kafka_bootstrap:
+        bootstrap = settings.kafka_bootstrap
+    elif state is None:
         raise DestraError("no Kafka: run `destra infra up` or set DESTRA_KAFKA_BOOTSTRAP")
-    return str(state.kafka_bootstrap)
+    else:
+        bootstrap = str(state.kafka_bootstrap)
+    if node is not None:
+        credentials = keystore.node_credentials(settings, node)
+        hint = f"ask the network's operator for them (`destra node join {node}`)"
+    elif account is not None:
+        credentials = keystore.account_credentials(settings, account)
+        hint = f"ask the network's operator for them (`destra account create {account}`)"
+    else:
+        credentials = security.service_credentials(settings.service_keys, role or security.ADMIN)
+        hint = "`destra infra up` makes them; or set DESTRA_KAFKA_CREDENTIALS"
+    insecure = settings.kafka_insecure or (
+        state is not None and not settings.kafka_bootstrap and not state.kafka_secure)
+    if not insecure and not credentials.exists() and not os.environ.get(
+            "DESTRA_KAFKA_CREDENTIALS"):
+        raise DestraError(f"no Kafka credentials at {credentials}: {hint}")
+    security.configure(credentials, insecure=insecure)
+    return bootstrap
 
 
 def service_addresses(settings: Settings) -> tuple[str, str]:

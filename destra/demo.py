@@ -52,9 +52,11 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     from ledger.projection import LedgerProjection
     from ledger.service import project, replay
     from schemas import decode, new_event
+    from streams import security
     from streams.admin import ensure_topics
     from streams.producer import EventProducer
     from streams.reading import read_all
+    from streams.security import INSECURE_WARNING
     from streams.topics import topic_for
 
     echo("1. starting Kafka (KRaft) and Postgres ...")
@@ -63,10 +65,13 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     echo(f"   kafka {state.kafka_bootstrap}, postgres {state.pg_dsn}  "
          f"[{time.monotonic() - t0:.1f}s]")
     bootstrap = state.kafka_bootstrap
+    if services.insecure(settings, state):
+        echo("   " + INSECURE_WARNING)
+    security.use(services.admin_access(settings, state))  # the operator, in this process
     prefix = f"demo{uuid.uuid4().hex[:6]}."
     home = Path(tempfile.mkdtemp(prefix="destra-demo-"))
     run = settings.with_(kafka_bootstrap=bootstrap, topic_prefix=prefix, home=home,
-                         producer_id="demo")
+                         producer_id="demo", kafka_insecure=services.insecure(settings, state))
     ensure_topics(bootstrap, prefix, replication_factor=settings.replication_factor,
                   min_insync_replicas=settings.min_insync_replicas)
     net = LocalNetwork(run, bootstrap, create_database(state.pg_dsn, "demo"), home / "logs",

@@ -137,6 +137,16 @@ def node_path(settings: Settings, node: str) -> Path:
     return settings.home / "nodes" / _check_name("node", node) / "keys.json"
 
 
+def node_credentials(settings: Settings, node: str) -> Path:
+    """A node's Kafka credentials (``destra node join``), beside its keystore."""
+    return node_path(settings, node).with_name("kafka.json")
+
+
+def account_credentials(settings: Settings, account: str) -> Path:
+    """An account's Kafka credentials (``destra account create``), beside its keystore."""
+    return account_path(settings, account).with_suffix(".kafka.json")
+
+
 # ---------------------------------------------------------------- file format
 
 

@@ -15,12 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from destra import keystore
 from destra.errors import InfraError
 from destra.settings import Settings
 from schemas import Event, decode, new_event
+from streams import security
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.producer import EventProducer
 from streams.reading import read_all
+from streams.security import KafkaAccess
 from streams.topics import topic_for
 
 
@@ -34,11 +37,20 @@ class LocalNetwork:
     workdir: Path
     env_extra: Mapping[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    access: KafkaAccess | None = None
+    """The operator's access (a super user), which issues the network's principals;
+    this process's own when unset. Each spawned process runs as its own principal."""
 
     def __post_init__(self) -> None:
         # The network's genesis and its services' keys, made on first use (a fixture may
         # have made them already); every process gets their paths.
         self.genesis = ensure_genesis(self.settings.genesis_path, self.settings.service_keys)
+        if self.access is None:
+            self.access = security.current()
+        if self.access.secure:
+            # The services' principals and ACLs, their credentials beside their keys.
+            security.setup_network(self.bootstrap, self.settings.topic_prefix,
+                                   self.settings.service_keys, self.access.ca_pem, self.access)
         # The keystores of this network's nodes and accounts are encrypted with a random
         # passphrase kept in a 0600 file beside the logs (a real operator uses their own).
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +68,13 @@ class LocalNetwork:
     def env(self) -> dict[str, str]:
         """The environment every process of the network gets."""
         root = str(Path(__file__).resolve().parents[1])
-        env = {k: v for k, v in os.environ.items() if k != "DESTRA_PASSPHRASE"}
+        # Each process finds its own Kafka credentials (beside its keys), none inherited.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DESTRA_PASSPHRASE", "DESTRA_KAFKA_CREDENTIALS",
+                            "DESTRA_KAFKA_INSECURE")}
+        assert self.access is not None
+        if not self.access.secure:
+            env["DESTRA_KAFKA_INSECURE"] = "1"
         return {**env, "DESTRA_KAFKA_BOOTSTRAP": self.bootstrap,
                 "DESTRA_PG_DSN": self.pg_dsn, "DESTRA_TOPIC_PREFIX": self.settings.topic_prefix,
                 "DESTRA_HOME": str(self.settings.home),
@@ -70,9 +88,41 @@ class LocalNetwork:
         """A service role's signer (e.g. ``treasury`` to mint), from this network's keys."""
         return load_signer(self.settings.service_keys, role, self.genesis)
 
+    def credentials(self, role: str) -> KafkaAccess:
+        """A service's access (plaintext on an insecure network)."""
+        assert self.access is not None
+        if not self.access.secure:
+            return self.access
+        return KafkaAccess.load(security.service_credentials(self.settings.service_keys, role))
+
+    def create_accounts(self, *accounts: str) -> None:
+        """Each account's principal and ACLs, its credentials beside its keystore."""
+        assert self.access is not None
+        if not self.access.secure or not accounts:
+            return
+        prefix = self.settings.topic_prefix
+        security.issue_all(self.bootstrap, {
+            security.account_principal(prefix, a): keystore.account_credentials(self.settings, a)
+            for a in accounts}, self.access.ca_pem, self.access)
+        security.create_acls(self.bootstrap, [b for a in accounts
+                                              for b in security.account_acls(prefix, a)],
+                             self.access)
+
+    def join_node(self, name: str) -> None:
+        """A node's principal and ACLs, its credentials beside its keystore."""
+        assert self.access is not None
+        if not self.access.secure:
+            return
+        prefix = self.settings.topic_prefix
+        security.issue(self.bootstrap, security.node_principal(prefix, name), self.access.ca_pem,
+                       keystore.node_credentials(self.settings, name), self.access)
+        security.create_acls(self.bootstrap, security.node_acls(prefix, name), self.access)
+
     def mint(self, *accounts: str, amount_micro: int = 10**12) -> None:
-        """Credit each account, by ``TokensMinted`` events the treasury key signs."""
-        with EventProducer(self.settings, self.bootstrap,
+        """Create each account's principal and credit it, by ``TokensMinted`` events the
+        treasury key signs, written as the treasury's principal."""
+        self.create_accounts(*accounts)
+        with EventProducer(self.settings, self.bootstrap, self.credentials("treasury").config(),
                            signer=self.signer("treasury")) as producer:
             for account in accounts:
                 producer.send(new_event("TokensMinted", "treasury", account=account,
@@ -104,6 +154,7 @@ class LocalNetwork:
                 "--tier", tier, "--threads", "1"]
         if fault:
             args += ["--fault", fault]
+        self.join_node(name)
         self.spawn(f"node-{name}", *args, producer_id=name)
 
     def wait_registered(self, names: list[str], timeout_s: float = 120.0) -> None:

@@ -108,6 +108,7 @@ def main() -> None:
     bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
     if not bootstrap:
         raise SystemExit("processors: no Kafka; run `destra infra up` or set DESTRA_*")
+    services.use_service_access(settings, "processors")
     leased = worker(settings, bootstrap)
     stop = False
 

@@ -35,6 +35,11 @@ class Settings:
     kafka_bootstrap: str | None = None
     """An external Kafka's bootstrap servers; when set, no local broker is started."""
 
+    kafka_insecure: bool = False
+    """Plaintext Kafka: no TLS, no authentication, no ACLs (``--insecure``,
+    ``DESTRA_KAFKA_INSECURE=1``). Only for local debugging; the default is TLS with
+    SASL/SCRAM and one principal per party (``streams.security``)."""
+
     kafka_port: int = 19092
     """First client port of the local broker(s); broker i listens on port + i."""
 
@@ -121,6 +126,11 @@ class Settings:
             "DESTRA_KAFKA_HEAP_MB": "kafka_heap_mb",
             "DESTRA_INLINE_MAX_BYTES": "inline_max_bytes",
         }
+        if env.get("DESTRA_KAFKA_INSECURE"):
+            flag = env["DESTRA_KAFKA_INSECURE"].strip().lower()
+            if flag not in ("0", "1", "true", "false", "yes", "no"):
+                raise ConfigError(f"DESTRA_KAFKA_INSECURE must be 1 or 0, got {flag!r}")
+            values["kafka_insecure"] = flag in ("1", "true", "yes")
         for var, name in paths.items():
             if env.get(var):
                 values[name] = Path(env[var]).expanduser()

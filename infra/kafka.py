@@ -9,6 +9,8 @@ reliability tests: replication factor 3 and ``min.insync.replicas=2``.
 from __future__ import annotations
 
 import base64
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from destra.errors import InfraError
 from infra.procs import pid_alive, stop_pids
+from infra.tls import BROKER_PRINCIPAL, TlsFiles, ensure_tls
+from streams.security import ADMIN, SCRAM_MECHANISM, KafkaAccess
 
 KAFKA_VERSION = "4.4.0"
 _DIST = Path(__file__).with_name("kafka_dist")
@@ -89,6 +93,36 @@ class BrokerNode:
         return self.data_dir / "server.properties"
 
 
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """TLS everywhere and SASL/SCRAM for clients: how a secured cluster is set up.
+
+    Clients reach the ``CLIENT`` listener over TLS and authenticate with
+    SCRAM-SHA-512; the brokers talk to each other there too, as the ``admin``
+    principal, whose SCRAM credential is written into the metadata log when the
+    storage is formatted. The ``CONTROLLER`` listener is mutual TLS: a broker presents
+    its certificate (``CN=destra-broker``). Both are super users; every other
+    principal gets only what its ACLs allow (``streams.security``), and a principal
+    without ACLs gets nothing.
+    """
+
+    tls: TlsFiles
+    admin_password: str
+    plaintext_port: int | None = None
+    """An extra PLAINTEXT listener whose anonymous clients are super users: only for
+    ``bench/backbone.py``, to compare against on the same broker."""
+
+    def admin_access(self) -> KafkaAccess:
+        """The super user's client settings."""
+        return KafkaAccess.scram(ADMIN, self.admin_password, self.tls.ca_pem())
+
+
+def new_security(tls_dir: Path, plaintext_port: int | None = None) -> BrokerSecurity:
+    """A CA and broker certificate in ``tls_dir`` (made once) and a fresh admin password:
+    for a cluster whose data directory is new (tests, benches)."""
+    return BrokerSecurity(ensure_tls(tls_dir), secrets.token_urlsafe(24), plaintext_port)
+
+
 class KafkaCluster:
     """Starts, stops and kills the broker processes of a local KRaft cluster."""
 
@@ -100,12 +134,15 @@ class KafkaCluster:
         brokers: int = 1,
         port: int = 19092,
         heap_mb: int = 384,
+        security: BrokerSecurity | None = None,
     ) -> None:
         if brokers not in (1, 3):
             raise InfraError(f"a local cluster has 1 or 3 brokers, not {brokers}")
         self.base_dir = base_dir
         self.libs = libs
         self.heap_mb = heap_mb
+        self.security = security
+        """None: plaintext, no authentication, no ACLs (``--insecure``)."""
         # Controller ports sit 100 above the client ports so both ranges stay contiguous.
         self.nodes = [
             BrokerNode(i + 1, port + i, port + 100 + i, base_dir / f"broker-{i + 1}")
@@ -124,6 +161,11 @@ class KafkaCluster:
         return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     @property
+    def access(self) -> KafkaAccess:
+        """How a super-user client reaches this cluster (plaintext when insecure)."""
+        return self.security.admin_access() if self.security else KafkaAccess.plaintext()
+
+    @property
     def replication_factor(self) -> int:
         """Replicas per partition for topics on this cluster."""
         return len(self.nodes)
@@ -131,14 +173,9 @@ class KafkaCluster:
     def _properties(self, node: BrokerNode) -> str:
         many = len(self.nodes) > 1
         rf = 3 if many else 1
-        lines = [
-            "process.roles=broker,controller",
-            f"node.id={node.node_id}",
-            f"listeners=PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        lines = ["process.roles=broker,controller", f"node.id={node.node_id}",
+                 *self._listener_lines(node)]
+        lines += [
             f"log.dirs={node.data_dir / 'data'}",
             "auto.create.topics.enable=false",
             "num.partitions=3",
@@ -169,6 +206,49 @@ class KafkaCluster:
             lines.append(f"controller.quorum.bootstrap.servers=127.0.0.1:{node.controller_port}")
         return "\n".join(lines) + "\n"
 
+    def _listener_lines(self, node: BrokerNode) -> list[str]:
+        controller = f"CONTROLLER://127.0.0.1:{node.controller_port}"
+        if self.security is None:
+            return [
+                f"listeners=PLAINTEXT://127.0.0.1:{node.port},{controller}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            ]
+        sec = self.security
+        listeners = [f"CLIENT://127.0.0.1:{node.port}", controller]
+        advertised = [f"CLIENT://127.0.0.1:{node.port}"]
+        protocols = ["CLIENT:SASL_SSL", "CONTROLLER:SSL"]
+        supers = [f"User:{ADMIN}", BROKER_PRINCIPAL]
+        if sec.plaintext_port is not None:
+            port = sec.plaintext_port + node.node_id - 1
+            listeners.append(f"PLAIN://127.0.0.1:{port}")
+            advertised.append(f"PLAIN://127.0.0.1:{port}")
+            protocols.append("PLAIN:PLAINTEXT")
+            supers.append("User:ANONYMOUS")
+        mech = SCRAM_MECHANISM.lower()
+        return [
+            f"listeners={','.join(listeners)}",
+            f"advertised.listeners={','.join(advertised)}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=CLIENT",
+            f"listener.security.protocol.map={','.join(protocols)}",
+            f"sasl.enabled.mechanisms={SCRAM_MECHANISM}",
+            f"sasl.mechanism.inter.broker.protocol={SCRAM_MECHANISM}",
+            f"listener.name.client.{mech}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{ADMIN}" password="{sec.admin_password}";',
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={sec.tls.broker_keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={sec.tls.ca_cert}",
+            "listener.name.controller.ssl.client.auth=required",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            f"super.users={';'.join(supers)}",
+            "allow.everyone.if.no.acl.found=false",
+        ]
+
     def _java(self) -> str:
         java = shutil.which("java")
         if java is None:
@@ -181,7 +261,8 @@ class KafkaCluster:
                f"-Dkafka.logs.dir={self.base_dir}", main, *args]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise InfraError(f"{main} {' '.join(args)} failed: {result.stderr[-2000:]}")
+            shown = " ".join(a for a in args if "password=" not in a)  # never the password
+            raise InfraError(f"{main} {shown} failed: {result.stderr[-2000:]}")
         return result.stdout
 
     def format(self) -> None:
@@ -192,8 +273,16 @@ class KafkaCluster:
         cluster_id = new_cluster_id()
         for node in self.nodes:
             node.log_dir.mkdir(parents=True, exist_ok=True)
-            node.config_path.write_text(self._properties(node))
+            # 0600: a secured broker's file holds the admin's SCRAM password.
+            node.config_path.unlink(missing_ok=True)
+            fd = os.open(node.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self._properties(node))
             args = ["format", f"--cluster-id={cluster_id}", "-c", str(node.config_path)]
+            if self.security is not None:
+                # KRaft: the brokers' own SCRAM credential must exist before they start.
+                args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={ADMIN},"
+                         f"password={self.security.admin_password}]"]
             if len(self.nodes) == 1:
                 args.append("--standalone")
             self._run_tool("kafka.tools.StorageTool", args)
@@ -237,7 +326,7 @@ class KafkaCluster:
                         f"Kafka broker {node_id} exited during start; see "
                         f"{self._node(node_id).log_dir / 'server.log'}:\n{self.log_tail(node_id)}"
                     )
-            if live_broker_count(self.bootstrap, timeout_s=2.0) >= want:
+            if live_broker_count(self.bootstrap, timeout_s=2.0, access=self.access) >= want:
                 return
             time.sleep(0.25)
         raise InfraError(f"Kafka at {self.bootstrap} not ready after {timeout_s:.0f}s")

@@ -11,17 +11,21 @@ network's genesis file and its services' keys when absent
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from destra.errors import InfraError
+from destra.errors import ConfigError, InfraError
 from destra.settings import Settings
 from infra import kafka, postgres
 from infra.procs import pid_alive, stop_pids
+from infra.tls import ensure_tls
 from ledger.migrate import apply_migrations
+from streams import security
 from streams.admin import ensure_topics, live_broker_count
 from streams.authority import ensure_genesis
+from streams.security import KafkaAccess
 
 
 @dataclass
@@ -48,6 +52,8 @@ class InfraState:
     pg_pid: int | None = None
     pg_data_dir: str | None = None
     pg_system_user: str | None = None
+    kafka_secure: bool = True
+    """TLS + SASL/SCRAM + ACLs; false only for a broker started ``--insecure``."""
 
     def to_json(self) -> str:
         """Serialised for the state file."""
@@ -72,6 +78,40 @@ def read_state(settings: Settings) -> InfraState | None:
     return InfraState.from_json(path.read_text()) if path.exists() else None
 
 
+def admin_credentials(settings: Settings) -> Path:
+    """The super user's Kafka credentials, beside the services' keys (0600)."""
+    return security.service_credentials(settings.service_keys, security.ADMIN)
+
+
+def tls_dir(settings: Settings) -> Path:
+    """The local CA and broker certificate (``infra.tls``)."""
+    return settings.home / "tls"
+
+
+def admin_access(settings: Settings, state: InfraState | None = None) -> KafkaAccess:
+    """How the operator reaches the broker: plaintext for an insecure one, else the
+    credentials ``DESTRA_KAFKA_CREDENTIALS`` names, else the admin's."""
+    state = state if state is not None else read_state(settings)
+    if insecure(settings, state):
+        return KafkaAccess.plaintext()
+    named = security.credentials_from_env()
+    return named if named is not None else KafkaAccess.load(admin_credentials(settings))
+
+
+def insecure(settings: Settings, state: InfraState | None = None) -> bool:
+    """Whether this network's Kafka is plaintext: chosen so, or started ``--insecure``."""
+    state = state if state is not None else read_state(settings)
+    return settings.kafka_insecure or (
+        state is not None and not settings.kafka_bootstrap and not state.kafka_secure)
+
+
+def use_service_access(settings: Settings, role: str) -> KafkaAccess:
+    """A service process's principal: its credentials beside its key (``<role>.kafka.json``),
+    unless ``DESTRA_KAFKA_CREDENTIALS`` names others or the network is insecure."""
+    return security.configure(security.service_credentials(settings.service_keys, role),
+                              insecure=insecure(settings))
+
+
 def up(settings: Settings) -> InfraState:
     """Start (or reuse) Kafka and Postgres, create topics, apply migrations."""
     previous = read_state(settings)
@@ -81,7 +121,8 @@ def up(settings: Settings) -> InfraState:
     if previous is not None:
         down(settings)  # half-dead leftovers from a crash: clear them first
     settings.home.mkdir(parents=True, exist_ok=True)
-    state = InfraState(kafka_bootstrap="", kafka_external=False, kafka_version=kafka.KAFKA_VERSION)
+    state = InfraState(kafka_bootstrap="", kafka_external=False, kafka_version=kafka.KAFKA_VERSION,
+                       kafka_secure=not settings.kafka_insecure)
     try:
         _start_kafka(settings, state)
         _start_postgres(settings, state)
@@ -98,14 +139,23 @@ def _start_kafka(settings: Settings, state: InfraState) -> None:
     if settings.kafka_bootstrap:
         state.kafka_bootstrap, state.kafka_external = settings.kafka_bootstrap, True
         state.kafka_version = "external"
-        if live_broker_count(settings.kafka_bootstrap, timeout_s=10) == 0:
+        if live_broker_count(settings.kafka_bootstrap, timeout_s=10,
+                             access=admin_access(settings, state)) == 0:
             raise InfraError(f"external Kafka at {settings.kafka_bootstrap} does not answer")
         return
     libs = kafka.ensure_jars(settings.cache_dir)
-    # One data directory per cluster shape: a 1-broker log cannot join a 3-voter quorum.
-    cluster = kafka.KafkaCluster(settings.home / f"kafka-{settings.kafka_brokers}", libs,
-                                 brokers=settings.kafka_brokers,
-                                 port=settings.kafka_port, heap_mb=settings.kafka_heap_mb)
+    # One data directory per cluster shape: a 1-broker log cannot join a 3-voter quorum;
+    # and per security: a secured broker's log holds the admin's SCRAM credential.
+    data = settings.home / f"kafka-{settings.kafka_brokers}"
+    broker_security = None
+    if settings.kafka_insecure:
+        data = data.with_name(data.name + "-insecure")
+    else:
+        broker_security = kafka.BrokerSecurity(ensure_tls(tls_dir(settings)),
+                                               _admin_password(settings))
+    cluster = kafka.KafkaCluster(data, libs, brokers=settings.kafka_brokers,
+                                 port=settings.kafka_port, heap_mb=settings.kafka_heap_mb,
+                                 security=broker_security)
     cluster.format()
     state.kafka_bootstrap = cluster.bootstrap
     for node in cluster.nodes:
@@ -114,6 +164,17 @@ def _start_kafka(settings: Settings, state: InfraState) -> None:
         state.brokers.append(BrokerState(node.node_id, cluster.pids[node.node_id], node.port,
                                          str(node.data_dir), str(node.log_dir / "server.log")))
     cluster.wait_ready()
+
+
+def _admin_password(settings: Settings) -> str:
+    """The super user's password: kept in its credentials file, made on first use."""
+    path = admin_credentials(settings)
+    if path.exists():
+        return KafkaAccess.load(path).password
+    access = KafkaAccess.scram(security.ADMIN, secrets.token_urlsafe(24),
+                               ensure_tls(tls_dir(settings)).ca_pem())
+    access.save(path)
+    return access.password
 
 
 def _start_postgres(settings: Settings, state: InfraState) -> None:
@@ -128,9 +189,14 @@ def _start_postgres(settings: Settings, state: InfraState) -> None:
 
 def _prepare(settings: Settings, state: InfraState) -> None:
     ensure_genesis(settings.genesis_path, settings.service_keys)
+    access = admin_access(settings, state)
     ensure_topics(state.kafka_bootstrap, settings.topic_prefix,
                   replication_factor=settings.replication_factor,
-                  min_insync_replicas=settings.min_insync_replicas)
+                  min_insync_replicas=settings.min_insync_replicas, access=access)
+    if access.secure:
+        # The services' principals (credentials beside their keys) and every ACL.
+        security.setup_network(state.kafka_bootstrap, settings.topic_prefix,
+                               settings.service_keys, access.ca_pem, access)
     apply_migrations(state.pg_dsn)
 
 
@@ -166,7 +232,11 @@ def status(settings: Settings) -> dict[str, Any]:
     state = read_state(settings)
     if state is None:
         return {"running": False, "state_file": str(state_path(settings))}
-    live = live_broker_count(state.kafka_bootstrap, timeout_s=3)
+    try:
+        live = live_broker_count(state.kafka_bootstrap, timeout_s=3,
+                                 access=admin_access(settings, state))
+    except ConfigError:
+        live = 0
     pg_version = None
     try:
         pg_version = postgres.server_version(state.pg_dsn)
@@ -179,6 +249,8 @@ def status(settings: Settings) -> dict[str, Any]:
         "kafka": {
             "bootstrap": state.kafka_bootstrap,
             "external": state.kafka_external,
+            "secure": state.kafka_secure,
+            "ca": str(tls_dir(settings) / "ca.pem") if state.kafka_secure else None,
             "version": state.kafka_version,
             "live_brokers": live,
             "brokers": [dict(asdict(b), alive=pid_alive(b.pid)) for b in state.brokers],

@@ -154,6 +154,7 @@ def main() -> None:
     bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
     if not bootstrap:
         raise SystemExit("ledger processor: no Kafka; run `destra infra up` or set DESTRA_*")
+    services.use_service_access(settings, "ledger")
     stop = False
 
     def on_term(signum: int, frame: Any) -> None:

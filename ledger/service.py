@@ -47,7 +47,7 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
     ``settings.genesis_path`` must exist.
     """
     positions = projection.positions()
-    group = f"{projection.name}-{projection.schema}"
+    group = f"{settings.topic_prefix}projector.{projection.name}-{projection.schema}"
     consumer = EventConsumer(
         settings, bootstrap, group, list(topics or [ledger_topic(settings)]),
         overrides={"enable.auto.commit": False},
@@ -184,6 +184,7 @@ def main() -> None:
     dsn = settings.pg_dsn or (state.pg_dsn if state else None)
     if not bootstrap or not dsn:
         raise SystemExit("ledger: no Kafka or Postgres; run `destra infra up` or set DESTRA_*")
+    services.use_service_access(settings, "projector")
     stop = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:

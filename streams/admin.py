@@ -11,19 +11,21 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from destra.errors import InfraError
 from streams.klog import KAFKA_LOG
+from streams.security import KafkaAccess, client_config
 from streams.topics import TOPICS, TopicSpec
 
 
-def admin_client(bootstrap: str) -> AdminClient:
+def admin_client(bootstrap: str, access: KafkaAccess | None = None) -> AdminClient:
     # Connection refusals while a broker starts are expected: logged, not printed.
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": KAFKA_LOG}
+    config: dict[str, Any] = {**client_config(bootstrap, access), "logger": KAFKA_LOG}
     return AdminClient(config)
 
 
-def live_broker_count(bootstrap: str, timeout_s: float = 2.0) -> int:
+def live_broker_count(bootstrap: str, timeout_s: float = 2.0,
+                      access: KafkaAccess | None = None) -> int:
     """How many brokers the cluster reports in its metadata; 0 if it does not answer."""
     try:
-        metadata = admin_client(bootstrap).list_topics(timeout=timeout_s)
+        metadata = admin_client(bootstrap, access).list_topics(timeout=timeout_s)
     except KafkaException:
         return 0
     return len(metadata.brokers)
@@ -47,6 +49,7 @@ def ensure_topics(
     min_insync_replicas: int,
     specs: Iterable[TopicSpec] = TOPICS,
     timeout_s: float = 30.0,
+    access: KafkaAccess | None = None,
 ) -> list[str]:
     """Create the missing topics of the catalogue; returns the names created.
 
@@ -54,7 +57,7 @@ def ensure_topics(
     catalogue's topic settings, so a network made by an older version is
     upgraded in place (for example, a topic that now stamps broker time).
     """
-    admin = admin_client(bootstrap)
+    admin = admin_client(bootstrap, access)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     _reconcile(admin, [s for s in specs if s.name(prefix) in existing], prefix,
                min_insync_replicas, timeout_s)
@@ -125,10 +128,11 @@ def describe_topics(bootstrap: str, prefix: str, timeout_s: float = 10.0) -> lis
     return sorted(states, key=lambda s: s.name)
 
 
-def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
+def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0,
+                  access: KafkaAccess | None = None) -> None:
     """Delete topics (used by benchmarks to clean up after themselves)."""
     if not names:
         return
-    admin = admin_client(bootstrap)  # must outlive the futures it resolves
+    admin = admin_client(bootstrap, access)  # must outlive the futures it resolves
     for future in admin.delete_topics(names, operation_timeout=timeout_s).values():
         future.result(timeout=timeout_s)

@@ -33,6 +33,7 @@ from schemas.errors import UnauthenticatedEvent
 from streams.authority import AUTHORITY, Genesis
 from streams.klog import KAFKA_LOG
 from streams.producer import EventProducer
+from streams.security import client_config
 from streams.topics import DEAD_LETTER
 
 
@@ -52,7 +53,7 @@ def consumer_config(
 ) -> dict[str, Any]:
     """At-least-once: offsets are stored only after the caller has handled the event."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         "group.id": group_id,
         "auto.offset.reset": "earliest",
         "enable.auto.commit": True,

@@ -10,6 +10,7 @@ and dead-letters the others (``streams.authority``).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from schemas import Event, decode, encode
 from schemas.codec import encode_unchecked
 from schemas.errors import ConfigError
 from schemas.events import now_ms
+from streams import security
 from streams.authority import AUTHORITY, Genesis, ServiceSigner, held_signers, signers_by_event
 from streams.consumer import letter
 from streams.processing import Origin
@@ -61,6 +63,13 @@ def make_app(settings: Settings, app_id: str, bootstrap: str, **options: Any) ->
         "producer_acks": -1,
         "consumer_auto_offset_reset": "earliest",
     }
+    access = security.current()
+    if access.secure:
+        # SASL/SCRAM over TLS, trusting the network's CA, as every other client.
+        context = ssl.create_default_context(cadata=access.ca_pem)
+        defaults["broker_credentials"] = faust.SASLCredentials(
+            username=access.username, password=access.password, ssl_context=context,
+            mechanism=security.SCRAM_MECHANISM)
     defaults.update(options)
     app = faust.App(app_id, **defaults)
     if not defaults["web_enabled"]:

@@ -42,6 +42,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaExcep
 
 from streams.admin import admin_client
 from streams.klog import KAFKA_LOG
+from streams.security import client_config
 from streams.topics import LEASES, TASK_PARTITIONS, TASK_TOPICS, partition_for
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class LeasedWorker:
         of a unit that failed (the process should exit: its units restart elsewhere)."""
         topic = LEASES.name(self.prefix)
         config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap,
+            **client_config(self.bootstrap),
             "group.id": lease_group(self.prefix),
             "client.id": self.member,
             "partition.assignment.strategy": "cooperative-sticky",

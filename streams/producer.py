@@ -18,6 +18,7 @@ from destra.settings import Settings
 from schemas import Event, encode
 from streams.authority import AUTHORITY, ServiceSigner
 from streams.klog import KAFKA_LOG
+from streams.security import client_config
 from streams.topics import RECORD_OVERHEAD_BYTES, topic_for
 
 
@@ -32,7 +33,7 @@ DeliveryCallback = Callable[[KafkaError | None, Message], None]
 def producer_config(bootstrap: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The one producer configuration: no acknowledged write is ever lost or duplicated."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         "enable.idempotence": True,  # implies acks=all and bounded in-flight requests
         "acks": "all",
         # No batching timer: a record is sent as soon as the broker connection is free;

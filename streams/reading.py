@@ -16,11 +16,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streams.consumer import consumer_config
 from streams.klog import KAFKA_LOG
+from streams.security import client_config
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
     """The high watermark of every non-empty partition of a topic, now."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4()}",
+    consumer = Consumer({**client_config(bootstrap), "group.id": f"wm-{uuid.uuid4()}",
                          "logger": KAFKA_LOG})
     try:
         return _ends(consumer, topic)

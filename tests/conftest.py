@@ -12,7 +12,13 @@ import pytest
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
+from streams import security
+from streams.security import KafkaAccess
 from tests.support import TEARDOWN_GRACE_S, free_port_block
+
+# Unit tests build clients they never connect; the kafka fixture switches this process to
+# the session broker's super user, and every network's processes run as their own.
+security.use(KafkaAccess.plaintext())
 
 
 @pytest.fixture(scope="session")
@@ -31,15 +37,23 @@ def kafka_libs(cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory, kafka_libs: Path) -> Iterator[str]:
-    """A single-broker KRaft Kafka for the session; yields its bootstrap servers."""
-    from infra.kafka import KafkaCluster
+    """A single-broker KRaft Kafka for the session, secured as `destra infra up` starts
+    it (TLS, SASL/SCRAM, ACLs); yields its bootstrap servers. This process is its super
+    user (``kafka_access``)."""
+    from infra.kafka import KafkaCluster, new_security
 
     if os.environ.get("DESTRA_TEST_KAFKA_BOOTSTRAP"):
+        # An external broker: DESTRA_KAFKA_CREDENTIALS (a super user's), or
+        # DESTRA_KAFKA_INSECURE=1 for a plaintext one.
+        named = security.credentials_from_env()
+        security.use(named if named is not None else KafkaAccess.plaintext())
         yield os.environ["DESTRA_TEST_KAFKA_BOOTSTRAP"]
         return
-    cluster = KafkaCluster(tmp_path_factory.mktemp("kafka"), kafka_libs,
-                           brokers=1, port=free_port_block(1))
+    base = tmp_path_factory.mktemp("kafka")
+    cluster = KafkaCluster(base, kafka_libs, brokers=1, port=free_port_block(1),
+                           security=new_security(base / "tls"))
     cluster.start()
+    security.use(cluster.access)
     try:
         yield cluster.bootstrap
     finally:
@@ -78,6 +92,14 @@ def network(kafka: str, request: pytest.FixtureRequest,
                         genesis_file=keys / "genesis.json", service_key_dir=keys / "services")
     ensure_genesis(settings.genesis_path, settings.service_keys)
     ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
+    admin = security.current()
+    if admin.secure:
+        # As `destra infra up` leaves them: the operator's credentials and the services'
+        # principals, beside the services' keys.
+        admin.save(security.service_credentials(settings.service_keys, security.ADMIN))
+        security.setup_network(kafka, prefix, settings.service_keys, admin.ca_pem, admin)
+    else:
+        settings = settings.with_(kafka_insecure=True)
     return settings
 
 

@@ -11,11 +11,13 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from destra.settings import Settings
-from infra.kafka import KafkaCluster
+from infra.kafka import KafkaCluster, new_security
 from schemas.samples import sample_event, with_fields
+from streams import security
 from streams.admin import ensure_topics
 from streams.consumer import EventConsumer
 from streams.producer import EventProducer
+from streams.security import client_config
 from tests.support import free_port_block
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -24,17 +26,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_libs: Path) -> Iterator[KafkaCluster]:
     """Three combined broker+controller nodes, replication 3, min.insync.replicas 2."""
-    c = KafkaCluster(tmp_path_factory.mktemp("cluster"), kafka_libs, brokers=3,
-                     port=free_port_block(3), heap_mb=256)
+    base = tmp_path_factory.mktemp("cluster")
+    c = KafkaCluster(base, kafka_libs, brokers=3, port=free_port_block(3), heap_mb=256,
+                     security=new_security(base / "tls"))
     c.start()
+    before = security.current()
+    security.use(c.access)  # this module's clients are the cluster's super user
     try:
         yield c
     finally:
+        security.use(before)
         c.stop(grace_s=10)
 
 
 def _leaders(bootstrap: str, topic: str) -> Counter[int]:
-    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
+    metadata = AdminClient(client_config(bootstrap)).list_topics(topic, timeout=10)
     return Counter(p.leader for p in metadata.topics[topic].partitions.values())
 
 

@@ -28,6 +28,7 @@ from schemas import Event, new_event
 from schemas.samples import with_fields
 from streams.producer import EventProducer
 from streams.reading import read_all
+from streams.security import client_config
 from tests.integration.test_lifecycle import FUNDS, _balances, _events, _mint
 from tests.support import TEARDOWN_GRACE_S, service_signed
 from workloads import get_workload
@@ -90,7 +91,7 @@ def _markers(workload: str, params: dict[str, str], output: bytes) -> list[bytes
 
 def _every_byte(net: LocalNetwork) -> list[bytes]:
     """Every record (key and value) of every topic of this network, and every blob."""
-    admin = AdminClient({"bootstrap.servers": net.bootstrap})
+    admin = AdminClient(client_config(net.bootstrap))
     topics = [t for t in admin.list_topics(timeout=30).topics
               if t.startswith(net.settings.topic_prefix)]
     assert len(topics) > 10

@@ -14,13 +14,14 @@ from destra.settings import Settings
 from schemas import decode, default_catalog
 from schemas.samples import sample_event
 from streams.producer import EventProducer
+from streams.security import client_config
 from streams.topics import TOPICS
 
 pytestmark = pytest.mark.integration
 
 
 def _read_raw(bootstrap: str, topics: list[str], count: int) -> list[tuple[str, bytes]]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4()}",
+    consumer = Consumer({**client_config(bootstrap), "group.id": f"raw-{uuid.uuid4()}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe(topics)
     out: list[tuple[str, bytes]] = []

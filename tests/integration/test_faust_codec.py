@@ -32,6 +32,8 @@ def test_a_faust_agent_decodes_and_encodes_events_with_the_codec(
     ensure_topics(kafka, network.topic_prefix, replication_factor=1, min_insync_replicas=1,
                   specs=[echo_spec])
     env = dict(os.environ, DESTRA_KAFKA_BOOTSTRAP=kafka, DESTRA_TOPIC_PREFIX=network.topic_prefix)
+    if not network.kafka_insecure:  # the test's Faust app runs as the operator
+        env["DESTRA_KAFKA_CREDENTIALS"] = str(network.service_keys / "admin.kafka.json")
     log = open(tmp_path / "faust.log", "w")  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, str(APP), "--datadir", str(tmp_path / "faust"),

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from infra.procs import pid_alive
-from streams.admin import describe_topics
+from streams import security
+from streams.admin import describe_topics, live_broker_count
+from streams.security import SERVICES, KafkaAccess
 from streams.topics import TOPICS
-from tests.support import free_port_block
+from tests.support import eventually, free_port_block
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +41,22 @@ def test_infra_up_status_down_leaves_nothing_running(tmp_path: Path) -> None:
     pids = [b["pid"] for b in status["kafka"]["brokers"]] + [status["postgres"]["pid"]]
     assert all(pid_alive(p) for p in pids)
 
+    home = tmp_path / "home"
+    before = security.current()
     try:
+        # Secured by default: its CA and broker key (0600) under DESTRA_HOME, the admin's and
+        # each service's credentials (0600) beside the services' keys; no plaintext.
+        assert status["kafka"]["secure"] is True
+        assert (home / "tls" / "ca.pem").exists()
+        for secret in [home / "tls" / "ca.key", home / "tls" / "broker.pem",
+                       *(home / "services" / f"{r}.kafka.json" for r in ("admin", *SERVICES))]:
+            assert secret.stat().st_mode & 0o777 == 0o600, secret
+        bootstrap = status["kafka"]["bootstrap"]
+        assert live_broker_count(bootstrap, 3.0, KafkaAccess.plaintext()) == 0
+
         # Every catalogue topic exists with its cleanup policy and retention.
-        described = {t.name: t for t in describe_topics(status["kafka"]["bootstrap"], "destra.")}
+        security.use(KafkaAccess.load(home / "services" / "admin.kafka.json"))
+        described = {t.name: t for t in describe_topics(bootstrap, "destra.")}
         for spec in TOPICS:
             topic = described[spec.name("destra.")]
             assert topic.partitions == spec.partitions
@@ -56,6 +71,7 @@ def test_infra_up_status_down_leaves_nothing_running(tmp_path: Path) -> None:
         text = _destra(env, "infra", "status")
         assert "kafka     up" in text.stdout and "postgres  up" in text.stdout
     finally:
+        security.use(before)
         down = _destra(env, "infra", "down")
     assert down.returncode == 0, down.stderr
     assert not any(pid_alive(p) for p in pids)
@@ -90,6 +106,13 @@ def test_topics_of_an_older_network_get_the_catalogues_settings(kafka: str) -> N
     assert before.config["message.timestamp.type"] == "CreateTime"
 
     assert ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1) == []
+
+    def upgraded() -> bool:
+        # The controller has the change when ensure_topics returns; the broker's metadata
+        # view, which describe reads, follows a moment later.
+        return {t.name: t for t in describe_topics(kafka, prefix)}[name].config[
+            "message.timestamp.type"] == "LogAppendTime"
+
+    eventually(upgraded, timeout=10)
     after = {t.name: t for t in describe_topics(kafka, prefix)}[name]
-    assert after.config["message.timestamp.type"] == "LogAppendTime"
     assert after.partitions == before.partitions

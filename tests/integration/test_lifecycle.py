@@ -253,11 +253,18 @@ def test_bad_submissions_get_a_clear_cli_error(network: Settings, kafka: str,
            "DESTRA_TOPIC_PREFIX": network.topic_prefix, "DESTRA_HOME": str(tmp_path),
            "DESTRA_PASSPHRASE": "test passphrase",
            # A submitter needs the network's genesis: whose verdicts and prices to believe.
-           "DESTRA_GENESIS": str(network.genesis_path)}
+           "DESTRA_GENESIS": str(network.genesis_path),
+           # The operator's credentials, to give the account its Kafka principal.
+           "DESTRA_SERVICE_KEYS": str(network.service_keys)}
 
     def submit(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "destra", "submit", *args], env=env,
                               text=True, capture_output=True, timeout=120, check=False)
+
+    created = subprocess.run([sys.executable, "-m", "destra", "account", "create", "default"],
+                             env=env, text=True, capture_output=True, timeout=120, check=False)
+    assert created.returncode == 0, created.stderr
+    assert (tmp_path / "accounts" / "default.kafka.json").stat().st_mode & 0o777 == 0o600
 
     unknown = submit("no-such-workload")
     assert unknown.returncode == 1 and "unknown workload 'no-such-workload'" in unknown.stderr

@@ -36,6 +36,7 @@ from schemas import Event, decode, encode
 from schemas.events import now_ms
 from schemas.samples import sample_event, with_fields
 from streams.reading import read_all
+from streams.security import client_config
 from streams.topics import TASK_PARTITIONS, partition_for, topic_for
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,7 @@ def _from(letters: list[Event], topic: str, reason: str) -> list[Mapping[str, An
 def test_poison_records_are_dead_lettered_and_the_network_goes_on(net: LocalNetwork) -> None:
     net.start_services()
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
-    raw = Producer({"bootstrap.servers": net.bootstrap, "compression.type": "lz4",
+    raw = Producer({**client_config(net.bootstrap), "compression.type": "lz4",
                     "message.max.bytes": 2 * BIG})
     verdicts = _topic(net, "TaskVerified")
     assignments = _topic(net, "TaskAssigned")
