@@ -93,6 +93,14 @@ def registration(n: NodeLogic, stake: int = 0, operator: str | None = None) -> E
         stake_micro=stake, software="simulation"), n.keys, n.node_id)
 
 
+def account_registration(name: str, at: int | None = None) -> Event:
+    """A simulated account's signed ``AccountRegistered`` (its ``keys_for`` keys)."""
+    keys = keys_for(name)
+    return sign_event(new_event("AccountRegistered", name, occurred_at=at, account_id=name,
+                                signing_key=keys.signing_public,
+                                encryption_key=keys.encryption_public), keys, name)
+
+
 class Heartbeats:
     """Every node's signed heartbeat every ``HEARTBEAT_MS`` of virtual time (the node
     runner's thread in production)."""
@@ -237,6 +245,8 @@ class Sim:
         self.heart = Heartbeats(self.nodes, self.runner.now_ms)
         self.runner.processors = [*self.runner.processors, self.heart]
         t = self.runner.now_ms
+        for account in ("alice", *(f"op-{n.node_id}" for n in self.nodes)):
+            self.runner.publish(account_registration(account, t))
         self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
                                       account="alice", amount_micro=10**12, reason="sim"))
         for n in self.nodes:

@@ -33,7 +33,7 @@ from streams.topics import topic_for
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
 INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted", "NodeRegistered",
-          "PriceUpdated")
+          "PriceUpdated", "AccountRegistered")
 BATCH = 200
 
 
@@ -44,8 +44,8 @@ def _topic(settings: Settings, event: str) -> str:
 def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis: Genesis,
             checkpoint: Mapping[str, Any] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
-    committed entries, its refusals of submissions, the prices and the submissions after
-    it (from offset 0 without). Only entries, refusals and prices the genesis keys signed
+    committed entries, its refusals of submissions, the prices, the account registrations
+    and the submissions after it (from offset 0 without). Only entries, refusals and prices the genesis keys signed
     count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
@@ -74,6 +74,15 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
             continue
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
+    for msg in read_all(bootstrap, _topic(settings, "AccountRegistered"), positions):
+        try:
+            registration = decode(msg.value())
+        except EventError:
+            continue
+        # The bindings made after the checkpoint (the checkpoint holds the earlier ones):
+        # in topic order, as the live run read them, so the first binding of an id stands.
+        if registration.name == "AccountRegistered":
+            decider.register(registration)
     for msg in read_all(bootstrap, _topic(settings, "TaskFailed"), positions):
         try:
             verdict = decode(msg.value())

@@ -107,6 +107,10 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "amount_micro": -3_600_000, "kind": "escrow", "task_id": "task-7f3a",
         "memo": "escrow for task-7f3a at quote-91c2",
     },
+    "AccountRegistered": lambda: {
+        "account_id": "alice", "signing_key": _key("alice signing"),
+        "encryption_key": _key("alice x25519"),
+    },
     "TokensMinted": lambda: {
         "account": "submitter:alice", "amount_micro": 100_000_000, "reason": "faucet",
     },

@@ -121,6 +121,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("ledger.mints", "account", ("TokensMinted",), 3, broker_time=True,
               doc="faucet and governance mints: inputs of the ledger processor; broker "
                   "time, by which it refuses a replayed one"),
+    TopicSpec("accounts.registry", "account_id", ("AccountRegistered",), 3,
+              doc="signed account registrations binding an account id to its keys: inputs "
+                  "of the ledger, which credits no account before it is registered; kept "
+                  "for ever, not compacted, so the first binding of an id is never lost"),
     TopicSpec("ledger.entries", "account", ("LedgerEntryPosted",), 6,
               doc="money movements the ledger processor decided; the Postgres ledger folds them"),
     TopicSpec("market.prices", "tier", ("PriceUpdated",), 1, cleanup="compact",

@@ -8,14 +8,22 @@ from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import LedgerDecider, node_wallet
 from schemas import Event, new_event
 from schemas.samples import sample_event, with_fields
-from tests.support import account_keys, signed_submission
+from tests.support import account_keys, registration, signed_submission
 
 T0 = 1_800_000_000_000
 
 
+REGISTERED = ("alice", "bob", "carol", "op")
+"""The accounts the tests' ledgers start with, registered to their ``account_keys``."""
+
+
 def _decider() -> LedgerDecider:
-    """A ledger whose network price is 1 micro-token a unit in every tier."""
-    return LedgerDecider("ledger", prices=PriceBook(dict.fromkeys(Tier, 1)))
+    """A ledger whose network price is 1 micro-token a unit in every tier, with the
+    ``REGISTERED`` accounts."""
+    d = LedgerDecider("ledger", prices=PriceBook(dict.fromkeys(Tier, 1)))
+    for name in REGISTERED:
+        assert d.judge(registration(name)).rejected == []
+    return d
 
 
 def _submit(task_id: str, price: int, *, who: str = "alice", expires: int = T0 + 60_000,
