@@ -65,7 +65,8 @@ from verifier.service import Verifier
 from workloads import get_workload
 
 CAUSAL_RANK: dict[str, int] = {name: rank for rank, name in enumerate((
-    "PriceUpdated", "AccountRegistered", "TokensMinted", "NodeRegistered", "NodeHeartbeat", "TaskSubmitted",
+    "PriceUpdated", "AccountRegistered", "TokensMinted", "NodeRegistered", "NodeHeartbeat",
+    "TaskSubmitted",
     "LedgerEntryPosted", "TaskAssigned", "DataKeyGranted", "ResultCommitted",
     "ReissueRequested", "RevealOpened", "ResultRevealed", "TaskVerified", "NodePenalized",
     "TaskFailed"))}

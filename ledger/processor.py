@@ -45,8 +45,8 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
             checkpoint: Mapping[str, Any] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
     committed entries, its refusals of submissions, the prices, the account registrations
-    and the submissions after it (from offset 0 without). Only entries, refusals and prices the genesis keys signed
-    count. The number of entries read."""
+    and the submissions after it (from offset 0 without). Only entries, refusals and prices
+    the genesis keys signed count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     before: set[str] = set()

@@ -196,8 +196,8 @@ def _ledger() -> LedgerDecider:
     ops = [new_event("TokensMinted", "treasury", account=f"op-{n}", amount_micro=10_000,
                      reason="fuzz") for n in NODES]
     accounts = [_at(registration(a)) for a in ("alice", *(f"op-{n}" for n in NODES))]
-    return _prime(d, [*accounts, _at(mint), *map(_at, ops), *(_registration(n, 1_000) for n in NODES),
-                      _submission("t")])
+    return _prime(d, [*accounts, _at(mint), *map(_at, ops),
+                      *(_registration(n, 1_000) for n in NODES), _submission("t")])
 
 
 def _ledger_state(d: LedgerDecider) -> Any:

@@ -14,7 +14,6 @@ import pytest
 from destra.crypto import sign_event
 from destra.settings import Settings
 from ledger.book import escrow, user
-from ledger.decider import LedgerDecider
 from schemas import Event, decode, encode, new_event
 from schemas.samples import sample_event, with_fields
 from schemas.signatures import KeyPair
