@@ -7,8 +7,10 @@
 
 The account's Ed25519/X25519 keys live in a passphrase-encrypted keystore,
 ``$DESTRA_HOME/accounts/<account>.json`` (created on first use; the passphrase
-comes from ``DESTRA_PASSPHRASE`` or ``DESTRA_PASSPHRASE_FILE``); the ledger
-binds the account to the first key it submits with. Parameters are checked
+comes from ``DESTRA_PASSPHRASE`` or ``DESTRA_PASSPHRASE_FILE``). The account exists
+once ``register`` has sent its signed ``AccountRegistered`` (``destra account create``
+does it): the ledger credits nothing to an unregistered account and refuses a
+submission not signed by the registered key. Parameters are checked
 against the workload before anything is sent, so a bad submission is a clear
 error here, not a dead task.
 
@@ -43,6 +45,7 @@ from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
 from schemas import Event, decode, new_event
+from schemas.bindings import account_registration
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
@@ -232,6 +235,15 @@ class Client:
             payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public)
         self.send_signed(event, flush=flush)
         return task_id
+
+    def register(self, flush: bool = True) -> Event:
+        """Send this account's signed ``AccountRegistered``, binding it to its current keys;
+        again with the same keys, it changes nothing. Returns the event sent."""
+        event = account_registration(self.account, self.keys, self.settings.producer_id)
+        self._producer.send(event)
+        if flush:
+            self._producer.flush()
+        return event
 
     def send_signed(self, event: Event, flush: bool = True) -> None:
         """Sign ``event`` with the account's key and send it (flushed unless told not to)."""

@@ -25,6 +25,7 @@ from destra.errors import DecryptionFailed, InvalidParams
 from ledger.decider import LedgerDecider
 from node_runner.logic import Computed, Fault, NodeLogic
 from schemas import Event, new_event
+from schemas.bindings import sign_stake_consent
 from streams.memory import MemoryRunner
 from streams.processing import Context, Outcome, Recovery
 from verifier.service import Verifier
@@ -83,14 +84,19 @@ def node(name: str, compute: Callable[[Event, bytes | None], Computed] | None = 
                      producer_id=name)
 
 
-def registration(n: NodeLogic, stake: int = 0, operator: str | None = None) -> Event:
-    """The node's signed ``NodeRegistered``."""
+def registration(n: NodeLogic, stake: int = 0, operator: str | None = None,
+                 consent_by: KeyPair | None = None) -> Event:
+    """The node's signed ``NodeRegistered``; a stake carries the operator's consent, signed
+    with ``consent_by`` (the operator's ``keys_for`` keys unless given)."""
+    operator = operator or f"op-{n.node_id}"
+    consent = b"" if stake == 0 else sign_stake_consent(
+        consent_by or keys_for(operator), "", operator, n.node_id, n.keys.signing_public, stake)
     return sign_event(new_event(
-        "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator or f"op-{n.node_id}",
+        "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator,
         region="eu-west", signing_key=n.keys.signing_public,
         encryption_key=n.keys.encryption_public, device_name="simulated cpu",
         device_class="cpu", tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots,
-        stake_micro=stake, software="simulation"), n.keys, n.node_id)
+        stake_micro=stake, software="simulation", operator_consent=consent), n.keys, n.node_id)
 
 
 def account_registration(name: str, at: int | None = None) -> Event:

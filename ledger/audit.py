@@ -131,6 +131,8 @@ class AuditConfig:
     queue_timeout_ms: int = 120_000
     """``DESTRA_QUEUE_TIMEOUT_MS``."""
     fee_bps: int = DEFAULT_FEE_BPS
+    network: str = ""
+    """The topic prefix: the network stake consents are bound to."""
     unplaced_grace_ms: int = 60_000
     """How long past its queue timeout an escrowed task may still be unplaced and
     unfailed before it is named (the allocator judges on its own ticks)."""
@@ -559,7 +561,8 @@ def audit(records: Iterable[Record], genesis: Genesis | None,
     authentic = [r for r in ordered if valid(r)]
 
     # The ledger: its decisions on the logged inputs.
-    ledger_out = _replay(LedgerDecider("audit", fee_bps=config.fee_bps), ordered, valid)
+    ledger_out = _replay(LedgerDecider("audit", fee_bps=config.fee_bps,
+                                       network=config.network), ordered, valid)
     logged_ledger = [r for r in authentic if r.event.name == "LedgerEntryPosted"
                      or (r.event.name == "TaskFailed" and _role(r.event, genesis) == "ledger")]
     derived_tx: dict[str, list[Event]] = defaultdict(list)

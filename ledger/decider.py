@@ -43,8 +43,12 @@ Rules:
   for the compute (``PriceUpdated``), or exceeds the submitter's max price;
   when funds are short. Else escrow.
 - NodeRegistered (signed by the key it registers): lock ``stake_micro`` from
-  the operator's account as the node's stake, once per node; an operator
-  without the funds gets no stake locked.
+  the operator's account as the node's stake, once per node, only with the
+  operator's consent (``operator_consent``: signed by the key the operator's
+  account registered, over network, operator, node, node key and amount,
+  ``schemas.bindings``). Without it, or for an operator not registered, the node
+  runs unstaked and the registration is dead-lettered with the reason
+  (``no-stake-consent``); an operator without the funds gets no stake locked.
 - TaskVerified: pay each agreeing replica's node wallet ``node:<id>`` by the
   compute it gave, the network fee to the treasury, the rest back.
 - TaskFailed (from the verifier): refund whatever the task still holds.
@@ -84,6 +88,7 @@ from ledger.book import (
 from ledger.events import entry_events
 from ledger.horizon import Horizon
 from schemas import Event, new_event
+from schemas.bindings import stake_consent_valid
 from streams.processing import Context, Outcome, Recovery
 from streams.topics import topic_for
 
@@ -140,6 +145,8 @@ class LedgerDecider:
 
     producer_id: str
     fee_bps: int = DEFAULT_FEE_BPS
+    network: str = ""
+    """The network's name (its topic prefix): a stake consent counts on its network only."""
     book: Book = field(default_factory=Book)
     tasks: dict[str, TaskTerms] = field(default_factory=dict)
     account_keys: dict[str, bytes] = field(default_factory=dict)
@@ -360,6 +367,15 @@ class LedgerDecider:
             return Outcome()  # no ledger could store its stake's entries: it runs unstaked
         if not verify_event(e, f["signing_key"], node):
             return Outcome()
+        operator_key = self.account_keys.get(f["operator_id"])
+        if operator_key is None:
+            return Outcome.refuse(e, f"no-stake-consent: node {node} names operator "
+                                     f"{f['operator_id']}, not a registered account; it "
+                                     "runs unstaked")
+        if not stake_consent_valid(e, self.network, operator_key):
+            return Outcome.refuse(e, f"no-stake-consent: node {node}'s stake of {amount} is "
+                                     f"not consented to by operator {f['operator_id']}'s "
+                                     "registered key; it runs unstaked")
         payer = user(f["operator_id"])
         try:
             tx = stake_tx(f"stake/{node}", node, payer, amount, self.book.balance(payer))

@@ -8,9 +8,10 @@ import pickle
 
 from allocator.pricing import PriceBook, Tier
 from destra.crypto import KeyPair, sign_event
-from ledger.book import user
+from ledger.book import stake, user
 from ledger.decider import LedgerDecider
 from schemas import Event, new_event
+from schemas.bindings import sign_stake_consent
 from schemas.samples import sample_event, with_fields
 from tests.support import account_keys, registration, signed_submission
 
@@ -116,3 +117,72 @@ def test_the_bindings_survive_a_checkpoint_and_a_rebuild_by_replay() -> None:
     assert again.account_keys == {"alice": account_keys("alice").signing_public,
                                   "bob": account_keys("bob").signing_public}
     assert _reason(again, _submit("t1", "alice", account_keys("mallory"))) == "wrong-key"
+
+
+# ---------------------------------------------------------------- stake consent
+
+
+def _node(node: str, operator: str, stake: int, consent: bytes = b"",
+          node_keys: KeyPair | None = None) -> Event:
+    keys = node_keys or account_keys(node)
+    return sign_event(with_fields(sample_event("NodeRegistered"), node_id=node,
+                                  operator_id=operator, stake_micro=stake,
+                                  signing_key=keys.signing_public, operator_consent=consent),
+                      keys, node)
+
+
+def _consent(operator: str, node: str, stake: int, network: str = "",
+             by: KeyPair | None = None) -> bytes:
+    return sign_stake_consent(by or account_keys(operator), network, operator, node,
+                              account_keys(node).signing_public, stake)
+
+
+def _funded(*accounts: str) -> LedgerDecider:
+    d = _decider()
+    for a in accounts:
+        d.judge(registration(a), T0)
+        d.judge(_mint(a, 10_000), T0)
+    return d
+
+
+def test_a_stranger_naming_someone_elses_operator_locks_none_of_its_tokens() -> None:
+    # Before consents, a node's stake came from whatever operator_id its registration
+    # named: a stranger's node locked (and could then lose) alice's tokens.
+    d = _funded("alice")
+    out = d.judge(_node("mallory-node", "alice", 4_000), T0)
+    assert out.emit == []
+    assert out.rejected[0].reason.startswith("no-stake-consent: ")
+    assert d.book.balance(user("alice")) == 10_000
+    assert d.book.balance(stake("mallory-node")) == 0
+
+
+def test_a_consent_signed_by_the_operators_registered_key_locks_the_stake_once() -> None:
+    d = _funded("op")
+    reg = _node("n1", "op", 4_000, _consent("op", "n1", 4_000))
+    assert [e.fields["account"] for e in d.judge(reg, T0).emit] == [user("op"), stake("n1")]
+    assert d.judge(reg, T0).emit == []  # once per node
+    assert d.book.balance(user("op")) == 6_000 and d.book.balance(stake("n1")) == 4_000
+
+
+def test_a_consent_for_another_amount_node_network_or_key_is_refused() -> None:
+    d = _funded("op")
+    bad = {
+        "amount": _node("n1", "op", 4_000, _consent("op", "n1", 3_000)),
+        "node": _node("n2", "op", 4_000, _consent("op", "n1", 4_000)),
+        "network": _node("n1", "op", 4_000, _consent("op", "n1", 4_000, network="other.")),
+        "key": _node("n1", "op", 4_000, _consent("op", "n1", 4_000,
+                                                 by=account_keys("mallory"))),
+        "node key": _node("n1", "op", 4_000, _consent("op", "n1", 4_000),
+                          node_keys=account_keys("n1-other")),
+    }
+    for what, reg in bad.items():
+        out = d.judge(reg, T0)
+        assert out.emit == [], what
+        assert out.rejected[0].reason.startswith("no-stake-consent: "), what
+    assert d.book.balance(user("op")) == 10_000
+
+
+def test_an_unregistered_operator_stakes_nothing() -> None:
+    d = _decider()
+    out = d.judge(_node("n1", "op", 4_000, _consent("op", "n1", 4_000)), T0)
+    assert out.emit == [] and "not a registered account" in out.rejected[0].reason
