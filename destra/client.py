@@ -45,7 +45,7 @@ from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
 from schemas import Event, decode, new_event
-from schemas.bindings import account_registration
+from schemas.bindings import account_registration, data_key_commitment
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
@@ -219,8 +219,10 @@ class Client:
         public, private = get_workload(q.workload).split(q.params)
         payload: bytes | None = None
         payload_ref: str | None = None
+        commitment = b""
         if private:
             data_key, sealed = seal_input(task_id, private)
+            commitment = data_key_commitment(task_id, data_key)
             self._save_data_key(task_id, data_key)
             payload, payload_ref = store_or_inline(self.blobs, sealed,
                                                    self.settings.inline_max_bytes)
@@ -232,7 +234,8 @@ class Client:
             quoted_price_micro=q.quote.price_micro, quote_expires_at=q.quote.expires_at,
             tier=str(q.quote.tier), region=region, homogeneous=q.homogeneous,
             deadline_ms=deadline_ms, result_key=self.keys.encryption_public,
-            payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public)
+            payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public,
+            data_key_commitment=commitment)
         self.send_signed(event, flush=flush)
         return task_id
 

@@ -67,12 +67,12 @@ from workloads import get_workload
 CAUSAL_RANK: dict[str, int] = {name: rank for rank, name in enumerate((
     "PriceUpdated", "AccountRegistered", "TokensMinted", "NodeRegistered", "NodeHeartbeat",
     "TaskSubmitted",
-    "LedgerEntryPosted", "TaskAssigned", "DataKeyGranted", "ResultCommitted",
+    "LedgerEntryPosted", "TaskAssigned", "DataKeyGranted", "DataKeyRefused", "ResultCommitted",
     "ReissueRequested", "RevealOpened", "ResultRevealed", "TaskVerified", "NodePenalized",
     "TaskFailed"))}
 """Within one millisecond, the order in which events of these types can cause each other."""
 
-VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key"})
+VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key", "bad_data_key"})
 ALLOCATOR_FAILURES = frozenset({"invalid-task", "no-capacity"})
 
 

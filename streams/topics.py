@@ -106,9 +106,10 @@ TOPICS: tuple[TopicSpec, ...] = (
                   "(partition_for) so a runner reads only its own partition"),
     TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6, hashed_partitions=True,
               doc="the verifier asks the allocator to place a lost replica again"),
-    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6, hashed_partitions=True,
-              broker_time=True,
-              doc="signed commitments H(salt, digest), the commit phase"),
+    TopicSpec("results.commits", "task_id", ("ResultCommitted", "DataKeyRefused"), 6,
+              hashed_partitions=True, broker_time=True,
+              doc="signed commitments H(salt, digest), the commit phase; and a node's proven "
+                  "refusal of a data key that misses the submitter's commitment"),
     TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6, hashed_partitions=True,
               broker_time=True,
               doc="salts and digests, the reveal phase"),
