@@ -305,20 +305,39 @@ def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
 
     Only the operator holding the network's treasury key ($DESTRA_HOME/services/
     treasury.key, or DESTRA_SERVICE_KEYS) can mint; the ledger refuses any other mint,
-    and a mint to an account not registered yet (`destra account create`).
+    and a mint to an account not registered yet (`destra account create`): refused here
+    when its registration is not on the registry. The ledger reads the registry and the
+    mints independently: mint once the ledger has read the registration.
     """
     from infra import services
-    from schemas import new_event
+    from schemas import decode, new_event
+    from schemas.errors import EventError
+    from schemas.signatures import verify_event
     from streams.authority import Genesis, load_signer
     from streams.producer import EventProducer
+    from streams.reading import read_all
+    from streams.topics import topic_for
 
     settings = load_settings(**flags)
     treasury = load_signer(settings.service_keys, "treasury",
                            Genesis.load(settings.genesis_path))
+    bootstrap = kafka_address(settings, services, role="treasury")
+    registered = False
+    for msg in read_all(bootstrap, topic_for("AccountRegistered").name(settings.topic_prefix)):
+        try:
+            e = decode(msg.value() or b"")
+        except EventError:
+            continue
+        if e.name == "AccountRegistered" and e.fields["account_id"] == account \
+                and verify_event(e, e.fields["signing_key"], account):
+            registered = True
+            break
+    if not registered:
+        raise DestraError(f"account {account} is not registered (`destra account create "
+                          f"{account}`): the ledger credits no unregistered account")
     event = new_event("TokensMinted", settings.producer_id, account=account,
                       amount_micro=amount_micro, reason=reason)
-    with EventProducer(settings, kafka_address(settings, services, role="treasury"),
-                       signer=treasury) as producer:
+    with EventProducer(settings, bootstrap, signer=treasury) as producer:
         producer.send(event)
     click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
                "the ledger processor posts it")

@@ -277,6 +277,9 @@ def network_acls(prefix: str) -> list[AclBinding]:
                        (AclOperation.IDEMPOTENT_WRITE,))
     treasury = principal(prefix, "treasury")
     acls += _writes(treasury, _topics(prefix, ("TokensMinted",)))
+    # `destra mint` checks the account is registered before it mints.
+    acls += _reads(treasury, _topics(prefix, ("AccountRegistered",)))
+    acls += _groups(treasury, _SCRATCH_GROUPS)
     return acls
 
 
