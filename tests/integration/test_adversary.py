@@ -387,13 +387,15 @@ def test_submitting_as_an_account_that_never_submitted_is_refused(live: Live) ->
 
 def test_a_flood_is_throttled_to_the_quota(live: Live) -> None:
     """A node writing as fast as it can to a topic it may write is held by the broker to
-    the default producer quota (``infra.quotas.DEFAULT``): measured over 4 s, with slack
-    for a noisy machine and the burst the quota window allows."""
+    the default producer quota (``infra.quotas.DEFAULT``). Kafka measures a rate over its
+    quota window (11 samples of 1 s), so a client starting cold may spend up to a
+    window's worth of quota in a burst before its responses are delayed: over ``T``
+    seconds it gets at most about ``quota * (T + 11)`` bytes. Unthrottled, this client
+    writes well over 100 MB in 4 s on loopback."""
     out = live.attack(live.mallory, "flood", topic=live.topic("NodeHeartbeat"),
                       size=600 * 1024, seconds=4.0)
     assert out["errors"] == [], out
-    rate = out["acked_bytes"] / out["seconds"]
     quota = DEFAULT.producer_byte_rate
     assert out["throttle_ms_max"] > 0, out  # the broker said it throttled this client
-    assert rate < 2.0 * quota, (rate, quota, out)
-    assert rate > 0.25 * quota, (rate, quota, out)  # throttled, not refused
+    assert out["acked_bytes"] < 1.25 * quota * (out["seconds"] + 11), (quota, out)
+    assert out["acked_bytes"] > 0.25 * quota * out["seconds"], (quota, out)  # not refused
