@@ -307,9 +307,7 @@ def test_a_forged_assignment_on_a_topic_a_submitter_may_write_is_dead_lettered(
     # The node's own signed commit and reveal, written again with its own credentials.
     ("n1", ("ResultCommitted", "ResultRevealed")),
     # The submitter's own grant, copied byte for byte.
-    pytest.param("alice", ("DataKeyGranted",), marks=pytest.mark.xfail(strict=True, reason=(
-        "verifier/service.py on_granted drops a DataKeyGranted for a task that has its "
-        "verdict without a dead letter (nothing changes, but no reason is recorded)"))),
+    ("alice", ("DataKeyGranted",)),
     # The allocator's assignment, copied by a submitter (it may write that topic).
     ("eve", ("TaskAssigned",)),
 ])
@@ -321,9 +319,6 @@ def test_replayed_signed_events_are_dead_lettered(
     live.dead_lettered(out["results"], {"processors"}, "task_closed")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verifier/service.py on_granted drops a DataKeyGranted for a task that has its verdict "
-    "without a dead letter (nothing changes, but the refusal leaves no reason)"))
 def test_a_grant_for_someone_elses_task_is_dead_lettered(
         live: Live, unchanged: dict[str, Any]) -> None:
     out = live.attack(live.eve, "forge", events=[
