@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from destra.errors import InfraError
+from schemas.errors import InfraError
 from streams.security import SCRAM_MECHANISM, KafkaAccess
 
 _DIST = Path(__file__).with_name("kafka_dist")
