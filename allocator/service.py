@@ -100,6 +100,10 @@ class Allocator:
     """Verified tasks whose runtimes are still coming: agreeing nodes, verified at."""
     learn_window_ms: int = 120_000
     """How long after its verdict a task's reveals are still learned from."""
+    warm: set[tuple[str, str]] = field(default_factory=set)
+    """(node, workload) pairs whose first verified runtime since the node (re)started has
+    been seen: that first run pays one-time costs (imports, datasets, first kernels), up to
+    300 times its later runs in the demo, and is not learned from."""
 
     # -- the processing contract -------------------------------------------------------------
 
@@ -170,6 +174,8 @@ class Allocator:
             self.rejected.append((e, where, f"invalid-registration: {err}"))
             return []
         self.keys[f["node_id"]] = f["signing_key"]
+        # A (re)started node process is cold again for every workload.
+        self.warm = {pair for pair in self.warm if pair[0] != f["node_id"]}
         self.outstanding.setdefault(f["node_id"], {})
         self._sync_slots(f["node_id"])
         return self._drain(now_ms)
@@ -288,6 +294,9 @@ class Allocator:
         model = getattr(self.policy, "model", None)
         if placed is not None and model is not None:
             task, node, predicted = placed
+            if (node_id, task.workload) not in self.warm:
+                self.warm.add((node_id, task.workload))  # a cold start: see ``warm``
+                return
             model.observe(Observation(task, node, float(reported[1]), predicted))
 
     def _forget_runtimes(self, task_id: str) -> None:

@@ -251,8 +251,10 @@ def _runtimes(bootstrap: str, prefix: str, round_of: dict[str, int],
             pairs.setdefault((submitted[f["task_id"]], round_of[f["task_id"]]), []).append(
                 (predicted[key], f["runtime_ms"]))
     echo("   the allocator's predicted runtime of each replica vs what its node reported "
-         "(median ms; round 1 is placed on compute / measured speed alone, later rounds "
-         "with the model learned from earlier verified results):")
+         "(median ms). A node's first run of a workload pays one-time costs (imports, "
+         "datasets, first kernels) and is not learned from; until the model has history "
+         "(and has fitted it, in the background) placement uses compute / measured speed "
+         "alone; later rounds use the model learned from earlier verified results:")
     for (workload, r), values in sorted(pairs.items()):
         errors = [abs(p - a) / a for p, a in values if a > 0]
         echo(f"     {workload:<14} round {r}  predicted "

@@ -18,7 +18,7 @@ from typing import Any
 
 from destra.errors import ConfigError, InfraError
 from destra.settings import Settings
-from infra import kafka, postgres
+from infra import kafka, postgres, quotas
 from infra.procs import pid_alive, stop_pids
 from infra.tls import ensure_tls
 from ledger.migrate import apply_migrations
@@ -197,6 +197,14 @@ def _prepare(settings: Settings, state: InfraState) -> None:
         # The services' principals (credentials beside their keys) and every ACL.
         security.setup_network(state.kafka_bootstrap, settings.topic_prefix,
                                settings.service_keys, access.ca_pem, access)
+        # Client quotas: a default for every principal (each node and account), the
+        # operator and this network's services exempt (infra.quotas); set once per broker.
+        marker = (Path(state.brokers[0].data_dir).parent / "quotas.txt" if state.brokers
+                  else settings.home / "kafka-external-quotas.txt")
+        quotas.ensure_quotas(kafka.ensure_jars(settings.cache_dir), state.kafka_bootstrap,
+                             access, [security.ADMIN, *(
+                                 security.principal(settings.topic_prefix, role)
+                                 for role in security.SERVICES)], marker)
     apply_migrations(state.pg_dsn)
 
 

@@ -41,6 +41,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory, kafka_libs: Path) -> Iterato
     it (TLS, SASL/SCRAM, ACLs); yields its bootstrap servers. This process is its super
     user (``kafka_access``)."""
     from infra.kafka import KafkaCluster, new_security
+    from infra.quotas import set_quotas
 
     if os.environ.get("DESTRA_TEST_KAFKA_BOOTSTRAP"):
         # An external broker: DESTRA_KAFKA_CREDENTIALS (a super user's), or
@@ -54,6 +55,10 @@ def kafka(tmp_path_factory: pytest.TempPathFactory, kafka_libs: Path) -> Iterato
                            security=new_security(base / "tls"))
     cluster.start()
     security.use(cluster.access)
+    # As `destra infra up` sets them (infra.quotas): the default quota for every principal,
+    # the super user exempt. The networks' services made per test run at the default,
+    # which no test comes near; the adversary suite floods past it.
+    set_quotas(kafka_libs, cluster.bootstrap, cluster.access, users=[security.ADMIN])
     try:
         yield cluster.bootstrap
     finally:

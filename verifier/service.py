@@ -220,7 +220,10 @@ class Verifier:
         """A submitter's signed ``DataKeyGranted``: the replica may now run."""
         f = e.fields
         if f["task_id"] in self.closed:
-            return []  # a grant for a replica of a finished task: nothing to run
+            # Nothing to run, and said so: a late grant, a replay, or someone else's key.
+            self.rejected.append((e, where, f"{RejectReason.TASK_CLOSED}: {f['task_id']} has "
+                                            "its verdict"))
+            return []
         terms = self.terms.get(f["task_id"])
         if terms is None:
             return self._park(e, where, now_ms)

@@ -209,6 +209,8 @@ def test_an_open_task_keeps_its_terms_and_a_closed_one_only_its_closed_mark() ->
     assert "t" not in v.terms and "t" not in v.tallies and "t" in v.closed
     v.on_committed(_commit("a"), T0 + 60_002, "w")  # a late commit is refused at once
     assert v.rejected and v.rejected[-1][2].startswith("task_closed")
+    v.on_granted(_grant("a"), T0 + 60_003, "w")  # and a late (or replayed) grant, saying so
+    assert len(v.rejected) == 2 and v.rejected[-1][2].startswith("task_closed: t has")
 
 
 def test_a_reveal_phase_opened_from_a_backlog_gives_voters_their_whole_window() -> None:
