@@ -456,5 +456,5 @@ class Allocator:
             task_deadline=submission.occurred_at + f["deadline_ms"],
             payload=f["payload"], payload_ref=f["payload_ref"],
             submitter_id=f["submitter_id"], submitter_key=f["signing_key"],
-            result_key=f["result_key"])
+            result_key=f["result_key"], data_key_commitment=f["data_key_commitment"])
 

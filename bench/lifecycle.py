@@ -69,10 +69,9 @@ from destra.settings import Settings  # noqa: E402
 from infra.kafka import KafkaCluster, ensure_jars, new_security  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
 from ledger.processor import wait_for_transactions  # noqa: E402
-from schemas import decode, new_event  # noqa: E402
+from schemas import decode  # noqa: E402
 from streams import security  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
-from streams.producer import EventProducer  # noqa: E402
 from streams.reading import read_all  # noqa: E402
 from streams.topics import TOPICS, topic_for  # noqa: E402
 
@@ -335,10 +334,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     try:
         ensure_topics(cluster.bootstrap, prefix, replication_factor=1, min_insync_replicas=1,
                       specs=specs)
-        with EventProducer(settings, cluster.bootstrap) as producer:
-            producer.send(net.signer("treasury").sign(new_event(
-                "TokensMinted", "treasury", account="bench", amount_micro=10**15,
-                reason="bench")))
+        net.mint("bench", amount_micro=10**15)  # registered, then minted at start_services
         net.start_services()
         names = [f"b{i}" for i in range(nodes)]
         for n in names:

@@ -69,6 +69,7 @@ from destra.sim import (  # noqa: E402
     Heartbeats,
     OnVirtualClock,
     Submitter,
+    account_registration,
     node,
     registration,
 )
@@ -163,6 +164,8 @@ class Network:
         self.dead: Counter[str] = Counter()
         self.harvest_s = 0.0
         t = self.runner.now_ms
+        for account in ("alice", "bob", *(f"op-{n.node_id}" for n in self.nodes)):
+            self.runner.publish(account_registration(account, t))
         self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
                                       account="alice", amount_micro=10**13))
         for n in self.nodes:

@@ -304,20 +304,40 @@ def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
     """Mint AMOUNT_MICRO micro-tokens to ACCOUNT: a TokensMinted signed with the treasury key.
 
     Only the operator holding the network's treasury key ($DESTRA_HOME/services/
-    treasury.key, or DESTRA_SERVICE_KEYS) can mint; the ledger refuses any other mint.
+    treasury.key, or DESTRA_SERVICE_KEYS) can mint; the ledger refuses any other mint,
+    and a mint to an account not registered yet (`destra account create`): refused here
+    when its registration is not on the registry. The ledger reads the registry and the
+    mints independently: mint once the ledger has read the registration.
     """
     from infra import services
-    from schemas import new_event
+    from schemas import decode, new_event
+    from schemas.errors import EventError
+    from schemas.signatures import verify_event
     from streams.authority import Genesis, load_signer
     from streams.producer import EventProducer
+    from streams.reading import read_all
+    from streams.topics import topic_for
 
     settings = load_settings(**flags)
     treasury = load_signer(settings.service_keys, "treasury",
                            Genesis.load(settings.genesis_path))
+    bootstrap = kafka_address(settings, services, role="treasury")
+    registered = False
+    for msg in read_all(bootstrap, topic_for("AccountRegistered").name(settings.topic_prefix)):
+        try:
+            e = decode(msg.value() or b"")
+        except EventError:
+            continue
+        if e.name == "AccountRegistered" and e.fields["account_id"] == account \
+                and verify_event(e, e.fields["signing_key"], account):
+            registered = True
+            break
+    if not registered:
+        raise DestraError(f"account {account} is not registered (`destra account create "
+                          f"{account}`): the ledger credits no unregistered account")
     event = new_event("TokensMinted", settings.producer_id, account=account,
                       amount_micro=amount_micro, reason=reason)
-    with EventProducer(settings, kafka_address(settings, services, role="treasury"),
-                       signer=treasury) as producer:
+    with EventProducer(settings, bootstrap, signer=treasury) as producer:
         producer.send(event)
     click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
                "the ledger processor posts it")
@@ -356,7 +376,9 @@ def node() -> None:
 @click.option("--tier", default="datacenter", show_default=True,
               help="Tier offered; capped by what the benchmark measures.")
 @click.option("--stake", "stake_micro", type=click.IntRange(min=0), default=0,
-              show_default=True, help="Micro-tokens staked from the operator's account.")
+              show_default=True, help="Micro-tokens staked from the operator's account, "
+              "with its consent signed by the operator's keystore "
+              "($DESTRA_HOME/accounts/OPERATOR.json, the same passphrase).")
 @click.option("--slots", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tasks run at once.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
@@ -372,15 +394,30 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
     import signal
     import socket
 
+    from destra import keystore
     from infra import services
     from node_runner.runner import Fault, NodeConfig, NodeRunner
 
     settings = load_settings(**flags)
     node_id = name or f"node-{socket.gethostname()}"
-    config = NodeConfig(node_id, operator or node_id, region, tier, stake_micro, slots,
-                        Fault(fault) if fault else Fault.NONE, threads, force_cpu)
+    passphrase = _passphrase()
+    operator = operator or node_id
+    operator_keys = None
+    if stake_micro > 0:
+        # The operator consents to the stake with its account's key; without it the
+        # ledger locks nothing and the node runs unstaked.
+        path = keystore.account_path(settings, operator)
+        if not path.exists():
+            raise DestraError(f"--stake {stake_micro} needs the operator's consent: no "
+                              f"keystore for account {operator} at {path} (`destra "
+                              "account create`)")
+        operator_keys = keystore.load(path, passphrase or keystore.require_passphrase()
+                                      ).current
+    config = NodeConfig(node_id, operator, region, tier, stake_micro, slots,
+                        Fault(fault) if fault else Fault.NONE, threads, force_cpu,
+                        operator_keys=operator_keys)
     runner = NodeRunner(settings, kafka_address(settings, services, node=node_id), config,
-                        passphrase=_passphrase())
+                        passphrase=passphrase)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
 
@@ -441,13 +478,35 @@ def account() -> None:
 @settings_options
 @click.argument("name")
 def account_create(name: str, **flags: Any) -> None:
-    """Give account NAME its Kafka principal and ACLs (run by the network's operator).
+    """Create account NAME: its keys, its signed registration, its Kafka principal and
+    ACLs (run by the network's operator).
 
-    It may write submissions and data-key grants, and read the registry, assignments,
-    results, verdicts and prices. The credentials go to
-    $DESTRA_HOME/accounts/NAME.kafka.json, beside the account's keystore.
+    The keystore $DESTRA_HOME/accounts/NAME.json is made (or opened) with the keystore
+    passphrase, and the account's AccountRegistered, signed by its key, binds NAME to it:
+    the ledger credits nothing to an account before, and refuses a submission signed by
+    any other key. On a secure network it may write its registration, submissions and
+    data-key grants, and read the registry, assignments, results, verdicts and prices;
+    the credentials go to $DESTRA_HOME/accounts/NAME.kafka.json, beside the keystore.
     """
-    _issue(load_settings(**flags), "account", name)
+    from destra import keystore
+    from infra import services
+    from schemas.bindings import account_registration
+    from streams.producer import EventProducer
+
+    settings = load_settings(**flags)
+    keys = keystore.load_or_create(keystore.account_path(settings, name),
+                                   _passphrase() or keystore.require_passphrase()).current
+    try:
+        _issue(settings, "account", name)
+    except DestraError as err:
+        if "--insecure" not in str(err):
+            raise
+        click.echo(f"account {name}: no Kafka principal ({err})", err=True)
+    event = account_registration(name, keys, settings.producer_id)
+    with EventProducer(settings, kafka_address(settings, services)) as producer:
+        producer.send(event)
+    click.echo(f"account {name} registered: signing key {keys.signing_public.hex()} "
+               f"(event {event.event_id})")
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -651,7 +710,8 @@ def audit(as_json: bool, **flags: Any) -> None:
     config = AuditConfig(  # the settings the processors ran with (destra.processors)
         max_attempts=int(env.get("DESTRA_MAX_REISSUES") or 3),
         reissue_grace_ms=int(env.get("DESTRA_REISSUE_GRACE_MS") or 60_000),
-        queue_timeout_ms=int(env.get("DESTRA_QUEUE_TIMEOUT_MS") or 120_000))
+        queue_timeout_ms=int(env.get("DESTRA_QUEUE_TIMEOUT_MS") or 120_000),
+        network=settings.topic_prefix)
     report = run_audit(records, Genesis.load(settings.genesis_path), config)
     emit(report.as_dict(), as_json, lambda _: "\n".join(
         [str(d) for d in report.discrepancies]

@@ -7,8 +7,10 @@
 
 The account's Ed25519/X25519 keys live in a passphrase-encrypted keystore,
 ``$DESTRA_HOME/accounts/<account>.json`` (created on first use; the passphrase
-comes from ``DESTRA_PASSPHRASE`` or ``DESTRA_PASSPHRASE_FILE``); the ledger
-binds the account to the first key it submits with. Parameters are checked
+comes from ``DESTRA_PASSPHRASE`` or ``DESTRA_PASSPHRASE_FILE``). The account exists
+once ``register`` has sent its signed ``AccountRegistered`` (``destra account create``
+does it): the ledger credits nothing to an unregistered account and refuses a
+submission not signed by the registered key. Parameters are checked
 against the workload before anything is sent, so a bad submission is a clear
 error here, not a dead task.
 
@@ -43,6 +45,7 @@ from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
 from schemas import Event, decode, new_event
+from schemas.bindings import account_registration, data_key_commitment
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
@@ -216,8 +219,10 @@ class Client:
         public, private = get_workload(q.workload).split(q.params)
         payload: bytes | None = None
         payload_ref: str | None = None
+        commitment = b""
         if private:
             data_key, sealed = seal_input(task_id, private)
+            commitment = data_key_commitment(task_id, data_key)
             self._save_data_key(task_id, data_key)
             payload, payload_ref = store_or_inline(self.blobs, sealed,
                                                    self.settings.inline_max_bytes)
@@ -229,9 +234,19 @@ class Client:
             quoted_price_micro=q.quote.price_micro, quote_expires_at=q.quote.expires_at,
             tier=str(q.quote.tier), region=region, homogeneous=q.homogeneous,
             deadline_ms=deadline_ms, result_key=self.keys.encryption_public,
-            payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public)
+            payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public,
+            data_key_commitment=commitment)
         self.send_signed(event, flush=flush)
         return task_id
+
+    def register(self, flush: bool = True) -> Event:
+        """Send this account's signed ``AccountRegistered``, binding it to its current keys;
+        again with the same keys, it changes nothing. Returns the event sent."""
+        event = account_registration(self.account, self.keys, self.settings.producer_id)
+        self._producer.send(event)
+        if flush:
+            self._producer.flush()
+        return event
 
     def send_signed(self, event: Event, flush: bool = True) -> None:
         """Sign ``event`` with the account's key and send it (flushed unless told not to)."""

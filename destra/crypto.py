@@ -139,6 +139,23 @@ def unwrap_key(keys: KeyPair, ephemeral_public: bytes, wrapped: bytes, associate
     return data_key
 
 
+def grant_key(keys: KeyPair, ephemeral_public: bytes) -> bytes:
+    """The key-encryption key of a grant to ``keys`` (``wrap_key``): it opens that grant's
+    wrapped key and nothing else, so a node may show it (``DataKeyRefused``)."""
+    return _recover(keys, ephemeral_public, b"grant")
+
+
+def unwrap_with(grant_kek: bytes, wrapped: bytes, associated: bytes) -> bytes:
+    """The data key a grant wraps, opened with its key-encryption key (``grant_key``);
+    ``DecryptionFailed`` when that key does not open it."""
+    if len(grant_kek) != DATA_KEY_BYTES:
+        raise DecryptionFailed("a grant key is 32 bytes")
+    data_key = open_sealed(grant_kek, wrapped, associated)
+    if len(data_key) != DATA_KEY_BYTES:
+        raise DecryptionFailed("unwrapped data key has the wrong length")
+    return data_key
+
+
 def seal_to(recipient_public: bytes, plaintext: bytes, associated: bytes) -> bytes:
     """``ephemeral_public (32) | seal(...)``: ``plaintext`` for the recipient only."""
     ephemeral_public, kek = _agree(recipient_public, b"sealed-box")

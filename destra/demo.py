@@ -51,10 +51,9 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     from ledger.processor import wait_for_transactions
     from ledger.projection import LedgerProjection
     from ledger.service import project, replay
-    from schemas import decode, new_event
+    from schemas import decode
     from streams import security
     from streams.admin import ensure_topics
-    from streams.producer import EventProducer
     from streams.reading import read_all
     from streams.security import INSECURE_WARNING
     from streams.topics import topic_for
@@ -80,10 +79,8 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
              f"verifier shards (one processors worker), 5 node runners ({DISHONEST} returns "
              "wrong results)")
-        with EventProducer(run, bootstrap, signer=net.signer("treasury")) as producer:
-            for account in ["alice", *(f"op-{n}" for n, _ in NODES)]:
-                producer.send(new_event("TokensMinted", "faucet", account=account,
-                                        amount_micro=FUNDS, reason="demo faucet"))
+        # Each account registered (its keys, signed), then funded once the ledger bound it.
+        net.mint("alice", *(f"op-{n}" for n, _ in NODES), amount_micro=FUNDS)
         net.start_services()
         for name, region in NODES:
             net.start_node(name, operator=f"op-{name}", region=region, stake_micro=STAKE,

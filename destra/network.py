@@ -18,11 +18,14 @@ from pathlib import Path
 from destra import keystore
 from destra.errors import InfraError
 from destra.settings import Settings
+from ledger.processor import read_past
 from schemas import Event, decode, new_event
+from schemas.bindings import account_registration
+from schemas.signatures import KeyPair
 from streams import security
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.producer import EventProducer
-from streams.reading import read_all
+from streams.reading import end_offsets, read_all
 from streams.security import KafkaAccess
 from streams.topics import topic_for
 
@@ -37,6 +40,9 @@ class LocalNetwork:
     workdir: Path
     env_extra: Mapping[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _pending_mints: list[tuple[Mapping[tuple[str, int], int], tuple[str, ...], int]] = field(
+        default_factory=list)
+    """Mints waiting for the ledger to bind their accounts (``mint``)."""
     access: KafkaAccess | None = None
     """The operator's access (a super user), which issues the network's principals;
     this process's own when unset. Each spawned process runs as its own principal."""
@@ -118,15 +124,61 @@ class LocalNetwork:
                        keystore.node_credentials(self.settings, name), self.access)
         security.create_acls(self.bootstrap, security.node_acls(prefix, name), self.access)
 
-    def mint(self, *accounts: str, amount_micro: int = 10**12) -> None:
-        """Create each account's principal and credit it, by ``TokensMinted`` events the
-        treasury key signs, written as the treasury's principal."""
-        self.create_accounts(*accounts)
-        with EventProducer(self.settings, self.bootstrap, self.credentials("treasury").config(),
-                           signer=self.signer("treasury")) as producer:
+    def account_keys(self, account: str) -> KeyPair:
+        """An account's current keys, from its keystore under this network's home (made on
+        first use, encrypted with the network's passphrase)."""
+        return keystore.load_or_create(keystore.account_path(self.settings, account),
+                                       self.passphrase).current
+
+    def register_accounts(self, *accounts: str) -> dict[tuple[str, int], int]:
+        """Each account's signed ``AccountRegistered`` (its keystore's keys), written as the
+        operator; the registry topic's ends after them."""
+        assert self.access is not None
+        with EventProducer(self.settings, self.bootstrap, self.access.config()) as producer:
             for account in accounts:
-                producer.send(new_event("TokensMinted", "treasury", account=account,
-                                        amount_micro=amount_micro, reason="local network"))
+                producer.send(account_registration(account, self.account_keys(account)))
+        return end_offsets(self.bootstrap, topic_for("AccountRegistered").name(
+            self.settings.topic_prefix))
+
+    def wait_bound(self, ends: Mapping[tuple[str, int], int], timeout_s: float = 120.0) -> None:
+        """Until the ledger processor has read the registry up to ``ends``: the accounts
+        registered before them are bound, and a mint to them counts."""
+        deadline = time.monotonic() + timeout_s
+        while not read_past(self.settings, self.bootstrap, self.genesis.keys["ledger"], ends):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise InfraError(f"the ledger did not read the account registrations in "
+                                 f"{timeout_s:.0f}s; logs in {self.workdir}")
+            time.sleep(0.2)
+
+    def mint(self, *accounts: str, amount_micro: int = 10**12) -> None:
+        """Create each account's principal, register its keys and credit it, by
+        ``TokensMinted`` events the treasury key signs, written as the treasury's principal.
+
+        A mint to an account the ledger has not bound yet is refused, and the ledger reads
+        the registry and the mints independently: the mints go once it has read the
+        registrations (at ``start_services`` when it is not running yet)."""
+        self.create_accounts(*accounts)
+        ends = self.register_accounts(*accounts)
+        self._pending_mints.append((ends, accounts, amount_micro))
+        if self.running("ledger-processor"):
+            self._send_mints()
+
+    def _send_mints(self) -> None:
+        pending, self._pending_mints = self._pending_mints, []
+        for ends, accounts, amount_micro in pending:
+            self.wait_bound(ends)
+            with EventProducer(self.settings, self.bootstrap,
+                               self.credentials("treasury").config(),
+                               signer=self.signer("treasury")) as producer:
+                for account in accounts:
+                    producer.send(new_event("TokensMinted", "treasury", account=account,
+                                            amount_micro=amount_micro,
+                                            reason="local network"))
+
+    def running(self, name: str) -> bool:
+        """Whether the process ``name`` was started and has not exited."""
+        return name in self.procs and self.procs[name].poll() is None
 
     def spawn(self, name: str, *args: str, producer_id: str | None = None) -> None:
         """Start ``python args...`` as the process ``name``."""
@@ -144,11 +196,16 @@ class LocalNetwork:
         self.spawn("ledger-processor", "-m", "ledger.processor")
         self.spawn("projector", "-m", "ledger.service")
         self.spawn("processors", "-m", "destra.processors")
+        self._send_mints()
 
     def start_node(self, name: str, *, operator: str | None = None, region: str = "eu-west",
                    stake_micro: int = 0, slots: int = 1, fault: str | None = None,
                    tier: str = "consumer") -> None:
-        """One node runner process."""
+        """One node runner process; a stake is consented to with the operator's keystore
+        under this network's home (made here if missing: then the operator is not
+        registered and the ledger locks nothing)."""
+        if stake_micro > 0:
+            self.account_keys(operator or name)
         args = ["-m", "destra", "node", "run", "--name", name, "--operator", operator or name,
                 "--region", region, "--stake", str(stake_micro), "--slots", str(slots),
                 "--tier", tier, "--threads", "1"]

@@ -25,6 +25,7 @@ from destra.errors import DecryptionFailed, InvalidParams
 from ledger.decider import LedgerDecider
 from node_runner.logic import Computed, Fault, NodeLogic
 from schemas import Event, new_event
+from schemas.bindings import data_key_commitment, sign_stake_consent
 from streams.memory import MemoryRunner
 from streams.processing import Context, Outcome, Recovery
 from verifier.service import Verifier
@@ -83,14 +84,27 @@ def node(name: str, compute: Callable[[Event, bytes | None], Computed] | None = 
                      producer_id=name)
 
 
-def registration(n: NodeLogic, stake: int = 0, operator: str | None = None) -> Event:
-    """The node's signed ``NodeRegistered``."""
+def registration(n: NodeLogic, stake: int = 0, operator: str | None = None,
+                 consent_by: KeyPair | None = None) -> Event:
+    """The node's signed ``NodeRegistered``; a stake carries the operator's consent, signed
+    with ``consent_by`` (the operator's ``keys_for`` keys unless given)."""
+    operator = operator or f"op-{n.node_id}"
+    consent = b"" if stake == 0 else sign_stake_consent(
+        consent_by or keys_for(operator), "", operator, n.node_id, n.keys.signing_public, stake)
     return sign_event(new_event(
-        "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator or f"op-{n.node_id}",
+        "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator,
         region="eu-west", signing_key=n.keys.signing_public,
         encryption_key=n.keys.encryption_public, device_name="simulated cpu",
         device_class="cpu", tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots,
-        stake_micro=stake, software="simulation"), n.keys, n.node_id)
+        stake_micro=stake, software="simulation", operator_consent=consent), n.keys, n.node_id)
+
+
+def account_registration(name: str, at: int | None = None) -> Event:
+    """A simulated account's signed ``AccountRegistered`` (its ``keys_for`` keys)."""
+    keys = keys_for(name)
+    return sign_event(new_event("AccountRegistered", name, occurred_at=at, account_id=name,
+                                signing_key=keys.signing_public,
+                                encryption_key=keys.encryption_public), keys, name)
 
 
 class Heartbeats:
@@ -133,8 +147,12 @@ class Submitter:
     inputs = frozenset({"NodeRegistered", "TaskAssigned", "TaskVerified", "TaskFailed"})
     recovery = Recovery.NONE
 
-    def __init__(self, account: str = "alice", grants: bool = True) -> None:
+    def __init__(self, account: str = "alice", grants: bool = True,
+                 frame: tuple[str, ...] = ()) -> None:
         self.account, self.keys, self.grants = account, keys_for(account), grants
+        self.frame = frame
+        """Nodes this submitter tries to frame: it grants them a key other than the one its
+        submission commits to."""
         self.data_keys: dict[str, bytes] = {}
         self.node_keys: dict[str, bytes] = {}
         self.granted: set[tuple[str, str, int]] = set()
@@ -149,8 +167,10 @@ class Submitter:
         q = PriceBook().quote(workload, units, replicas, "consumer", now_ms, 60_000)
         public, private = w.split(params)
         payload = None
+        commitment = b""
         if private:
             self.data_keys[task_id], payload = seal_input(task_id, private)
+            commitment = data_key_commitment(task_id, self.data_keys[task_id])
         return sign_event(new_event(
             "TaskSubmitted", self.account, occurred_at=now_ms, task_id=task_id,
             submitter_id=self.account, workload=workload, params=public, replicas=replicas,
@@ -159,7 +179,8 @@ class Submitter:
             quote_expires_at=q.expires_at, tier="consumer", region=None,
             homogeneous=w.bit_exact, deadline_ms=deadline_ms,
             result_key=self.keys.encryption_public, payload_ref=None, payload=payload,
-            signing_key=self.keys.signing_public), self.keys, self.account)
+            signing_key=self.keys.signing_public, data_key_commitment=commitment),
+            self.keys, self.account)
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
         f = event.fields
@@ -176,6 +197,8 @@ class Submitter:
         if not self.grants or data_key is None or replica in self.granted:
             return Outcome()
         self.granted.add(replica)
+        if f["node_id"] in self.frame:
+            data_key = hashlib.sha256(b"not the data key" + data_key).digest()
         return Outcome.of([sign_event(grant(self.account, f["task_id"], f["node_id"],
                                             f["attempt"], data_key, self.node_keys[f["node_id"]])
                                       .with_envelope(occurred_at=ctx.now_ms),
@@ -220,7 +243,8 @@ class Sim:
 
     def __init__(self, faults: dict[str, Fault] | None = None, nodes: int = 4,
                  grants: bool = True, commit_ms: int = 30_000, reveal_ms: int = 15_000,
-                 reissue_grace_ms: int = 60_000, stake: int = 5_000_000) -> None:
+                 reissue_grace_ms: int = 60_000, stake: int = 5_000_000,
+                 frame: tuple[str, ...] = ()) -> None:
         faults = faults or {}
         compute = Compute()
         self.nodes = [node(f"n{i}", compute, faults.get(f"n{i}", Fault.NONE))
@@ -229,7 +253,7 @@ class Sim:
         self.allocator = Allocator("allocator", policy=LeastLoadedPolicy(),
                                    windows=Windows(commit_ms=commit_ms, reveal_ms=reveal_ms))
         self.verifier = Verifier("verifier", reissue_grace_ms=reissue_grace_ms)
-        self.alice = Submitter("alice", grants=grants)
+        self.alice = Submitter("alice", grants=grants, frame=frame)
         self.runner = MemoryRunner([self.ledger, self.allocator, OnVirtualClock(self.verifier),
                                     self.alice, *self.nodes])
         for n in self.nodes:  # the copier reads the reveals already on the log
@@ -237,6 +261,8 @@ class Sim:
         self.heart = Heartbeats(self.nodes, self.runner.now_ms)
         self.runner.processors = [*self.runner.processors, self.heart]
         t = self.runner.now_ms
+        for account in ("alice", *(f"op-{n.node_id}" for n in self.nodes)):
+            self.runner.publish(account_registration(account, t))
         self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
                                       account="alice", amount_micro=10**12, reason="sim"))
         for n in self.nodes:

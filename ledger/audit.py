@@ -65,13 +65,14 @@ from verifier.service import Verifier
 from workloads import get_workload
 
 CAUSAL_RANK: dict[str, int] = {name: rank for rank, name in enumerate((
-    "PriceUpdated", "TokensMinted", "NodeRegistered", "NodeHeartbeat", "TaskSubmitted",
-    "LedgerEntryPosted", "TaskAssigned", "DataKeyGranted", "ResultCommitted",
+    "PriceUpdated", "AccountRegistered", "TokensMinted", "NodeRegistered", "NodeHeartbeat",
+    "TaskSubmitted",
+    "LedgerEntryPosted", "TaskAssigned", "DataKeyGranted", "DataKeyRefused", "ResultCommitted",
     "ReissueRequested", "RevealOpened", "ResultRevealed", "TaskVerified", "NodePenalized",
     "TaskFailed"))}
 """Within one millisecond, the order in which events of these types can cause each other."""
 
-VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key"})
+VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key", "bad_data_key"})
 ALLOCATOR_FAILURES = frozenset({"invalid-task", "no-capacity"})
 
 
@@ -130,6 +131,8 @@ class AuditConfig:
     queue_timeout_ms: int = 120_000
     """``DESTRA_QUEUE_TIMEOUT_MS``."""
     fee_bps: int = DEFAULT_FEE_BPS
+    network: str = ""
+    """The topic prefix: the network stake consents are bound to."""
     unplaced_grace_ms: int = 60_000
     """How long past its queue timeout an escrowed task may still be unplaced and
     unfailed before it is named (the allocator judges on its own ticks)."""
@@ -558,7 +561,8 @@ def audit(records: Iterable[Record], genesis: Genesis | None,
     authentic = [r for r in ordered if valid(r)]
 
     # The ledger: its decisions on the logged inputs.
-    ledger_out = _replay(LedgerDecider("audit", fee_bps=config.fee_bps), ordered, valid)
+    ledger_out = _replay(LedgerDecider("audit", fee_bps=config.fee_bps,
+                                       network=config.network), ordered, valid)
     logged_ledger = [r for r in authentic if r.event.name == "LedgerEntryPosted"
                      or (r.event.name == "TaskFailed" and _role(r.event, genesis) == "ledger")]
     derived_tx: dict[str, list[Event]] = defaultdict(list)

@@ -26,19 +26,29 @@ Without a broker time (``decide`` with none: tests, tools) an event is judged
 at its own ``occurred_at``.
 
 Rules:
-- TokensMinted: mint to ``user:<account>``, once per event id.
+- AccountRegistered (signed by the signing key it registers: proof of possession):
+  binds the account id to that key, for ever. The same key again changes nothing; another
+  key for a bound id is refused (dead-lettered, ``account-taken``). Nothing is credited
+  to, escrowed from or staked from an account before it is registered.
+- TokensMinted: mint to ``user:<account>``, once per event id; to an account not
+  registered, refused (dead-lettered, ``unregistered-account``): no money moves.
 - TaskSubmitted: a task still escrowed here, or whose id a valid submission
   used within its freshness, is ignored (the first submission stands, refused
   or escrowed: a refused submission replayed after its account was funded is
   not escrowed). Else reject (TaskFailed) when stale or future-dated (above);
-  when it is not signed by the key it carries, or that key is not the one the
-  account first submitted with; when the quote expired before the submission
+  when it is not signed by the key it carries; when its account is not
+  registered (``unregistered-account``) or that key is not the one registered
+  (``wrong-key``); when the quote expired before the submission
   was made (event time); when the quoted price is below the network's price
   for the compute (``PriceUpdated``), or exceeds the submitter's max price;
   when funds are short. Else escrow.
 - NodeRegistered (signed by the key it registers): lock ``stake_micro`` from
-  the operator's account as the node's stake, once per node; an operator
-  without the funds gets no stake locked.
+  the operator's account as the node's stake, once per node, only with the
+  operator's consent (``operator_consent``: signed by the key the operator's
+  account registered, over network, operator, node, node key and amount,
+  ``schemas.bindings``). Without it, or for an operator not registered, the node
+  runs unstaked and the registration is dead-lettered with the reason
+  (``no-stake-consent``); an operator without the funds gets no stake locked.
 - TaskVerified: pay each agreeing replica's node wallet ``node:<id>`` by the
   compute it gave, the network fee to the treasury, the rest back.
 - TaskFailed (from the verifier): refund whatever the task still holds.
@@ -78,6 +88,7 @@ from ledger.book import (
 from ledger.events import entry_events
 from ledger.horizon import Horizon
 from schemas import Event, new_event
+from schemas.bindings import stake_consent_valid
 from streams.processing import Context, Outcome, Recovery
 from streams.topics import topic_for
 
@@ -134,10 +145,13 @@ class LedgerDecider:
 
     producer_id: str
     fee_bps: int = DEFAULT_FEE_BPS
+    network: str = ""
+    """The network's name (its topic prefix): a stake consent counts on its network only."""
     book: Book = field(default_factory=Book)
     tasks: dict[str, TaskTerms] = field(default_factory=dict)
     account_keys: dict[str, bytes] = field(default_factory=dict)
-    """The signing key each account is bound to: the first it submitted a valid task with."""
+    """The signing key each registered account is bound to (``AccountRegistered``): one per
+    account, kept for ever (an account id is never bound twice)."""
     prices: PriceBook = field(default_factory=PriceBook)
     horizon: Horizon = field(default_factory=lambda: Horizon(
         {name: topic_for(name).partitions for name in BROKER_TIMED}, margin_ms=CLOCK_SKEW_MS))
@@ -148,7 +162,7 @@ class LedgerDecider:
 
     name = "ledger"
     inputs = frozenset({"TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted",
-                        "NodeRegistered", "PriceUpdated", "TaskFailed"})
+                        "NodeRegistered", "PriceUpdated", "TaskFailed", "AccountRegistered"})
     recovery = Recovery.REPLAY
     """Rebuilt from its latest checkpoint (``checkpoint_state``, written every 30 s, bounded
     by the work in flight) and its own entries, refusals, the prices and the submissions
@@ -201,6 +215,33 @@ class LedgerDecider:
                     f"appended at {at}")
         return None
 
+    def registration_refusal(self, e: Event) -> str | None:
+        """Why an ``AccountRegistered`` binds nothing, or None (it binds, or is a repeat)."""
+        f = e.fields
+        account, key = f["account_id"], f["signing_key"]
+        if _unstorable(account):
+            return ("invalid-account: an account id with a NUL character, which no ledger "
+                    "can store (PostgreSQL text)")
+        if not verify_event(e, key, account):
+            return (f"bad-signature: registration of {account} is not signed by {account} "
+                    "with the key it registers")
+        bound = self.account_keys.get(account)
+        if bound is not None and bound != key:
+            return f"account-taken: account {account} is registered to another signing key"
+        return None
+
+    def _on_AccountRegistered(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        refusal = self.registration_refusal(e)
+        if refusal is not None:
+            return Outcome.refuse(e, refusal)
+        self.account_keys.setdefault(e.fields["account_id"], e.fields["signing_key"])
+        return Outcome()
+
+    def register(self, e: Event) -> None:
+        """Recall a registration read after the checkpoint (state rebuild on start)."""
+        if self.registration_refusal(e) is None:
+            self.account_keys.setdefault(e.fields["account_id"], e.fields["signing_key"])
+
     def _on_TokensMinted(self, e: Event, at: int) -> Outcome:  # noqa: N802 - named for the event
         f = e.fields
         key = f"mint/{e.event_id}"
@@ -212,6 +253,11 @@ class LedgerDecider:
         if _unstorable(f["account"]):
             return Outcome.refuse(e, "invalid-mint: an account id with a NUL character, "
                                      "which no ledger can store (PostgreSQL text)")
+        if f["account"] not in self.account_keys:
+            # Its id is not taken: the treasury may mint again once the account exists.
+            return Outcome.refuse(e, f"unregistered-account: mint {e.event_id} to account "
+                                     f"{f['account']}, which is not registered; no money "
+                                     "moved")
         try:
             tx = mint_tx(key, user(f["account"]), f["amount_micro"])
         except LedgerError as err:
@@ -273,15 +319,19 @@ class LedgerDecider:
         return self._post(tx, at)
 
     def _check_signature(self, e: Event) -> tuple[str, str] | None:
-        """Why a submission's signature does not count, or None; binds new accounts."""
+        """Why a submission's signature does not count, or None: it must be signed by the
+        key it carries, and that the key its account registered."""
         f = e.fields
         account, key = f["submitter_id"], f["signing_key"]
         if not verify_event(e, key, account):
             return ("bad-signature", f"task {f['task_id']} is not signed by {account} "
                                      "with the key it carries")
-        bound = self.account_keys.setdefault(account, key)
+        bound = self.account_keys.get(account)
+        if bound is None:
+            return ("unregistered-account", f"account {account} is not registered "
+                                            "(AccountRegistered)")
         if bound != key:
-            return ("wrong-key", f"account {account} is bound to another signing key")
+            return ("wrong-key", f"account {account} is registered to another signing key")
         return None
 
     def _check_price(self, e: Event) -> tuple[str, str] | None:
@@ -317,6 +367,15 @@ class LedgerDecider:
             return Outcome()  # no ledger could store its stake's entries: it runs unstaked
         if not verify_event(e, f["signing_key"], node):
             return Outcome()
+        operator_key = self.account_keys.get(f["operator_id"])
+        if operator_key is None:
+            return Outcome.refuse(e, f"no-stake-consent: node {node} names operator "
+                                     f"{f['operator_id']}, not a registered account; it "
+                                     "runs unstaked")
+        if not stake_consent_valid(e, self.network, operator_key):
+            return Outcome.refuse(e, f"no-stake-consent: node {node}'s stake of {amount} is "
+                                     f"not consented to by operator {f['operator_id']}'s "
+                                     "registered key; it runs unstaked")
         payer = user(f["operator_id"])
         try:
             tx = stake_tx(f"stake/{node}", node, payer, amount, self.book.balance(payer))
@@ -392,8 +451,6 @@ class LedgerDecider:
     def remember(self, submission: Event) -> None:
         """Recall the terms of a submission escrowed before a restart (after ``restore``)."""
         f = submission.fields
-        if f["signing_key"] and verify_event(submission, f["signing_key"], f["submitter_id"]):
-            self.account_keys.setdefault(f["submitter_id"], f["signing_key"])
         key = f"task/{f['task_id']}"
         if key in self.horizon:  # escrowed (restored) or refused: its exact expiry
             self.horizon.expires.pop(key)

@@ -26,14 +26,14 @@ from destra.settings import Settings
 from ledger.decider import LedgerDecider
 from schemas import Event, decode
 from streams.authority import Genesis, load_signer
-from streams.kafka_runner import KafkaRunner
+from streams.kafka_runner import KafkaRunner, latest_record, open_snapshot
 from streams.reading import end_offsets, read_all
-from streams.topics import topic_for
+from streams.topics import STATE, topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
 INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted", "NodeRegistered",
-          "PriceUpdated")
+          "PriceUpdated", "AccountRegistered")
 BATCH = 200
 
 
@@ -44,9 +44,9 @@ def _topic(settings: Settings, event: str) -> str:
 def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis: Genesis,
             checkpoint: Mapping[str, Any] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
-    committed entries, its refusals of submissions, the prices and the submissions after
-    it (from offset 0 without). Only entries, refusals and prices the genesis keys signed
-    count. The number of entries read."""
+    committed entries, its refusals of submissions, the prices, the account registrations
+    and the submissions after it (from offset 0 without). Only entries, refusals and prices
+    the genesis keys signed count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     before: set[str] = set()
@@ -74,6 +74,15 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
             continue
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
+    for msg in read_all(bootstrap, _topic(settings, "AccountRegistered"), positions):
+        try:
+            registration = decode(msg.value())
+        except EventError:
+            continue
+        # The bindings made after the checkpoint (the checkpoint holds the earlier ones):
+        # in topic order, as the live run read them, so the first binding of an id stands.
+        if registration.name == "AccountRegistered":
+            decider.register(registration)
     for msg in read_all(bootstrap, _topic(settings, "TaskFailed"), positions):
         try:
             verdict = decode(msg.value())
@@ -96,6 +105,24 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
     return restored
 
 
+def group(settings: Settings) -> str:
+    """The ledger processor's group: its transactional id and its state record's key."""
+    return f"{settings.topic_prefix}ledger-processor"
+
+
+def read_past(settings: Settings, bootstrap: str, ledger_key: bytes,
+              ends: Mapping[tuple[str, int], int]) -> bool:
+    """Whether the ledger processor has committed a batch past every position in ``ends``
+    (e.g. the registrations just written: their accounts are bound), by the input positions
+    in its latest state record, which ``ledger_key`` (the genesis ledger key) signed."""
+    data = latest_record(bootstrap, STATE.name(settings.topic_prefix), group(settings),
+                         f"{group(settings)}-probe")
+    if data is None:
+        return not any(ends.values())
+    positions = open_snapshot(data, ledger_key)["positions"]
+    return all(positions.get(tp, 0) >= end for tp, end in ends.items())
+
+
 def checkpoint(bootstrap: str, settings: Settings, decider: LedgerDecider,
                positions: dict[tuple[str, int], int]) -> dict[str, Any]:
     """The decider's checkpoint at the end of the current batch: its state, where its entries
@@ -115,7 +142,7 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     its inputs pass the genesis authority check, its entries are signed with the
     ledger's key, and each batch commits in one transaction.
     """
-    decider = LedgerDecider(settings.producer_id or "ledger")
+    decider = LedgerDecider(settings.producer_id or "ledger", network=settings.topic_prefix)
     genesis = Genesis.load(settings.genesis_path)
     signer = load_signer(settings.service_keys, "ledger", genesis)
 
@@ -124,7 +151,7 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
 
     runner = KafkaRunner(settings, bootstrap, [decider],
                          # Stable per network: a restarted processor fences its predecessor.
-                         group=f"{settings.topic_prefix}ledger-processor",
+                         group=group(settings),
                          snapshot_keys=signer.keys, sign=sign, check=genesis.check,
                          crash_before_commit=crash_before_commit,
                          # After fencing: the killed predecessor's open transaction on

@@ -10,6 +10,10 @@ for: the runner calls ``compute`` and hands the result back to ``finished``.
   submitter's signed ``DataKeyGranted`` (checked against the submitter key in
   the assignment, refused when stale or replayed), whose key must open for
   one of the node's keys.
+* A granted key that misses the submitter's commitment (``data_key_commitment`` in the
+  assignment) is refused with a signed ``DataKeyRefused`` carrying the grant's
+  key-encryption key: the verifier checks it and fails the task ``bad_data_key``,
+  the submitter's fault, so the node is not judged for the result it cannot compute.
 * When the work ends: a signed ``ResultCommitted`` (``H(salt, digest)`` bound
   to task, node and attempt).
 * On ``RevealOpened``: the signed ``ResultRevealed`` (salt, digest, the output
@@ -27,10 +31,11 @@ from enum import StrEnum
 from typing import Any
 
 from destra.confidential import open_grant
-from destra.crypto import KeyPair, sign_event, verify_event
+from destra.crypto import KeyPair, grant_key, sign_event, verify_event
 from destra.errors import DecryptionFailed
 from destra.freshness import Freshness
 from schemas import Event, new_event
+from schemas.bindings import data_key_commitment
 from streams.processing import Context, Outcome, Recovery, Work
 from verifier.commitments import commitment
 from workloads.canonical import sha256
@@ -203,6 +208,22 @@ class NodeLogic:
         if data_key is None:
             return Outcome.refuse(grant, f"undecryptable-grant: {problem}", ctx.origin)
         self.freshness.accept(grant)
+        committed = a["data_key_commitment"]
+        if committed and data_key_commitment(f["task_id"], data_key) != committed:
+            # The submitter's fault, shown to the verifier: the grant's key-encryption key
+            # opens that grant only. The replica is given up; no result is owed.
+            del self.awaiting[(f["task_id"], f["attempt"])]
+            self.busy -= 1
+            proof = self._signed(new_event(
+                "DataKeyRefused", self.producer_id, occurred_at=ctx.now_ms,
+                task_id=f["task_id"], node_id=self.node_id, attempt=f["attempt"],
+                grant_id=grant.event_id,
+                grant_key=grant_key(keys, f["ephemeral_public_key"])))
+            out = Outcome.of([proof])
+            out += Outcome.refuse(grant, f"bad-data-key: the key granted for {f['task_id']} "
+                                         "does not match the submitter's commitment",
+                                  ctx.origin)
+            return out
         del self.awaiting[(f["task_id"], f["attempt"])]
         return self._work(assignment, data_key)
 

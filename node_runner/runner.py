@@ -66,6 +66,7 @@ from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
 from node_runner.logic import Computed, Fault, NodeLogic
 from schemas import Event, decode, new_event
+from schemas.bindings import sign_stake_consent
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
@@ -98,6 +99,10 @@ class NodeConfig:
     """torch intra-op threads per running task."""
     force_cpu: bool = False
     heartbeat_ms: int = HEARTBEAT_MS
+    operator_keys: KeyPair | None = None
+    """The operator account's keys, to sign its consent to the stake (the ledger locks a
+    stake only with it); None: the registration carries no consent, the node runs
+    unstaked."""
 
 
 @dataclass
@@ -140,6 +145,15 @@ class NodeRunner:
         """Ask ``run`` to finish (safe from a signal handler)."""
         self._stop.set()
 
+    def stake_consent(self) -> bytes:
+        """The operator's signed consent to this node's stake, or empty (no stake, or no
+        operator keys at hand)."""
+        c = self.config
+        if c.stake_micro == 0 or c.operator_keys is None:
+            return b""
+        return sign_stake_consent(c.operator_keys, self.settings.topic_prefix, c.operator,
+                                  self.node_id, self.keys.signing_public, c.stake_micro)
+
     def register(self) -> Event:
         """Benchmark the device and publish the signed registration."""
         torch.set_num_threads(self.config.threads)
@@ -156,7 +170,8 @@ class NodeRunner:
             device_name=cap.device_name[:256], device_class=cap.device_class,
             tier=self.config.tier, tflops_milli=cap.tflops_milli, memory_mb=cap.memory_mb,
             slots=self.config.slots, stake_micro=self.config.stake_micro,
-            software=f"destra {__version__}; torch {torch.__version__}{cuda}"))
+            software=f"destra {__version__}; torch {torch.__version__}{cuda}",
+            operator_consent=self.stake_consent()))
         self._producer.send(event)
         self._producer.flush()
         return event

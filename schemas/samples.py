@@ -107,6 +107,14 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "amount_micro": -3_600_000, "kind": "escrow", "task_id": "task-7f3a",
         "memo": "escrow for task-7f3a at quote-91c2",
     },
+    "AccountRegistered": lambda: {
+        "account_id": "alice", "signing_key": _key("alice signing"),
+        "encryption_key": _key("alice x25519"),
+    },
+    "DataKeyRefused": lambda: {
+        "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0,
+        "grant_id": "5d1f3a52-2f7e-4d8a-9c4b-1e0f6a7b8c9d", "grant_key": _key("grant kek"),
+    },
     "TokensMinted": lambda: {
         "account": "submitter:alice", "amount_micro": 100_000_000, "reason": "faucet",
     },

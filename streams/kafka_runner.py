@@ -67,6 +67,24 @@ about 3-4 ms a batch for the verifier's state) are still read."""
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 
 
+def latest_record(bootstrap: str, state_topic: str, key: str, group: str) -> bytes | None:
+    """The last committed state record under ``key``, reading back from the topic's end
+    (sealed: ``open_snapshot`` it)."""
+    consumer = Consumer(consumer_config(bootstrap, group, {"enable.auto.commit": False}))
+    try:
+        tp = TopicPartition(state_topic, 0)
+        low, high = _watermarks(consumer, tp)
+        back = 16
+        while True:
+            start = max(low, high - back)
+            found = KafkaRunner._read_range(consumer, tp, start, high)
+            if key in found or start == low:
+                return found.get(key)
+            back *= 4
+    finally:
+        consumer.close()
+
+
 def seal_snapshot(state: Any, keys: KeyPair) -> bytes:
     """``DSNP2``, the service's Ed25519 signature, then the pickled state."""
     body = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -197,20 +215,7 @@ class KafkaRunner:
 
     def _latest_record(self, key: str) -> bytes | None:
         """The last committed state record under ``key``, reading back from the topic's end."""
-        consumer = Consumer(consumer_config(self.bootstrap, f"{self.group}-restore",
-                                            {"enable.auto.commit": False}))
-        try:
-            tp = TopicPartition(self.state_topic, 0)
-            low, high = _watermarks(consumer, tp)
-            back = 16
-            while True:
-                start = max(low, high - back)
-                found = self._read_range(consumer, tp, start, high)
-                if key in found or start == low:
-                    return found.get(key)
-                back *= 4
-        finally:
-            consumer.close()
+        return latest_record(self.bootstrap, self.state_topic, key, f"{self.group}-restore")
 
     @staticmethod
     def _read_range(consumer: Consumer, tp: TopicPartition, start: int,

@@ -277,6 +277,9 @@ def network_acls(prefix: str) -> list[AclBinding]:
                        (AclOperation.IDEMPOTENT_WRITE,))
     treasury = principal(prefix, "treasury")
     acls += _writes(treasury, _topics(prefix, ("TokensMinted",)))
+    # `destra mint` checks the account is registered before it mints.
+    acls += _reads(treasury, _topics(prefix, ("AccountRegistered",)))
+    acls += _groups(treasury, _SCRATCH_GROUPS)
     return acls
 
 
@@ -294,12 +297,13 @@ def node_acls(prefix: str, node: str) -> list[AclBinding]:
 
 
 def account_acls(prefix: str, account: str) -> list[AclBinding]:
-    """A submitter writes submissions and data-key grants (on the assignments topic);
-    it reads what its client follows: the node registry (to wrap a grant), assignments,
-    commits, reveals, verdicts and prices."""
+    """A submitter writes its registration, submissions and data-key grants (on the
+    assignments topic); it reads what its client follows: the node registry (to wrap a
+    grant), assignments, commits, reveals, verdicts and prices."""
     user = account_principal(prefix, account)
     return [
-        *_writes(user, _topics(prefix, ("TaskSubmitted", "DataKeyGranted"))),
+        *_writes(user, _topics(prefix, ("AccountRegistered", "TaskSubmitted",
+                                        "DataKeyGranted"))),
         *_reads(user, _topics(prefix, ("NodeRegistered", "TaskAssigned", "ResultCommitted",
                                        "ResultRevealed", "TaskVerified", "PriceUpdated"))),
         *_groups(user, _SCRATCH_GROUPS),

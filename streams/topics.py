@@ -106,9 +106,10 @@ TOPICS: tuple[TopicSpec, ...] = (
                   "(partition_for) so a runner reads only its own partition"),
     TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6, hashed_partitions=True,
               doc="the verifier asks the allocator to place a lost replica again"),
-    TopicSpec("results.commits", "task_id", ("ResultCommitted",), 6, hashed_partitions=True,
-              broker_time=True,
-              doc="signed commitments H(salt, digest), the commit phase"),
+    TopicSpec("results.commits", "task_id", ("ResultCommitted", "DataKeyRefused"), 6,
+              hashed_partitions=True, broker_time=True,
+              doc="signed commitments H(salt, digest), the commit phase; and a node's proven "
+                  "refusal of a data key that misses the submitter's commitment"),
     TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6, hashed_partitions=True,
               broker_time=True,
               doc="salts and digests, the reveal phase"),
@@ -121,6 +122,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("ledger.mints", "account", ("TokensMinted",), 3, broker_time=True,
               doc="faucet and governance mints: inputs of the ledger processor; broker "
                   "time, by which it refuses a replayed one"),
+    TopicSpec("accounts.registry", "account_id", ("AccountRegistered",), 3,
+              doc="signed account registrations binding an account id to its keys: inputs "
+                  "of the ledger, which credits no account before it is registered; kept "
+                  "for ever, not compacted, so the first binding of an id is never lost"),
     TopicSpec("ledger.entries", "account", ("LedgerEntryPosted",), 6,
               doc="money movements the ledger processor decided; the Postgres ledger folds them"),
     TopicSpec("market.prices", "tier", ("PriceUpdated",), 1, cleanup="compact",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from destra.crypto import KeyPair, sign_event
 from destra.settings import Settings
-from schemas import Event
+from schemas import Event, new_event
 from streams.authority import AUTHORITY, Genesis, ServiceSigner, load_signer
 
 TEARDOWN_GRACE_S = 5.0
@@ -54,6 +54,14 @@ def signed_submission(event: Event) -> Event:
     keys = account_keys(event.fields["submitter_id"])
     return sign_event(event.replace(signing_key=keys.signing_public), keys,
                       event.fields["submitter_id"])
+
+
+def registration(name: str, keys: KeyPair | None = None) -> Event:
+    """The signed ``AccountRegistered`` of a test account (its ``account_keys`` by default)."""
+    keys = keys or account_keys(name)
+    return sign_event(new_event("AccountRegistered", name, account_id=name,
+                                signing_key=keys.signing_public,
+                                encryption_key=keys.encryption_public), keys, name)
 
 
 def service_signer(settings: Settings, role: str) -> ServiceSigner:

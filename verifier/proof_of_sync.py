@@ -54,6 +54,8 @@ class Reason(StrEnum):
     NO_QUORUM = "no_quorum"
     DEADLINE_PASSED = "deadline_passed"
     NO_DATA_KEY = "no_data_key"
+    BAD_DATA_KEY = "bad_data_key"
+    """A node proved its grant's key misses the submitter's commitment (``DataKeyRefused``)."""
 
 
 class RejectReason(StrEnum):

@@ -27,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from destra.crypto import verify_event
+from destra.crypto import associated_data, unwrap_with, verify_event
 from destra.freshness import Freshness
 from schemas import Event, new_event
-from schemas.errors import InvalidQuorum
+from schemas.bindings import data_key_commitment
+from schemas.errors import DecryptionFailed, InvalidQuorum
 from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.proof_of_sync import (
     Decision,
@@ -65,6 +66,8 @@ class _Terms:
     expires_at: int
     submitter_id: str
     submitter_key: bytes
+    data_key_commitment: bytes = b""
+    """The submitter's commitment to the data key (empty: none, nothing to prove against)."""
 
 
 @dataclass
@@ -91,6 +94,10 @@ class Verifier:
     ungranted: dict[tuple[str, str, int], int] = field(default_factory=dict)
     """Replicas of encrypted tasks still waiting for their data key: commit deadline."""
     granted: set[tuple[str, str, int]] = field(default_factory=set)
+    grants: dict[tuple[str, str, int], tuple[str, bytes, bytes]] = field(default_factory=dict)
+    """Each replica's first valid grant of a task with a data-key commitment: event id,
+    ephemeral key, wrapped key (a node's ``DataKeyRefused`` is checked against it);
+    forgotten with the task."""
     """Grants read before their assignment (the two share a partition, so rarely)."""
     closed: dict[str, int] = field(default_factory=dict)
     """Tasks with a verdict, and when: a late event about one is refused (``task_closed``)
@@ -106,10 +113,10 @@ class Verifier:
 
     name = "verifier"
     inputs = frozenset({"NodeRegistered", "TaskSubmitted", "TaskAssigned", "DataKeyGranted",
-                        "ResultCommitted", "ResultRevealed"})
+                        "ResultCommitted", "ResultRevealed", "DataKeyRefused"})
     recovery = Recovery.SNAPSHOT
     _SNAPSHOT_FIELDS = ("keys", "terms", "tallies", "open_tasks", "reputation", "parked",
-                        "freshness", "ungranted", "granted", "closed")
+                        "freshness", "ungranted", "granted", "closed", "grants")
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
         """One input event (``streams.processing``): judged at its own time (the broker's,
@@ -118,7 +125,8 @@ class Verifier:
         return dispatch({
             "NodeRegistered": self.on_registered, "TaskSubmitted": self.on_submitted,
             "TaskAssigned": self.on_assigned, "DataKeyGranted": self.on_granted,
-            "ResultCommitted": self.on_committed, "ResultRevealed": self.on_revealed},
+            "ResultCommitted": self.on_committed, "ResultRevealed": self.on_revealed,
+            "DataKeyRefused": self.on_key_refused},
             self.rejected, event, ctx)
 
     def tick(self, ctx: Context) -> Outcome:
@@ -161,7 +169,7 @@ class Verifier:
         f = e.fields
         self.terms.setdefault(f["task_id"], _Terms(
             f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"],
-            f["submitter_id"], f["signing_key"]))
+            f["submitter_id"], f["signing_key"], f["data_key_commitment"]))
         return self._unpark(f["task_id"], now_ms)
 
     def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -231,7 +239,52 @@ class Verifier:
         replica = (f["task_id"], f["node_id"], f["attempt"])
         if self.ungranted.pop(replica, None) is None:
             self.granted.add(replica)
+        if terms.data_key_commitment:  # what a node's refusal of it is checked against
+            self.grants.setdefault(replica, (e.event_id, f["ephemeral_public_key"],
+                                             f["wrapped_key"]))
         return []
+
+    def on_key_refused(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A node's proof that the key it was granted misses the submitter's commitment:
+        the grant's key-encryption key. When it opens the grant to a key that is not the
+        one committed to, the task fails ``bad_data_key`` (refunded) and no node is judged;
+        any other claim is refused with the reason."""
+        f = e.fields
+        task_id, node_id = f["task_id"], f["node_id"]
+        if task_id in self.closed:
+            return []
+        tally, terms = self.tallies.get(task_id), self.terms.get(task_id)
+        if tally is None or terms is None:
+            return self._park(e, where, now_ms)
+        key = self.keys.get(node_id)
+        if key is None or not verify_event(e, key, node_id):
+            self.rejected.append((e, where, f"bad-signature: key refusal for {task_id} not "
+                                            f"signed by node {node_id}'s registered key"))
+            return []
+        grant = self.grants.get((task_id, node_id, f["attempt"]))
+        why = None
+        if not terms.data_key_commitment:
+            why = "the submission carries no data-key commitment to prove against"
+        elif grant is None or grant[0] != f["grant_id"]:
+            why = f"no grant {f['grant_id']} to {node_id} (attempt {f['attempt']}) seen"
+        else:
+            try:
+                data_key = unwrap_with(f["grant_key"], grant[2],
+                                       associated_data("grant", task_id, node_id,
+                                                       f["attempt"]))
+            except DecryptionFailed:
+                why = "the key given does not open the grant"
+            else:
+                if data_key_commitment(task_id, data_key) == terms.data_key_commitment:
+                    why = "the granted key matches the submitter's commitment"
+        if why is not None:
+            self.rejected.append((e, where, f"unproven-key-refusal: {why}"))
+            return []
+        self.ungranted.pop((task_id, node_id, f["attempt"]), None)
+        return self._events(tally.abort(
+            Reason.BAD_DATA_KEY, f"the submitter granted {node_id} (attempt {f['attempt']}) "
+            f"a data key that does not match its commitment (grant {f['grant_id']}); no node "
+            "is at fault"), e, where)
 
     def on_committed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A signed commitment."""
@@ -351,7 +404,8 @@ class Verifier:
         for event, where, since in waiting:
             handler = {"TaskAssigned": self.on_assigned, "ResultCommitted": self.on_committed,
                        "ResultRevealed": self.on_revealed,
-                       "DataKeyGranted": self.on_granted}[event.name]
+                       "DataKeyGranted": self.on_granted,
+                       "DataKeyRefused": self.on_key_refused}[event.name]
             # Judged at the time it arrived, not when it was unparked (a tally's clock
             # never goes back, so this only matters if no tick passed meanwhile).
             out += handler(event, since, where)
@@ -398,6 +452,10 @@ class Verifier:
         for task_id in closing:  # a verdict is final: only the closed mark stays
             self.tallies.pop(task_id, None)
             self.terms.pop(task_id, None)
+        if closing and self.grants:
+            done = set(closing)
+            for replica in [r for r in self.grants if r[0] in done]:
+                del self.grants[replica]
         return out
 
 

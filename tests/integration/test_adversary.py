@@ -366,12 +366,8 @@ def test_submitting_as_another_account_is_refused(live: Live) -> None:
     assert after["penalties"] == before["penalties"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "On main an account is bound to the first key that submits for it (ledger/decider.py "
-    "_check_signature): a stranger's first signed submission in the name of a funded "
-    "account that never submitted is escrowed from it. Closed by signed account "
-    "registration (issue 11 item 3, branch accounts)."))
 def test_submitting_as_an_account_that_never_submitted_is_refused(live: Live) -> None:
+    # Bound by its signed registration (AccountRegistered), not by its first submitter.
     before = live.state()
     _refused_submission(live, "bob", "task-as-bob")
     assert live.state()["balances"] == before["balances"]

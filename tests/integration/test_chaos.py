@@ -33,9 +33,8 @@ from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.projection import LedgerProjection
 from ledger.service import project_to_now, replay
-from schemas import Event, decode, new_event
+from schemas import Event, decode
 from schemas.events import now_ms
-from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.topics import topic_for
 from tests.support import TEARDOWN_GRACE_S
@@ -153,10 +152,7 @@ def _expected(verdicts: list[Event], prices: dict[str, int], units: dict[str, in
 def test_five_hundred_tasks_survive_sigkills_of_every_process(net: LocalNetwork) -> None:
     began = time.monotonic()
     rng = random.Random(SEED)
-    with EventProducer(net.settings, net.bootstrap, signer=net.signer("treasury")) as producer:
-        for account in ["alice", *(f"op-{n}" for n in NODES)]:
-            producer.send(new_event("TokensMinted", "faucet", account=account,
-                                    amount_micro=FUNDS, reason="test"))
+    net.mint("alice", *(f"op-{n}" for n in NODES), amount_micro=FUNDS)
     net.start_services()
     for n in NODES:
         net.start_node(n, operator=f"op-{n}", stake_micro=STAKE, slots=SLOTS)

@@ -106,7 +106,8 @@ def test_forged_service_events_are_dead_lettered_everywhere_and_a_treasury_mint_
             producer.send(event, on_delivery=record(kind, event.name))
     assert len(written) == 2 * len(FORGED)
 
-    # A mint signed with the treasury key, after them: it credits.
+    # A mint signed with the treasury key, after them, to a registered account: it credits.
+    net.wait_bound(net.register_accounts("alice"))
     with EventProducer(net.settings, net.bootstrap, signer=net.signer("treasury")) as producer:
         mint = producer.send(new_event("TokensMinted", "operator", account="alice",
                                        amount_micro=FUNDS, reason="test"))

@@ -15,13 +15,22 @@ import pytest
 
 from destra.settings import Settings
 from ledger.decider import LedgerDecider
+from ledger.processor import read_past
 from ledger.projection import LedgerProjection
 from ledger.service import project_to_now
 from schemas import decode, new_event
 from schemas.samples import sample_event, with_fields
+from streams.authority import Genesis
 from streams.producer import EventProducer
-from streams.reading import read_all
-from tests.support import genesis_env, service_signed, service_signer, signed_submission
+from streams.reading import end_offsets, read_all
+from streams.topics import topic_for
+from tests.support import (
+    genesis_env,
+    registration,
+    service_signed,
+    service_signer,
+    signed_submission,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,15 +96,25 @@ def test_a_processor_killed_mid_stream_escrows_and_pays_exactly_once(
             for k in range(3)]))
         for i, s in enumerate(submissions)
     ]
+    accounts = [registration(a) for a in [*rich, "poor"]]
     producer = EventProducer(network, kafka)
-    # This run dies (SIGKILL) in its 4th batch, events sent, transaction open.
-    processor = _processor(spawned, network, kafka, "--crash-before-commit", "4")
-
-    # Mints first, then the submissions; the processor dies while escrowing them.
+    # A first run binds the accounts and posts the mints (in however many batches).
+    processor = _processor(spawned, network, kafka)
+    for e in accounts:
+        producer.send(e)
+    producer.flush()
+    ends = end_offsets(kafka, topic_for("AccountRegistered").name(network.topic_prefix))
+    ledger_key = Genesis.load(network.genesis_path).keys["ledger"]
+    _wait_for(lambda: read_past(network, kafka, ledger_key, ends), processor)
     for e in mints:
         producer.send(e)
     producer.flush()
     _wait_for(lambda: len(_committed(network, kafka, "LedgerEntryPosted")) >= 8, processor)
+    processor.send_signal(signal.SIGTERM)
+    processor.wait(60)
+    # The next run dies (SIGKILL) in its 3rd batch of the submissions, events sent,
+    # transaction open: it dies while escrowing them.
+    processor = _processor(spawned, network, kafka, "--crash-before-commit", "3")
     for e in submissions:
         producer.send(e)
     producer.flush()
@@ -117,7 +136,7 @@ def test_a_processor_killed_mid_stream_escrows_and_pays_exactly_once(
 
     # The same events through the pure decider, once each, give the expected books.
     expected = LedgerDecider("ledger")
-    for e in [*mints, *submissions, *verdicts]:
+    for e in [*accounts, *mints, *submissions, *verdicts]:
         expected.decide(e)
 
     entries = _committed(network, kafka, "LedgerEntryPosted")

@@ -36,7 +36,7 @@ from schemas.codec import decode, encode, encode_unchecked
 from schemas.errors import EventError, InvalidEvent
 from schemas.samples import sample_event, with_fields
 from streams.processing import Context, Origin, Outcome
-from tests.support import account_keys
+from tests.support import account_keys, registration
 from tests.unit.fuzzing import count, fuzzed_fields
 from verifier.commitments import commitment
 from verifier.service import Verifier
@@ -195,8 +195,9 @@ def _ledger() -> LedgerDecider:
                      reason="fuzz")
     ops = [new_event("TokensMinted", "treasury", account=f"op-{n}", amount_micro=10_000,
                      reason="fuzz") for n in NODES]
-    return _prime(d, [_at(mint), *map(_at, ops), *(_registration(n, 1_000) for n in NODES),
-                      _submission("t")])
+    accounts = [_at(registration(a)) for a in ("alice", *(f"op-{n}" for n in NODES))]
+    return _prime(d, [*accounts, _at(mint), *map(_at, ops),
+                      *(_registration(n, 1_000) for n in NODES), _submission("t")])
 
 
 def _ledger_state(d: LedgerDecider) -> Any:
@@ -306,6 +307,7 @@ TARGETS = {
         "TokensMinted": lambda: _at(new_event("TokensMinted", "treasury", account="alice",
                                               amount_micro=5, reason="fuzz")),
         "NodeRegistered": lambda: _registration("d", 500),
+        "AccountRegistered": lambda: _at(registration("zoe")),
         "PriceUpdated": lambda: _at(sample_event("PriceUpdated")),
         "TaskFailed": lambda: _at(with_fields(sample_event("TaskFailed"), task_id="t")),
     }, _ledger_unchanged),

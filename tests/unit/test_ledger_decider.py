@@ -7,15 +7,24 @@ from destra.crypto import sign_event
 from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import LedgerDecider, node_wallet
 from schemas import Event, new_event
+from schemas.bindings import sign_stake_consent
 from schemas.samples import sample_event, with_fields
-from tests.support import account_keys, signed_submission
+from tests.support import account_keys, registration, signed_submission
 
 T0 = 1_800_000_000_000
 
 
+REGISTERED = ("alice", "bob", "carol", "op")
+"""The accounts the tests' ledgers start with, registered to their ``account_keys``."""
+
+
 def _decider() -> LedgerDecider:
-    """A ledger whose network price is 1 micro-token a unit in every tier."""
-    return LedgerDecider("ledger", prices=PriceBook(dict.fromkeys(Tier, 1)))
+    """A ledger whose network price is 1 micro-token a unit in every tier, with the
+    ``REGISTERED`` accounts."""
+    d = LedgerDecider("ledger", prices=PriceBook(dict.fromkeys(Tier, 1)))
+    for name in REGISTERED:
+        assert d.judge(registration(name)).rejected == []
+    return d
 
 
 def _submit(task_id: str, price: int, *, who: str = "alice", expires: int = T0 + 60_000,
@@ -102,9 +111,11 @@ def test_a_signed_registration_locks_the_operators_stake_once() -> None:
     d = _decider()
     d.decide(_mint("op", 5_000_000))
     keys = account_keys("n1")
+    consent = sign_stake_consent(account_keys("op"), "", "op", "n1", keys.signing_public,
+                                 2_000_000)
     reg = sign_event(with_fields(sample_event("NodeRegistered"), node_id="n1", operator_id="op",
-                                 stake_micro=2_000_000, signing_key=keys.signing_public),
-                     keys, "n1")
+                                 stake_micro=2_000_000, signing_key=keys.signing_public,
+                                 operator_consent=consent), keys, "n1")
     assert _entries(d.decide(reg)) == [(user("op"), -2_000_000, "stake"),
                                        (stake("n1"), 2_000_000, "stake")]
     assert d.decide(reg.with_envelope(event_id="00000000-0000-4000-8000-000000000001")) == []

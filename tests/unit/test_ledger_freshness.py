@@ -15,14 +15,23 @@ from ledger.decider import (
 from schemas import Event, new_event
 from schemas.samples import sample_event, with_fields
 from streams.processing import Context, Origin, Outcome
-from tests.support import signed_submission
+from tests.support import registration, signed_submission
 
 T0 = 1_800_000_000_000
 MINUTE = 60_000
 
 
+REGISTERED = ("alice", "bob", "carol", "op")
+"""The accounts the tests' ledgers start with, registered to their ``account_keys``."""
+
+
 def _decider() -> LedgerDecider:
-    return LedgerDecider("ledger", prices=PriceBook(dict.fromkeys(Tier, 1)))
+    """A ledger whose network price is 1 micro-token a unit in every tier, with the
+    ``REGISTERED`` accounts."""
+    d = LedgerDecider("ledger", prices=PriceBook(dict.fromkeys(Tier, 1)))
+    for name in REGISTERED:
+        assert d.judge(registration(name)).rejected == []
+    return d
 
 
 def _submit(task_id: str, price: int, *, who: str = "alice", at: int = T0,

@@ -14,7 +14,6 @@ import pytest
 from destra.crypto import sign_event
 from destra.settings import Settings
 from ledger.book import escrow, user
-from ledger.decider import LedgerDecider
 from schemas import Event, decode, encode, new_event
 from schemas.samples import sample_event, with_fields
 from schemas.signatures import KeyPair
@@ -99,7 +98,7 @@ def test_a_verdict_whose_shares_exceed_the_escrow_is_refused_and_moves_nothing()
 
 
 def test_a_mint_the_book_refuses_is_dead_lettered_without_taking_its_id() -> None:
-    d = LedgerDecider("ledger")
+    d = _decider()
     # Past the schema's range: only a decoder's bug would let it through.
     mint = with_fields(_mint("alice", 5), amount_micro=0).with_envelope(occurred_at=T0)
     outcome = d.judge(mint)

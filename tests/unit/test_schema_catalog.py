@@ -20,7 +20,7 @@ EVENTS = {
     "NodeRegistered", "NodeHeartbeat", "TaskSubmitted", "TaskAssigned", "DataKeyGranted",
     "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed", "NodePenalized",
     "LedgerEntryPosted", "TokensMinted", "PriceUpdated", "ProposalSubmitted", "VoteCast",
-    "RevealOpened", "ReissueRequested",
+    "RevealOpened", "ReissueRequested", "AccountRegistered", "DataKeyRefused",
     "DeadLettered",
 }
 
