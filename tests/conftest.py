@@ -11,10 +11,9 @@ import pytest
 
 from destra.network import LocalNetwork
 from destra.settings import Settings
-from infra.postgres import create_database
 from streams import security
 from streams.security import KafkaAccess
-from tests.support import TEARDOWN_GRACE_S, free_port_block
+from tests.support import free_port_block, running_network
 
 # Unit tests build clients they never connect; the kafka fixture switches this process to
 # the session broker's super user, and every network's processes run as their own.
@@ -113,9 +112,7 @@ def three_operators(network: Settings, kafka: str, pg_dsn: str,
                     tmp_path: Path) -> Iterator[LocalNetwork]:
     """A network whose services are not started yet: alice and operators op-a, op-b and
     op-c funded, 20 s commit and 10 s reveal windows."""
-    settings = network.with_(home=tmp_path / "home")
-    local = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"})
-    local.mint("alice", "op-a", "op-b", "op-c")
-    yield local
-    local.stop(timeout_s=TEARDOWN_GRACE_S)
+    with running_network(network.with_(home=tmp_path / "home"), kafka, pg_dsn, tmp_path, {
+            "DESTRA_COMMIT_WINDOW_MS": "20000", "DESTRA_REVEAL_WINDOW_MS": "10000"}) as net:
+        net.mint("alice", "op-a", "op-b", "op-c")
+        yield net

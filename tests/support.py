@@ -6,10 +6,14 @@ import hashlib
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 from destra.crypto import KeyPair, sign_event
+from destra.network import LocalNetwork
 from destra.settings import Settings
+from infra.postgres import create_database
 from schemas import Event, new_event
 from streams.authority import AUTHORITY, Genesis, ServiceSigner, load_signer
 
@@ -17,6 +21,19 @@ TEARDOWN_GRACE_S = 5.0
 """How long a test's network gets to stop on SIGTERM before SIGKILL. Its checks are done:
 a node draining for a reveal call that will never come (its replica was dropped, or the
 task decided without it) would otherwise hold the suite for the node's 30 s grace."""
+
+
+@contextmanager
+def running_network(settings: Settings, kafka: str, pg_dsn: str, workdir: Path,
+                  env: Mapping[str, str]) -> Iterator[LocalNetwork]:
+    """A test's network on the session broker, in a database of its own, with ``env`` for
+    every process; stopped with ``TEARDOWN_GRACE_S`` at the end."""
+    net = LocalNetwork(settings, kafka, create_database(pg_dsn), workdir / "logs",
+                       env_extra=env)
+    try:
+        yield net
+    finally:
+        net.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
 def free_port_block(count: int, *, spread: int = 100) -> int:

@@ -21,7 +21,6 @@ from destra.confidential import open_grant, open_input, seal_result
 from destra.errors import DecryptionFailed
 from destra.network import LocalNetwork
 from destra.settings import Settings
-from infra.postgres import create_database
 from ledger.book import escrow, user
 from ledger.processor import wait_for_transactions
 from schemas import Event, new_event
@@ -30,7 +29,7 @@ from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.security import client_config
 from tests.integration.test_lifecycle import FUNDS, _balances, _events, _mint
-from tests.support import TEARDOWN_GRACE_S, service_signed
+from tests.support import running_network, service_signed
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -41,11 +40,10 @@ INLINE_MAX = 200  # small, so that some inputs and most results travel through t
 def _local_network(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path,
                    commit_ms: int) -> Iterator[LocalNetwork]:
     settings = network.with_(home=tmp_path / "home", inline_max_bytes=INLINE_MAX)
-    net = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": str(commit_ms), "DESTRA_REVEAL_WINDOW_MS": "10000",
-        "DESTRA_INLINE_MAX_BYTES": str(INLINE_MAX)})
-    yield net
-    net.stop(timeout_s=TEARDOWN_GRACE_S)
+    with running_network(settings, kafka, pg_dsn, tmp_path, {
+            "DESTRA_COMMIT_WINDOW_MS": str(commit_ms), "DESTRA_REVEAL_WINDOW_MS": "10000",
+            "DESTRA_INLINE_MAX_BYTES": str(INLINE_MAX)}) as net:
+        yield net
 
 
 @pytest.fixture

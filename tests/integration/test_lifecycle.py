@@ -16,7 +16,6 @@ import torch
 from destra.client import Client
 from destra.network import LocalNetwork
 from destra.settings import Settings
-from infra.postgres import create_database
 from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
@@ -25,7 +24,7 @@ from ledger.service import project_to_now, replay
 from schemas import Event, decode
 from streams.reading import read_all
 from streams.topics import topic_for
-from tests.support import TEARDOWN_GRACE_S
+from tests.support import running_network
 from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO
 from workloads import get_workload
@@ -44,12 +43,10 @@ def _events(settings: Settings, kafka: str, name: str) -> list[Event]:
 
 def _local_network(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path,
                    commit_ms: int) -> Iterator[LocalNetwork]:
-    settings = network.with_(home=tmp_path / "home")
-    net = LocalNetwork(settings, kafka, create_database(pg_dsn), tmp_path / "logs", env_extra={
-        "DESTRA_COMMIT_WINDOW_MS": str(commit_ms), "DESTRA_REVEAL_WINDOW_MS": "15000",
-        "DESTRA_REISSUE_GRACE_MS": "30000"})
-    yield net
-    net.stop(timeout_s=TEARDOWN_GRACE_S)
+    with running_network(network.with_(home=tmp_path / "home"), kafka, pg_dsn, tmp_path, {
+            "DESTRA_COMMIT_WINDOW_MS": str(commit_ms), "DESTRA_REVEAL_WINDOW_MS": "15000",
+            "DESTRA_REISSUE_GRACE_MS": "30000"}) as net:
+        yield net
 
 
 @pytest.fixture
