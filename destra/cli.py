@@ -50,21 +50,30 @@ def infra() -> None:
 @click.option("--insecure", is_flag=True, default=None,
               help="Plaintext Kafka: no TLS, no authentication, no ACLs. Local debugging "
                    "only [DESTRA_KAFKA_INSECURE=1].")
-def infra_up(as_json: bool, insecure: bool | None, **flags: Any) -> None:
+@click.option("--advertise", "advertise", multiple=True, metavar="HOST[:PORT]",
+              help="Let other machines in: a TLS + SCRAM listener on every local address, "
+                   "advertised as HOST (a DNS name or IP, named in the broker certificate), "
+                   "on PORT (default: the Kafka port + 300). Repeatable or a comma list; "
+                   "remembered for later `infra up`s, `--advertise none` forgets it "
+                   "[DESTRA_KAFKA_ADVERTISE].")
+def infra_up(as_json: bool, insecure: bool | None, advertise: tuple[str, ...],
+             **flags: Any) -> None:
     """Start Kafka (KRaft) and Postgres, create topics, apply migrations.
 
     Kafka listens with TLS (a local CA and broker certificate in $DESTRA_HOME/tls)
     and SASL/SCRAM-SHA-512; every service gets its own principal and ACLs, their
     credentials beside their keys in $DESTRA_HOME/services. `destra node join` and
-    `destra account create` give nodes and submitters theirs.
+    `destra account create` give nodes and submitters theirs. Without --advertise it
+    listens on loopback only.
     """
     from infra import services
     from streams.security import INSECURE_WARNING
 
-    settings = load_settings(**flags).with_(kafka_insecure=insecure)
+    settings = load_settings(**flags).with_(kafka_insecure=insecure,
+                                            kafka_advertise=advertise or None)
     if settings.kafka_insecure:
         click.echo(INSECURE_WARNING, err=True)
-    services.up(settings)
+    services.up(settings, say=lambda note: click.echo(note, err=True))
     emit(services.status(settings), as_json, _status_text)
 
 
@@ -96,6 +105,8 @@ def _status_text(s: dict[str, Any]) -> str:
         f"kafka     {'up' if k['live_brokers'] else 'DOWN'}  {k['bootstrap']}  "
         f"version {k['version']}  live brokers {k['live_brokers']}",
     ]
+    if k.get("advertised"):
+        lines.append(f"  advertised to other machines at {', '.join(k['advertised'])}")
     for b in k["brokers"]:
         lines.append(f"  broker {b['node_id']}  pid {b['pid']} {'alive' if b['alive'] else 'DEAD'}"
                      f"  data {b['data_dir']}  log {b['log']}")

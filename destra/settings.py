@@ -40,6 +40,11 @@ class Settings:
     ``DESTRA_KAFKA_INSECURE=1``). Only for local debugging; the default is TLS with
     SASL/SCRAM and one principal per party (``streams.security``)."""
 
+    kafka_advertise: tuple[str, ...] = ()
+    """Addresses other machines reach the local broker at, ``HOST[:PORT]`` each
+    (``destra infra up --advertise``, ``DESTRA_KAFKA_ADVERTISE`` as a comma list; ``none``
+    clears a recorded choice). Empty: the choice ``infra up`` recorded last, if any."""
+
     kafka_port: int = 19092
     """First client port of the local broker(s); broker i listens on port + i."""
 
@@ -131,6 +136,9 @@ class Settings:
             if flag not in ("0", "1", "true", "false", "yes", "no"):
                 raise ConfigError(f"DESTRA_KAFKA_INSECURE must be 1 or 0, got {flag!r}")
             values["kafka_insecure"] = flag in ("1", "true", "yes")
+        if env.get("DESTRA_KAFKA_ADVERTISE"):
+            values["kafka_advertise"] = tuple(
+                a.strip() for a in env["DESTRA_KAFKA_ADVERTISE"].split(",") if a.strip())
         for var, name in paths.items():
             if env.get(var):
                 values[name] = Path(env[var]).expanduser()

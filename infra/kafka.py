@@ -9,7 +9,9 @@ reliability tests: replication factor 3 and ``min.insync.replicas=2``.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -93,6 +95,85 @@ class BrokerNode:
         return self.data_dir / "server.properties"
 
 
+EXTERNAL_PORT_OFFSET = 300
+"""An advertised address named without a port listens ``kafka_port + 300`` (+10 for each
+further address; broker i of a cluster on that + i - 1): clear of the client ports, the
+controller ports (+100) and the bench's plaintext ports (+200)."""
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                       r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Advertised:
+    """An address other machines reach the brokers at: ``host`` (a DNS name or an IP)
+    and the first broker's port there."""
+
+    host: str
+    port: int
+
+    def listener_host(self) -> str:
+        """The host as a listener URL takes it (an IPv6 address in brackets)."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    def bind_host(self) -> str:
+        """Every local address of the host's family: the advertised one may be a name,
+        or an address that a NAT in front of this machine owns."""
+        return "[::]" if ":" in self.host else "0.0.0.0"  # noqa: S104 (the point of it)
+
+    def __str__(self) -> str:
+        return f"{self.listener_host()}:{self.port}"
+
+
+def parse_advertised(entries: list[str], kafka_port: int) -> list[Advertised]:
+    """``HOST[:PORT]`` entries (comma lists allowed; IPv6 as ``[addr]:port``) as addresses;
+    one without a port gets ``kafka_port + 300 + 10 * its index``. Raises ``InfraError``."""
+    flat = [e.strip() for entry in entries for e in entry.split(",") if e.strip()]
+    out: list[Advertised] = []
+    for index, entry in enumerate(flat):
+        host, port_text = entry, ""
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                raise InfraError(f"advertised address {entry!r}: expected [IPv6]:PORT")
+            port_text = rest[1:]
+        elif entry.count(":") == 1:
+            host, port_text = entry.split(":")
+        elif ":" in entry:  # a bare IPv6 address
+            host = entry
+        if not _is_ip(host) and (":" in host or not _HOSTNAME.match(host)):
+            raise InfraError(f"advertised address {entry!r}: {host!r} is neither an IP "
+                             "address nor a DNS name")
+        if _is_ip(host) and ipaddress.ip_address(host).is_unspecified:
+            raise InfraError(f"advertised address {entry!r}: clients cannot connect to "
+                             f"{host}; name this machine's address or DNS name")
+        default = kafka_port + EXTERNAL_PORT_OFFSET + 10 * index
+        try:
+            port = int(port_text) if port_text else default
+        except ValueError:
+            raise InfraError(f"advertised address {entry!r}: port {port_text!r} is not a "
+                             "number") from None
+        if not 1024 <= port <= 65000:
+            raise InfraError(f"advertised address {entry!r}: port {port} out of 1024..65000")
+        out.append(Advertised(host if _is_ip(host) else host.lower(), port))
+    ports = [a.port for a in out]
+    if len(set(ports)) != len(ports) or any(kafka_port <= p < kafka_port + 3 or
+                                           kafka_port + 100 <= p < kafka_port + 103
+                                           for p in ports):
+        raise InfraError(f"advertised addresses {', '.join(map(str, out))}: each needs a "
+                         f"port of its own, clear of the client ports ({kafka_port}..) and "
+                         f"the controller ports ({kafka_port + 100}..)")
+    return out
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class BrokerSecurity:
     """TLS everywhere and SASL/SCRAM for clients: how a secured cluster is set up.
@@ -135,9 +216,17 @@ class KafkaCluster:
         port: int = 19092,
         heap_mb: int = 384,
         security: BrokerSecurity | None = None,
+        advertise: list[Advertised] | None = None,
     ) -> None:
         if brokers not in (1, 3):
             raise InfraError(f"a local cluster has 1 or 3 brokers, not {brokers}")
+        if advertise and security is None:
+            raise InfraError("a plaintext (--insecure) broker is never advertised to other "
+                             "machines: anyone who reached it could write anything")
+        self.advertise = list(advertise or [])
+        """Addresses other machines reach the brokers at, each on its own SASL_SSL listener
+        bound to every local address (``EXTERNAL``, ``EXTERNAL_2``, ...); the ``CLIENT``
+        listener the local processes use stays on loopback, and so does the controller's."""
         self.base_dir = base_dir
         self.libs = libs
         self.heap_mb = heap_mb
@@ -221,13 +310,25 @@ class KafkaCluster:
         advertised = [f"CLIENT://127.0.0.1:{node.port}"]
         protocols = ["CLIENT:SASL_SSL", "CONTROLLER:SSL"]
         supers = [f"User:{ADMIN}", BROKER_PRINCIPAL]
+        jaas = [f"listener.name.client.{SCRAM_MECHANISM.lower()}.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{ADMIN}" password="{sec.admin_password}";']
+        for index, addr in enumerate(self.advertise):
+            name = "EXTERNAL" if index == 0 else f"EXTERNAL_{index + 1}"
+            port = addr.port + node.node_id - 1
+            listeners.append(f"{name}://{addr.bind_host()}:{port}")
+            advertised.append(f"{name}://{addr.listener_host()}:{port}")
+            protocols.append(f"{name}:SASL_SSL")
+            # The broker side of SCRAM only: nobody logs in from this listener outward.
+            jaas.append(f"listener.name.{name.lower()}.{SCRAM_MECHANISM.lower()}.sasl.jaas."
+                        "config=org.apache.kafka.common.security.scram.ScramLoginModule "
+                        "required;")
         if sec.plaintext_port is not None:
             port = sec.plaintext_port + node.node_id - 1
             listeners.append(f"PLAIN://127.0.0.1:{port}")
             advertised.append(f"PLAIN://127.0.0.1:{port}")
             protocols.append("PLAIN:PLAINTEXT")
             supers.append("User:ANONYMOUS")
-        mech = SCRAM_MECHANISM.lower()
         return [
             f"listeners={','.join(listeners)}",
             f"advertised.listeners={','.join(advertised)}",
@@ -236,9 +337,7 @@ class KafkaCluster:
             f"listener.security.protocol.map={','.join(protocols)}",
             f"sasl.enabled.mechanisms={SCRAM_MECHANISM}",
             f"sasl.mechanism.inter.broker.protocol={SCRAM_MECHANISM}",
-            f"listener.name.client.{mech}.sasl.jaas.config="
-            "org.apache.kafka.common.security.scram.ScramLoginModule required "
-            f'username="{ADMIN}" password="{sec.admin_password}";',
+            *jaas,
             "ssl.keystore.type=PEM",
             f"ssl.keystore.location={sec.tls.broker_keystore}",
             "ssl.truststore.type=PEM",
@@ -265,19 +364,24 @@ class KafkaCluster:
             raise InfraError(f"{main} {shown} failed: {result.stderr[-2000:]}")
         return result.stdout
 
-    def format(self) -> None:
-        """Write configs and format storage, unless already formatted."""
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        if all((n.data_dir / "data" / "meta.properties").exists() for n in self.nodes):
-            return
-        cluster_id = new_cluster_id()
+    def write_configs(self) -> None:
+        """Write each broker's server.properties (0600: a secured broker's holds the admin's
+        SCRAM password). Rewritten at every start: the listeners may have changed."""
         for node in self.nodes:
             node.log_dir.mkdir(parents=True, exist_ok=True)
-            # 0600: a secured broker's file holds the admin's SCRAM password.
             node.config_path.unlink(missing_ok=True)
             fd = os.open(node.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self._properties(node))
+
+    def format(self) -> None:
+        """Write configs and format storage, unless already formatted."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.write_configs()
+        if all((n.data_dir / "data" / "meta.properties").exists() for n in self.nodes):
+            return
+        cluster_id = new_cluster_id()
+        for node in self.nodes:
             args = ["format", f"--cluster-id={cluster_id}", "-c", str(node.config_path)]
             if self.security is not None:
                 # KRaft: the brokers' own SCRAM credential must exist before they start.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from destra.errors import ConfigError, InfraError
 from destra.settings import Settings
 from infra import kafka, postgres, quotas
 from infra.procs import pid_alive, stop_pids
-from infra.tls import ensure_tls
+from infra.tls import ensure_tls, missing_hosts, tls_files
 from ledger.migrate import apply_migrations
 from streams import security
 from streams.admin import ensure_topics, live_broker_count
@@ -54,6 +55,9 @@ class InfraState:
     pg_system_user: str | None = None
     kafka_secure: bool = True
     """TLS + SASL/SCRAM + ACLs; false only for a broker started ``--insecure``."""
+    kafka_advertised: list[str] = field(default_factory=list)
+    """``host:port`` of each address other machines reach the brokers at (``--advertise``);
+    empty: loopback only."""
 
     def to_json(self) -> str:
         """Serialised for the state file."""
@@ -88,6 +92,37 @@ def tls_dir(settings: Settings) -> Path:
     return settings.home / "tls"
 
 
+def advertise_path(settings: Settings) -> Path:
+    """The recorded ``--advertise`` choice: kept across ``down``, reused by the next ``up``."""
+    return settings.home / "kafka-advertise.json"
+
+
+def chosen_advertise(settings: Settings) -> list[kafka.Advertised]:
+    """The addresses to advertise: those the settings name (``none`` for none), else the
+    ones recorded by the last ``up`` that named any."""
+    if settings.kafka_advertise:
+        if [a.strip().lower() for a in settings.kafka_advertise] == ["none"]:
+            return []
+        return kafka.parse_advertised(list(settings.kafka_advertise), settings.kafka_port)
+    path = advertise_path(settings)
+    if not path.exists():
+        return []
+    try:
+        recorded = json.loads(path.read_text())["advertise"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InfraError(f"unreadable {path}: {e}; remove it or pass --advertise") from e
+    return kafka.parse_advertised([str(a) for a in recorded], settings.kafka_port)
+
+
+def _record_advertise(settings: Settings, advertise: list[kafka.Advertised]) -> None:
+    path = advertise_path(settings)
+    if settings.kafka_advertise:  # named now: remembered (``none`` forgets)
+        if advertise:
+            path.write_text(json.dumps({"advertise": [str(a) for a in advertise]}) + "\n")
+        else:
+            path.unlink(missing_ok=True)
+
+
 def admin_access(settings: Settings, state: InfraState | None = None) -> KafkaAccess:
     """How the operator reaches the broker: plaintext for an insecure one, else the
     credentials ``DESTRA_KAFKA_CREDENTIALS`` names, else the admin's."""
@@ -112,10 +147,28 @@ def use_service_access(settings: Settings, role: str) -> KafkaAccess:
                               insecure=insecure(settings))
 
 
-def up(settings: Settings) -> InfraState:
-    """Start (or reuse) Kafka and Postgres, create topics, apply migrations."""
+def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> InfraState:
+    """Start (or reuse) Kafka and Postgres, create topics, apply migrations.
+
+    ``say`` hears what the operator should know: a broker certificate reissued to name
+    an advertised address.
+    """
+    advertise = chosen_advertise(settings)
+    if advertise and settings.kafka_bootstrap:
+        raise InfraError("--advertise sets up a broker this command starts; an external "
+                         f"Kafka ({settings.kafka_bootstrap}) is advertised by its own config")
+    if advertise and settings.kafka_insecure:
+        raise InfraError("--advertise with --insecure: a plaintext broker is never offered "
+                         "to other machines")
     previous = read_state(settings)
     if previous is not None and _all_alive(previous):
+        if not previous.kafka_external and previous.kafka_advertised != [
+                str(a) for a in advertise]:
+            raise InfraError(
+                "the running broker is advertised at "
+                f"{', '.join(previous.kafka_advertised) or 'loopback only'}, not at "
+                f"{', '.join(map(str, advertise)) or 'loopback only'}: run `destra infra "
+                "down`, then `destra infra up` with the new --advertise")
         _prepare(settings, previous)
         return previous
     if previous is not None:
@@ -124,7 +177,8 @@ def up(settings: Settings) -> InfraState:
     state = InfraState(kafka_bootstrap="", kafka_external=False, kafka_version=kafka.KAFKA_VERSION,
                        kafka_secure=not settings.kafka_insecure)
     try:
-        _start_kafka(settings, state)
+        _start_kafka(settings, state, advertise, say)
+        _record_advertise(settings, advertise)
         _start_postgres(settings, state)
         state_path(settings).write_text(state.to_json())
         _prepare(settings, state)
@@ -135,7 +189,8 @@ def up(settings: Settings) -> InfraState:
     return state
 
 
-def _start_kafka(settings: Settings, state: InfraState) -> None:
+def _start_kafka(settings: Settings, state: InfraState, advertise: list[kafka.Advertised],
+                 say: Callable[[str], None]) -> None:
     if settings.kafka_bootstrap:
         state.kafka_bootstrap, state.kafka_external = settings.kafka_bootstrap, True
         state.kafka_version = "external"
@@ -151,11 +206,19 @@ def _start_kafka(settings: Settings, state: InfraState) -> None:
     if settings.kafka_insecure:
         data = data.with_name(data.name + "-insecure")
     else:
-        broker_security = kafka.BrokerSecurity(ensure_tls(tls_dir(settings)),
+        hosts = [a.host for a in advertise]
+        files = tls_files(tls_dir(settings))
+        missing = missing_hosts(files, hosts) if files.broker_keystore.exists() else []
+        broker_security = kafka.BrokerSecurity(ensure_tls(tls_dir(settings), hosts),
                                                _admin_password(settings))
+        if missing:
+            say(f"the broker certificate did not name {', '.join(missing)}: reissued "
+                f"{files.broker_keystore} from the same CA ({files.ca_cert}); clients' "
+                "credentials stay valid")
     cluster = kafka.KafkaCluster(data, libs, brokers=settings.kafka_brokers,
                                  port=settings.kafka_port, heap_mb=settings.kafka_heap_mb,
-                                 security=broker_security)
+                                 security=broker_security, advertise=advertise)
+    state.kafka_advertised = [str(a) for a in advertise]
     cluster.format()
     state.kafka_bootstrap = cluster.bootstrap
     for node in cluster.nodes:
@@ -258,6 +321,7 @@ def status(settings: Settings) -> dict[str, Any]:
             "bootstrap": state.kafka_bootstrap,
             "external": state.kafka_external,
             "secure": state.kafka_secure,
+            "advertised": state.kafka_advertised,
             "ca": str(tls_dir(settings) / "ca.pem") if state.kafka_secure else None,
             "version": state.kafka_version,
             "live_brokers": live,
