@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from destra.cli_common import (
 from destra.errors import DestraError
 from destra.keys_cli import keys
 from destra.views_cli import nodes, status, tasks
+
+if TYPE_CHECKING:
+    from schemas.bindings import StakeConsent
 
 
 class _Cli(click.Group):
@@ -386,10 +389,15 @@ def node() -> None:
 @click.option("--region", default="eu-west", show_default=True)
 @click.option("--tier", default="datacenter", show_default=True,
               help="Tier offered; capped by what the benchmark measures.")
-@click.option("--stake", "stake_micro", type=click.IntRange(min=0), default=0,
-              show_default=True, help="Micro-tokens staked from the operator's account, "
-              "with its consent signed by the operator's keystore "
-              "($DESTRA_HOME/accounts/OPERATOR.json, the same passphrase).")
+@click.option("--stake", "stake_micro", type=click.IntRange(min=0), default=None,
+              help="Micro-tokens staked from the operator's account (default: the consent "
+              "file's, else 0), with its consent: the --consent file, else signed here by "
+              "the operator's keystore ($DESTRA_HOME/accounts/OPERATOR.json, the same "
+              "passphrase).")
+@click.option("--consent", "consent_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="The operator's signed consent to this node's stake, "
+              "made on the operator's machine by `destra node consent` (public, no secret): "
+              "this machine then needs no operator keystore.")
 @click.option("--slots", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tasks run at once.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
@@ -398,9 +406,9 @@ def node() -> None:
 @click.option("--fault", type=click.Choice(["wrong-result", "no-show", "late", "late-reveal",
                                             "copy"]),
               default=None, help="Misbehave on purpose (tests and demos).")
-def node_run(name: str | None, operator: str | None, region: str, tier: str, stake_micro: int,
-             slots: int, threads: int, force_cpu: bool, fault: str | None,
-             **flags: Any) -> None:
+def node_run(name: str | None, operator: str | None, region: str, tier: str,
+             stake_micro: int | None, consent_file: Path | None, slots: int, threads: int,
+             force_cpu: bool, fault: str | None, **flags: Any) -> None:
     """Benchmark, register and serve assignments until SIGTERM."""
     import signal
     import socket
@@ -412,9 +420,12 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
     settings = load_settings(**flags)
     node_id = name or f"node-{socket.gethostname()}"
     passphrase = _passphrase()
-    operator = operator or node_id
+    consent = _read_consent(consent_file) if consent_file is not None else None
+    operator = operator or (consent.operator_id if consent else node_id)
+    if stake_micro is None:
+        stake_micro = consent.stake_micro if consent else 0
     operator_keys = None
-    if stake_micro > 0:
+    if stake_micro > 0 and consent is None:
         # The operator consents to the stake with its account's key; without it the
         # ledger locks nothing and the node runs unstaked.
         path = keystore.account_path(settings, operator)
@@ -426,9 +437,10 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
                                       ).current
     config = NodeConfig(node_id, operator, region, tier, stake_micro, slots,
                         Fault(fault) if fault else Fault.NONE, threads, force_cpu,
-                        operator_keys=operator_keys)
+                        operator_keys=operator_keys, consent=consent)
     runner = NodeRunner(settings, kafka_address(settings, services, node=node_id), config,
                         passphrase=passphrase)
+    runner.stake_consent()  # a consent for another node, key, amount or network: refused now
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
 
@@ -441,6 +453,71 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str, sta
 
     runner.run(on_ready=ready)
     click.echo(f"node {node_id} stopped after {runner.completed} task(s)")
+
+
+def _read_consent(path: Path) -> StakeConsent:
+    """A consent file (``destra node consent``), its signature checked under its own key."""
+    from schemas.bindings import StakeConsent
+
+    try:
+        text = path.expanduser().read_text()
+    except OSError as e:
+        raise DestraError(f"cannot read the stake consent {path}: {e}") from e
+    return StakeConsent.from_json(text)
+
+
+@node.command("consent")
+@settings_options
+@click.option("--node", "node_id", required=True, help="The node to be staked.")
+@click.option("--operator", required=True, help="Your account, whose tokens back the stake.")
+@click.option("--stake", "stake_micro", type=click.IntRange(min=1), required=True,
+              help="Micro-tokens the node may lock from your account.")
+@click.option("--node-key", default=None, metavar="HEX",
+              help="The node's signing public key (`destra keys show --node NODE` on the "
+                   "node's machine); default: read from the node's keystore here.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the consent there (default: print it).")
+def node_consent(node_id: str, operator: str, stake_micro: int, node_key: str | None,
+                 out: Path | None, **flags: Any) -> None:
+    """Sign, as the operator, your consent to stake NODE with STAKE of your tokens.
+
+    Run on the operator's machine, with your account's keystore; send the output to the
+    node's machine for `destra node run --consent FILE`. It holds no secret: only the
+    network, operator, node, the node's signing key, the amount and your signature, which
+    stakes that node with that amount on this network and nothing else.
+    """
+    from destra import keystore
+    from schemas.bindings import StakeConsent
+
+    settings = load_settings(**flags)
+    if node_key is None:
+        path = keystore.node_path(settings, node_id)
+        if not path.exists():
+            raise DestraError(f"no keystore for node {node_id} at {path}: give its signing "
+                              "public key with --node-key (`destra keys show --node "
+                              f"{node_id}` on its machine)")
+        node_key = str(keystore.public_keys(path)["signing"])
+    try:
+        node_signing_key = bytes.fromhex(node_key)
+    except ValueError as e:
+        raise DestraError(f"--node-key is not hex: {e}") from e
+    if len(node_signing_key) != 32:
+        raise DestraError(f"--node-key must be a 32-byte Ed25519 public key, got "
+                          f"{len(node_signing_key)} bytes")
+    path = keystore.account_path(settings, operator)
+    if not path.exists():
+        raise DestraError(f"no keystore for account {operator} at {path} (`destra account "
+                          "create`)")
+    operator_keys = keystore.load(path, _passphrase() or keystore.require_passphrase()).current
+    consent = StakeConsent.sign(operator_keys, settings.topic_prefix, operator, node_id,
+                                node_signing_key, stake_micro)
+    if out is None:
+        click.echo(consent.to_json(), nl=False)
+        return
+    out.write_text(consent.to_json())
+    click.echo(f"{operator} consents to stake node {node_id} with {stake_micro} micro-tokens "
+               f"on network {settings.topic_prefix!r}: {out} (public; send it to the node's "
+               "machine for `destra node run --consent`)", err=True)
 
 
 def _issue(settings: Any, kind: str, name: str) -> None:

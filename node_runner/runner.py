@@ -66,7 +66,7 @@ from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
 from node_runner.logic import Computed, Fault, NodeLogic
 from schemas import Event, decode, new_event
-from schemas.bindings import sign_stake_consent
+from schemas.bindings import StakeConsent, sign_stake_consent
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
@@ -103,6 +103,10 @@ class NodeConfig:
     """The operator account's keys, to sign its consent to the stake (the ledger locks a
     stake only with it); None: the registration carries no consent, the node runs
     unstaked."""
+    consent: StakeConsent | None = None
+    """The operator's consent signed on its own machine (``destra node consent``), for a
+    node whose machine does not hold the operator's keystore; used when ``operator_keys``
+    is None."""
 
 
 @dataclass
@@ -149,10 +153,17 @@ class NodeRunner:
         """The operator's signed consent to this node's stake, or empty (no stake, or no
         operator keys at hand)."""
         c = self.config
-        if c.stake_micro == 0 or c.operator_keys is None:
+        if c.stake_micro == 0:
             return b""
-        return sign_stake_consent(c.operator_keys, self.settings.topic_prefix, c.operator,
-                                  self.node_id, self.keys.signing_public, c.stake_micro)
+        if c.operator_keys is not None:
+            return sign_stake_consent(c.operator_keys, self.settings.topic_prefix, c.operator,
+                                      self.node_id, self.keys.signing_public, c.stake_micro)
+        if c.consent is not None:
+            # Refused here, before registering, when it is not for this very registration.
+            c.consent.check_for(self.settings.topic_prefix, c.operator, self.node_id,
+                                self.keys.signing_public, c.stake_micro)
+            return c.consent.signature
+        return b""
 
     def register(self) -> Event:
         """Benchmark the device and publish the signed registration."""

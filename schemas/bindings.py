@@ -16,7 +16,11 @@ operator's consent to stake a node, a submitter's commitment to a task's data ke
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
 
+from schemas.errors import ConfigError
 from schemas.events import Event, new_event
 from schemas.signatures import KeyPair, sign_event, verify
 
@@ -53,6 +57,83 @@ def sign_stake_consent(operator_keys: KeyPair, network: str, operator_id: str, n
     """The operator's consent (64 bytes) for ``NodeRegistered.operator_consent``."""
     return operator_keys.sign(stake_consent_message(network, operator_id, node_id,
                                                     node_signing_key, stake_micro))
+
+
+CONSENT_FORMAT = "destra-stake-consent/1"
+
+
+@dataclass(frozen=True)
+class StakeConsent:
+    """An operator's consent to stake a node, as a file the operator sends the node's
+    machine (``destra node consent``): public, no secret in it. The node's registration
+    carries ``signature`` as ``operator_consent``; the ledger checks it against the
+    operator account's registered key, ``operator_key`` here only lets the node's
+    machine catch a damaged file early."""
+
+    network: str
+    operator_id: str
+    node_id: str
+    node_signing_key: bytes
+    stake_micro: int
+    operator_key: bytes
+    signature: bytes
+
+    @classmethod
+    def sign(cls, operator_keys: KeyPair, network: str, operator_id: str, node_id: str,
+             node_signing_key: bytes, stake_micro: int) -> StakeConsent:
+        """The operator's consent, signed with its account's keys."""
+        return cls(network, operator_id, node_id, node_signing_key, stake_micro,
+                   operator_keys.signing_public,
+                   sign_stake_consent(operator_keys, network, operator_id, node_id,
+                                      node_signing_key, stake_micro))
+
+    def to_json(self) -> str:
+        """The consent file's text."""
+        return json.dumps({"format": CONSENT_FORMAT, "network": self.network,
+                           "operator_id": self.operator_id, "node_id": self.node_id,
+                           "node_signing_key": self.node_signing_key.hex(),
+                           "stake_micro": self.stake_micro,
+                           "operator_key": self.operator_key.hex(),
+                           "signature": self.signature.hex()}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> StakeConsent:
+        """Read a consent file; a malformed one, or one whose signature does not verify
+        under its own operator key, is a ``ConfigError``."""
+        try:
+            raw: Any = json.loads(text)
+            if not isinstance(raw, dict) or raw.get("format") != CONSENT_FORMAT:
+                raise ValueError(f"not a {CONSENT_FORMAT} file")
+            network, operator_id, node_id = (raw[k] for k in ("network", "operator_id",
+                                                              "node_id"))
+            if not all(isinstance(v, str) for v in (network, operator_id, node_id)):
+                raise ValueError("network, operator_id and node_id must be strings")
+            stake = raw["stake_micro"]
+            if isinstance(stake, bool) or not isinstance(stake, int) or stake <= 0:
+                raise ValueError(f"stake_micro must be a positive integer, got {stake!r}")
+            consent = cls(network, operator_id, node_id, bytes.fromhex(raw["node_signing_key"]),
+                          stake, bytes.fromhex(raw["operator_key"]),
+                          bytes.fromhex(raw["signature"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"unreadable stake consent: {e}") from e
+        message = stake_consent_message(consent.network, consent.operator_id, consent.node_id,
+                                        consent.node_signing_key, consent.stake_micro)
+        if not verify(consent.operator_key, message, consent.signature):
+            raise ConfigError("the stake consent's signature does not verify under its "
+                              "operator key: the file is damaged or forged")
+        return consent
+
+    def check_for(self, network: str, operator_id: str, node_id: str,
+                  node_signing_key: bytes, stake_micro: int) -> None:
+        """Refuse (``ConfigError``) a consent given for another network, operator, node,
+        node key or amount: the ledger would refuse the stake."""
+        wanted = {"network": network, "operator": operator_id, "node": node_id,
+                  "node signing key": node_signing_key.hex(), "stake": stake_micro}
+        have = {"network": self.network, "operator": self.operator_id, "node": self.node_id,
+                "node signing key": self.node_signing_key.hex(), "stake": self.stake_micro}
+        wrong = [f"{k} {have[k]!r}, not {wanted[k]!r}" for k in wanted if have[k] != wanted[k]]
+        if wrong:
+            raise ConfigError("the stake consent is for another " + "; ".join(wrong))
 
 
 def stake_consent_valid(registration: Event, network: str, operator_key: bytes) -> bool:
