@@ -38,7 +38,9 @@ Rules:
   not escrowed). Else reject (TaskFailed) when stale or future-dated (above);
   when it is not signed by the key it carries; when its account is not
   registered (``unregistered-account``) or that key is not the one registered
-  (``wrong-key``); when the quote expired before the submission
+  (``wrong-key``); when it has sealed inputs (``payload`` or ``payload_ref``) but no
+  32-byte commitment to their data key (``no-data-key-commitment``: a node handed a
+  wrong key could not show it); when the quote expired before the submission
   was made (event time); when the quoted price is below the network's price
   for the compute (``PriceUpdated``), or exceeds the submitter's max price;
   when funds are short. Else escrow.
@@ -298,6 +300,7 @@ class LedgerDecider:
         if reason is None:
             # Signed by the account's key: its id is taken, whatever is decided below.
             self.horizon.keep(f"task/{task_id}", e.name, expiry)
+        reason = reason or self._check_commitment(e)
         reason = reason or self._check_price(e)
         if reason is None and f["quote_expires_at"] < e.occurred_at:
             reason = ("quote-expired", f"quote {f['quote_id']} expired at "
@@ -332,6 +335,23 @@ class LedgerDecider:
                                             "(AccountRegistered)")
         if bound != key:
             return ("wrong-key", f"account {account} is registered to another signing key")
+        return None
+
+    @staticmethod
+    def _check_commitment(e: Event) -> tuple[str, str] | None:
+        """Why a sealed submission cannot be taken, or None: sealed inputs (inline or by
+        reference) need the submitter's 32-byte commitment to the data key, else a node
+        granted a wrong key could not prove it and would be judged for the submitter's
+        fault."""
+        f = e.fields
+        sealed = bool(f.get("payload")) or bool(f.get("payload_ref"))
+        commitment = f.get("data_key_commitment") or b""
+        if sealed and len(commitment) != 32:
+            return ("no-data-key-commitment",
+                    f"task {f['task_id']} has sealed inputs but "
+                    + ("no data-key commitment" if not commitment else
+                       f"a {len(commitment)}-byte data-key commitment (32 needed)")
+                    + ": a wrong data key could not be told from a node's fault")
         return None
 
     def _check_price(self, e: Event) -> tuple[str, str] | None:

@@ -52,6 +52,7 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "deadline_ms": 600_000, "result_key": _key("alice x25519"),
         "payload_ref": None, "payload": b"\x8a\x1f" + bytes(range(60)),
         "signing_key": _key("alice signing"),
+        "data_key_commitment": _sha256("data key of task-7f3a"),
     },
     "TaskAssigned": lambda: {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "replica_index": 0, "attempt": 0,

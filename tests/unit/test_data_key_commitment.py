@@ -103,3 +103,38 @@ def test_a_refusal_the_verifier_cannot_check_is_refused_and_fails_nothing() -> N
     # The proven one fails the task, once, with no node judged.
     [failed] = v.on_key_refused(_refusal(g, right), now)
     assert (failed.name, failed.fields["reason"]) == ("TaskFailed", "bad_data_key")
+
+
+def _uncommitted(sim: Sim, task_id: str, commitment: bytes = b"") -> Event:
+    """Alice's sealed submission of ``task_id`` with ``commitment`` instead of hers, signed."""
+    made = sim.alice.submission(task_id, "sha256-search", PARAMS, sim.runner.now_ms)
+    assert made.fields["payload"] and len(made.fields["data_key_commitment"]) == 32
+    return sign_event(made.replace(data_key_commitment=commitment).with_envelope(
+        signature=None), keys_for("alice"), "alice")
+
+
+def test_a_sealed_submission_without_a_commitment_is_refused_before_escrow() -> None:
+    # Without a commitment a node granted a wrong key could not show it: the ledger, which
+    # admits submissions, refuses it as it refuses other bad submissions (TaskFailed with
+    # the reason, nothing escrowed, nothing placed).
+    sim = Sim(nodes=3)
+    before = sim.balance("user:alice")
+    for task_id, commitment in (("t-none", b""), ("t-short", bytes(16))):
+        sim.runner.publish(_uncommitted(sim, task_id, commitment), source="alice")
+    sim.runner.run_until(lambda: len(sim.runner.events("TaskFailed")) == 2, max_ms=10_000)
+    failed = {e.fields["task_id"]: e.fields for e in sim.runner.events("TaskFailed")}
+    assert {t: f["reason"] for t, f in failed.items()} == {
+        "t-none": "no-data-key-commitment", "t-short": "no-data-key-commitment"}
+    assert "no data-key commitment" in failed["t-none"]["detail"]
+    assert "16-byte" in failed["t-short"]["detail"]
+    assert sim.runner.events("TaskAssigned") == []
+    assert sim.balance("user:alice") == before
+    assert sim.balance(escrow("t-none")) == 0 and sim.balance(escrow("t-short")) == 0
+    # A sealed submission that commits, and a plain one with nothing sealed, go through.
+    sim.submit("t-sealed", "sha256-search", PARAMS)
+    sim.submit("t-plain")
+    sim.runner.run_until(lambda: _settled(sim, "t-sealed") and _settled(sim, "t-plain"),
+                         max_ms=300_000)
+    for task_id in ("t-sealed", "t-plain"):
+        verdict = sim.verdict(task_id)
+        assert verdict is not None and verdict.name == "TaskVerified", verdict
