@@ -36,6 +36,7 @@ from destra.crypto import verify_event
 from destra.errors import DestraError, NoCapacity
 from destra.freshness import Freshness
 from schemas import Event, new_event
+from streams.journal import ExpiringLog
 from streams.processing import Context, Outcome, Recovery, dispatch
 from workloads import get_workload
 
@@ -138,8 +139,13 @@ class Allocator:
         return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,
                         _TICK, ctx)
 
-    _SNAPSHOT_FIELDS = ("table", "keys", "outstanding", "tasks", "queue", "reissues",
-                        "freshness")
+    _SNAPSHOT_FIELDS = ("table", "keys", "outstanding", "tasks", "queue", "reissues")
+    """Bounded by the nodes and the work in flight; the accepted event ids, which grow with
+    the input rate, are an expiring log the runner journals (``journals``)."""
+
+    def journals(self) -> dict[str, ExpiringLog]:
+        """The expiring log of accepted event ids (``streams.journal``)."""
+        return {"freshness": self.freshness.seen}
 
     def snapshot(self) -> dict[str, Any]:
         """What placement needs after a restart: nodes, their keys and held slots, the
@@ -151,6 +157,8 @@ class Allocator:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
             setattr(self, name, state[name])
+        if "freshness" in state:  # a snapshot from before the ids were journaled
+            self.freshness.take_over(state["freshness"])
 
     # -- nodes ------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pstats
 import shutil
@@ -70,6 +71,7 @@ from infra.kafka import KafkaCluster, ensure_jars, new_security  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
 from ledger.processor import wait_for_transactions  # noqa: E402
 from schemas import decode  # noqa: E402
+from schemas.events import now_ms  # noqa: E402
 from streams import security  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
 from streams.reading import read_all  # noqa: E402
@@ -299,6 +301,36 @@ def _paid(settings: Settings, bootstrap: str, done: dict[str, object]) -> list[s
     return verified
 
 
+PHASES = ("records", "state bytes", "append->fetch", "handle", "state record", "send", "commit")
+
+
+def print_phases(timings: Path, windows: dict[str, tuple[int, int]]) -> None:
+    """Per Kafka runner (processors units, ledger decider) and load, where a transaction's
+    time goes: p50 / p99 of each phase over the transactions fetched in the window."""
+    files = sorted(timings.glob("*.json"))
+    if not files:
+        print("no runner timings written (a runner did not exit cleanly)")
+        return
+    for label, (start, end) in windows.items():
+        print(f"{label}: each runner's transactions, p50 / p99 per phase (ms; append->fetch: "
+              "the batch's oldest record, broker append to this runner's fetch)")
+        for path in files:
+            data = json.loads(path.read_text())
+            rows = [p for p in data["phases"] if start <= p[0] <= end]
+            if not rows:
+                continue
+            cells = []
+            for i, name in enumerate(PHASES, start=1):
+                values = sorted(float(r[i]) for r in rows)
+                cells.append(f"{name} {_pct(values, 0.5):.0f}/{_pct(values, 0.99):.0f}")
+            print(f"  {data['group'][-28:]:<28} n {len(rows):>5}  " + "  ".join(cells))
+            for topic, pairs in sorted(data.get("arrivals", {}).items()):
+                lags = [float(lag) for at, lag in pairs if start <= at <= end]
+                if lags:
+                    print(f"    {'append->fetch ' + topic.split('.', 1)[-1]:<40} n {len(lags):5d}"
+                          f"  p50 {_pct(lags, 0.5):6.0f} ms  p99 {_pct(lags, 0.99):6.0f} ms")
+
+
 def light_load(client: Client, watch: Watch, count: int, rate: float) -> list[str]:
     """Submit ``count`` tasks at ``rate`` per second, granting keys between submissions."""
     quote = client.quote(*SMALLEST, ttl_ms=3_600_000)
@@ -321,11 +353,15 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     cluster.start()
     security.use(cluster.access)  # this process is the operator; the network's are its own
     pg = start_embedded(tmp / "pg")
+    timings = tmp / "timings"
+    timings.mkdir()
+    windows: dict[str, tuple[int, int]] = {}
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     settings = Settings(kafka_bootstrap=cluster.bootstrap, topic_prefix=prefix,
                         producer_id="bench", home=tmp / "home")
     net = LocalNetwork(settings, cluster.bootstrap, pg.dsn, tmp / "logs", env_extra={
         "DESTRA_PROFILE": str(tmp / "processors.prof"), "DESTRA_COMMIT_WINDOW_MS": "120000",
+        "DESTRA_TIMINGS": str(timings),
         "DESTRA_QUEUE_TIMEOUT_MS": "600000"})
     stamped = {topic_for(e).suffix for e in HOP_EVENTS}
     specs = [replace(s, broker_time=True) if args.timestamps == "broker" and s.suffix in stamped
@@ -356,6 +392,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         threads_before = {name: thread_snapshot(pid) for name, pid in threaded.items()}
         cpu_before = cpu_snapshot(groups)
         wall = time.monotonic()
+        full_from = now_ms()
 
         # -- full load: every task at once ----------------------------------------------------
         watch = client.watch()
@@ -369,10 +406,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         cpu_after = cpu_snapshot(groups)
         threads_after = {name: thread_snapshot(pid) for name, pid in threaded.items()}
         wall = time.monotonic() - wall
+        windows["full load"] = (full_from, now_ms())
 
         # -- light load: paced, no queueing for slots ------------------------------------------
+        light_from = now_ms()
         light_ids = light_load(client, watch, args.light_tasks, args.light_rate)
         light_done = client.wait(light_ids, watch=watch, timeout_s=600)
+        windows["light load"] = (light_from, now_ms())
         light_paid = _paid(settings, cluster.bootstrap, light_done)
         watch.close()
 
@@ -432,6 +472,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         net.stop()
         stop_embedded(tmp / "pg", pg.system_user)
         cluster.stop()
+    print_phases(timings, windows)
     profiles = sorted(tmp.glob("processors.prof.*"))
     for profile in profiles:  # one per unit: the allocator and each verifier shard
         out = io.StringIO()

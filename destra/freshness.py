@@ -11,10 +11,10 @@ the copy would be refused as expired anyway.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from schemas import Event
+from streams.journal import ExpiringLog
 
 MAX_EVENT_AGE_MS = 300_000
 """How long a signed event stays valid after it occurred (5 minutes)."""
@@ -28,10 +28,15 @@ class Freshness:
 
     max_age_ms: int = MAX_EVENT_AGE_MS
     max_skew_ms: int = MAX_CLOCK_SKEW_MS
-    seen: set[str] = field(default_factory=set)
-    """Ids of accepted events that have not expired yet."""
-    _expiry: deque[tuple[int, str]] = field(default_factory=deque)
-    """(expires at, id) in acceptance order, which is nearly expiry order."""
+    seen: ExpiringLog = field(default_factory=lambda: ExpiringLog(0))
+    """Ids of accepted events that have not expired yet, each until its event expires: an
+    expiring log (``streams.journal``), which a Kafka runner journals instead of carrying
+    it in every snapshot."""
+
+    def __post_init__(self) -> None:
+        # An id lives from its acceptance until its event expires: at most max_age after
+        # the event occurred, which may be max_skew after it is accepted.
+        self.seen.horizon_ms = self.max_age_ms + self.max_skew_ms
 
     def refusal(self, event: Event, now_ms: int) -> str | None:
         """Why ``event`` must be refused at ``now_ms`` (a dead-letter reason), or None."""
@@ -48,13 +53,21 @@ class Freshness:
 
     def accept(self, event: Event) -> None:
         """Remember ``event`` as accepted, so a copy of it is refused."""
-        self.seen.add(event.event_id)
-        self._expiry.append((event.occurred_at + self.max_age_ms, event.event_id))
+        self.seen.add(event.event_id, event.occurred_at + self.max_age_ms)
 
     def prune(self, now_ms: int) -> None:
         """Forget ids whose events have expired (a copy would be refused as expired).
 
         Stops at the first id still valid: one out of order is kept a little longer.
         """
-        while self._expiry and self._expiry[0][0] < now_ms:
-            self.seen.discard(self._expiry.popleft()[1])
+        self.seen.prune(now_ms)
+
+    def take_over(self, old: object) -> None:
+        """Adopt the ids of a ``Freshness`` restored from a snapshot written before its ids
+        were journaled (a set and an expiry deque): added as new, so the next batch
+        journals them."""
+        pending = getattr(old, "_expiry", None)
+        if pending is None and isinstance(getattr(old, "seen", None), ExpiringLog):
+            pending = [(expires, key) for key, expires, _ in old.seen.entries()]  # type: ignore[attr-defined]
+        for expires, event_id in pending or ():
+            self.seen.add(event_id, expires)

@@ -31,6 +31,7 @@ and a batch is whatever has arrived meanwhile.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle  # noqa: S403 - only ever loads snapshots this service signed (checked first)
@@ -52,11 +53,19 @@ from schemas.errors import EventError, StateError
 from schemas.events import now_ms
 from schemas.signatures import KeyPair, verify
 from streams.consumer import consumer_config, dead_letter, fetch, letter, where
+from streams.journal import ExpiringLog, Journaled
 from streams.klog import KAFKA_LOG
 from streams.leases import Shard, task_topics
 from streams.processing import Context, Origin, Outcome, Processor, Recovery
 from streams.producer import EventProducer, RecordTooLarge
-from streams.topics import DEAD_LETTER, STATE, TASK_PARTITIONS, partition_for, topic_for
+from streams.topics import (
+    DEAD_LETTER,
+    JOURNAL,
+    STATE,
+    TASK_PARTITIONS,
+    partition_for,
+    topic_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,11 @@ SNAPSHOT_MAGIC = b"DSNP2"
 librdkafka's thread). ``DSNP1`` records (zlib level 1, in the batch's critical path:
 about 3-4 ms a batch for the verifier's state) are still read."""
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+MAX_PHASES = 200_000
+JOURNAL_MARGIN_MS = 600_000
+"""A rebuild reads the journal from this long before the logs' horizon, counted back from
+the clock of the last committed batch: an entry added then expired before any record a
+restarted runner can still read (clocks, late records)."""
 
 
 def latest_record(bootstrap: str, state_topic: str, key: str, group: str) -> bytes | None:
@@ -117,6 +131,17 @@ class RunStats:
     restored: dict[str, int] = field(default_factory=dict)
     """Per processor, the size in bytes of the snapshot it restarted from."""
     restore_ms: float = 0.0
+    journal_entries: int = 0
+    """Expiring-log entries a restart read back from the journal."""
+    phases: list[tuple[int, int, int, float, float, float, float, float]] = field(
+        default_factory=list)
+    """Per committed transaction (the first ``MAX_PHASES``): (wall ms at its fetch,
+    records, bytes of the state record, ms from the oldest
+    record's append to its fetch, handling, state record, sending, commit): where a hop's
+    time goes inside this runner (bench/lifecycle.py prints their percentiles)."""
+    arrivals: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """Per input topic, (wall ms at fetch, ms from the record's timestamp to its fetch) of
+    each record of those transactions."""
 
 
 Check = Callable[[Event], str | None]
@@ -162,6 +187,9 @@ class KafkaRunner:
     and of the other topics only the events of its own tasks. A record on a task topic
     whose task belongs to another partition is dead-lettered as misrouted: no shard but
     this one reads it there."""
+    timings: str | None = field(default_factory=lambda: os.environ.get("DESTRA_TIMINGS"))
+    """A directory: on exit, ``stats.phases`` is written there as ``<group>.json``
+    (benches; ``DESTRA_TIMINGS`` by default)."""
     stats: RunStats = field(default_factory=RunStats)
 
     def __post_init__(self) -> None:
@@ -175,6 +203,11 @@ class KafkaRunner:
             for name in p.inputs:
                 self._by_name.setdefault(name, []).append(p)
         self._snapshotting = [p for p in self.processors if p.recovery == Recovery.SNAPSHOT]
+        self._journaled = [p for p in self._snapshotting if isinstance(p, Journaled)]
+        self.journal_topic = JOURNAL.name(self.settings.topic_prefix)
+        self._journal_partition = partition_for(self.group, JOURNAL.partitions)
+        for log in self._logs().values():
+            log.track()
         self._seen_ms = 0
         """The latest record time read, or tick time: the clock never goes back."""
         self._pickled: dict[str, bytes] = {}
@@ -183,6 +216,7 @@ class KafkaRunner:
         """The next offset to read of each input partition, as of the last batch."""
         self._assigned: list[TopicPartition] = []
         self._checkpointed = time.monotonic()
+        self._fetched, self._fetched_ms = time.perf_counter(), now_ms()
         self._task_topics = task_topics(self.settings.topic_prefix)
         self.ready = threading.Event()
         """Set once ``run`` has fenced its predecessor, restored its state and is reading."""
@@ -205,8 +239,47 @@ class KafkaRunner:
                     p.restore(pickle.loads(state))  # type: ignore[attr-defined]  # noqa: S301
                     self._pickled[p.name] = state
                     self.stats.restored[p.name] = len(state)
+            if self._journaled:
+                for log in self._logs().values():
+                    log.track()  # a restore may have swapped a log for its own
+                self._rebuild_journals(record.get("clock"))
         self.stats.restore_ms = (time.perf_counter() - started) * 1000
         return positions
+
+    def _logs(self) -> dict[tuple[str, str], ExpiringLog]:
+        return {(p.name, name): log for p in self._journaled
+                for name, log in p.journals().items()}  # type: ignore[attr-defined]
+
+    def _rebuild_journals(self, clock: int | None) -> None:
+        """Refill the journaled processors' expiring logs from ``processors.journal``: every
+        batch's additions since the logs' horizon (plus a margin) before ``clock``, the
+        clock of the last committed batch; from the start of the journal without one."""
+        logs = self._logs()
+        horizon = max((log.horizon_ms for log in logs.values()), default=0)
+        consumer = Consumer(consumer_config(self.bootstrap, f"{self.group}-restore",
+                                            {"enable.auto.commit": False}))
+        loaded = 0
+        try:
+            tp = TopicPartition(self.journal_topic, self._journal_partition)
+            low, high = _watermarks(consumer, tp)
+            start = low
+            if clock:
+                (found,) = consumer.offsets_for_times(
+                    [TopicPartition(tp.topic, tp.partition,
+                                    max(0, clock - horizon - JOURNAL_MARGIN_MS))], timeout=30)
+                start = found.offset if found.offset >= 0 else high
+            for value in _read_keyed(consumer, tp, max(low, start), high, self.group):
+                batch = open_snapshot(value, self.snapshot_keys.signing_public)
+                for where, entries in batch["logs"].items():
+                    log = logs.get(tuple(where))
+                    if log is not None:
+                        log.load(entries)
+                        loaded += len(entries)
+        finally:
+            consumer.close()
+        self.stats.journal_entries = loaded
+        for log in logs.values():
+            log.commit()  # what is loaded is committed; nothing is pending
 
     def latest_checkpoint(self) -> Any | None:
         """The last committed ``checkpoint`` of this group, opened, or None."""
@@ -305,6 +378,7 @@ class KafkaRunner:
             while running():
                 batch = [m for m in fetch(consumer, self.batch, self.poll_s)
                          if m.error() is None]
+                self._fetched, self._fetched_ms = time.perf_counter(), now_ms()
                 if batch:
                     last_record = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
@@ -317,7 +391,16 @@ class KafkaRunner:
                     last_tick = time.monotonic()
         finally:
             consumer.close()
+            if self.timings:
+                self._write_timings()
         return self.stats
+
+    def _write_timings(self) -> None:
+        assert self.timings is not None
+        path = os.path.join(self.timings, self.group.replace("/", "_") + ".json")
+        with open(path, "w") as out:
+            json.dump({"group": self.group, "phases": self.stats.phases,
+                       "arrivals": self.stats.arrivals}, out)
 
     def _transaction(self, producer: EventProducer, consumer: Consumer, batch: list[Message],
                      tick: bool) -> None:
@@ -357,15 +440,18 @@ class KafkaRunner:
         for tp in consumer.position(self._assigned):
             if tp.offset >= 0:
                 self._positions[(tp.topic, tp.partition)] = tp.offset
+        handled = time.perf_counter()
         # Everything slow is done before the transaction opens: its first record is
         # invisible to read_committed readers until it commits, so time spent inside it
         # is latency on every hop downstream.
         record = self._record(touched)
+        journal = self._journal_record()
         checkpoint = None
         if self.checkpoint is not None and (
                 time.monotonic() - self._checkpointed >= self.checkpoint_every_s):
             checkpoint = seal_snapshot(self.checkpoint(dict(self._positions)),
                                        self.snapshot_keys)
+        recorded = time.perf_counter()
         producer.begin()
         try:
             for letter in letters:
@@ -373,6 +459,9 @@ class KafkaRunner:
             for outcome, source in outcomes:
                 self._publish(producer, outcome, source)
             producer.send_raw(self.state_topic, self.group.encode(), record, partition=0)
+            if journal is not None:
+                producer.send_raw(self.journal_topic, self.group.encode(), journal,
+                                  partition=self._journal_partition)
             self.stats.snapshots += 1
             if checkpoint is not None:
                 producer.send_raw(self.state_topic, f"{self.group}/checkpoint".encode(),
@@ -383,6 +472,7 @@ class KafkaRunner:
                 os.kill(os.getpid(), signal.SIGKILL)
             # The positions travel in the state record, in this transaction: no
             # AddOffsetsToTxn / TxnOffsetCommit round trips (about 12 ms a batch here).
+            sent = time.perf_counter()
             producer.commit_positions(None)
         except BaseException:
             # This batch's decisions are not committed: the process must start again
@@ -392,8 +482,23 @@ class KafkaRunner:
             except KafkaException:
                 pass
             raise
+        for p in self._journaled:
+            for log in p.journals().values():  # type: ignore[attr-defined]
+                log.commit()
         self.stats.batches += 1
         self.stats.records += len(batch)
+        if len(self.stats.phases) < MAX_PHASES:
+            done = time.perf_counter()
+            arrived = (max(0, self._fetched_ms - min(_timestamp(m) for m in batch))
+                       if batch else 0)
+            for m in batch:
+                lag = self._fetched_ms - _timestamp(m)
+                self.stats.arrivals.setdefault(m.topic() or "", []).append(
+                    (self._fetched_ms, lag))
+            self.stats.phases.append((
+                self._fetched_ms, len(batch), len(record) + len(journal or b""),
+                float(arrived), (handled - self._fetched) * 1000,
+                (recorded - handled) * 1000, (sent - recorded) * 1000, (done - sent) * 1000))
 
     def _record(self, touched: set[int]) -> bytes:
         """The state record of this transaction: the input positions and each snapshotting
@@ -403,8 +508,19 @@ class KafkaRunner:
             if p.recovery == Recovery.SNAPSHOT:
                 self._pickled[p.name] = pickle.dumps(
                     p.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[attr-defined]
-        return seal_snapshot({"positions": self._positions, "states": dict(self._pickled)},
-                             self.snapshot_keys)
+        return seal_snapshot({"positions": self._positions, "states": dict(self._pickled),
+                              "clock": self._seen_ms}, self.snapshot_keys)
+
+    def _journal_record(self) -> bytes | None:
+        """What this batch added to the expiring logs, sealed, or None if nothing."""
+        added = {}
+        for at, log in self._logs().items():
+            entries = log.added()
+            if entries:
+                added[at] = entries
+        if not added:
+            return None
+        return seal_snapshot({"logs": added}, self.snapshot_keys)
 
     def _clock(self, consumer: Consumer) -> int | None:
         """The time a tick may judge deadlines at: the wall clock once every assigned
@@ -473,6 +589,8 @@ class KafkaRunner:
         for p in self._snapshotting:
             # Pickled by this process from the processor's own snapshot.
             p.restore(pickle.loads(self._pickled[p.name]))  # type: ignore[attr-defined]  # noqa: S301
+        for log in self._logs().values():
+            log.rollback()
 
     def _failure_letter(self, msg: Message, error: BaseException) -> Event:
         topic, partition, offset = where(msg)
@@ -515,6 +633,25 @@ class HandlerFailed(Exception):
 
 def _failure_reason(error: BaseException) -> str:
     return f"handler-error: {type(error).__name__}: {error}"
+
+
+def _read_keyed(consumer: Consumer, tp: TopicPartition, start: int, end: int,
+                key: str) -> list[bytes]:
+    """The values under ``key`` in ``tp`` from ``start`` to ``end``, in order (read_committed:
+    an aborted batch's are not there)."""
+    out: list[bytes] = []
+    if start >= end:
+        return out
+    wanted = key.encode()
+    consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
+    while True:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None and (msg.offset() or 0) < end:
+            if msg.key() == wanted:
+                out.append(msg.value() or b"")
+        (position,) = consumer.position([tp])
+        if position.offset >= end:
+            return out
 
 
 def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 60.0) -> tuple[int, int]:

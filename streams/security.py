@@ -240,6 +240,7 @@ def _groups(user: str, prefixes: Iterable[str]) -> list[AclBinding]:
 _SCRATCH_GROUPS = ("wm-", "rebuild-", "watch-")
 _DEAD = "deadletter"
 _STATE = "processors.state"
+_JOURNAL = "processors.journal"
 _LEASES = "processors.leases"
 
 
@@ -259,7 +260,7 @@ def network_acls(prefix: str) -> list[AclBinding]:
         acls += _writes(user, [prefix + _DEAD])
         acls += _groups(user, [*_SCRATCH_GROUPS, principal(prefix, role)])
     processors = principal(prefix, "processors")
-    acls += _writes(processors, [prefix + _STATE, *_topics(prefix, (
+    acls += _writes(processors, [prefix + _STATE, prefix + _JOURNAL, *_topics(prefix, (
         "TaskAssigned", "ReissueRequested", "TaskVerified", "NodePenalized"))])
     acls += _groups(processors, [f"{prefix}processors"])
     acls += _allow(processors, ResourceType.TRANSACTIONAL_ID, f"{prefix}processors/", _TXN,

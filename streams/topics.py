@@ -19,6 +19,9 @@ RECORD_OVERHEAD_BYTES = 256
 """What a record batch adds around one record's key and value (batch header, record
 header, varints), rounded up: a record is checked against its topic's limit with it."""
 DAY_MS = 24 * 3600 * 1000
+JOURNAL_RETENTION_MS = 6 * 3600 * 1000
+"""How long ``processors.journal`` keeps a batch's additions: far past the longest expiring
+log's horizon (10 minutes), so a restart after an outage of hours still finds them."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,13 @@ TOPICS: tuple[TopicSpec, ...] = (
                      ("min.cleanable.dirty.ratio", "0.1")),
               doc="each service's latest state snapshot, signed, written in the same "
                   "transaction as its outputs and input positions (streams.kafka_runner)"),
+    TopicSpec("processors.journal", "processor", (), 6, hashed_partitions=True,
+              retention_ms=JOURNAL_RETENTION_MS, broker_time=True,
+              max_message_bytes=16 * 1024 * 1024,
+              extra=(("segment.ms", "600000"),),
+              doc="what each batch added to a service's expiring logs (accepted event ids, "
+                  "closed tasks: streams.journal), signed, in the batch's transaction; read "
+                  "back over the logs' horizon on a restart, kept for JOURNAL_RETENTION_MS"),
 )
 
 def partition_for(key: str, partitions: int) -> int:
@@ -167,6 +177,7 @@ assert all(t.partitions == TASK_PARTITIONS and t.hashed_partitions for t in TASK
 LEASES = next(t for t in TOPICS if t.suffix == "processors.leases")
 DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
 STATE = next(t for t in TOPICS if t.suffix == "processors.state")
+JOURNAL = next(t for t in TOPICS if t.suffix == "processors.journal")
 
 
 _BY_EVENT = {event: spec for spec in TOPICS for event in spec.events}

@@ -32,6 +32,7 @@ from destra.freshness import Freshness
 from schemas import Event, new_event
 from schemas.bindings import data_key_commitment
 from schemas.errors import DecryptionFailed, InvalidQuorum
+from streams.journal import ExpiringLog
 from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.proof_of_sync import (
     Decision,
@@ -99,9 +100,10 @@ class Verifier:
     ephemeral key, wrapped key (a node's ``DataKeyRefused`` is checked against it);
     forgotten with the task."""
     """Grants read before their assignment (the two share a partition, so rarely)."""
-    closed: dict[str, int] = field(default_factory=dict)
-    """Tasks with a verdict, and when: a late event about one is refused (``task_closed``)
-    for ``forget_after_ms``, after which it is refused as expired anyway."""
+    closed: ExpiringLog = field(default_factory=lambda: ExpiringLog(0))
+    """Tasks with a verdict (the value: when): a late event about one is refused
+    (``task_closed``) for ``forget_after_ms``, after which it is refused as expired anyway.
+    An expiring log (``streams.journal``): journaled, not snapshotted."""
     forget_after_ms: int = 600_000
     _sending_ms: int = field(default=0, init=False, repr=False)
     """Processing time of the event being handled (``Context.processing_ms``)."""
@@ -116,7 +118,16 @@ class Verifier:
                         "ResultCommitted", "ResultRevealed", "DataKeyRefused"})
     recovery = Recovery.SNAPSHOT
     _SNAPSHOT_FIELDS = ("keys", "terms", "tallies", "open_tasks", "reputation", "parked",
-                        "freshness", "ungranted", "granted", "closed", "grants")
+                        "ungranted", "granted", "grants")
+    """What is bounded by the work in flight; the expiring logs (``journals``), which grow
+    with the input rate, are journaled by the runner instead."""
+
+    def __post_init__(self) -> None:
+        self.closed.horizon_ms = self.forget_after_ms
+
+    def journals(self) -> dict[str, ExpiringLog]:
+        """The expiring logs: accepted event ids and closed tasks (``streams.journal``)."""
+        return {"freshness": self.freshness.seen, "closed": self.closed}
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
         """One input event (``streams.processing``): judged at its own time (the broker's,
@@ -142,6 +153,13 @@ class Verifier:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
             setattr(self, name, state[name])
+        # A snapshot from before the logs were journaled carries them: adopt them.
+        if "freshness" in state:
+            self.freshness.take_over(state["freshness"])
+        old_closed = state.get("closed")
+        if isinstance(old_closed, dict):
+            for task_id, at in old_closed.items():
+                self.closed.add(task_id, at + self.forget_after_ms, at)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -196,7 +214,7 @@ class Verifier:
                 # refunded, and its other assignments find it closed.
                 self.rejected.append((e, where, f"invalid-quorum: {err}"))
                 self.terms.pop(task_id, None)
-                self.closed.setdefault(task_id, now_ms)
+                self.closed.add(task_id, now_ms + self.forget_after_ms, now_ms)
                 return [new_event("TaskFailed", self.producer_id, task_id=task_id,
                                   reason="invalid_quorum", detail=str(err)[:2000])]
             self.tallies[task_id] = tally
@@ -330,11 +348,7 @@ class Verifier:
         for task_id in list(self.open_tasks):
             out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
         self.freshness.prune(now_ms)
-        while self.closed:  # in closing order, near enough time order: stop at a young one
-            task_id, at = next(iter(self.closed.items()))
-            if now_ms - at <= self.forget_after_ms:
-                break
-            del self.closed[task_id]
+        self.closed.prune(now_ms)  # in closing order, near enough time order
         if now_ms - self._terms_swept_at >= self.park_ms:
             # A task failed before any assignment (rejected by the ledger, invalid or no
             # capacity at the allocator) never opens a tally, so ``closed`` never forgets
@@ -419,7 +433,8 @@ class Verifier:
             if isinstance(d, Verified | Failed):
                 self.open_tasks.discard(d.task_id)
                 tally = self.tallies.get(d.task_id)
-                self.closed.setdefault(d.task_id, tally.clock if tally is not None else 0)
+                at = tally.clock if tally is not None else 0
+                self.closed.add(d.task_id, at + self.forget_after_ms, at)
                 closing.append(d.task_id)
             if isinstance(d, Verified):
                 out.append(new_event(

@@ -16,6 +16,7 @@ from ledger.book import escrow, stake
 from ledger.decider import node_wallet
 from node_runner.logic import Fault
 from schemas import new_event
+from streams.journal import full_state, restore_full
 from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO, Verifier
 
@@ -138,13 +139,13 @@ def test_processors_restored_from_a_snapshot_mid_task_finish_it() -> None:
     sim.submit("t1")
     sim.submit("t2")
     sim.runner.run_until(lambda: len(sim.runner.events("ResultCommitted")) >= 1, 10_000)
-    saved = pickle.dumps((sim.allocator.snapshot(), sim.verifier.snapshot()))
+    saved = pickle.dumps((full_state(sim.allocator), full_state(sim.verifier)))
     allocator = Allocator("allocator", policy=sim.allocator.policy,
                           windows=sim.allocator.windows)
     verifier = Verifier("verifier", reissue_grace_ms=sim.verifier.reissue_grace_ms)
     state_a, state_v = pickle.loads(saved)
-    allocator.restore(state_a)
-    verifier.restore(state_v)
+    restore_full(allocator, state_a)
+    restore_full(verifier, state_v)
     procs = list(sim.runner.processors)
     at_v = next(i for i, p in enumerate(procs) if getattr(p, "inner", None) is sim.verifier)
     procs[procs.index(sim.allocator)], procs[at_v] = allocator, OnVirtualClock(verifier)
