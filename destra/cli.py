@@ -522,16 +522,23 @@ def node_consent(node_id: str, operator: str, stake_micro: int, node_key: str | 
 
 def _issue(settings: Any, kind: str, name: str) -> None:
     """The operator's act: a principal with its ACLs, its credentials saved beside the
-    party's keystore (copy that file to the party's machine)."""
+    party's keystore (copy that file to the party's machine); for a node, first its inbox
+    topic, which must exist before the node registers and is assigned work."""
     from destra import keystore
     from infra import services
     from streams import security
+    from streams.admin import ensure_inbox
+    from streams.topics import INBOX_PREFIX
 
     bootstrap = kafka_address(settings, services)
     access = security.current()
+    prefix = settings.topic_prefix
+    if kind == "node":
+        ensure_inbox(bootstrap, prefix, name, replication_factor=settings.replication_factor,
+                     min_insync_replicas=settings.min_insync_replicas)
+        click.echo(f"node {name}: inbox topic {prefix}{INBOX_PREFIX}{name}")
     if not access.secure:
         raise DestraError("this network runs --insecure: there are no principals to issue")
-    prefix = settings.topic_prefix
     if kind == "node":
         user, acls = security.node_principal(prefix, name), security.node_acls(prefix, name)
         path = keystore.node_credentials(settings, name)
@@ -540,6 +547,8 @@ def _issue(settings: Any, kind: str, name: str) -> None:
         path = keystore.account_credentials(settings, name)
     security.issue(bootstrap, user, access.ca_pem, path)
     security.create_acls(bootstrap, acls)
+    if kind == "node":  # a node joined by an older version read every node's assignments
+        security.delete_acls(bootstrap, security.obsolete_node_acls(prefix, name))
     click.echo(f"{kind} {name}: Kafka principal {user}, credentials in {path} (0600)")
 
 
@@ -549,10 +558,11 @@ def _issue(settings: Any, kind: str, name: str) -> None:
 def node_join(name: str, **flags: Any) -> None:
     """Give node NAME its Kafka principal and ACLs (run by the network's operator).
 
-    It may write its registration, heartbeats, commits and reveals, and read its
-    assignments. The credentials go to $DESTRA_HOME/nodes/NAME/kafka.json, beside the
-    node's keystore; on another machine, copy that file there (same path under its
-    DESTRA_HOME, or name it with DESTRA_KAFKA_CREDENTIALS).
+    It may write its registration, heartbeats, commits and reveals, and read its inbox
+    topic (its assignments, data-key grants and reveal calls), made here. The credentials
+    go to $DESTRA_HOME/nodes/NAME/kafka.json, beside the node's keystore; on another
+    machine, copy that file there (same path under its DESTRA_HOME, or name it with
+    DESTRA_KAFKA_CREDENTIALS).
     """
     _issue(load_settings(**flags), "node", name)
 

@@ -23,6 +23,7 @@ from schemas import Event, decode, new_event
 from schemas.bindings import account_registration
 from schemas.signatures import KeyPair
 from streams import security
+from streams.admin import ensure_inbox
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.producer import EventProducer
 from streams.reading import end_offsets, read_all
@@ -115,14 +116,21 @@ class LocalNetwork:
                              self.access)
 
     def join_node(self, name: str) -> None:
-        """A node's principal and ACLs, its credentials beside its keystore."""
+        """A node's inbox topic, and (on a secure network) its principal and ACLs, its
+        credentials beside its keystore."""
         assert self.access is not None
+        prefix = self.settings.topic_prefix
+        ensure_inbox(self.bootstrap, prefix, name,
+                     replication_factor=self.settings.replication_factor,
+                     min_insync_replicas=self.settings.min_insync_replicas,
+                     access=self.access)
         if not self.access.secure:
             return
-        prefix = self.settings.topic_prefix
         security.issue(self.bootstrap, security.node_principal(prefix, name), self.access.ca_pem,
                        keystore.node_credentials(self.settings, name), self.access)
         security.create_acls(self.bootstrap, security.node_acls(prefix, name), self.access)
+        security.delete_acls(self.bootstrap, security.obsolete_node_acls(prefix, name),
+                             self.access)
 
     def account_keys(self, account: str) -> KeyPair:
         """An account's current keys, from its keystore under this network's home (made on

@@ -9,9 +9,11 @@ measures its device with torch,
 registers (a ``NodeRegistered`` signed with the key it registers, so the
 claim proves possession of it), and then:
 
-* reads only its own partition of ``tasks.assignments`` (``partition_for``),
-  skipping other nodes' records that hash to the same partition, resuming
-  from its committed position after a restart;
+* reads only its own inbox topic (``streams.topics.inbox_spec``: the services and
+  the submitters write each record of ``tasks.assignments`` addressed to it there
+  too, and its principal may read no other node's), resuming from its committed
+  position after a restart; on a network that made it no inbox (an older
+  version) it reads its partition of ``tasks.assignments`` instead;
 * for an encrypted task, waits for the submitter's signed ``DataKeyGranted``
   (checked against the submitter key in the assignment, refused when stale or
   replayed), unwraps the data key, opens the sealed input (inline or from the
@@ -73,7 +75,7 @@ from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
 from streams.processing import Context, Outcome, Work
 from streams.producer import EventProducer
-from streams.topics import partition_for, topic_for
+from streams.topics import inbox_topic, partition_for, topic_for
 from workloads import get_workload
 from workloads.canonical import canonical_json
 
@@ -189,8 +191,14 @@ class NodeRunner:
 
     def run(self, on_ready: Any = None) -> None:
         """Register, then serve assignments until stopped; then drain and exit."""
-        self.register()
+        # Its inbox is found first: a node that cannot read its work must not register
+        # and be assigned any.
         consumer = self._consumer()
+        try:
+            self.register()
+        except BaseException:
+            consumer.close()
+            raise
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
         if on_ready is not None:
@@ -218,17 +226,39 @@ class NodeRunner:
             return self.logic.pending()
 
     def _consumer(self) -> Consumer:
-        spec = topic_for("TaskAssigned")
-        topic = spec.name(self.settings.topic_prefix)
         consumer = Consumer(consumer_config(
             self.bootstrap, f"{self.settings.topic_prefix}node-{self.node_id}",
             {"enable.auto.commit": True, "enable.auto.offset.store": False,
              "logger": KAFKA_LOG}))
-        tp = TopicPartition(topic, partition_for(self.node_id, spec.partitions))
-        (committed,) = consumer.committed([tp], timeout=30)
+        try:
+            tp = self._source(consumer)
+            (committed,) = consumer.committed([tp], timeout=30)
+        except BaseException:
+            consumer.close()
+            raise
         start = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
-        consumer.assign([TopicPartition(topic, tp.partition, start)])
+        consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
         return consumer
+
+    def _source(self, consumer: Consumer) -> TopicPartition:
+        """Where this node's assignments, grants and reveal calls are: its inbox topic; on
+        a network that made it none (an older version: its principal may still read
+        ``tasks.assignments``), its partition of that topic."""
+        prefix = self.settings.topic_prefix
+        inbox = inbox_topic(prefix, self.node_id)
+        if inbox is not None and _readable(consumer, inbox):
+            return TopicPartition(inbox, 0)
+        spec = topic_for("TaskAssigned")
+        shared = spec.name(prefix)
+        if not _readable(consumer, shared):
+            raise DestraError(
+                f"node {self.node_id} has no inbox topic it may read "
+                f"({inbox or 'its id cannot name a topic'}): the network's operator makes "
+                f"it with `destra node join {self.node_id}`")
+        log.warning("node %s has no inbox topic %s: reading its partition of %s, where "
+                    "every node's work is (run `destra node join %s` to make its inbox)",
+                    self.node_id, inbox, shared, self.node_id)
+        return TopicPartition(shared, partition_for(self.node_id, spec.partitions))
 
     def _poll(self, consumer: Consumer, accept_work: bool) -> None:
         for msg in fetch(consumer, 100, 0.2):
@@ -355,3 +385,9 @@ class NodeRunner:
 
     def _signed(self, event: Event) -> Event:
         return sign_event(event, self.keys, self.node_id)
+
+
+def _readable(consumer: Consumer, topic: str) -> bool:
+    """Whether ``topic`` exists and this principal may see it (its metadata, no error)."""
+    found = consumer.list_topics(topic, timeout=30).topics.get(topic)
+    return found is not None and found.error is None and bool(found.partitions)

@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from destra.errors import InfraError
 from streams.klog import KAFKA_LOG
 from streams.security import KafkaAccess, client_config
-from streams.topics import TOPICS, TopicSpec
+from streams.topics import INBOX_PREFIX, TOPICS, TopicSpec, inbox_spec, inbox_topic
 
 
 def admin_client(bootstrap: str, access: KafkaAccess | None = None) -> AdminClient:
@@ -79,6 +79,29 @@ def ensure_topics(
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise InfraError(f"could not create topic {name}: {e.args[0].str()}") from e
     return created
+
+
+def ensure_inbox(
+    bootstrap: str,
+    prefix: str,
+    node_id: str,
+    *,
+    replication_factor: int,
+    min_insync_replicas: int,
+    timeout_s: float = 30.0,
+    access: KafkaAccess | None = None,
+) -> bool:
+    """Create node ``node_id``'s inbox topic (``streams.topics.inbox_spec``) if missing;
+    whether it was created. Idempotent, like ``ensure_topics``. Made before the node can
+    register, so the services never write to an inbox that is not there yet; a node id
+    that cannot name a topic is an ``InfraError``."""
+    if inbox_topic(prefix, node_id) is None:
+        raise InfraError(f"node id {node_id!r} cannot name an inbox topic "
+                         f"({prefix}{INBOX_PREFIX}<id>: letters, digits, '.', '_', '-', "
+                         "at most 249 characters in all)")
+    return bool(ensure_topics(bootstrap, prefix, replication_factor=replication_factor,
+                              min_insync_replicas=min_insync_replicas,
+                              specs=[inbox_spec(node_id)], timeout_s=timeout_s, access=access))
 
 
 def _reconcile(admin: AdminClient, specs: list[TopicSpec], prefix: str,

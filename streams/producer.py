@@ -8,10 +8,12 @@ producer given a service ``signer`` signs every authority event it sends
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from destra.errors import DeliveryFailed, InvalidEvent
 from destra.settings import Settings
@@ -19,7 +21,12 @@ from schemas import Event, encode
 from streams.authority import AUTHORITY, ServiceSigner
 from streams.klog import KAFKA_LOG
 from streams.security import client_config
-from streams.topics import RECORD_OVERHEAD_BYTES, topic_for
+from streams.topics import RECORD_OVERHEAD_BYTES, inbox_topic, topic_for
+
+log = logging.getLogger(__name__)
+
+INBOX_RECHECK_S = 5.0
+"""How long a node's inbox found missing is taken as missing before it is looked up again."""
 
 
 class RecordTooLarge(InvalidEvent):
@@ -28,6 +35,45 @@ class RecordTooLarge(InvalidEvent):
 
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+class Inboxes:
+    """Which nodes' inbox topics exist, as far as this producer knows.
+
+    ``lookup(topic)`` asks the broker: True (it exists), False (the broker says there is
+    no such topic), or it raises (no answer: the caller's send fails, rather than a node
+    missing a record it was owed). An inbox once found is never looked up again; a missing
+    one is looked up again at most every ``recheck_s``.
+    """
+
+    def __init__(self, lookup: Callable[[str], bool], recheck_s: float = INBOX_RECHECK_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._lookup = lookup
+        self.recheck_s = recheck_s
+        self._clock = clock
+        self._known: set[str] = set()
+        self._missing: dict[str, float] = {}
+        """Inbox topic -> when it was last found missing."""
+
+    def exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists (cached; see the class)."""
+        if topic in self._known:
+            return True
+        now = self._clock()
+        missed = self._missing.get(topic)
+        if missed is not None and now - missed < self.recheck_s:
+            return False
+        if self._lookup(topic):
+            self._known.add(topic)
+            if self._missing.pop(topic, None) is not None:
+                log.warning("inbox %s exists now: its node's records go there too", topic)
+            return True
+        if missed is None:
+            log.warning("no inbox topic %s: its node's records go to the assignments topic "
+                        "only (a node joined by an older version, or by hand: `destra node "
+                        "join` makes its inbox)", topic)
+        self._missing[topic] = now
+        return False
 
 
 def producer_config(bootstrap: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -62,6 +108,7 @@ class EventProducer:
         bootstrap: str,
         overrides: Mapping[str, Any] | None = None,
         signer: ServiceSigner | None = None,
+        inboxes: Inboxes | None = None,
     ) -> None:
         self.settings = settings
         self.signer = signer
@@ -70,6 +117,8 @@ class EventProducer:
         self._producer: Producer | None = None
         self._failures: list[str] = []
         self.delivered = 0
+        self.inboxes = inboxes or Inboxes(self._inbox_exists)
+        """Which nodes' inboxes exist: a record of an ``inbox`` topic goes to its node's too."""
 
     @property
     def _kafka(self) -> Producer:
@@ -101,9 +150,45 @@ class EventProducer:
                 f"{event.name} {event.event_id}: {len(value)} bytes encoded (key {len(key)}) "
                 f"exceeds the {spec.max_record_bytes}-byte record limit of topic "
                 f"{spec.suffix}; large payloads go to the blob store")
-        self.send_raw(self.topic_name(event), key, value, on_delivery,
-                      spec.partition_of(key.decode()))
+        home = self.topic_name(event)
+        for topic, partition in self.destinations(event):
+            self.send_raw(topic, key, value, on_delivery if topic == home else None,
+                          partition)
         return event
+
+    def destinations(self, event: Event) -> list[tuple[str, int | None]]:
+        """The topics (and partitions) an event is written to: its catalogue topic, and
+        for a record of an ``inbox`` topic first its node's inbox, when that exists."""
+        spec = topic_for(event.name)
+        key = str(event.fields[spec.key])
+        home = (spec.name(self.settings.topic_prefix), spec.partition_of(key))
+        if not spec.inbox:
+            return [home]
+        inbox = inbox_topic(self.settings.topic_prefix, key)
+        if inbox is None or not self.inboxes.exists(inbox):
+            return [home]
+        # The inbox first: a crash between the two (outside a transaction) leaves the node
+        # able to act and the record's sender unanswered, so it sends it again.
+        return [(inbox, 0), home]
+
+    def _inbox_exists(self, topic: str) -> bool:
+        """Ask the broker whether ``topic`` exists (a metadata request for it alone)."""
+        try:
+            metadata = self._kafka.list_topics(topic=topic, timeout=10)
+        except KafkaException as e:
+            raise DeliveryFailed(f"could not look up inbox topic {topic}: {e}") from e
+        found = metadata.topics.get(topic)
+        if found is None:
+            return False
+        if found.error is None:
+            return bool(found.partitions)
+        if found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return False
+        if found.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            log.warning("this principal may not describe inbox topic %s (ACLs issued by an "
+                        "older version: issue them again)", topic)
+            return False
+        raise DeliveryFailed(f"could not look up inbox topic {topic}: {found.error.str()}")
 
     def send_raw(
         self,

@@ -50,7 +50,7 @@ from confluent_kafka.admin import (
 
 from schemas.errors import ConfigError, InfraError
 from streams.klog import KAFKA_LOG
-from streams.topics import topic_for
+from streams.topics import INBOX_PREFIX, topic_for
 
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 SCRAM_ITERATIONS = 8192
@@ -262,6 +262,8 @@ def network_acls(prefix: str) -> list[AclBinding]:
     processors = principal(prefix, "processors")
     acls += _writes(processors, [prefix + _STATE, prefix + _JOURNAL, *_topics(prefix, (
         "TaskAssigned", "ReissueRequested", "TaskVerified", "NodePenalized"))])
+    # Each assignment and reveal call goes to its node's inbox too.
+    acls += _inbox_writes(processors, prefix)
     acls += _groups(processors, [f"{prefix}processors"])
     acls += _allow(processors, ResourceType.TRANSACTIONAL_ID, f"{prefix}processors/", _TXN,
                    ResourcePatternType.PREFIXED)
@@ -284,27 +286,43 @@ def network_acls(prefix: str) -> list[AclBinding]:
     return acls
 
 
+def _inbox_writes(user: str, prefix: str) -> list[AclBinding]:
+    """WRITE (and DESCRIBE, to find which exist) on every node's inbox topic."""
+    return _allow(user, ResourceType.TOPIC, prefix + INBOX_PREFIX, _WRITE,
+                  ResourcePatternType.PREFIXED)
+
+
 def node_acls(prefix: str, node: str) -> list[AclBinding]:
-    """A node writes its registration, heartbeats, commits and reveals; it reads its
-    assignments (with its own consumer group) and the reveals (a copier's fault tries)."""
+    """A node writes its registration, heartbeats, commits and reveals; it reads only its
+    own inbox topic (its assignments, grants and reveal calls, ``inbox_spec``), with its
+    own consumer group: not ``tasks.assignments``, where every node's work is."""
     user = node_principal(prefix, node)
     return [
         *_writes(user, _topics(prefix, ("NodeRegistered", "NodeHeartbeat",
                                         "ResultCommitted", "ResultRevealed"))),
-        *_reads(user, _topics(prefix, ("TaskAssigned",))),
+        *_reads(user, [prefix + INBOX_PREFIX + node]),
         *_groups(user, [f"{prefix}node-{node}"]),
         *_allow(user, ResourceType.BROKER, "kafka-cluster", (AclOperation.IDEMPOTENT_WRITE,)),
     ]
 
 
+def obsolete_node_acls(prefix: str, node: str) -> list[AclBinding]:
+    """What a node was allowed before inboxes and is no longer: reading the whole
+    ``tasks.assignments`` topic. Deleted when its credentials are issued again."""
+    return _reads(node_principal(prefix, node), _topics(prefix, ("TaskAssigned",)))
+
+
 def account_acls(prefix: str, account: str) -> list[AclBinding]:
     """A submitter writes its registration, submissions and data-key grants (on the
-    assignments topic); it reads what its client follows: the node registry (to wrap a
-    grant), assignments, commits, reveals, verdicts and prices."""
+    assignments topic and the node's inbox: any inbox, as a node believes a grant only
+    when its submitter's key, named in the service-signed assignment, signed it); it
+    reads what its client follows: the node registry (to wrap a grant), assignments,
+    commits, reveals, verdicts and prices."""
     user = account_principal(prefix, account)
     return [
         *_writes(user, _topics(prefix, ("AccountRegistered", "TaskSubmitted",
                                         "DataKeyGranted"))),
+        *_inbox_writes(user, prefix),
         *_reads(user, _topics(prefix, ("NodeRegistered", "TaskAssigned", "ResultCommitted",
                                        "ResultRevealed", "TaskVerified", "PriceUpdated"))),
         *_groups(user, _SCRATCH_GROUPS),
@@ -335,6 +353,19 @@ def create_acls(bootstrap: str, acls: list[AclBinding], access: KafkaAccess | No
     if acls:
         admin = _admin(bootstrap, access)  # held until the futures are done
         _wait(admin.create_acls(acls, request_timeout=timeout_s), "create ACL", timeout_s)
+
+
+def delete_acls(bootstrap: str, acls: list[AclBinding], access: KafkaAccess | None = None,
+                timeout_s: float = 30.0) -> None:
+    """Delete exactly these ACL bindings (idempotent: a missing one is no error)."""
+    from confluent_kafka.admin import AclBindingFilter
+
+    filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal,
+                                b.host, b.operation, b.permission_type)
+               for b in dict.fromkeys(acls)]
+    if filters:
+        admin = _admin(bootstrap, access)  # held until the futures are done
+        _wait(admin.delete_acls(filters, request_timeout=timeout_s), "delete ACL", timeout_s)
 
 
 def issue(bootstrap: str, user: str, ca_pem: str, path: Path,

@@ -9,6 +9,7 @@ compacted.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 FOREVER = -1
@@ -65,6 +66,11 @@ class TopicSpec:
     task-keyed topics, all of ``TASK_PARTITIONS``, are co-partitioned: a verifier shard
     reads the same partitions of each (``streams.leases``)."""
 
+    inbox: bool = False
+    """Each record is also written to the inbox topic of the node its key names
+    (``inbox_spec``), the same bytes in the same transaction: the one topic that node
+    may read (``tasks.assignments``)."""
+
     @property
     def max_record_bytes(self) -> int:
         """The largest record the topic takes: its ``max.message.bytes``."""
@@ -104,9 +110,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="every submission, the start of a task's life; broker time, by which the "
                   "ledger refuses a stale or replayed one"),
     TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened"),
-              12, hashed_partitions=True,
-              doc="work, data-key grants and reveal calls for one node; partitioned by node "
-                  "(partition_for) so a runner reads only its own partition"),
+              12, hashed_partitions=True, inbox=True,
+              doc="work, data-key grants and reveal calls, keyed by node: read by the "
+                  "services, the audit and the submitters' watch; each record is also "
+                  "written to its node's inbox (inbox_spec), the only copy a node may read"),
     TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6, hashed_partitions=True,
               doc="the verifier asks the allocator to place a lost replica again"),
     TopicSpec("results.commits", "task_id", ("ResultCommitted", "DataKeyRefused"), 6,
@@ -158,6 +165,31 @@ TOPICS: tuple[TopicSpec, ...] = (
                   "back over the logs' horizon on a restart, kept for JOURNAL_RETENTION_MS"),
 )
 
+INBOX_PREFIX = "inbox."
+"""A node's inbox topic is ``<network prefix>inbox.<node id>``."""
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def inbox_spec(node_id: str) -> TopicSpec:
+    """The inbox topic of one node: a copy of its records of ``tasks.assignments``
+    (assignments, data-key grants, reveal calls), one partition, the only one of them
+    its principal may read (Kafka's ACLs are per topic). Made when the node's credentials
+    are issued (``streams.admin.ensure_inbox``); same retention and record size limit as
+    ``tasks.assignments``."""
+    source = _ASSIGNMENTS
+    return TopicSpec(INBOX_PREFIX + node_id, source.key, source.events, 1,
+                     cleanup=source.cleanup, retention_ms=source.retention_ms,
+                     max_message_bytes=source.max_message_bytes, extra=source.extra,
+                     doc=f"node {node_id}'s copy of its records of {source.suffix}")
+
+
+def inbox_topic(prefix: str, node_id: str) -> str | None:
+    """The full name of a node's inbox topic, or None when the node id cannot be part of
+    a Kafka topic name (such a node has no inbox)."""
+    name = prefix + INBOX_PREFIX + node_id
+    return name if _TOPIC_NAME.fullmatch(name) else None
+
+
 def partition_for(key: str, partitions: int) -> int:
     """The partition a keyed record goes to when its producer chooses explicitly.
 
@@ -178,6 +210,7 @@ LEASES = next(t for t in TOPICS if t.suffix == "processors.leases")
 DEAD_LETTER = next(t for t in TOPICS if t.suffix == "deadletter")
 STATE = next(t for t in TOPICS if t.suffix == "processors.state")
 JOURNAL = next(t for t in TOPICS if t.suffix == "processors.journal")
+_ASSIGNMENTS = next(t for t in TOPICS if t.inbox)
 
 
 _BY_EVENT = {event: spec for spec in TOPICS for event in spec.events}

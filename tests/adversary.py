@@ -140,6 +140,12 @@ def read(spec: dict[str, Any], keys: KeyPair) -> dict[str, Any]:
     records, error, opened, sealed = 0, None, 0, 0
     try:
         if spec.get("partition") is not None:
+            # An assigned partition of a topic the principal may not describe is never
+            # fetched, and no error comes out of poll: ask the broker for its metadata,
+            # which is where it refuses.
+            meta = consumer.list_topics(spec["topic"], timeout=10).topics.get(spec["topic"])
+            if meta is not None and meta.error is not None:
+                error = _error(meta.error)
             consumer.assign([TopicPartition(spec["topic"], spec["partition"], 0)])
         else:
             consumer.subscribe([spec["topic"]])

@@ -40,7 +40,7 @@ from streams.admin import ensure_topics
 from streams.authority import ensure_genesis
 from streams.consumer import dead_letter_topic
 from streams.reading import read_all
-from streams.topics import partition_for, topic_for
+from streams.topics import inbox_topic, partition_for, topic_for
 from tests.support import TEARDOWN_GRACE_S, eventually
 
 pytestmark = pytest.mark.integration
@@ -78,6 +78,16 @@ class Live:
         assert done.returncode == 0, done.stderr[-3000:]
         out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return out
+
+    def inbox(self, node: str) -> str:
+        """A node's inbox topic."""
+        name = inbox_topic(self.prefix, node)
+        assert name is not None
+        return name
+
+    def inbox_events(self, node: str) -> list[Event]:
+        """What a node's inbox holds, read as the operator."""
+        return [decode(m.value()) for m in read_all(self.net.bootstrap, self.inbox(node))]
 
     def copies(self, event: str, where: str | None = None) -> list[dict[str, Any]]:
         """The records of this network's ``event`` (of the honest task), as bytes to copy."""
@@ -240,6 +250,13 @@ def test_a_node_writes_no_assignment_grant_submission_or_dead_letter(
         {"topic": live.prefix + "processors.state", "partition": 0, "key": b"x".hex(),
          "value": b"forged".hex()}])
     assert _codes(replayed) == ["TOPIC_AUTHORIZATION_FAILED"]
+    # Nor another node's inbox, nor its own: a forged or copied assignment never reaches
+    # a node that way.
+    assignment = live.copies("TaskAssigned")[0]
+    replayed = live.attack(live.mallory, "replay", records=[
+        {**assignment, "topic": live.inbox(node), "partition": 0}
+        for node in ("n1", "mallory")])
+    assert _codes(replayed) == ["TOPIC_AUTHORIZATION_FAILED"] * 2
 
 
 def test_service_events_copied_byte_for_byte_are_refused_by_the_broker(
@@ -256,32 +273,42 @@ def test_reading_what_its_principal_may_not_read_is_refused(live: Live) -> None:
                           seconds=10)
         assert out["error"] == "TOPIC_AUTHORIZATION_FAILED", (event, out)
         assert out["records"] == 0
-    # Another node's consumer group, on its own topic.
-    out = live.attack(live.mallory, "read", topic=live.topic("TaskAssigned"),
+    # Another node's consumer group, on its own inbox.
+    out = live.attack(live.mallory, "read", topic=live.inbox("mallory"),
                       group=f"{live.prefix}node-n1", seconds=10)
     assert out["error"] == "GROUP_AUTHORIZATION_FAILED", out
 
 
 def test_another_nodes_grants_stay_sealed_to_it(live: Live) -> None:
-    """Kafka's ACLs are per topic, so a node can read another node's partition of the
-    assignments topic; what it finds there is of no use: each grant is sealed to its
-    node's X25519 key."""
-    out = live.attack(live.mallory, "read", topic=live.topic("TaskAssigned"),
+    """A submitter reads the whole assignments topic (its client grants data keys to the
+    nodes its tasks are assigned to); what it finds there of others' is of no use: each
+    grant is sealed to its node's X25519 key."""
+    out = live.attack(live.eve, "read", topic=live.topic("TaskAssigned"),
                       partition=partition_for("n1", topic_for("TaskAssigned").partitions),
-                      group=f"{live.prefix}node-mallory", seconds=5)
+                      group="watch-eve", seconds=5)
     assert out["error"] is None
     assert out["grants_sealed"] >= 1 and out["grants_opened"] == 0, out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Kafka ACLs are per topic, not per partition: a node's principal may read the whole "
-    "tasks.assignments topic, so it sees which tasks other nodes got (the grants stay "
-    "sealed to their nodes). Refusing it needs a topic per node or a proxy."))
 def test_a_node_cannot_read_another_nodes_assignments(live: Live) -> None:
-    out = live.attack(live.mallory, "read", topic=live.topic("TaskAssigned"),
-                      partition=partition_for("n1", topic_for("TaskAssigned").partitions),
-                      group=f"{live.prefix}node-mallory", seconds=5)
-    assert out["error"] == "TOPIC_AUTHORIZATION_FAILED", out
+    """A node reads its own inbox topic only: neither the assignments topic, where every
+    node's work is, nor another node's inbox (Kafka's ACLs are per topic)."""
+    group = f"{live.prefix}node-mallory"
+    for topic, partition in (
+            (live.topic("TaskAssigned"),
+             partition_for("n1", topic_for("TaskAssigned").partitions)),
+            (live.topic("TaskAssigned"), None),
+            (live.inbox("n1"), 0)):
+        out = live.attack(live.mallory, "read", topic=topic, partition=partition,
+                          group=group, seconds=5)
+        assert out["error"] == "TOPIC_AUTHORIZATION_FAILED", (topic, out)
+        assert out["records"] == 0
+    # Its own inbox it may read (empty: it was never assigned anything).
+    out = live.attack(live.mallory, "read", topic=live.inbox("mallory"), partition=0,
+                      group=group, seconds=3)
+    assert out["error"] is None and out["records"] == 0, out
+    # n1's inbox holds what n1 was assigned, the same records as the assignments topic.
+    assert {e.event_id for e in live.inbox_events("n1")} >= live.genuine("TaskAssigned")
 
 
 def test_an_oversized_record_is_refused_by_the_broker(

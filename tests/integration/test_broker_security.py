@@ -24,7 +24,7 @@ from streams import security
 from streams.admin import live_broker_count
 from streams.klog import KAFKA_LOG
 from streams.security import KafkaAccess, client_config
-from streams.topics import topic_for
+from streams.topics import inbox_topic, topic_for
 from tests.support import service_signed
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_a_client_without_credentials_is_refused(kafka: str) -> None:
     assert "invalid credentials" in errors[0].str()
 
 
-def test_a_node_cannot_mint_or_judge_and_reads_only_its_assignments(net: LocalNetwork) -> None:
+def test_a_node_cannot_mint_or_judge_and_reads_only_its_inbox(net: LocalNetwork) -> None:
     node = KafkaAccess.load(keystore.node_credentials(net.settings, "n1"))
     assert node.username == security.node_principal(net.settings.topic_prefix, "n1")
 
@@ -106,11 +106,24 @@ def test_a_node_cannot_mint_or_judge_and_reads_only_its_assignments(net: LocalNe
         assert error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     finally:
         consumer.close()
-    # Nor may it use another node's consumer group, even on its own topic.
+    # Its own inbox it may read; the assignments topic, every node's work, it may not.
+    consumer = Consumer({**client_config(net.bootstrap, node), "group.id": f"{prefix}node-n1",
+                         "enable.auto.commit": False})
+    inbox = inbox_topic(prefix, "n1")
+    assert inbox is not None
+    try:
+        assert consumer.list_topics(inbox, timeout=10).topics[inbox].error is None
+        shared = topic_for("TaskAssigned").name(prefix)
+        described = consumer.list_topics(shared, timeout=10).topics[shared]
+        assert described.error is not None
+        assert described.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    finally:
+        consumer.close()
+    # Nor may it use another node's consumer group, even on its own inbox.
     other = Consumer({**client_config(net.bootstrap, node), "group.id": f"{prefix}node-n2",
                       "enable.auto.commit": False})
     try:
-        other.subscribe([topic_for("TaskAssigned").name(prefix)])
+        other.subscribe([inbox])
         error = None
         deadline = time.monotonic() + 15
         while error is None and time.monotonic() < deadline:
