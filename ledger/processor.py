@@ -28,7 +28,7 @@ from schemas import Event, decode
 from streams.authority import Genesis, load_signer
 from streams.kafka_runner import KafkaRunner, latest_record, open_snapshot
 from streams.reading import end_offsets, read_all
-from streams.topics import STATE, topic_for
+from streams.topics import DEAD_LETTER, STATE, topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
@@ -244,3 +244,41 @@ def wait_for_transactions(settings: Settings, bootstrap: str, transaction_ids: I
             raise DestraError(f"{len(missing)} transactions not posted within {timeout_s:.0f}s, "
                               f"e.g. {sorted(missing)[0]}")
         time.sleep(0.5)  # poll interval: read_all already waited for the topic's end
+
+
+def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: str,
+                 since: Mapping[str, Mapping[tuple[str, int], int]],
+                 timeout_s: float = 60.0) -> tuple[str, str | None]:
+    """How the ledger decided the mint ``mint_id``: ``("credited", None)`` once its entries
+    (``mint/<id>``, signed by the ledger) are on the ledger topic, ``("refused", reason)``
+    once it is dead-lettered (the ledger's refusal: unregistered account, stale, forged...),
+    ``("pending", None)`` after ``timeout_s``. ``since``: where to start reading each topic
+    (the ends of ``LedgerEntryPosted``'s and the dead letters' topics, taken before the mint
+    was sent). A dead letter is not signed: it says why, it moves no money."""
+    entries = _topic(settings, "LedgerEntryPosted")
+    dead = DEAD_LETTER.name(settings.topic_prefix)
+    mints = _topic(settings, "TokensMinted")
+    start = {entries: dict(since.get(entries, {})), dead: dict(since.get(dead, {}))}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for topic, positions in start.items():
+            for msg in read_all(bootstrap, topic, positions):
+                positions[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+                try:
+                    event = decode(msg.value())
+                except EventError:
+                    continue
+                if (event.name == "LedgerEntryPosted"
+                        and event.fields["transaction_id"] == f"mint/{mint_id}"
+                        and genesis.check(event) is None):
+                    return "credited", None
+                if event.name == "DeadLettered" and event.fields["source_topic"] == mints:
+                    try:
+                        refused = decode(event.fields["value"])
+                    except EventError:
+                        continue
+                    if refused.event_id == mint_id:
+                        return "refused", str(event.fields["reason"])
+        if time.monotonic() > deadline:
+            return "pending", None
+        time.sleep(0.5)  # poll interval: read_all already waited for the topics' ends
