@@ -31,11 +31,16 @@ Rules:
   key for a bound id is refused (dead-lettered, ``account-taken``). Nothing is credited
   to, escrowed from or staked from an account before it is registered.
 - TokensMinted: mint to ``user:<account>``, once per event id; to an account not
-  registered, refused (dead-lettered, ``unregistered-account``): no money moves.
+  registered, refused (dead-lettered, ``unregistered-account``): no money moves. A
+  fresh mint takes its id credited or refused, so a refused one replayed after the
+  account registered is not credited.
 - TaskSubmitted: a task still escrowed here, or whose id a valid submission
-  used within its freshness, is ignored (the first submission stands, refused
-  or escrowed: a refused submission replayed after its account was funded is
-  not escrowed). Else reject (TaskFailed) when stale or future-dated (above);
+  used within its ``MAX_SUBMISSION_AGE_MS``, is ignored, stale or not (the first
+  submission stands, refused or escrowed: a refused submission replayed after its
+  account was funded is not escrowed, a stale copy of a verified task does not fail
+  it). One appended more than ``MAX_SUBMISSION_AGE_MS`` after it was made is
+  dead-lettered (``stale-submission``), not failed: nobody waits for its verdict.
+  Else reject (TaskFailed) when stale or future-dated (above);
   when it is not signed by the key it carries; when its account is not
   registered (``unregistered-account``) or that key is not the one registered
   (``wrong-key``); when it has sealed inputs (``payload`` or ``payload_ref``) but no
