@@ -314,27 +314,39 @@ def ledger_balances(as_json: bool, **flags: Any) -> None:
 @click.argument("account")
 @click.argument("amount_micro", type=click.IntRange(min=1))
 @click.option("--reason", default="faucet", show_default=True, help="Recorded with the mint.")
-def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=60.0,
+              show_default=True,
+              help="Seconds to wait for the ledger's decision (0: send and do not wait).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def mint(account: str, amount_micro: int, reason: str, timeout_s: float, as_json: bool,
+         **flags: Any) -> None:
     """Mint AMOUNT_MICRO micro-tokens to ACCOUNT: a TokensMinted signed with the treasury key.
 
     Only the operator holding the network's treasury key ($DESTRA_HOME/services/
     treasury.key, or DESTRA_SERVICE_KEYS) can mint; the ledger refuses any other mint,
     and a mint to an account not registered yet (`destra account create`): refused here
-    when its registration is not on the registry. The ledger reads the registry and the
-    mints independently: mint once the ledger has read the registration.
+    when its registration is not on the registry.
+
+    Then waits for the ledger's decision: its entries (exit 0), or its refusal with the
+    reason (exit 1); no decision within --timeout exits 1 too (the mint may still be
+    credited: `destra balance`). A refused mint's id is spent: a copy of it is never
+    credited. The ledger reads the registry and the mints independently, so a mint sent
+    right after a registration may be refused `unregistered-account`: wait a few seconds
+    and run `destra mint` again (a new mint event; the refused one moved no money).
     """
     from infra import services
+    from ledger.processor import mint_outcome
     from schemas import decode, new_event
     from schemas.errors import EventError
     from schemas.signatures import verify_event
     from streams.authority import Genesis, load_signer
     from streams.producer import EventProducer
-    from streams.reading import read_all
-    from streams.topics import topic_for
+    from streams.reading import end_offsets, read_all
+    from streams.topics import DEAD_LETTER, topic_for
 
     settings = load_settings(**flags)
-    treasury = load_signer(settings.service_keys, "treasury",
-                           Genesis.load(settings.genesis_path))
+    genesis = Genesis.load(settings.genesis_path)
+    treasury = load_signer(settings.service_keys, "treasury", genesis)
     bootstrap = kafka_address(settings, services, role="treasury")
     registered = False
     for msg in read_all(bootstrap, topic_for("AccountRegistered").name(settings.topic_prefix)):
@@ -351,10 +363,37 @@ def mint(account: str, amount_micro: int, reason: str, **flags: Any) -> None:
                           f"{account}`): the ledger credits no unregistered account")
     event = new_event("TokensMinted", settings.producer_id, account=account,
                       amount_micro=amount_micro, reason=reason)
+    # Where the ledger's answers start: taken before the mint is sent, so none is missed.
+    watched = [topic_for("LedgerEntryPosted").name(settings.topic_prefix),
+               DEAD_LETTER.name(settings.topic_prefix)]
+    since = {t: end_offsets(bootstrap, t) for t in watched} if timeout_s > 0 else {}
     with EventProducer(settings, bootstrap, signer=treasury) as producer:
         producer.send(event)
-    click.echo(f"minted {amount_micro} micro-tokens to {account} (event {event.event_id}); "
-               "the ledger processor posts it")
+    outcome, why = "sent", None
+    if timeout_s > 0:
+        outcome, why = mint_outcome(settings, bootstrap, genesis, event.event_id, since,
+                                    timeout_s)
+    result = {"event_id": event.event_id, "account": account, "amount_micro": amount_micro,
+              "outcome": outcome, "reason": why}
+    text = {
+        "sent": f"mint {event.event_id} of {amount_micro} micro-tokens to {account} sent; "
+                "the ledger processor decides it",
+        "credited": f"minted {amount_micro} micro-tokens to {account} (event "
+                    f"{event.event_id}): credited by the ledger",
+        "refused": f"mint {event.event_id} of {amount_micro} micro-tokens to {account} "
+                   f"refused by the ledger: {why}",
+        "pending": f"mint {event.event_id} of {amount_micro} micro-tokens to {account}: no "
+                   f"decision by the ledger within {timeout_s:g}s (is the ledger processor "
+                   "running? it may still credit it: `destra balance`)",
+    }[outcome]
+    if as_json:
+        click.echo(json.dumps(result))
+    elif outcome in ("sent", "credited"):
+        click.echo(text)
+    else:
+        click.echo(text, err=True)
+    if outcome in ("refused", "pending"):
+        sys.exit(1)
 
 
 @cli.command("balance")

@@ -31,11 +31,16 @@ Rules:
   key for a bound id is refused (dead-lettered, ``account-taken``). Nothing is credited
   to, escrowed from or staked from an account before it is registered.
 - TokensMinted: mint to ``user:<account>``, once per event id; to an account not
-  registered, refused (dead-lettered, ``unregistered-account``): no money moves.
+  registered, refused (dead-lettered, ``unregistered-account``): no money moves. A
+  fresh mint takes its id credited or refused, so a refused one replayed after the
+  account registered is not credited.
 - TaskSubmitted: a task still escrowed here, or whose id a valid submission
-  used within its freshness, is ignored (the first submission stands, refused
-  or escrowed: a refused submission replayed after its account was funded is
-  not escrowed). Else reject (TaskFailed) when stale or future-dated (above);
+  used within its ``MAX_SUBMISSION_AGE_MS``, is ignored, stale or not (the first
+  submission stands, refused or escrowed: a refused submission replayed after its
+  account was funded is not escrowed, a stale copy of a verified task does not fail
+  it). One appended more than ``MAX_SUBMISSION_AGE_MS`` after it was made is
+  dead-lettered (``stale-submission``), not failed: nobody waits for its verdict.
+  Else reject (TaskFailed) when stale or future-dated (above);
   when it is not signed by the key it carries; when its account is not
   registered (``unregistered-account``) or that key is not the one registered
   (``wrong-key``); when it has sealed inputs (``payload`` or ``payload_ref``) but no
@@ -115,6 +120,11 @@ MAX_FUTURE_MS = 60_000
 MAX_AUTHORITY_AGE_MS = 600_000
 """A mint or a penalty appended more than this long after it was made is refused: the
 services send them at once (the runner's producer gives up after 14 s)."""
+
+ID_FREE_REFUSALS = frozenset({"stale-submission", "future-submission", "invalid-id",
+                              "bad-signature", "unregistered-account", "wrong-key"})
+"""The refusals of a submission decided before its task id is taken (``_submitted``): not
+validly signed by its account's registered key, or judged by age alone."""
 
 BROKER_TIMED = ("TaskSubmitted", "TokensMinted", "NodePenalized")
 """The ledger's inputs that move money by id; their topics stamp broker time."""
@@ -252,20 +262,34 @@ class LedgerDecider:
             return Outcome.refuse(e, refusal)
         if key in self.horizon or key in self.book.applied:
             return Outcome()
+        # Signed by the treasury (the runner's authority check) and fresh: its id is taken
+        # whatever is decided below, credited or refused, so a copy replayed within its
+        # validity (after the account registered) is not credited. A rebuild derives it
+        # from the mints read alone (``recall_mint``): it depends on nothing else.
+        self.horizon.keep(key, e.name, e.occurred_at + MAX_AUTHORITY_AGE_MS)
         if _unstorable(f["account"]):
             return Outcome.refuse(e, "invalid-mint: an account id with a NUL character, "
                                      "which no ledger can store (PostgreSQL text)")
         if f["account"] not in self.account_keys:
-            # Its id is not taken: the treasury may mint again once the account exists.
             return Outcome.refuse(e, f"unregistered-account: mint {e.event_id} to account "
                                      f"{f['account']}, which is not registered; no money "
-                                     "moved")
+                                     "moved, and its id is taken: mint again with a new "
+                                     "event once the ledger has read the registration")
         try:
             tx = mint_tx(key, user(f["account"]), f["amount_micro"])
         except LedgerError as err:
             return Outcome.refuse(e, f"invalid-mint: {err}")
-        self.horizon.keep(key, e.name, e.occurred_at + MAX_AUTHORITY_AGE_MS)
         return Outcome.of(self._post(tx, at))
+
+    def recall_mint(self, mint: Event, at: int) -> None:
+        """Recall a mint the live run read after the checkpoint (state rebuild on start),
+        appended at broker time ``at``: one that passed the authority check and was fresh
+        took its id, credited or refused (``_on_TokensMinted``). Only mints the live run
+        decided (below its last committed positions) may be recalled: one not read yet
+        must find its id free."""
+        if self._stale_authority(mint, at) is None:
+            self.horizon.keep(f"mint/{mint.event_id}", mint.name,
+                              mint.occurred_at + MAX_AUTHORITY_AGE_MS)
 
     @staticmethod
     def submission_expiry(e: Event) -> int:
@@ -273,7 +297,24 @@ class LedgerDecider:
         f = e.fields
         return min(f["quote_expires_at"] + CLOCK_SKEW_MS, e.occurred_at + MAX_SUBMISSION_AGE_MS)
 
+    @staticmethod
+    def submission_id_expiry(e: Event) -> int:
+        """The broker time until which a submission's task id, once taken, is kept: its
+        whole ``MAX_SUBMISSION_AGE_MS``, not just its quote. Any copy appended before then
+        finds it (ignored: the first submission stands); any copy after is dead-lettered
+        by age. So no copy of a decided submission ever fails its task."""
+        return e.occurred_at + MAX_SUBMISSION_AGE_MS
+
     def _on_TaskSubmitted(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        f = e.fields
+        if at - e.occurred_at > MAX_SUBMISSION_AGE_MS and f["task_id"] not in self.tasks:
+            # No live submitter waits for it (a client's producer gives up on a record after
+            # 2 minutes): a replay, maybe of a task verified long ago whose id is forgotten.
+            # A TaskFailed would tell every reader of the verdicts that task failed.
+            return Outcome.refuse(e, f"stale-submission: task {f['task_id']} made at "
+                                     f"{e.occurred_at}, appended at {at} (broker time), more "
+                                     f"than {MAX_SUBMISSION_AGE_MS} ms later: a replay; "
+                                     "nothing escrowed, no verdict")
         return Outcome.of(self._submitted(e, at))
 
     def _submitted(self, e: Event, at: int) -> list[Event]:
@@ -281,25 +322,29 @@ class LedgerDecider:
         task_id, payer = f["task_id"], user(f["submitter_id"])
         if task_id in self.tasks:
             return []  # escrowed and in flight: the first submission stands
+        if f"task/{task_id}" in self.horizon or f"escrow/{task_id}" in self.book.applied:
+            # A resubmitted id, fresh or stale: the first submission stands, refused or
+            # escrowed (a stale copy of a verified task must not fail it).
+            return []
         price = f["quoted_price_micro"]
         reason: tuple[str, str] | None = None
         expiry = self.submission_expiry(e)
         if at > expiry:
+            # Made within MAX_SUBMISSION_AGE_MS and never seen: a live submitter whose
+            # record reached the broker after its quote expired; it waits for the verdict.
             reason = ("stale-submission", f"task {task_id} appended at {at} (broker time), "
                       f"after {expiry}: its quote {f['quote_id']} expired at "
                       f"{f['quote_expires_at']}, made at {e.occurred_at}")
         elif e.occurred_at - at > MAX_FUTURE_MS:
             reason = ("future-submission", f"task {task_id} made at {e.occurred_at}, "
                       f"appended at {at} (broker time)")
-        elif f"task/{task_id}" in self.horizon or f"escrow/{task_id}" in self.book.applied:
-            return []  # a resubmitted id: the first submission stands, refused or escrowed
         if reason is None and _unstorable(task_id, payer):
             reason = ("invalid-id", "a task or account id with a NUL character: no ledger "
                                     "can store it (PostgreSQL text)")
         reason = reason or self._check_signature(e)
         if reason is None:
             # Signed by the account's key: its id is taken, whatever is decided below.
-            self.horizon.keep(f"task/{task_id}", e.name, expiry)
+            self.horizon.keep(f"task/{task_id}", e.name, self.submission_id_expiry(e))
         reason = reason or self._check_commitment(e)
         reason = reason or self._check_price(e)
         if reason is None and f["quote_expires_at"] < e.occurred_at:
@@ -474,7 +519,7 @@ class LedgerDecider:
         key = f"task/{f['task_id']}"
         if key in self.horizon:  # escrowed (restored) or refused: its exact expiry
             self.horizon.expires.pop(key)
-            self.horizon.keep(key, "TaskSubmitted", self.submission_expiry(submission))
+            self.horizon.keep(key, "TaskSubmitted", self.submission_id_expiry(submission))
         if self.book.balance(escrow(f["task_id"])) > 0:  # escrowed, not settled yet
             self.tasks[f["task_id"]] = TaskTerms(user(f["submitter_id"]), f["compute_units"],
                                                  f["replicas"])
@@ -482,7 +527,11 @@ class LedgerDecider:
     def refused(self, rejection: Event) -> None:
         """Recall a submission this ledger refused before a restart (its ``TaskFailed``), so
         a copy replayed within its freshness is not escrowed. Its expiry is bounded from the
-        rejection's time, which is no earlier than the submission's record time."""
+        rejection's time, which is no earlier than the submission's record time. A refusal
+        decided before the id was taken (``ID_FREE_REFUSALS``) took none live, so none here
+        either: a rebuild decides as the live run did."""
+        if rejection.fields["reason"] in ID_FREE_REFUSALS:
+            return
         self.horizon.keep(f"task/{rejection.fields['task_id']}", "TaskSubmitted",
                           rejection.occurred_at + MAX_FUTURE_MS + MAX_SUBMISSION_AGE_MS)
 

@@ -28,7 +28,7 @@ from schemas import Event, decode
 from streams.authority import Genesis, load_signer
 from streams.kafka_runner import KafkaRunner, latest_record, open_snapshot
 from streams.reading import end_offsets, read_all
-from streams.topics import STATE, topic_for
+from streams.topics import DEAD_LETTER, STATE, topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
@@ -42,11 +42,14 @@ def _topic(settings: Settings, event: str) -> str:
 
 
 def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis: Genesis,
-            checkpoint: Mapping[str, Any] | None = None) -> int:
+            checkpoint: Mapping[str, Any] | None = None,
+            decided: Mapping[tuple[str, int], int] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
     committed entries, its refusals of submissions, the prices, the account registrations
-    and the submissions after it (from offset 0 without). Only entries, refusals and prices
-    the genesis keys signed count. The number of entries read."""
+    and the submissions after it (from offset 0 without), and the ids of the mints it
+    decided after it, up to ``decided`` (the input positions of its last committed batch,
+    ``committed_positions``: a mint not read yet must find its id free). Only entries,
+    refusals, prices and mints the genesis keys signed count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     before: set[str] = set()
@@ -93,6 +96,19 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
         if (verdict.name == "TaskFailed" and verdict.signer == "ledger"
                 and genesis.check(verdict) is None):
             decider.refused(verdict)
+    for msg in read_all(bootstrap, _topic(settings, "TokensMinted"), positions):
+        where = (msg.topic() or "", msg.partition() or 0)
+        if (msg.offset() or 0) >= (decided or {}).get(where, 0):
+            continue  # not decided yet: the runner reads it after the rebuild
+        try:
+            mint = decode(msg.value())
+        except EventError:
+            continue
+        # Every mint the live run read that the treasury signed and that was fresh took its
+        # id, credited or refused (a refusal's entries are not on the log to restore).
+        kind, at = msg.timestamp()
+        if mint.name == "TokensMinted" and kind and at > 0 and genesis.check(mint) is None:
+            decider.recall_mint(mint, at)
     for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted"), positions):
         try:
             submission = decode(msg.value())
@@ -121,6 +137,15 @@ def read_past(settings: Settings, bootstrap: str, ledger_key: bytes,
         return not any(ends.values())
     positions = open_snapshot(data, ledger_key)["positions"]
     return all(positions.get(tp, 0) >= end for tp, end in ends.items())
+
+
+def committed_positions(settings: Settings, bootstrap: str,
+                        ledger_key: bytes) -> dict[tuple[str, int], int]:
+    """The input positions of the ledger processor's last committed batch (its state record,
+    which ``ledger_key`` signed): where its runner resumes; empty on a first start."""
+    data = latest_record(bootstrap, STATE.name(settings.topic_prefix), group(settings),
+                         f"{group(settings)}-restore")
+    return {} if data is None else dict(open_snapshot(data, ledger_key)["positions"])
 
 
 def checkpoint(bootstrap: str, settings: Settings, decider: LedgerDecider,
@@ -162,7 +187,8 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
                                                                  "30")))
 
     def prepare() -> None:
-        rebuild(settings, bootstrap, decider, genesis, runner.latest_checkpoint())
+        rebuild(settings, bootstrap, decider, genesis, runner.latest_checkpoint(),
+                committed_positions(settings, bootstrap, signer.keys.signing_public))
 
     runner.prepare = prepare
     return runner.run(running, idle_exit_s).emitted
@@ -218,3 +244,41 @@ def wait_for_transactions(settings: Settings, bootstrap: str, transaction_ids: I
             raise DestraError(f"{len(missing)} transactions not posted within {timeout_s:.0f}s, "
                               f"e.g. {sorted(missing)[0]}")
         time.sleep(0.5)  # poll interval: read_all already waited for the topic's end
+
+
+def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: str,
+                 since: Mapping[str, Mapping[tuple[str, int], int]],
+                 timeout_s: float = 60.0) -> tuple[str, str | None]:
+    """How the ledger decided the mint ``mint_id``: ``("credited", None)`` once its entries
+    (``mint/<id>``, signed by the ledger) are on the ledger topic, ``("refused", reason)``
+    once it is dead-lettered (the ledger's refusal: unregistered account, stale, forged...),
+    ``("pending", None)`` after ``timeout_s``. ``since``: where to start reading each topic
+    (the ends of ``LedgerEntryPosted``'s and the dead letters' topics, taken before the mint
+    was sent). A dead letter is not signed: it says why, it moves no money."""
+    entries = _topic(settings, "LedgerEntryPosted")
+    dead = DEAD_LETTER.name(settings.topic_prefix)
+    mints = _topic(settings, "TokensMinted")
+    start = {entries: dict(since.get(entries, {})), dead: dict(since.get(dead, {}))}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for topic, positions in start.items():
+            for msg in read_all(bootstrap, topic, positions):
+                positions[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+                try:
+                    event = decode(msg.value())
+                except EventError:
+                    continue
+                if (event.name == "LedgerEntryPosted"
+                        and event.fields["transaction_id"] == f"mint/{mint_id}"
+                        and genesis.check(event) is None):
+                    return "credited", None
+                if event.name == "DeadLettered" and event.fields["source_topic"] == mints:
+                    try:
+                        refused = decode(event.fields["value"])
+                    except EventError:
+                        continue
+                    if refused.event_id == mint_id:
+                        return "refused", str(event.fields["reason"])
+        if time.monotonic() > deadline:
+            return "pending", None
+        time.sleep(0.5)  # poll interval: read_all already waited for the topics' ends

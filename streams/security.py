@@ -280,8 +280,10 @@ def network_acls(prefix: str) -> list[AclBinding]:
                        (AclOperation.IDEMPOTENT_WRITE,))
     treasury = principal(prefix, "treasury")
     acls += _writes(treasury, _topics(prefix, ("TokensMinted",)))
-    # `destra mint` checks the account is registered before it mints.
-    acls += _reads(treasury, _topics(prefix, ("AccountRegistered",)))
+    # `destra mint` checks the account is registered before it mints, then waits for the
+    # ledger's entries or its refusal (a dead letter).
+    acls += _reads(treasury, [*_topics(prefix, ("AccountRegistered", "LedgerEntryPosted")),
+                              prefix + _DEAD])
     acls += _groups(treasury, _SCRATCH_GROUPS)
     return acls
 

@@ -211,7 +211,10 @@ def _ledger_state(d: LedgerDecider) -> Any:
 
 
 def _ledger_unchanged(before: Any, after: Any, event: Event) -> bool:
-    return bool(plain(before[0]) == plain(after[0]) and after[1] <= before[1])
+    # A fresh mint takes its own id even when refused (a copy replayed once its account
+    # exists must not be credited): that one id, and nothing else, may appear.
+    taken = {f"mint/{event.event_id}"} if event.name == "TokensMinted" else set()
+    return bool(plain(before[0]) == plain(after[0]) and after[1] <= before[1] | taken)
 
 
 def _verifier_state(v: Verifier) -> Any:
