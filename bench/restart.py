@@ -161,6 +161,8 @@ class Network:
         # on the topics (the runner's log is emptied as it goes, to bound the bench's memory).
         self.entries: list[bytes] = []
         self.submissions: list[bytes] = []
+        self.registrations: list[bytes] = []
+        self.refusals: list[bytes] = []
         self.counts: Counter[str] = Counter()
         self.dead: Counter[str] = Counter()
         self.harvest_s = 0.0
@@ -196,7 +198,11 @@ class Network:
                 self.entries.append(encode(e))
             elif e.name == "TaskSubmitted":
                 self.submissions.append(encode(e))
+            elif e.name == "AccountRegistered":
+                self.registrations.append(encode(e))
             elif e.name == "TaskFailed":
+                if logged.source == "ledger":
+                    self.refusals.append(encode(e))
                 self.counts[f"TaskFailed {e.fields['reason']}"] += 1
                 continue
             self.counts[e.name] += 1
@@ -298,6 +304,11 @@ def measure(net: Network, tasks: int) -> dict[str, Any]:
             if e.name == "LedgerEntryPosted":
                 d.restore(e)
         entries_s = time.thread_time() - started
+        # As ledger.processor.rebuild: the registrations, its own refusals, the submissions.
+        for data in net.registrations:
+            d.register(decode(data))
+        for data in net.refusals:
+            d.refused(decode(data))
         for data in net.submissions:
             d.remember(decode(data))
         return d, entries_s, time.thread_time() - started - entries_s

@@ -166,22 +166,24 @@ def _only_assigned_nodes_can_decrypt(net: LocalNetwork, submissions: list[Event]
     keys = {n: keystore.load(keystore.node_path(net.settings, n), net.passphrase).current
             for n in ("n0", "n1", "n2", "n3")}
     grants = _events(net.settings, net.bootstrap, "DataKeyGranted")
+    assignments = _events(net.settings, net.bootstrap, "TaskAssigned")
     blobs = BlobStore(net.settings.blobs)
     for s in submissions:
         task_id = s.fields["task_id"]
         sealed = s.fields["payload"] or blobs.get(s.fields["payload_ref"])
         mine = [g for g in grants if g.fields["task_id"] == task_id]
         granted = {g.fields["node_id"] for g in mine}
-        assert len(granted) == 3
+        assigned = {a.fields["node_id"] for a in assignments if a.fields["task_id"] == task_id}
+        # Three replicas; a fourth node when one was reissued (a late commit under load).
+        assert len(granted) >= 3 and granted <= assigned, (granted, assigned)
         for g in mine:  # the addressee opens its grant and the input ...
             data_key = open_grant(keys[g.fields["node_id"]], g)
             assert open_input(data_key, task_id, sealed)
-        (outsider,) = set(keys) - granted  # ... the node left out opens nothing:
-        for g in mine:
-            with pytest.raises(DecryptionFailed):
-                open_grant(keys[outsider], g)
-            with pytest.raises(DecryptionFailed):  # not even relabelled as its own
-                open_grant(keys[outsider], with_fields(g, node_id=outsider))
+            for other in set(keys) - {g.fields["node_id"]}:  # ... no other node opens it:
+                with pytest.raises(DecryptionFailed):
+                    open_grant(keys[other], g)
+                with pytest.raises(DecryptionFailed):  # not even relabelled as its own
+                    open_grant(keys[other], with_fields(g, node_id=other))
         with pytest.raises(DecryptionFailed):
             open_input(crypto.new_data_key(), task_id, sealed)
 
