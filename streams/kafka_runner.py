@@ -369,7 +369,13 @@ class KafkaRunner:
                     p.snapshot(), protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[attr-defined]
         consumer = Consumer(consumer_config(self.bootstrap, self.group, {
             "enable.auto.commit": False, "logger": KAFKA_LOG,
-            "fetch.wait.max.ms": 10, "fetch.queue.backoff.ms": 0,
+            # The broker answers a waiting fetch as soon as a record is appended, and a
+            # read_committed one as soon as the transaction's marker is (measured: 1-4 ms
+            # from commit_transaction returning to consume). A short wait only makes every
+            # idle runner fetch 100 times a second: at 10 ms the broker spent 50 ms of CPU
+            # per task and light-load hops took 20-48 ms (p50); at 500, 39 ms and 9-16 ms
+            # (bench/lifecycle.py, same run conditions).
+            "fetch.wait.max.ms": 500, "fetch.queue.backoff.ms": 0,
         }))
         self._assign(consumer, positions)
         self.ready.set()
