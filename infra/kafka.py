@@ -366,9 +366,23 @@ class KafkaCluster:
 
     def write_configs(self) -> None:
         """Write each broker's server.properties (0600: a secured broker's holds the admin's
-        SCRAM password). Rewritten at every start: the listeners may have changed."""
+        SCRAM password). Rewritten at every start: the listeners may have changed. A broker
+        formatted plaintext (no SCRAM credential in its metadata) cannot start secured, nor
+        the other way round: ``InfraError`` saying so, not a broker that never gets ready."""
         for node in self.nodes:
             node.log_dir.mkdir(parents=True, exist_ok=True)
+            formatted = (node.data_dir / "data" / "meta.properties").exists()
+            if formatted and node.config_path.exists():
+                was = "sasl.enabled.mechanisms" in node.config_path.read_text()
+                now = self.security is not None
+                if was != now:
+                    mode = {True: "secured (TLS + SASL/SCRAM)", False: "plaintext"}
+                    raise InfraError(
+                        f"{node.data_dir} was formatted for a {mode[was]} broker and cannot "
+                        f"start {mode[now]}: start it as it was made "
+                        f"({'without' if was else 'with'} --insecure), or delete "
+                        f"{self.base_dir} (its topics and their events are lost) to make a "
+                        "new one")
             node.config_path.unlink(missing_ok=True)
             fd = os.open(node.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -119,3 +119,24 @@ def test_advertise_is_refused_for_insecure_and_external_brokers(tmp_path: Path) 
                      Settings(home=tmp_path, kafka_bootstrap="x:9092", kafka_advertise=("h",))):
         with pytest.raises(InfraError):
             services.up(settings)
+
+
+@pytest.mark.parametrize("formatted_secure", [False, True])
+def test_a_broker_formatted_in_the_other_mode_is_refused_with_the_reason(
+        tmp_path: Path, formatted_secure: bool) -> None:
+    """A data directory formatted plaintext has no SCRAM credential in its metadata: started
+    secured, the broker would never get ready. Said at once, with what to do."""
+    security = BrokerSecurity(ensure_tls(tmp_path / "tls"), "pw")
+    made = KafkaCluster(tmp_path / "k", tmp_path / "libs", port=20000,
+                        security=security if formatted_secure else None)
+    made.write_configs()
+    node = made.nodes[0]
+    (node.data_dir / "data").mkdir(parents=True)
+    (node.data_dir / "data" / "meta.properties").write_text("cluster.id=x\n")
+    other = KafkaCluster(tmp_path / "k", tmp_path / "libs", port=20000,
+                         security=None if formatted_secure else security)
+    with pytest.raises(InfraError, match="was formatted for a"):
+        other.write_configs()
+    same = KafkaCluster(tmp_path / "k", tmp_path / "libs", port=20000,
+                        security=security if formatted_secure else None)
+    same.write_configs()  # as it was made: fine
