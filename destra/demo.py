@@ -257,10 +257,11 @@ def _runtimes(bootstrap: str, prefix: str, round_of: dict[str, int],
          "alone; later rounds use the model learned from earlier verified results:")
     for (workload, r), values in sorted(pairs.items()):
         errors = [abs(p - a) / a for p, a in values if a > 0]
+        error = (f"{100 * statistics.median(errors):5.0f} %" if errors
+                 else "    - (ran in under 1 ms)")
         echo(f"     {workload:<14} round {r}  predicted "
              f"{statistics.median(p for p, _ in values):7.0f}  actual "
-             f"{statistics.median(a for _, a in values):7.0f}  median error "
-             f"{100 * statistics.median(errors) if errors else float('nan'):5.0f} %")
+             f"{statistics.median(a for _, a in values):7.0f}  median error {error}")
     for r in sorted({r for _, r in pairs}):
         errors = [abs(p - a) / a for (_, rr), v in pairs.items() if rr == r for p, a in v
                   if a > 0]
