@@ -20,6 +20,9 @@ RECORD_OVERHEAD_BYTES = 256
 """What a record batch adds around one record's key and value (batch header, record
 header, varints), rounded up: a record is checked against its topic's limit with it."""
 DAY_MS = 24 * 3600 * 1000
+INBOX_RETENTION_MS = 7 * DAY_MS
+"""How long a node's inbox keeps its copies: a node back after a week finds nothing it
+could still act on."""
 JOURNAL_RETENTION_MS = 6 * 3600 * 1000
 """How long ``processors.journal`` keeps a batch's additions: far past the longest expiring
 log's horizon (10 minutes), so a restart after an outage of hours still finds them."""
@@ -174,11 +177,13 @@ def inbox_spec(node_id: str) -> TopicSpec:
     """The inbox topic of one node: a copy of its records of ``tasks.assignments``
     (assignments, data-key grants, reveal calls), one partition, the only one of them
     its principal may read (Kafka's ACLs are per topic). Made when the node's credentials
-    are issued (``streams.admin.ensure_inbox``); same retention and record size limit as
-    ``tasks.assignments``."""
+    are issued (``streams.admin.ensure_inbox``); the record size limit of
+    ``tasks.assignments``, but kept ``INBOX_RETENTION_MS``, not for ever: it is a
+    delivery copy (the source of truth stays ``tasks.assignments``), and what it holds
+    is stale long before (a reveal deadline is minutes away)."""
     source = _ASSIGNMENTS
     return TopicSpec(INBOX_PREFIX + node_id, source.key, source.events, 1,
-                     cleanup=source.cleanup, retention_ms=source.retention_ms,
+                     cleanup=source.cleanup, retention_ms=INBOX_RETENTION_MS,
                      max_message_bytes=source.max_message_bytes, extra=source.extra,
                      doc=f"node {node_id}'s copy of its records of {source.suffix}")
 

@@ -16,6 +16,7 @@ from streams import security
 from streams.producer import EventProducer, Inboxes
 from streams.topics import (
     INBOX_PREFIX,
+    INBOX_RETENTION_MS,
     TOPICS,
     inbox_spec,
     inbox_topic,
@@ -146,7 +147,8 @@ def test_a_node_id_that_cannot_name_a_topic_has_no_inbox() -> None:
 def test_an_inbox_keeps_what_the_assignments_topic_keeps_in_one_partition() -> None:
     spec = inbox_spec("n1")
     assert spec.name(PREFIX) == "t1.inbox.n1" and spec.partitions == 1
-    assert spec.config(2) == ASSIGNMENTS.config(2)
+    # The assignments' settings, but a delivery copy is kept a week, not for ever.
+    assert spec.config(2) == {**ASSIGNMENTS.config(2), "retention.ms": str(INBOX_RETENTION_MS)}
     assert spec.max_record_bytes == ASSIGNMENTS.max_record_bytes
     assert not spec.inbox and spec.partition_of("n1") is None
     # Not a catalogue topic: one per node, made when the node joins.
