@@ -83,6 +83,16 @@ class _Result:
     """The output sealed to the submitter, when carried inline."""
     sealed_ref: str | None = None
     """Its blob reference, when too big to travel in the reveal."""
+    commit_deadline: int | None = None
+    reveal_deadline: int | None = None
+    """The assignment's deadlines: a result committed after the first is never called to
+    reveal, and a reveal after the second is refused (``pending``)."""
+
+    def callable_at(self, now_ms: int) -> bool:
+        """Whether a reveal call for it may still come and be worth answering."""
+        if self.commit_deadline is not None and self.at_ms > self.commit_deadline:
+            return False  # committed late: refused, no reveal phase opens for it
+        return self.reveal_deadline is None or now_ms <= self.reveal_deadline
 
 
 Compute = Callable[[Event, bytes | None], Computed]
@@ -169,9 +179,15 @@ class NodeLogic:
             del self.reveal_calls[stale]
         return Outcome()
 
-    def pending(self) -> bool:
-        """Whether a replica is running or a result has not been revealed."""
-        return self.busy > 0 or bool(self.results)
+    def pending(self, now_ms: int | None = None) -> bool:
+        """Whether a replica is running or a result has not been revealed; at ``now_ms``,
+        only a result whose reveal call may still come counts (a draining node waits for
+        those, not for calls that never come)."""
+        if self.busy > 0:
+            return True
+        if now_ms is None:
+            return bool(self.results)
+        return any(r.callable_at(now_ms) for r in self.results.values())
 
     def _on_assigned(self, a: Event, ctx: Context) -> Outcome:
         f = a.fields
@@ -255,8 +271,9 @@ class NodeLogic:
                 digest = hashlib.sha256(b"not the output" + digest).digest()
             sealed, sealed_ref = (self.seal(assignment, result.output)
                                   if assignment.fields["result_key"] else (None, None))
-        self.results[(task_id, attempt)] = _Result(attempt, salt, digest, result.runtime_ms,
-                                                   ctx.now_ms, sealed, sealed_ref)
+        self.results[(task_id, attempt)] = _Result(
+            attempt, salt, digest, result.runtime_ms, ctx.now_ms, sealed, sealed_ref,
+            assignment.fields["commit_deadline"], assignment.fields["reveal_deadline"])
         out = Outcome.of([self._signed(new_event(
             "ResultCommitted", self.producer_id, occurred_at=ctx.now_ms, task_id=task_id,
             node_id=self.node_id, attempt=attempt,

@@ -223,7 +223,7 @@ class NodeRunner:
 
     def _unrevealed(self) -> bool:
         with self._lock:
-            return self.logic.pending()
+            return self.logic.pending(now_ms())
 
     def _consumer(self) -> Consumer:
         consumer = Consumer(consumer_config(

@@ -452,3 +452,26 @@ def test_a_task_whose_parameter_has_too_many_digits_fails_instead_of_crashing() 
     assert [(e.name, e.fields["reason"]) for e in outcome.emit] == [("TaskFailed",
                                                                     "invalid-task")]
     assert outcome.emit[0].fields["detail"].startswith("matmul: parameter 'n' = '999")
+
+
+def _committed_node(commit_at: int) -> NodeLogic:
+    """A node that ran the plain task t2 (commit deadline T0+10 s, reveal T0+20 s) and
+    committed its result at ``commit_at`` ms after T0."""
+    keys = account_keys("a")
+    node = NodeLogic("a", (keys,), lambda a, k: Computed(b"output", 3),
+                     lambda a, out: (out, None), slots=2, producer_id="a")
+    outcome = node.handle(decode(encode(_assignment("a", 0, task="t2"))), _ctx())
+    (work,) = outcome.work
+    node.finished(work.key, work.run(), _ctx(commit_at))
+    return node
+
+
+def test_a_draining_node_waits_only_for_reveal_calls_that_can_still_come() -> None:
+    """A node stopping waits for the reveal call of a result committed in time until its
+    reveal deadline; not for one committed late (refused: no call comes), nor past it."""
+    in_time = _committed_node(commit_at=1_000)
+    assert in_time.pending() and in_time.pending(T0 + 5_000)
+    assert in_time.pending(T0 + 20_000) and not in_time.pending(T0 + 20_001)
+    late = _committed_node(commit_at=10_001)
+    assert late.pending(), "kept: a reveal call for it would still be answered"
+    assert not late.pending(T0 + 10_002), "but no draining node waits for it"
