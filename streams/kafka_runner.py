@@ -260,6 +260,7 @@ class KafkaRunner:
                                             {"enable.auto.commit": False}))
         loaded = 0
         try:
+            _topic_metadata(consumer, self.journal_topic, what="journal topic")
             tp = TopicPartition(self.journal_topic, self._journal_partition)
             low, high = _watermarks(consumer, tp)
             start = low
@@ -377,6 +378,10 @@ class KafkaRunner:
             # (bench/lifecycle.py, same run conditions).
             "fetch.wait.max.ms": 500, "fetch.queue.backoff.ms": 0,
         }))
+        if self._journaled:
+            # A network made by an older version has no journal topic: say so now, not
+            # with a transaction that times out on its first journal record.
+            _topic_metadata(consumer, self.journal_topic, what="journal topic")
         self._assign(consumer, positions)
         self.ready.set()
         last_tick, last_record = 0.0, time.monotonic()
@@ -688,7 +693,8 @@ def _committed(consumer: Consumer, partitions: list[TopicPartition],
             time.sleep(0.2)
 
 
-def _topic_metadata(consumer: Consumer, topic: str, timeout_s: float = 60.0) -> Any:
+def _topic_metadata(consumer: Consumer, topic: str, timeout_s: float = 60.0,
+                    what: str = "input topic") -> Any:
     """A topic's metadata, waiting for it to exist with leaders (a network just made)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -697,7 +703,8 @@ def _topic_metadata(consumer: Consumer, topic: str, timeout_s: float = 60.0) -> 
                 p.leader >= 0 for p in meta.partitions.values()):
             return meta
         if time.monotonic() > deadline:
-            raise StateError(f"input topic {topic} does not exist (run `destra infra up`)")
+            raise StateError(f"{what} {topic} does not exist (run `destra infra up`, which "
+                             "makes every topic of this version)")
         time.sleep(0.2)
 
 
