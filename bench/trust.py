@@ -1,6 +1,6 @@
 """Adversaries against the network's trust policy (issue 12, item 5): the baseline.
 
-    python bench/trust.py [--nodes 1000] [--tasks 10000] [--quick] [--seed 1]
+    python bench/trust.py [--nodes 1000] [--tasks 5000] [--quick] [--seed 1]
                           [--networks fixed-3/2] [--strategies honest,collude-10,...]
                           [--out PATH]
 
@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import random
 import statistics
 import subprocess
 import sys
@@ -91,8 +92,8 @@ from node_runner.logic import Computed, Fault, NodeLogic  # noqa: E402
 from schemas import Event, new_event  # noqa: E402
 from streams.memory import MemoryRunner  # noqa: E402
 from streams.processing import Context, Outcome, Recovery, Work  # noqa: E402
-from verifier.service import PENALTY_MICRO, Verifier  # noqa: E402
 from verifier.proof_of_sync import Reason  # noqa: E402
+from verifier.service import PENALTY_MICRO, Verifier  # noqa: E402
 from workloads import get_workload  # noqa: E402
 from workloads.canonical import sha256  # noqa: E402
 
@@ -280,7 +281,6 @@ def run(policy: NetworkPolicy, strategy: Strategy, nodes: int, tasks: int, seed:
         progress: Callable[[str], None] | None = None) -> Result:
     """One fresh network, ``tasks`` tasks, under ``policy`` against ``strategy``."""
     started = time.perf_counter()
-    import random
     rng = random.Random(f"{seed}/{strategy.name}")  # noqa: S311 - who misbehaves, not crypto
     names = [f"n{i:05d}" for i in range(nodes)]
     bad = set(rng.sample(names, round(strategy.fraction * nodes)))
@@ -446,7 +446,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1_000)
-    parser.add_argument("--tasks", type=int, default=10_000, help="per strategy")
+    parser.add_argument("--tasks", type=int, default=5_000, help="per strategy")
     parser.add_argument("--quick", action="store_true", help="200 nodes, 2,000 tasks")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--networks", default="fixed-3/2",
