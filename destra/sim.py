@@ -108,15 +108,17 @@ def account_registration(name: str, at: int | None = None) -> Event:
 
 
 class Heartbeats:
-    """Every node's signed heartbeat every ``HEARTBEAT_MS`` of virtual time (the node
-    runner's thread in production)."""
+    """Every node's signed heartbeat every ``every_ms`` (``HEARTBEAT_MS``) of virtual time
+    (the node runner's thread in production)."""
 
     name = "heartbeats"
     inputs: frozenset[str] = frozenset()
     recovery = Recovery.NONE
 
-    def __init__(self, nodes: list[NodeLogic], start_ms: int) -> None:
+    def __init__(self, nodes: list[NodeLogic], start_ms: int,
+                 every_ms: int = HEARTBEAT_MS) -> None:
         self.nodes, self.next_ms, self.seq = nodes, start_ms, 0
+        self.every_ms = every_ms
         self.stopped: set[str] = set()
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
@@ -125,7 +127,7 @@ class Heartbeats:
     def tick(self, ctx: Context) -> Outcome:
         if ctx.now_ms < self.next_ms:
             return Outcome()
-        self.next_ms = ctx.now_ms + HEARTBEAT_MS
+        self.next_ms = ctx.now_ms + self.every_ms
         self.seq += 1
         out = []
         for n in self.nodes:
