@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from allocator.pricing import DEFAULT_PRICES, Tier, effective_tier, tier_of
 from destra.errors import InvalidRequest, NoCapacity
@@ -162,6 +162,11 @@ class PlacementRequest:
     """Input size to transfer to each node."""
     max_unit_price_micro: int | None = None
     """No node whose tier's price per compute unit is above this; None: no limit."""
+    rng: Any = field(default=None, compare=False, repr=False)
+    """The handler's randomness (``Context.rng``: the operating system's in production, so
+    no submitter can predict or choose it): a policy draws among candidates it cannot tell
+    apart with it, so nodes that rank alike are not always chosen together. None: ties
+    go by node id (benches that want repeatable placements)."""
 
 
 class PlacementPolicy(Protocol):

@@ -32,6 +32,11 @@ def node_shape(node: NodeView) -> NodeShape:
     return NodeShape(node.device_class, node.tflops_milli, node.load_permille)
 
 
+NEAR_SLACK = 0.1
+"""Expected times within 10 % of the best (plus ``NEAR_SLACK_MS``) rank alike."""
+NEAR_SLACK_MS = 20.0
+
+
 class _EtaPolicy(ConstrainedPolicy):
     """Ranks by expected time to the replica's result, then price, then node id."""
 
@@ -64,8 +69,20 @@ class _EtaPolicy(ConstrainedPolicy):
         for n, r, t in zip(candidates, runtimes, transfers, strict=True):
             self.last_runtime[n.node_id] = r
             self.last_eta[n.node_id] = r + t
-        return sorted(candidates, key=lambda n: (self.last_eta[n.node_id],
-                                                 self.prices[n.tier], n.node_id))
+        ranked = sorted(candidates, key=lambda n: (self.last_eta[n.node_id],
+                                                   self.prices[n.tier], n.node_id))
+        if request.rng is None or not ranked:
+            return ranked
+        # Nodes whose expected times differ by less than the model can tell (NEAR_SLACK)
+        # rank alike: drawn at random among them, cheaper tiers first, so that identical
+        # idle nodes do not always take the same tasks (and the same colluders are not
+        # always placed together).
+        best = self.last_eta[ranked[0].node_id]
+        band = best * (1 + NEAR_SLACK) + NEAR_SLACK_MS
+        near = [n for n in ranked if self.last_eta[n.node_id] <= band]
+        draw = {n.node_id: request.rng.random() for n in near}
+        near.sort(key=lambda n: (self.prices[n.tier], draw[n.node_id]))
+        return near + ranked[len(near):]
 
     def set_cost(self, chosen: list[NodeView], request: PlacementRequest) -> tuple[float, ...]:
         return (max(self.last_eta[n.node_id] for n in chosen),

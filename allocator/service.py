@@ -91,6 +91,9 @@ class Allocator:
     """Events refused (bad signature, unknown node), where they came from and why: the
     adapter dead-letters them."""
     freshness: Freshness = field(default_factory=Freshness)
+    _rng: Any = field(default=None, init=False, repr=False)
+    """The randomness of the event or tick being handled (``Context.rng``), for placement
+    among nodes that rank alike; not state (a restart draws afresh)."""
     """Refuses expired and replayed heartbeats."""
     predictions: dict[tuple[str, str, int], tuple[TaskShape, NodeShape, float]] = field(
         default_factory=dict)
@@ -118,6 +121,7 @@ class Allocator:
         """One input event (``streams.processing``), at processing time: a replica placed
         from a backlog gets its whole commit window from when it is placed."""
         ctx = dataclasses.replace(ctx, now_ms=ctx.processing_ms)
+        self._rng = ctx.rng
         return dispatch({
             "NodeRegistered": self.on_registered, "NodeHeartbeat": self.on_heartbeat,
             "TaskSubmitted": self.on_submitted, "LedgerEntryPosted": self.on_entry,
@@ -136,6 +140,7 @@ class Allocator:
 
     def tick(self, ctx: Context) -> Outcome:
         """Time passed: deadlines and the queue."""
+        self._rng = ctx.rng
         return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,
                         _TICK, ctx)
 
@@ -406,7 +411,7 @@ class Allocator:
             exclude, workload=f["workload"], compute_units=f["compute_units"],
             # No price limit per node: a task pays its quoted tier price whichever node
             # runs it (the ledger enforces the max price), and better tiers may serve.
-            payload_bytes=len(f["payload"] or b""))
+            payload_bytes=len(f["payload"] or b""), rng=self._rng)
 
     def _place_new(self, task_id: str, now_ms: int) -> list[Event] | None:
         task = self.tasks.get(task_id)

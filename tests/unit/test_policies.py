@@ -213,3 +213,32 @@ def test_latency_grows_with_distance_payload_and_measured_round_trips() -> None:
     assert latency.rtt_ms("eu-west", a) > before + 250
     latency.observe_rtt("a", -5.0)  # a clock going backwards is not a measurement
     assert latency.rtt_ms("eu-west", a) > before + 250
+
+
+def test_nodes_that_rank_alike_are_drawn_at_random_and_a_clearly_faster_one_still_wins() -> None:
+    """Identical idle nodes of distinct operators: with the handler's randomness, every one
+    of them gets work (no fixed trio always placed together); without it, ties go by node
+    id. A node far faster than the rest is outside the band and always chosen."""
+    from dataclasses import replace
+
+    from tests.unit.test_placement import NOW as NOW_MS
+    from tests.unit.test_placement import register, request
+
+    table = NodeTable()
+    for i in range(9):
+        register(table, f"n{i}", f"op{i}", slots=100)
+    policy = LearnedPolicy()
+    req = replace(request(), workload="heat2d", compute_units=1000)
+    fixed = {tuple(sorted(n.node_id for n in policy.place(req, table, NOW_MS)))
+             for _ in range(20)}
+    assert fixed == {("n0", "n1", "n2")}
+    rng = random.Random(3)
+    chosen = [n.node_id for _ in range(60)
+              for n in policy.place(replace(req, rng=rng), table, NOW_MS)]
+    assert set(chosen) == {f"n{i}" for i in range(9)}
+    assert max(chosen.count(f"n{i}") for i in range(9)) < 40  # spread, not one favourite
+
+    register(table, "fast", "op-fast", slots=100, tflops_milli=60_000_000)
+    big = replace(req, compute_units=10_000_000, rng=rng)  # 167 ms on the others, 0.2 here
+    picks = [policy.place(big, table, NOW_MS) for _ in range(20)]
+    assert all("fast" in {n.node_id for n in p} for p in picks)
