@@ -49,8 +49,10 @@ def _local_network(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path,
 @pytest.fixture
 def local_network(network: Settings, kafka: str, pg_dsn: str,
                   tmp_path: Path) -> Iterator[LocalNetwork]:
-    """10 s commit windows: every workload runs in time on a loaded 2-core machine."""
-    yield from _local_network(network, kafka, pg_dsn, tmp_path, commit_ms=10_000)
+    """30 s commit windows: every workload's first run (imports, datasets) ends in time on
+    a 2-core machine that also runs the other xdist worker's network (at 10 s, the MLP's
+    replicas missed theirs now and then: no_quorum). No test here waits for one to pass."""
+    yield from _local_network(network, kafka, pg_dsn, tmp_path, commit_ms=30_000)
 
 
 @pytest.fixture
@@ -119,7 +121,10 @@ def test_tasks_of_every_workload_leave_no_plaintext_on_the_topics_or_in_the_blob
         submitted[client.submit(client.quote(workload, params))] = (workload, params)
     done = client.wait(list(submitted), watch=watch, timeout_s=600)
     watch.close()
-    assert {t: p.state for t, p in done.items()} == dict.fromkeys(submitted, "verified")
+    assert {t: p.state for t, p in done.items()} == dict.fromkeys(submitted, "verified"), {
+        t: (submitted.get(t), p.verdict.fields.get("reason") if p.verdict else None,
+            p.verdict.fields.get("detail") if p.verdict else None)
+        for t, p in done.items() if p.state != "verified"}
 
     # `destra result`'s path: exactly the plaintext an honest node computes, checked.
     markers: list[bytes] = []
