@@ -17,11 +17,11 @@ heartbeats come every 10 virtual s (the node table's liveness limit is 30 s).
 Rows are the network's policy (``NETWORK_POLICIES``): today one, "fixed 3
 replicas, majority 2", placed uniformly at random among live nodes of distinct
 operators (``RandomPolicy``, the constraints every policy keeps); ``fixed-3/2-learned``
-is the same with the production default placement (``LearnedPolicy``), which is not
-random: on this fleet of identical idle nodes it ranks by predicted time, then price,
-then node id, and places every task on the same three nodes (a 100-node, 300-task try
-placed no adversary at all), so whoever ranks first is always chosen. Later reputation
-and adaptive replication become more rows.
+is the same with the production default placement (``LearnedPolicy``), which draws
+with the handler's randomness among nodes whose expected times are within 10 % (plus
+20 ms) of the best: on this fleet of identical idle nodes that is every node, so it
+places like random (before that draw it ranked ties by node id and put every task on
+the same three nodes). Later reputation and adaptive replication become more rows.
 
 Columns are the adversaries' strategies (``STRATEGIES``), each a fresh network:
 a fraction of the identities, chosen at random, misbehave. A cheater returns a
