@@ -18,7 +18,7 @@ import argparse
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from destra.errors import DestraError, EventError
@@ -59,65 +59,49 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
         before = set(decider.recent)  # the checkpoint's own batch's transactions
         decider.checkpoint_taken()
     restored = 0
-    for msg in read_all(bootstrap, _topic(settings, "LedgerEntryPosted"), entries_from):
-        try:
-            event = decode(msg.value())
-        except EventError:
-            continue  # dead-lettered when it was first consumed
-        if event.name != "LedgerEntryPosted" or genesis.check(event) is not None:
+
+    def read(name: str, since: Mapping[tuple[str, int], int]) -> Iterator[tuple[Any, Event]]:
+        """Each record of ``name``'s topic from ``since`` that decodes as a ``name`` (anyone
+        can write any type to a topic: the live run ignored the rest, dead-lettered what
+        did not decode, and so does the rebuild, or it would fail on it at every start)."""
+        for msg in read_all(bootstrap, _topic(settings, name), since):
+            try:
+                event = decode(msg.value())
+            except EventError:
+                continue
+            if event.name == name:
+                yield msg, event
+
+    for _, event in read("LedgerEntryPosted", entries_from):
+        if genesis.check(event) is not None:
             continue
         if event.fields["transaction_id"] in before:
             continue  # in the checkpoint already (its own batch's entries)
         decider.restore(event)
         restored += 1
-    for msg in read_all(bootstrap, _topic(settings, "PriceUpdated"), positions):
-        try:
-            price = decode(msg.value())
-        except EventError:
-            continue
+    for _, price in read("PriceUpdated", positions):
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
-    for msg in read_all(bootstrap, _topic(settings, "AccountRegistered"), positions):
-        try:
-            registration = decode(msg.value())
-        except EventError:
-            continue
+    for _, registration in read("AccountRegistered", positions):
         # The bindings made after the checkpoint (the checkpoint holds the earlier ones):
         # in topic order, as the live run read them, so the first binding of an id stands.
-        if registration.name == "AccountRegistered":
-            decider.register(registration)
-    for msg in read_all(bootstrap, _topic(settings, "TaskFailed"), positions):
-        try:
-            verdict = decode(msg.value())
-        except EventError:
-            continue
+        decider.register(registration)
+    for _, verdict in read("TaskFailed", positions):
         # Its own refusals of submissions (committed with the batch that read them): a
         # copy replayed while still fresh must find the task id taken.
-        if (verdict.name == "TaskFailed" and verdict.signer == "ledger"
-                and genesis.check(verdict) is None):
+        if verdict.signer == "ledger" and genesis.check(verdict) is None:
             decider.refused(verdict)
-    for msg in read_all(bootstrap, _topic(settings, "TokensMinted"), positions):
+    for msg, mint in read("TokensMinted", positions):
         where = (msg.topic() or "", msg.partition() or 0)
         if (msg.offset() or 0) >= (decided or {}).get(where, 0):
             continue  # not decided yet: the runner reads it after the rebuild
-        try:
-            mint = decode(msg.value())
-        except EventError:
-            continue
         # Every mint the live run read that the treasury signed and that was fresh took its
         # id, credited or refused (a refusal's entries are not on the log to restore).
         kind, at = msg.timestamp()
-        if mint.name == "TokensMinted" and kind and at > 0 and genesis.check(mint) is None:
+        if kind and at > 0 and genesis.check(mint) is None:
             decider.recall_mint(mint, at)
-    for msg in read_all(bootstrap, _topic(settings, "TaskSubmitted"), positions):
-        try:
-            submission = decode(msg.value())
-        except EventError:
-            continue
-        # Anyone can write any type to the topic: the live run ignored what is not a
-        # submission, and so must the rebuild (it would fail on it at every start).
-        if submission.name == "TaskSubmitted":
-            decider.remember(submission)
+    for _, submission in read("TaskSubmitted", positions):
+        decider.remember(submission)
     return restored
 
 

@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,10 +135,11 @@ class RunStats:
     """Expiring-log entries a restart read back from the journal."""
     phases: list[tuple[int, int, int, float, float, float, float, float]] = field(
         default_factory=list)
-    """Per committed transaction (the first ``MAX_PHASES``): (wall ms at its fetch,
-    records, bytes of the state record, ms from the oldest
-    record's append to its fetch, handling, state record, sending, commit): where a hop's
-    time goes inside this runner (bench/lifecycle.py prints their percentiles)."""
+    """Only when the runner has ``timings`` (benches): per committed transaction (the first
+    ``MAX_PHASES``), (wall ms at its fetch, records, bytes of the state and journal records,
+    ms from the oldest record's append to its fetch, handling, state record, sending,
+    commit): where a hop's time goes inside this runner (bench/lifecycle.py prints their
+    percentiles)."""
     arrivals: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     """Per input topic, (wall ms at fetch, ms from the record's timestamp to its fetch) of
     each record of those transactions."""
@@ -269,8 +270,11 @@ class KafkaRunner:
                     [TopicPartition(tp.topic, tp.partition,
                                     max(0, clock - horizon - JOURNAL_MARGIN_MS))], timeout=30)
                 start = found.offset if found.offset >= 0 else high
-            for value in _read_keyed(consumer, tp, max(low, start), high, self.group):
-                batch = open_snapshot(value, self.snapshot_keys.signing_public)
+            mine = self.group.encode()
+            for msg in _records(consumer, tp, max(low, start), high):
+                if msg.key() != mine:
+                    continue
+                batch = open_snapshot(msg.value() or b"", self.snapshot_keys.signing_public)
                 for where, entries in batch["logs"].items():
                     log = logs.get(tuple(where))
                     if log is not None:
@@ -294,25 +298,9 @@ class KafkaRunner:
     @staticmethod
     def _read_range(consumer: Consumer, tp: TopicPartition, start: int,
                     end: int) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        if start >= end:
-            return found
-        consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
-        while True:
-            msg = consumer.poll(0.5)
-            offset = msg.offset() if msg is not None and msg.error() is None else None
-            if msg is not None and offset is not None and offset < end:
-                key = msg.key()
-                if key is not None:
-                    found[key.decode()] = msg.value() or b""
-                if offset < end - 1:
-                    continue
-            # Checked at every record at or past the end too: other services write this
-            # topic many times a second, so a read that waits for a quiet poll never ends
-            # (the chaos test saw restarts stall for as long as the network was busy).
-            (position,) = consumer.position([tp])
-            if position.offset >= end:
-                return found
+        """The latest value of each key in ``tp`` from ``start`` to ``end``."""
+        return {msg.key().decode(): msg.value() or b""  # type: ignore[union-attr]
+                for msg in _records(consumer, tp, start, end) if msg.key() is not None}
 
     def _assign(self, consumer: Consumer, positions: dict[tuple[str, int], int]) -> None:
         """Read every partition of the inputs from the restored positions; a partition the
@@ -493,12 +481,11 @@ class KafkaRunner:
             except KafkaException:
                 pass
             raise
-        for p in self._journaled:
-            for log in p.journals().values():  # type: ignore[attr-defined]
-                log.commit()
+        for log in self._logs().values():
+            log.commit()
         self.stats.batches += 1
         self.stats.records += len(batch)
-        if len(self.stats.phases) < MAX_PHASES:
+        if self.timings and len(self.stats.phases) < MAX_PHASES:  # a bench asked for them
             done = time.perf_counter()
             arrived = (max(0, self._fetched_ms - min(_timestamp(m) for m in batch))
                        if batch else 0)
@@ -646,23 +633,22 @@ def _failure_reason(error: BaseException) -> str:
     return f"handler-error: {type(error).__name__}: {error}"
 
 
-def _read_keyed(consumer: Consumer, tp: TopicPartition, start: int, end: int,
-                key: str) -> list[bytes]:
-    """The values under ``key`` in ``tp`` from ``start`` to ``end``, in order (read_committed:
-    an aborted batch's are not there)."""
-    out: list[bytes] = []
+def _records(consumer: Consumer, tp: TopicPartition, start: int, end: int) -> Iterator[Message]:
+    """The records of ``tp`` from ``start`` to ``end``, in order (read_committed: an aborted
+    batch's are not there)."""
     if start >= end:
-        return out
-    wanted = key.encode()
+        return
     consumer.assign([TopicPartition(tp.topic, tp.partition, start)])
     while True:
         msg = consumer.poll(0.5)
         if msg is not None and msg.error() is None and (msg.offset() or 0) < end:
-            if msg.key() == wanted:
-                out.append(msg.value() or b"")
+            yield msg
+        # Checked at every record too, not only on a quiet poll: other services write these
+        # topics many times a second, so a read that waited for a quiet poll would never end
+        # (the chaos test saw restarts stall for as long as the network was busy).
         (position,) = consumer.position([tp])
         if position.offset >= end:
-            return out
+            return
 
 
 def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float = 60.0) -> tuple[int, int]:

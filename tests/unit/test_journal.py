@@ -19,6 +19,7 @@ from streams.journal import ExpiringLog, full_state, restore_full
 from streams.kafka_runner import KafkaRunner, open_snapshot
 from streams.processing import Context, Outcome, Recovery
 from tests.unit.test_poison_records import _Consumer, _Msg
+from tests.unit.test_poison_records import _Producer as _PoisonProducer
 from verifier.service import Verifier
 
 
@@ -159,21 +160,15 @@ class _Remembers:
         return {"log": self.log}
 
 
-class _Producer:
+class _Producer(_PoisonProducer):
+    """The poison-records test's producer, keeping what is sent raw (state, journal)."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.raw: list[tuple[str, bytes | None, bytes]] = []
-
-    def begin(self) -> None:
-        pass
-
-    def send(self, event: Event) -> Event:
-        return event
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes, **kw: Any) -> None:
         self.raw.append((topic, key, value))
-
-    def commit_positions(self, consumer: Any) -> None:
-        pass
 
 
 def test_the_runner_journals_a_batchs_additions_without_the_poisoned_record() -> None:
