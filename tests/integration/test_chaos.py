@@ -243,7 +243,10 @@ def test_five_hundred_tasks_survive_sigkills_of_every_process(net: LocalNetwork)
                   f"{p.verdict.fields['detail']}", flush=True)
 
     # Every task has exactly one verdict, and no other task got one.
-    assert Counter(v.fields["task_id"] for v in verdicts) == Counter(dict.fromkeys(tasks, 1))
+    counts = Counter(v.fields["task_id"] for v in verdicts)
+    assert counts == Counter(dict.fromkeys(tasks, 1)), [
+        (v.name, v.signer, v.fields["task_id"], v.fields.get("reason"), v.fields.get("detail"),
+         v.occurred_at) for v in verdicts if counts[v.fields["task_id"]] > 1]
     # No replica placed twice, no replica paid twice (one agreeing contribution per node).
     placed = Counter((e.fields["task_id"], e.fields["replica_index"], e.fields["attempt"])
                      for e in _events(net, "TaskAssigned"))
