@@ -112,6 +112,8 @@ class Outcome:
     done: dict[str, Progress]
     assigned: dict[str, list[Event]]
     penalties: list[Event]
+    reveals: dict[tuple[str, str], bytes]
+    """Each (task, node)'s revealed digest."""
 
     def placed(self, task: str) -> list[str]:
         return [e.fields["node_id"] for e in self.assigned[task]]
@@ -175,7 +177,9 @@ def run_tasks(net: LocalNetwork, enough: Callable[[Outcome], bool],
             client.flush()
             done.update(client.wait(tasks, watch=watch, timeout_s=180))
             outcome = Outcome(honest, done, _by_task(net.events("TaskAssigned")),
-                              net.events("NodePenalized"))
+                              net.events("NodePenalized"), {
+                                  (e.fields["task_id"], e.fields["node_id"]): e.fields["digest"]
+                                  for e in net.events("ResultRevealed")})
             if enough(outcome):
                 break
     finally:
@@ -184,6 +188,17 @@ def run_tasks(net: LocalNetwork, enough: Callable[[Outcome], bool],
     net.check_alive()
     print(outcome.report(), flush=True)
     return outcome
+
+
+def check_colluders_lied(outcome: Outcome) -> None:
+    """Each colluder revealed the agreed lie on every task it was placed on, and each honest
+    node the true digest: the colluders played the protocol through, signed as
+    themselves, and their reveals opened their commitments (a reveal that does not is
+    judged ``no_reveal``, not ``dissent``)."""
+    for task in outcome.done:
+        for n in outcome.placed(task):
+            want = collusion_digest(task) if n in COLLUDERS else outcome.honest[task]
+            assert outcome.reveals.get((task, n)) == want, (task, n)
 
 
 def check_books(net: LocalNetwork, outcome: Outcome) -> dict[str, int]:
@@ -231,6 +246,7 @@ def test_fixed_trust_catches_an_outvoted_colluder_and_is_beaten_by_two(
             assert outcome.judged(task) == {(n, "dissent") for n in outcome.placed(task)
                                             if n not in on}, task
     assert _outvoted_each(outcome)
+    check_colluders_lied(outcome)
     check_books(net, outcome)
     together = sum(len(outcome.colluders_on(t)) == 2 for t in outcome.done)
     print(f"fixed trust: {len(outcome.done)} tasks, colluders together on {together} "
