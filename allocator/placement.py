@@ -162,6 +162,9 @@ class PlacementRequest:
     """Input size to transfer to each node."""
     max_unit_price_micro: int | None = None
     """No node whose tier's price per compute unit is above this; None: no limit."""
+    only_node_ids: frozenset[str] | None = None
+    """When set, no node outside it (adaptive trust: only trusted nodes run a task alone,
+    only eligible ones run it at all); None: any node."""
     rng: Any = field(default=None, compare=False, repr=False)
     """The handler's randomness (``Context.rng``: the operating system's in production, so
     no submitter can predict or choose it): a policy draws among candidates it cannot tell
@@ -207,7 +210,7 @@ class ConstrainedPolicy:
         if not 1 <= request.replicas <= 15 or request.memory_mb < 0:
             raise InvalidRequest(f"task {request.task_id}: replicas {request.replicas} "
                                  f"out of 1..15 or memory {request.memory_mb} negative")
-        candidates, refused = self._candidates(request, table, now_ms)
+        candidates, refused = self.candidates(request, table, now_ms)
         groups: dict[str, list[NodeView]] = {"": candidates}
         if request.homogeneous:
             groups = {}
@@ -228,14 +231,15 @@ class ConstrainedPolicy:
             raise NoCapacity(self._why(request, groups, refused))
         return best
 
-    def _candidates(self, request: PlacementRequest, table: NodeTable,
+    def candidates(self, request: PlacementRequest, table: NodeTable,
                     now_ms: int) -> tuple[list[NodeView], dict[str, int]]:
         """Nodes that could take a replica, and how many were refused for each reason."""
         tier = tier_of(request.tier)
         excluded_operators = {n.operator_id for n in map(table.get, request.exclude_node_ids)
                               if n is not None}
         refused = dict.fromkeys(("stale", "excluded", "busy", "memory", "tier", "price",
-                                 "region"), 0)
+                                 "region", "untrusted"), 0)
+        only = request.only_node_ids
         limit = request.max_unit_price_micro
         candidates = []
         for node in table:
@@ -254,6 +258,8 @@ class ConstrainedPolicy:
                 refused["price"] += 1
             elif request.region_only and node.region != request.submitter_region:
                 refused["region"] += 1
+            elif only is not None and node.node_id not in only:
+                refused["untrusted"] += 1
             else:
                 candidates.append(node)
         return candidates, refused

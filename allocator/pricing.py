@@ -99,8 +99,10 @@ class Quote:
     compute_units: int
     replicas: int
     price_micro: int
-    """The whole task's price: ``compute_units * replicas * price per unit``, at least 1."""
+    """The whole task's price (``task_price``), at least 1."""
     expires_at: int
+    trust: str = "fixed"
+    """``fixed`` or ``adaptive`` (``task_price``)."""
 
 
 class PricingEngine(Protocol):
@@ -111,27 +113,45 @@ class PricingEngine(Protocol):
         ...
 
     def quote(self, workload: str, compute_units: int, replicas: int, tier: str | Tier,
-              now_ms: int, ttl_ms: int) -> Quote:
+              now_ms: int, ttl_ms: int, trust: str = "fixed") -> Quote:
         """A quote for running ``workload`` on ``replicas`` nodes, valid for ``ttl_ms``."""
         ...
 
 
-def task_price(compute_units: int, replicas: int, price_per_unit_micro: int) -> int:
-    """``compute_units * replicas * price_per_unit_micro``, at least ``MIN_PRICE_MICRO``.
+TRUSTS = ("fixed", "adaptive")
+"""``TaskSubmitted.trust``: exactly ``replicas`` replicas, or reputation-based
+(``allocator.trust``)."""
+
+TRUST_PREMIUM_PERMILLE = 300
+"""What an adaptive task pays on top of its ``replicas`` floor, per thousand: the
+expected cost of its spot checks and escalations (``bench/trust.py`` measures the
+compute they take). The escrow is shared by every agreeing replica, so a trusted node
+that runs a task alone earns the premium too: what its reputation is worth."""
+
+
+def task_price(compute_units: int, replicas: int, price_per_unit_micro: int,
+               trust: str = "fixed") -> int:
+    """``compute_units * replicas * price_per_unit_micro``, at least ``MIN_PRICE_MICRO``;
+    for ``trust="adaptive"`` plus ``TRUST_PREMIUM_PERMILLE`` (rounded up).
 
     Integers only, so nothing is rounded. An engine that scales prices (a
     demand multiplier in permille, say) must round up, with
     ``-(-x * m // 1000)``, so the network never sells below its price; the
     minimum of 1 keeps a free tier from making tasks that escrow nothing.
     """
+    if trust not in TRUSTS:
+        raise InvalidRequest(f"trust {trust!r} is not one of {', '.join(TRUSTS)}")
     price = compute_units * replicas * price_per_unit_micro
+    if trust == "adaptive":
+        price = -(-price * (1000 + TRUST_PREMIUM_PERMILLE) // 1000)
     if price > MAX_LONG:
         raise InvalidRequest(f"price {price} micro-tokens does not fit a 64-bit amount")
     return max(MIN_PRICE_MICRO, price)
 
 
 def make_quote(workload: str, compute_units: int, replicas: int, tier: Tier,
-               price_per_unit_micro: int, now_ms: int, ttl_ms: int) -> Quote:
+               price_per_unit_micro: int, now_ms: int, ttl_ms: int,
+               trust: str = "fixed") -> Quote:
     """A ``Quote`` at a given unit price; shared by every engine so their quotes agree."""
     if not workload:
         raise InvalidRequest("workload must be named")
@@ -141,11 +161,13 @@ def make_quote(workload: str, compute_units: int, replicas: int, tier: Tier,
         raise InvalidRequest(f"replicas {replicas} out of 1..{MAX_REPLICAS}")
     if ttl_ms < 1 or now_ms < 0:
         raise InvalidRequest(f"ttl_ms {ttl_ms} must be positive and now_ms {now_ms} not negative")
-    price = task_price(compute_units, replicas, price_per_unit_micro)
+    price = task_price(compute_units, replicas, price_per_unit_micro, trust)
     expires_at = now_ms + ttl_ms
     content = f"{workload}\0{compute_units}\0{replicas}\0{tier}\0{price}\0{now_ms}\0{expires_at}"
+    if trust != "fixed":
+        content += f"\0{trust}"
     quote_id = "q-" + hashlib.sha256(content.encode()).hexdigest()[:32]
-    return Quote(quote_id, tier, compute_units, replicas, price, expires_at)
+    return Quote(quote_id, tier, compute_units, replicas, price, expires_at, trust)
 
 
 def check_quote(quote: Quote, now_ms: int) -> None:
@@ -186,8 +208,8 @@ class PriceBook:
         return schedule[max(t for t in schedule if t <= now_ms)] if now_ms >= 0 else schedule[0]
 
     def quote(self, workload: str, compute_units: int, replicas: int, tier: str | Tier,
-              now_ms: int, ttl_ms: int) -> Quote:
+              now_ms: int, ttl_ms: int, trust: str = "fixed") -> Quote:
         """A quote at the price in force at ``now_ms``."""
         resolved = tier_of(tier)
         return make_quote(workload, compute_units, replicas, resolved,
-                          self.price_per_unit(resolved, now_ms), now_ms, ttl_ms)
+                          self.price_per_unit(resolved, now_ms), now_ms, ttl_ms, trust)

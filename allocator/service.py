@@ -18,20 +18,33 @@ in-memory runner feed it decoded events and publish what it returns. It
 * learns: the runtimes agreeing nodes report with a verified result train the
   runtime model (in the background), and heartbeat delays refine the latency
   model;
-* places a lost replica again when the verifier asks (``ReissueRequested``).
+* places a lost replica again when the verifier asks (``ReissueRequested``);
+* for a task submitted with ``trust="adaptive"`` (``allocator.trust``): keeps every
+  node's reputation from the verifier's verdicts and penalties and the ledger's stake
+  entries, places the task on one trusted node (with a random spot check), or on
+  several drawn at random while few are trusted, and places the escalation rounds the
+  verifier asks for when replicas disagree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from allocator.placement import NodeTable, PlacementPolicy, PlacementRequest
+from allocator.placement import (
+    ConstrainedPolicy,
+    NodeTable,
+    NodeView,
+    PlacementPolicy,
+    PlacementRequest,
+)
 from allocator.policies import LearnedPolicy, node_shape, task_shape
 from allocator.runtime_model import NodeShape, Observation, TaskShape, analytic_ms
+from allocator.trust import DEFAULT_RULES, Plan, Reputation, TrustRules
 from destra.crypto import verify_event
 from destra.errors import DestraError, NoCapacity
 from destra.freshness import Freshness
@@ -45,6 +58,9 @@ log = logging.getLogger(__name__)
 
 _TICK = Event("tick", {})
 """Stands for the passing of time where ``dispatch`` wants an event."""
+
+_STAKE = "stake:"
+"""The ledger's stake accounts (``ledger.book.stake``)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,8 @@ class _Task:
     escrowed: bool = False
     placed: bool = False
     queued_since: int | None = None
+    plan: str = ""
+    """How an adaptive task's first round was placed (``allocator.trust.Plan.kind``)."""
 
 
 @dataclass
@@ -91,6 +109,11 @@ class Allocator:
     """Events refused (bad signature, unknown node), where they came from and why: the
     adapter dead-letters them."""
     freshness: Freshness = field(default_factory=Freshness)
+    rules: TrustRules = DEFAULT_RULES
+    reputation: Reputation = field(default_factory=Reputation)
+    """Every node's verified history (``allocator.trust``), for adaptive tasks."""
+    rounds: dict[str, int] = field(default_factory=dict)
+    """Per task in escalation, the last round placed: a round is placed whole, once."""
     _rng: Any = field(default=None, init=False, repr=False)
     """The randomness of the event or tick being handled (``Context.rng``), for placement
     among nodes that rank alike; not state (a restart draws afresh)."""
@@ -114,7 +137,7 @@ class Allocator:
     name = "allocator"
     inputs = frozenset({"NodeRegistered", "NodeHeartbeat", "TaskSubmitted", "LedgerEntryPosted",
                         "TaskVerified", "TaskFailed", "ReissueRequested", "ResultCommitted",
-                        "ResultRevealed"})
+                        "ResultRevealed", "NodePenalized"})
     recovery = Recovery.SNAPSHOT
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
@@ -127,14 +150,18 @@ class Allocator:
             "TaskSubmitted": self.on_submitted, "LedgerEntryPosted": self.on_entry,
             "TaskVerified": self.on_verified, "TaskFailed": self.on_failed,
             "ReissueRequested": self.on_reissue, "ResultCommitted": self.on_committed,
-            "ResultRevealed": self.on_revealed}, self.rejected, event, ctx)
+            "ResultRevealed": self.on_revealed, "NodePenalized": self.on_penalized},
+            self.rejected, event, ctx)
 
     def wants(self, event: Event) -> bool:
-        """Of the ledger's entries only the escrow of a task matters here (one in about
-        eight per task): the others are not worth a signature check."""
+        """Of the ledger's entries only the escrow of a task (one in about eight per task)
+        and what moves a node's stake matter here: the others are not worth a signature
+        check."""
         if event.name != "LedgerEntryPosted":
             return True
         f = event.fields
+        if f["account"].startswith(_STAKE):
+            return True
         return bool(f["kind"] == "escrow" and f["task_id"]
                     and f["account"] == f"escrow:{f['task_id']}" and f["amount_micro"] > 0)
 
@@ -144,7 +171,8 @@ class Allocator:
         return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,
                         _TICK, ctx)
 
-    _SNAPSHOT_FIELDS = ("table", "keys", "outstanding", "tasks", "queue", "reissues")
+    _SNAPSHOT_FIELDS = ("table", "keys", "outstanding", "tasks", "queue", "reissues",
+                        "reputation", "rounds")
     """Bounded by the nodes and the work in flight; the accepted event ids, which grow with
     the input rate, are an expiring log the runner journals (``journals``)."""
 
@@ -161,7 +189,8 @@ class Allocator:
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
-            setattr(self, name, state[name])
+            if name in state:  # reputation and rounds: absent from older snapshots
+                setattr(self, name, state[name])
         if "freshness" in state:  # a snapshot from before the ids were journaled
             self.freshness.take_over(state["freshness"])
 
@@ -187,6 +216,7 @@ class Allocator:
             self.rejected.append((e, where, f"invalid-registration: {err}"))
             return []
         self.keys[f["node_id"]] = f["signing_key"]
+        self.reputation.on_registered(f["node_id"], now_ms)
         # A (re)started node process is cold again for every workload.
         self.warm = {pair for pair in self.warm if pair[0] != f["node_id"]}
         self.outstanding.setdefault(f["node_id"], {})
@@ -254,6 +284,9 @@ class Allocator:
         """A ledger entry; the credit to ``escrow:<task>`` means the task is paid for."""
         f = e.fields
         account, task_id = f["account"], f["task_id"]
+        if account.startswith(_STAKE):  # a stake locked or slashed
+            self.reputation.on_stake(account[len(_STAKE):], f["amount_micro"])
+            return []
         if not (task_id and account == f"escrow:{task_id}" and f["kind"] == "escrow"
                 and f["amount_micro"] > 0):
             return []
@@ -270,7 +303,14 @@ class Allocator:
         task_id = e.fields["task_id"]
         self.tasks.pop(task_id, None)
         self.queue.pop(task_id, None)
+        self.rounds.pop(task_id, None)
         self._forget_runtimes(task_id)
+        return []
+
+    def on_penalized(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A penalty the verifier decided: the node's reputation records it (the stake it
+        takes comes from the ledger's slash entry)."""
+        self.reputation.on_penalized(e.fields["node_id"], e.fields["reason"])
         return []
 
     def on_revealed(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -289,6 +329,8 @@ class Allocator:
         task_id = e.fields["task_id"]
         self.tasks.pop(task_id, None)
         self.queue.pop(task_id, None)
+        self.rounds.pop(task_id, None)
+        self.reputation.on_verdict(e.fields["contributions"])
         self.agreed[task_id] = ({c["node_id"] for c in e.fields["contributions"]
                                  if c["agreed"]}, now_ms)
         for c in e.fields["contributions"]:
@@ -320,7 +362,8 @@ class Allocator:
             del self.reported[reported]
 
     def on_reissue(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
-        """The verifier lost a replica: place it on a node the task has not used."""
+        """The verifier lost a replica (place it on a node the task has not used), or its
+        replicas disagreed (place the next round whole)."""
         return self._place_reissue(e, now_ms) or []
 
     def on_tick(self, now_ms: int) -> list[Event]:
@@ -418,33 +461,145 @@ class Allocator:
         if task is None:
             self.queue.pop(task_id, None)
             return []
-        replicas = self._submission(task).fields["replicas"]
+        f = self._submission(task).fields
         try:
-            nodes = self.policy.place(self._request(task, replicas, frozenset()), self.table,
-                                      now_ms)
+            if f["trust"] == "adaptive":
+                plan = self._plan(task, now_ms)
+                nodes = [self._node(n) for n in plan.nodes]
+                size, quorum = len(nodes), plan.quorum
+                task.plan = plan.kind
+            else:
+                nodes = self.policy.place(self._request(task, f["replicas"], frozenset()),
+                                          self.table, now_ms)
+                size = quorum = 0  # the submission's
         except NoCapacity:
             return None
         self.queue.pop(task_id, None)
         task.placed = True
-        return [self._assign(task, node.node_id, index, 0, now_ms)
+        return [self._assign(task, node.node_id, index, 0, now_ms, replicas=size, quorum=quorum)
                 for index, node in enumerate(nodes)]
 
-    def _place_reissue(self, e: Event, now_ms: int) -> list[Event] | None:
+    # -- adaptive trust (``allocator.trust``) ------------------------------------------------
+
+    def _random(self) -> Any:
+        """The handler's randomness; the operating system's when called outside a handler."""
+        return self._rng if self._rng is not None else random.SystemRandom()
+
+    def _node(self, node_id: str) -> NodeView:
+        node = self.table.get(node_id)
+        assert node is not None, "placement returns registered nodes"
+        return node
+
+    def _eligible(self, trusted: bool) -> frozenset[str]:
+        """Nodes with enough stake to run an adaptive task; with ``trusted``, only those
+        that have earned single-replica placement."""
+        test = self.rules.trusted if trusted else self.rules.eligible
+        return frozenset(n for n, r in self.reputation.records.items() if test(r))
+
+    def _draw(self, request: PlacementRequest, count: int, now_ms: int,
+              rank: bool = False) -> list[NodeView]:
+        """``count`` nodes of distinct operators drawn uniformly among the request's
+        candidates (with ``rank``: the best by ``TrustRules.escalation_rank`` first, drawn
+        uniformly among equals), so that nobody can arrange to be placed with a
+        colluder. ``NoCapacity`` when fewer fit."""
+        if not isinstance(self.policy, ConstrainedPolicy):
+            raise NoCapacity("adaptive trust needs a policy that keeps the hard constraints")
+        candidates, _ = self.policy.candidates(request, self.table, now_ms)
+        excluded = {n.operator_id for n in map(self.table.get, request.exclude_node_ids)
+                    if n is not None}
+        rng = self._random()
+        draw = {n.node_id: rng.random() for n in candidates}
+        if rank:
+            candidates.sort(key=lambda n: (
+                self.rules.escalation_rank(self.reputation.get(n.node_id)), draw[n.node_id]))
+        else:
+            candidates.sort(key=lambda n: draw[n.node_id])
+        chosen: list[NodeView] = []
+        for node in candidates:
+            if node.operator_id not in excluded:
+                chosen.append(node)
+                excluded.add(node.operator_id)
+                if len(chosen) == count:
+                    return chosen
+        raise NoCapacity(f"task {request.task_id}: {count} replicas of distinct operators "
+                         f"needed, {len(chosen)} eligible")
+
+    def _plan(self, task: _Task, now_ms: int) -> Plan:
+        """The first round of an adaptive task: one trusted node, chosen by the placement
+        policy, plus a checker drawn at random with the node's spot-check rate; or, while
+        no trusted node is free, ``bootstrap_replicas`` eligible nodes drawn at random. The
+        submitter's replicas and quorum are floors."""
+        f = self._submission(task).fields
+        floor, floor_quorum = f["replicas"], f["quorum"]
+        base = self._request(task, 1, frozenset())
+        try:
+            (primary,) = self.policy.place(
+                dataclasses.replace(base, only_node_ids=self._eligible(trusted=True)),
+                self.table, now_ms)
+        except NoCapacity:
+            count = max(floor, self.rules.bootstrap_replicas)
+            nodes = self._draw(dataclasses.replace(base, only_node_ids=self._eligible(False)),
+                               count, now_ms)
+            return Plan(tuple(n.node_id for n in nodes), max(floor_quorum, count // 2 + 1),
+                        "bootstrap")
+        extra, kind = floor - 1, "floor"
+        record = self.reputation.get(primary.node_id)
+        assert record is not None
+        if extra == 0:
+            checked = self._random().random() * 1000 < self.rules.spot_permille(record)
+            extra, kind = (1, "spot-check") if checked else (0, "single")
+        others = self._draw(dataclasses.replace(
+            base, only_node_ids=self._eligible(trusted=False),
+            exclude_node_ids=frozenset({primary.node_id})), extra, now_ms) if extra else []
+        count = 1 + len(others)
+        return Plan((primary.node_id, *(n.node_id for n in others)),
+                    max(floor_quorum, count // 2 + 1), kind)
+
+    def _place_round(self, e: Event, now_ms: int) -> list[Event] | None:
+        """An escalation round, placed whole: ``replicas`` eligible nodes of operators the
+        task has not used, trusted ones first, drawn at random among equals."""
         f = e.fields
         task = self.tasks.get(f["task_id"])
-        if task is None or task.submission is None:
-            return []  # the task ended meanwhile
+        if task is None or task.submission is None or self.rounds.get(f["task_id"], 0) >= \
+                f["round"]:
+            return []  # the task ended meanwhile, or this round is placed already
+        request = dataclasses.replace(
+            self._request(task, 1, frozenset(f["exclude_node_ids"])),
+            only_node_ids=self._eligible(trusted=False))
         try:
-            (node,) = self.policy.place(
-                self._request(task, 1, frozenset(f["exclude_node_ids"])), self.table, now_ms)
+            nodes = self._draw(request, f["replicas"], now_ms, rank=True)
         except NoCapacity:
             if e not in self.reissues:
                 self.reissues.append(e)
             return None
-        return [self._assign(task, node.node_id, f["replica_index"], f["attempt"], now_ms)]
+        self.rounds[f["task_id"]] = f["round"]
+        return [self._assign(task, node.node_id, index, 0, now_ms, round_=f["round"],
+                             replicas=f["replicas"], quorum=f["quorum"])
+                for index, node in enumerate(nodes)]
 
-    def _assign(self, task: _Task, node_id: str, index: int, attempt: int,
-                now_ms: int) -> Event:
+    def _place_reissue(self, e: Event, now_ms: int) -> list[Event] | None:
+        f = e.fields
+        if f["replicas"] > 0:
+            return self._place_round(e, now_ms)
+        task = self.tasks.get(f["task_id"])
+        if task is None or task.submission is None:
+            return []  # the task ended meanwhile
+        request = self._request(task, 1, frozenset(f["exclude_node_ids"]))
+        if task.submission.fields["trust"] == "adaptive":
+            # A lost replica of a task a trusted node ran alone goes to a trusted node.
+            request = dataclasses.replace(request, only_node_ids=self._eligible(
+                trusted=task.plan == "single" and f["round"] == 0))
+        try:
+            (node,) = self.policy.place(request, self.table, now_ms)
+        except NoCapacity:
+            if e not in self.reissues:
+                self.reissues.append(e)
+            return None
+        return [self._assign(task, node.node_id, f["replica_index"], f["attempt"], now_ms,
+                             round_=f["round"])]
+
+    def _assign(self, task: _Task, node_id: str, index: int, attempt: int, now_ms: int, *,
+                round_: int = 0, replicas: int = 0, quorum: int = 0) -> Event:
         submission = self._submission(task)
         f = submission.fields
         node = self.table.get(node_id)
@@ -469,5 +624,6 @@ class Allocator:
             task_deadline=submission.occurred_at + f["deadline_ms"],
             payload=f["payload"], payload_ref=f["payload_ref"],
             submitter_id=f["submitter_id"], submitter_key=f["signing_key"],
-            result_key=f["result_key"], data_key_commitment=f["data_key_commitment"])
+            result_key=f["result_key"], data_key_commitment=f["data_key_commitment"],
+            round=round_, replicas=replicas, quorum=quorum)
 

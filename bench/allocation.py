@@ -632,7 +632,7 @@ def decision_latency(n_nodes: int, model: RuntimeModel, cpu_tflops: int, seed: i
         t0 = time.perf_counter()
         list(table)
         t1 = time.perf_counter()
-        candidates, _ = policy._candidates(req, table, 0)  # noqa: SLF001 - the same filter place() runs
+        candidates, _ = policy.candidates(req, table, 0)  # the same filter place() runs
         t2 = time.perf_counter()
         runtimes = policy.runtimes(req, candidates)
         t3 = time.perf_counter()

@@ -661,9 +661,15 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.argument("workload")
 @click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE",
               help="A workload parameter (repeatable).")
-@click.option("--replicas", type=click.IntRange(1, 15), default=3, show_default=True)
+@click.option("--replicas", type=click.IntRange(1, 15), default=None,
+              help="Replicas (default 3); with --trust adaptive, the fewest (default 1).")
 @click.option("--quorum", type=click.IntRange(1, 15), default=None,
               help="Agreeing replicas needed (default: a majority).")
+@click.option("--trust", type=click.Choice(["fixed", "adaptive"]), default="fixed",
+              show_default=True,
+              help="fixed: exactly --replicas replicas. adaptive: one replica on a node that "
+                   "earned trust, random spot checks, more replicas on any disagreement, "
+                   "for the price of --replicas plus a 30% trust premium.")
 @click.option("--tier", default="consumer", show_default=True)
 @click.option("--max-price", "max_price", type=click.IntRange(min=1), default=None,
               help="Refuse to pay more micro-tokens than this (default: the quote).")
@@ -674,9 +680,9 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | None, tier: str,
-           max_price: int | None, region: str | None, account: str, wait: bool,
-           timeout: float, as_json: bool, **flags: Any) -> None:
+def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: int | None,
+           trust: str, tier: str, max_price: int | None, region: str | None, account: str,
+           wait: bool, timeout: float, as_json: bool, **flags: Any) -> None:
     """Quote and submit a task of WORKLOAD; with --wait, follow it to its verdict."""
 
     from destra.client import Client
@@ -686,10 +692,14 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int, quorum: int | N
     client = Client(settings, kafka_address(settings, services, account=account),
                     account, _passphrase())
     try:
-        q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier)
+        q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier,
+                         trust=trust)
         if not as_json:
-            click.echo(f"quote {q.quote.quote_id}: {q.quote.compute_units} units x {replicas} "
-                       f"replicas in {q.quote.tier} = {q.quote.price_micro} micro-tokens "
+            how = (f"{q.replicas} replicas" if trust == "fixed" else
+                   f"at least {q.replicas} replica{'s' if q.replicas > 1 else ''}, adaptive "
+                   "trust")
+            click.echo(f"quote {q.quote.quote_id}: {q.quote.compute_units} units x {how} "
+                       f"in {q.quote.tier} = {q.quote.price_micro} micro-tokens "
                        f"(valid until {q.quote.expires_at})")
         watch = client.watch() if wait else None
         task_id = client.submit(q, max_price_micro=max_price, region=region)

@@ -90,7 +90,8 @@ class TaskQuote:
         """For ``--json`` output."""
         q = self.quote
         return {"workload": self.workload, "params": self.params, "replicas": self.replicas,
-                "quorum": self.quorum, "tier": str(q.tier), "compute_units": q.compute_units,
+                "quorum": self.quorum, "trust": q.trust, "tier": str(q.tier),
+                "compute_units": q.compute_units,
                 "price_micro": q.price_micro, "quote_id": q.quote_id,
                 "expires_at": q.expires_at}
 
@@ -189,10 +190,17 @@ class Client:
             self._prices = book
         return self._prices
 
-    def quote(self, workload: str, params: Mapping[str, str], *, replicas: int = 3,
+    def quote(self, workload: str, params: Mapping[str, str], *, replicas: int | None = None,
               quorum: int | None = None, tier: str = "consumer",
-              ttl_ms: int = QUOTE_TTL_MS) -> TaskQuote:
-        """Validate the task and price it; raises a ``DestraError`` saying what is wrong."""
+              ttl_ms: int = QUOTE_TTL_MS, trust: str = "fixed") -> TaskQuote:
+        """Validate the task and price it; raises a ``DestraError`` saying what is wrong.
+
+        ``trust="fixed"`` runs exactly ``replicas`` (default 3) replicas; ``"adaptive"``
+        lets the network's reputation decide (``allocator.trust``), ``replicas`` (default
+        1) and ``quorum`` being floors, for the price of the floor plus the trust premium.
+        """
+        if replicas is None:
+            replicas = 1 if trust == "adaptive" else 3
         w = get_workload(workload)
         parsed = w.validate(params)
         quorum = replicas // 2 + 1 if quorum is None else quorum
@@ -200,7 +208,7 @@ class Client:
             raise InvalidRequest(f"{replicas} replicas with quorum {quorum}: replicas must be "
                                  "1..15 and the quorum a majority of them")
         quote = self.prices().quote(workload, w.compute_units(parsed), replicas, tier_of(tier),
-                                    now_ms(), ttl_ms)
+                                    now_ms(), ttl_ms, trust)
         return TaskQuote(workload, dict(params), replicas, quorum, quote, w.bit_exact)
 
     def submit(self, q: TaskQuote, *, max_price_micro: int | None = None,
@@ -235,7 +243,7 @@ class Client:
             tier=str(q.quote.tier), region=region, homogeneous=q.homogeneous,
             deadline_ms=deadline_ms, result_key=self.keys.encryption_public,
             payload_ref=payload_ref, payload=payload, signing_key=self.keys.signing_public,
-            data_key_commitment=commitment)
+            data_key_commitment=commitment, trust=q.quote.trust)
         self.send_signed(event, flush=flush)
         return task_id
 
@@ -262,9 +270,11 @@ class Client:
         """Fan a ``sweep`` out into one mlp-digits task per grid point; their task ids."""
         sweep = get_workload("sweep")
         points = sweep.expand(sweep.validate(params))  # type: ignore[attr-defined]
-        replicas = options.pop("replicas", 3)
+        replicas = options.pop("replicas", None)
         tier = options.pop("tier", "consumer")
-        return [self.submit(self.quote(name, raw, replicas=replicas, tier=tier), **options)
+        trust = options.pop("trust", "fixed")
+        return [self.submit(self.quote(name, raw, replicas=replicas, tier=tier, trust=trust),
+                            **options)
                 for name, raw in points]
 
     # -- data keys and grants ----------------------------------------------------------------

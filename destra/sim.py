@@ -19,6 +19,7 @@ import torch
 from allocator.policies import LeastLoadedPolicy
 from allocator.pricing import PriceBook
 from allocator.service import Allocator, Windows
+from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.confidential import grant, merge_params, open_input, seal_input, seal_result
 from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, InvalidParams
@@ -161,12 +162,12 @@ class Submitter:
 
     def submission(self, task_id: str, workload: str, params: dict[str, str], now_ms: int,
                    replicas: int = 3, quorum: int = 2, deadline_ms: int = 600_000,
-                   units_delta: int = 0) -> Event:
+                   units_delta: int = 0, trust: str = "fixed") -> Event:
         """A signed ``TaskSubmitted`` at the network's price; ``units_delta`` misdeclares
         its compute (the allocator then fails it)."""
         w = get_workload(workload)
         units = w.compute_units(w.validate(params)) + units_delta
-        q = PriceBook().quote(workload, units, replicas, "consumer", now_ms, 60_000)
+        q = PriceBook().quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
         public, private = w.split(params)
         payload = None
         commitment = b""
@@ -181,7 +182,8 @@ class Submitter:
             quote_expires_at=q.expires_at, tier="consumer", region=None,
             homogeneous=w.bit_exact, deadline_ms=deadline_ms,
             result_key=self.keys.encryption_public, payload_ref=None, payload=payload,
-            signing_key=self.keys.signing_public, data_key_commitment=commitment),
+            signing_key=self.keys.signing_public, data_key_commitment=commitment,
+            trust=trust),
             self.keys, self.account)
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
@@ -246,15 +248,17 @@ class Sim:
     def __init__(self, faults: dict[str, Fault] | None = None, nodes: int = 4,
                  grants: bool = True, commit_ms: int = 30_000, reveal_ms: int = 15_000,
                  reissue_grace_ms: int = 60_000, stake: int = 5_000_000,
-                 frame: tuple[str, ...] = ()) -> None:
+                 frame: tuple[str, ...] = (), rules: TrustRules = DEFAULT_RULES,
+                 compute: Callable[[Event, bytes | None], Computed] | None = None) -> None:
         faults = faults or {}
-        compute = Compute()
+        compute = compute or Compute()
         self.nodes = [node(f"n{i}", compute, faults.get(f"n{i}", Fault.NONE))
                       for i in range(nodes)]
         self.ledger = LedgerDecider("ledger")
         self.allocator = Allocator("allocator", policy=LeastLoadedPolicy(),
-                                   windows=Windows(commit_ms=commit_ms, reveal_ms=reveal_ms))
-        self.verifier = Verifier("verifier", reissue_grace_ms=reissue_grace_ms)
+                                   windows=Windows(commit_ms=commit_ms, reveal_ms=reveal_ms),
+                                   rules=rules)
+        self.verifier = Verifier("verifier", reissue_grace_ms=reissue_grace_ms, rules=rules)
         self.alice = Submitter("alice", grants=grants, frame=frame)
         self.runner = MemoryRunner([self.ledger, self.allocator, OnVirtualClock(self.verifier),
                                     self.alice, *self.nodes])
@@ -284,7 +288,7 @@ class Sim:
         return copy
 
     def submit(self, task_id: str, workload: str = "heat2d",
-               params: dict[str, str] | None = None, **terms: int) -> None:
+               params: dict[str, str] | None = None, **terms: Any) -> None:
         """Alice submits a task now."""
         self.runner.publish(self.alice.submission(
             task_id, workload, params or {"grid": "8", "steps": "1"}, self.runner.now_ms,

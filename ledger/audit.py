@@ -363,18 +363,22 @@ def _check_placements(ordered: Sequence[Record], valid: Callable[[Record], bool]
     escrowed: dict[str, int] = {}
     nodes: dict[str, _Node] = {}
     keys: dict[str, bytes] = {}
-    reissues: dict[tuple[str, int, int], list[tuple[int, frozenset[str]]]] = defaultdict(list)
+    reissues: dict[tuple[str, int, int, int], list[tuple[int, frozenset[str]]]] = \
+        defaultdict(list)
     committed: dict[tuple[str, str, int], int] = {}
     # Requests and commits are matched by time, not by order within one millisecond.
     for r in ordered:
         f = r.event.fields
         if r.event.name == "ReissueRequested" and valid(r):
-            reissues[(f["task_id"], f["replica_index"], f["attempt"])].append(
-                (r.timestamp, frozenset(f["exclude_node_ids"])))
+            # A whole escalation round (replicas > 0) is asked for as attempt 0 of its
+            # replica 0; every replica of it is checked against that one request.
+            key = (f["task_id"], f["round"], -1 if f["replicas"] else f["replica_index"],
+                   f["attempt"])
+            reissues[key].append((r.timestamp, frozenset(f["exclude_node_ids"])))
         elif r.event.name == "ResultCommitted":
             committed.setdefault((f["node_id"], f["task_id"], f["attempt"]), r.timestamp)
     used: dict[str, dict[str, str]] = defaultdict(dict)  # task -> node -> operator
-    replicas_seen: set[tuple[str, int, int]] = set()
+    replicas_seen: set[tuple[str, int, int, int]] = set()
     first_classes: dict[str, set[str]] = defaultdict(set)
     held: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)  # node -> replica -> deadline
     placed: set[str] = set()
@@ -451,8 +455,10 @@ def _check_allocator_failure(r: Record, submissions: dict[str, Record], placed: 
 
 def _check_assignment(r: Record, submissions: dict[str, Record], escrowed: dict[str, int],
                       nodes: dict[str, _Node],
-                      reissues: dict[tuple[str, int, int], list[tuple[int, frozenset[str]]]],
-                      used: dict[str, dict[str, str]], replicas_seen: set[tuple[str, int, int]],
+                      reissues: dict[tuple[str, int, int, int],
+                                     list[tuple[int, frozenset[str]]]],
+                      used: dict[str, dict[str, str]],
+                      replicas_seen: set[tuple[str, int, int, int]],
                       first_classes: dict[str, set[str]],
                       held: dict[str, dict[tuple[str, int], int]],
                       committed: dict[tuple[str, str, int], int],
@@ -480,17 +486,26 @@ def _check_assignment(r: Record, submissions: dict[str, Record], escrowed: dict[
     if node is None or node.at_ms > r.timestamp:
         bad(r, f"node {node_id} is not registered")
         return
-    if not 0 <= index < s["replicas"]:
-        bad(r, f"replica index {index} outside the task's {s['replicas']} replicas")
-    if (task_id, index, attempt) in replicas_seen:
-        bad(r, f"replica {index} attempt {attempt} of task {task_id} was already assigned")
-    replicas_seen.add((task_id, index, attempt))
-    if attempt > 0:
-        asked = [ex for at, ex in reissues.get((task_id, index, attempt), ())
-                 if at <= r.timestamp]
+    round_ = f["round"]
+    adaptive = s["trust"] == "adaptive"
+    if not adaptive and (round_ or f["replicas"] not in (0, s["replicas"])):
+        bad(r, f"round {round_} of {f['replicas']} replicas for a task of fixed trust")
+    # An adaptive task's round sizes are the allocator's plan (round 0, at least the
+    # submitter's floor; the verifier replays and checks it) or the verifier's (later).
+    limit = f["replicas"] if adaptive and f["replicas"] > 0 else s["replicas"]
+    if not 0 <= index < limit:
+        bad(r, f"replica index {index} outside the {'round' if adaptive else 'task'}'s "
+               f"{limit} replicas")
+    if (task_id, round_, index, attempt) in replicas_seen:
+        bad(r, f"replica {index} attempt {attempt} of task {task_id} (round {round_}) was "
+               "already assigned")
+    replicas_seen.add((task_id, round_, index, attempt))
+    if attempt > 0 or round_ > 0:
+        key = (task_id, round_, index, attempt) if attempt > 0 else (task_id, round_, -1, 0)
+        asked = [ex for at, ex in reissues.get(key, ()) if at <= r.timestamp]
         if not asked:
-            bad(r, f"attempt {attempt} of replica {index}: the verifier asked for no such "
-                   "reissue; more replicas than the task's at once")
+            bad(r, f"attempt {attempt} of replica {index} in round {round_}: the verifier "
+                   "asked for no such reissue or round; more replicas than the task's at once")
         elif node_id in asked[0]:
             bad(r, f"node {node_id} is excluded by the reissue request")
     task_nodes = used[task_id]

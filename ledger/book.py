@@ -108,18 +108,24 @@ class Share:
 
 
 def settle_tx(transaction_id: str, task_id: str, payer: str, escrowed_micro: int,
-              budget_units: int, shares: Sequence[Share], fee_bps: int) -> Transaction:
+              budget_units: int, shares: Sequence[Share], fee_bps: int, *,
+              pro_rata: bool = False) -> Transaction:
     """Pay agreeing replicas from escrow by the compute they gave; fee; refund the rest.
 
     The escrow bought ``budget_units`` of compute (units x replicas quoted). A
     share of ``u`` units earns ``floor(escrowed * u / budget_units)`` gross, of
     which ``floor(gross * fee_bps / 10000)`` goes to the treasury. What no share
     earned (absent replicas, rounding) is refunded, so escrow ends at zero.
+    With ``pro_rata`` (adaptive trust: spot checks and escalations may bring more
+    agreeing replicas than were bought), shares beyond the budget divide it instead:
+    ``floor(escrowed * u / max(budget_units, total units))``.
     """
     if not 0 <= fee_bps <= BPS:
         raise LedgerError(f"fee {fee_bps} bps out of range 0..{BPS}")
-    if budget_units <= 0 or sum(s.compute_units for s in shares) > budget_units:
+    total = sum(s.compute_units for s in shares)
+    if budget_units <= 0 or (total > budget_units and not pro_rata):
         raise LedgerError(f"task {task_id}: shares exceed the {budget_units} units paid for")
+    budget_units = max(budget_units, total)
     postings = [Posting(escrow(task_id), -escrowed_micro, "payout")]
     paid = 0
     for s in sorted(shares, key=lambda s: s.account):  # order-independent result

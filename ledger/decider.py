@@ -149,6 +149,9 @@ class TaskTerms:
     payer: str
     compute_units: int
     replicas: int
+    trust: str = "fixed"
+    """``adaptive``: escalation rounds may bring more agreeing replicas than the escrow
+    bought; they share it by compute (``settle_tx``'s ``pro_rata``)."""
 
 
 @dataclass
@@ -363,7 +366,7 @@ class LedgerDecider:
         if reason is not None:
             return [new_event("TaskFailed", self.producer_id, occurred_at=at, task_id=task_id,
                               reason=reason[0], detail=reason[1])]
-        self.tasks[task_id] = TaskTerms(payer, f["compute_units"], f["replicas"])
+        self.tasks[task_id] = TaskTerms(payer, f["compute_units"], f["replicas"], f["trust"])
         return self._post(tx, at)
 
     def _check_signature(self, e: Event) -> tuple[str, str] | None:
@@ -405,7 +408,7 @@ class LedgerDecider:
         try:
             unit = min(self.prices.price_per_unit(f["tier"], e.occurred_at),
                        self.prices.price_per_unit(f["tier"], e.occurred_at - PRICE_GRACE_MS))
-            floor = task_price(f["compute_units"], f["replicas"], unit)
+            floor = task_price(f["compute_units"], f["replicas"], unit, f["trust"])
         except DestraError as err:
             return ("invalid-price", str(err))
         if f["quoted_price_micro"] < floor:
@@ -462,7 +465,7 @@ class LedgerDecider:
             # held, the verdict dead-lettered with the reason.
             out = self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
                                        terms.compute_units * terms.replicas, shares,
-                                       self.fee_bps), at)
+                                       self.fee_bps, pro_rata=terms.trust == "adaptive"), at)
         except LedgerError as err:
             return Outcome.refuse(e, f"unpayable-verdict: {err}")
         self.tasks.pop(task_id, None)  # settled: escrow at zero, its terms go
@@ -522,7 +525,7 @@ class LedgerDecider:
             self.horizon.keep(key, "TaskSubmitted", self.submission_id_expiry(submission))
         if self.book.balance(escrow(f["task_id"])) > 0:  # escrowed, not settled yet
             self.tasks[f["task_id"]] = TaskTerms(user(f["submitter_id"]), f["compute_units"],
-                                                 f["replicas"])
+                                                 f["replicas"], f["trust"])
 
     def refused(self, rejection: Event) -> None:
         """Recall a submission this ledger refused before a restart (its ``TaskFailed``), so

@@ -21,7 +21,7 @@ from schemas import Event, encode
 from streams.authority import AUTHORITY, ServiceSigner
 from streams.klog import KAFKA_LOG
 from streams.security import client_config
-from streams.topics import RECORD_OVERHEAD_BYTES, inbox_topic, topic_for
+from streams.topics import RECORD_OVERHEAD_BYTES, inbox_topic, node_view, topic_for
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,12 @@ class EventProducer:
                 f"{spec.suffix}; large payloads go to the blob store")
         home = self.topic_name(event)
         for topic, partition in self.destinations(event):
-            self.send_raw(topic, key, value, on_delivery if topic == home else None,
+            copy = value
+            if topic != home:  # its node's inbox: what the node may not read left out
+                view = node_view(event)
+                if view is not event:
+                    copy = encode(self.signer.sign(view) if self.signer is not None else view)
+            self.send_raw(topic, key, copy, on_delivery if topic == home else None,
                           partition)
         return event
 

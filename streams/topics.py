@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
+
+from schemas.events import Event
 
 FOREVER = -1
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
@@ -71,8 +74,9 @@ class TopicSpec:
 
     inbox: bool = False
     """Each record is also written to the inbox topic of the node its key names
-    (``inbox_spec``), the same bytes in the same transaction: the one topic that node
-    may read (``tasks.assignments``)."""
+    (``inbox_spec``), in the same transaction: the one topic that node may read
+    (``tasks.assignments``). The same bytes, but for the fields its node must not read
+    (``node_view``)."""
 
     @property
     def max_record_bytes(self) -> int:
@@ -219,6 +223,20 @@ _ASSIGNMENTS = next(t for t in TOPICS if t.inbox)
 
 
 _BY_EVENT = {event: spec for spec in TOPICS for event in spec.events}
+
+NODE_HIDDEN: dict[str, dict[str, Any]] = {"TaskAssigned": {"replicas": 0, "quorum": 0}}
+"""Fields of an inbox record that its node must not read, and what its copy carries
+instead. An adaptive task's plan (``allocator.trust``): a node told it runs alone would
+cheat exactly when no spot check can see it."""
+
+
+def node_view(event: Event) -> Event:
+    """The event as its node may see it (``NODE_HIDDEN``); the event itself when nothing
+    is hidden. A changed copy has no signature: its sender signs it anew."""
+    hidden = NODE_HIDDEN.get(event.name)
+    if hidden is None or all(event.fields.get(k) == v for k, v in hidden.items()):
+        return event
+    return event.replace(**hidden).with_envelope(signature=None, signer=None)
 
 
 def topic_for(event_name: str) -> TopicSpec:

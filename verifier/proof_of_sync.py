@@ -129,6 +129,16 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class Disputed:
+    """The replicas disagree and the tally escalates instead of judging (``escalate``):
+    nobody is paid or penalized yet; a later round decides whose digest was right."""
+
+    task_id: str
+    revealed: tuple[tuple[str, bytes], ...]
+    """(node, digest) of every replica that revealed."""
+
+
+@dataclass(frozen=True)
 class RevealOpened:
     """The commit phase closed at ``opened_at_ms``: voters may reveal now."""
 
@@ -146,7 +156,7 @@ class Rejected:
     detail: str
 
 
-Decision = Verified | Reissue | Penalize | Failed | RevealOpened | Rejected
+Decision = Verified | Reissue | Penalize | Failed | RevealOpened | Rejected | Disputed
 
 
 class Status(StrEnum):
@@ -176,11 +186,19 @@ class _Slot:
 
 
 class TaskTally:
-    """The Proof of Sync state of one task; feed it events, act on the decisions."""
+    """The Proof of Sync state of one task; feed it events, act on the decisions.
+
+    With ``escalate`` (adaptive trust, ``allocator.trust``), any disagreement among the
+    revealed digests ends the tally ``Disputed`` instead of a majority verdict: a
+    quorum of colluders cannot outvote an honest replica without a further round.
+    """
+
+    escalate = False
+    """Class default: tallies pickled before rounds existed never escalate."""
 
     def __init__(self, task_id: str, compute_units: int, replicas: int = 3, quorum: int = 2,
                  *, max_attempts: int = 3, reissue_grace_ms: int = 60_000,
-                 expires_at: int | None = None) -> None:
+                 expires_at: int | None = None, escalate: bool = False) -> None:
         if not 1 <= replicas <= MAX_REPLICAS:
             raise InvalidQuorum(f"task {task_id}: replicas {replicas} out of 1..{MAX_REPLICAS}")
         if not replicas >= quorum > replicas / 2:
@@ -192,9 +210,10 @@ class TaskTally:
         self.replicas, self.quorum = replicas, quorum
         self.max_attempts, self.reissue_grace_ms = max_attempts, reissue_grace_ms
         self.expires_at = expires_at
+        self.escalate = escalate
         self.reissues = 0
         self.opened_at: int | None = None
-        self.outcome: Verified | Failed | None = None
+        self.outcome: Verified | Failed | Disputed | None = None
         self._slots = [_Slot(i) for i in range(replicas)]
         self._used: dict[str, tuple[int, int]] = {}  # node ever assigned -> (replica, attempt)
         self._clock = 0
@@ -367,8 +386,12 @@ class TaskTally:
             return []
         revealed = [s for s in self._slots if s.status == Status.REVEALED]
         pending = sum(s.status == Status.COMMITTED for s in self._slots)
-        top = Counter(s.digest for s in revealed).most_common(1)
-        digest, count = top[0] if top else (b"", 0)
+        counts = Counter(s.digest for s in revealed)
+        digest, count = counts.most_common(1)[0] if counts else (b"", 0)
+        if self.escalate and len(counts) > 1 and (not pending or count + pending < self.quorum):
+            self.outcome = Disputed(self.task_id,
+                                    tuple((self._node(s), s.digest) for s in revealed))
+            return [self.outcome]
         if count + pending < self.quorum:
             return self._fail(Reason.NO_QUORUM, f"best digest has {count} of {self.quorum} "
                                                 f"with {pending} reveals pending")

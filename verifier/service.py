@@ -19,7 +19,14 @@ so a node cannot backdate them) and publish what it returns. It
   arrives, or dead-letters it after ``park_ms``;
 * turns the tally's decisions into events: ``RevealOpened`` to each voter,
   ``TaskVerified``, ``TaskFailed``, ``ReissueRequested``, ``NodePenalized``;
-  rejected events go to the dead-letter topic with their reason.
+  rejected events go to the dead-letter topic with their reason;
+* runs the rounds of a task submitted with ``trust="adaptive"`` (``allocator.trust``):
+  its first round is as large as the allocator's plan (one replica on a trusted node,
+  two for a spot check, three while few are trusted), and any disagreement escalates
+  to round ``r`` of ``2r + 1`` fresh replicas (a ``ReissueRequested`` with
+  ``replicas``), up to ``TrustRules.max_rounds``, whose majority decides. The verdict
+  then names every node of every round: those whose digest is the decided one are
+  paid, the others penalized for dissent.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.crypto import associated_data, unwrap_with, verify_event
 from destra.freshness import Freshness
 from schemas import Event, new_event
@@ -35,7 +43,9 @@ from schemas.errors import DecryptionFailed, InvalidQuorum
 from streams.journal import ExpiringLog
 from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.proof_of_sync import (
+    Contribution,
     Decision,
+    Disputed,
     Failed,
     Penalize,
     Reason,
@@ -69,6 +79,20 @@ class _Terms:
     submitter_key: bytes
     data_key_commitment: bytes = b""
     """The submitter's commitment to the data key (empty: none, nothing to prove against)."""
+    trust: str = "fixed"
+    """``fixed`` or ``adaptive`` (``TaskSubmitted.trust``)."""
+
+
+@dataclass
+class _Rounds:
+    """An adaptive task past its first round: what the earlier rounds revealed."""
+
+    number: int = 0
+    """The round now running (or being placed)."""
+    prior: list[tuple[str, bytes]] = field(default_factory=list)
+    """(node, digest) of every replica that revealed in an earlier round."""
+    used: set[str] = field(default_factory=set)
+    """Every node an earlier round used: no later round may use it again."""
 
 
 @dataclass
@@ -105,6 +129,9 @@ class Verifier:
     (``task_closed``) for ``forget_after_ms``, after which it is refused as expired anyway.
     An expiring log (``streams.journal``): journaled, not snapshotted."""
     forget_after_ms: int = 600_000
+    rules: TrustRules = DEFAULT_RULES
+    rounds: dict[str, _Rounds] = field(default_factory=dict)
+    """Adaptive tasks in escalation (past their first round), until their verdict."""
     _sending_ms: int = field(default=0, init=False, repr=False)
     """Processing time of the event being handled (``Context.processing_ms``)."""
     _terms_swept_at: int = field(default=0, init=False, repr=False)
@@ -118,7 +145,7 @@ class Verifier:
                         "ResultCommitted", "ResultRevealed", "DataKeyRefused"})
     recovery = Recovery.SNAPSHOT
     _SNAPSHOT_FIELDS = ("keys", "terms", "tallies", "open_tasks", "reputation", "parked",
-                        "ungranted", "granted", "grants")
+                        "ungranted", "granted", "grants", "rounds")
     """What is bounded by the work in flight; the expiring logs (``journals``), which grow
     with the input rate, are journaled by the runner instead."""
 
@@ -142,6 +169,7 @@ class Verifier:
 
     def tick(self, ctx: Context) -> Outcome:
         """Deadlines: missed commits, reveals and grants; events parked too long."""
+        self._sending_ms = ctx.processing_ms
         return dispatch({"tick": lambda e, now, where: self.on_tick(now)}, self.rejected,
                         Event("tick", {}), ctx)
 
@@ -152,7 +180,8 @@ class Verifier:
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
-            setattr(self, name, state[name])
+            if name in state:  # rounds: absent from older snapshots
+                setattr(self, name, state[name])
         # A snapshot from before the logs were journaled carries them: adopt them.
         if "freshness" in state:
             self.freshness.take_over(state["freshness"])
@@ -187,7 +216,7 @@ class Verifier:
         f = e.fields
         self.terms.setdefault(f["task_id"], _Terms(
             f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"],
-            f["submitter_id"], f["signing_key"], f["data_key_commitment"]))
+            f["submitter_id"], f["signing_key"], f["data_key_commitment"], f["trust"]))
         return self._unpark(f["task_id"], now_ms)
 
     def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -199,15 +228,25 @@ class Verifier:
                                             "verdict"))
             return []
         tally = self.tallies.get(task_id)
+        rounds = self.rounds.get(task_id)
+        number = rounds.number if rounds is not None else 0
+        if f["round"] != number or (rounds is not None and f["node_id"] in rounds.used):
+            self.rejected.append((e, where, f"unexpected-round: {task_id} is in round {number}; "
+                                            f"assignment of {f['node_id']} to round "
+                                            f"{f['round']}"))
+            return []
         if tally is None:
             terms = self.terms.get(task_id)
             if terms is None:
                 return self._park(e, where, now_ms)
             try:
+                replicas, quorum = self._round_terms(terms, f["round"], f["replicas"],
+                                                     f["quorum"])
                 tally = TaskTally(
-                    task_id, terms.compute_units, terms.replicas, terms.quorum,
+                    task_id, terms.compute_units, replicas, quorum,
                     max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
-                    expires_at=terms.expires_at)
+                    expires_at=terms.expires_at,
+                    escalate=terms.trust == "adaptive" and number < self.rules.max_rounds)
             except InvalidQuorum as err:
                 # Terms no tally can judge (a quorum that is not a majority of the
                 # replicas): the assignment is refused, the task fails so its escrow is
@@ -233,6 +272,55 @@ class Verifier:
                 self.ungranted[replica] = f["commit_deadline"]
         out = self._events(decisions, e, where)
         return out + self._unpark(task_id, now_ms)
+
+    def _round_terms(self, terms: _Terms, number: int, replicas: int,
+                     quorum: int) -> tuple[int, int]:
+        """A round's replicas and quorum: a fixed task's are the submission's (an
+        assignment may only repeat them); an adaptive task's first round is the allocator's
+        plan, at least the submitter's floors; a later round is ``TrustRules.round_size``."""
+        if terms.trust != "adaptive":
+            if (replicas, quorum) not in ((0, 0), (terms.replicas, terms.quorum)):
+                raise InvalidQuorum(f"a fixed task runs {terms.replicas} replicas with quorum "
+                                    f"{terms.quorum}, not {replicas} with {quorum}")
+            return terms.replicas, terms.quorum
+        if number > 0:
+            wanted = self.rules.round_size(number)
+            if (replicas, quorum) != wanted:
+                raise InvalidQuorum(f"round {number} runs {wanted[0]} replicas with quorum "
+                                    f"{wanted[1]}, not {replicas} with {quorum}")
+            return wanted
+        if replicas < terms.replicas or quorum < terms.quorum:
+            raise InvalidQuorum(f"{replicas} replicas with quorum {quorum} is under the "
+                                f"submitter's floor of {terms.replicas} with {terms.quorum}")
+        return replicas, quorum
+
+    def _escalate(self, d: Disputed) -> list[Event]:
+        """The replicas disagreed: ask for the next round, whole, on nodes not yet used."""
+        tally = self.tallies.pop(d.task_id)
+        self.open_tasks.discard(d.task_id)
+        rounds = self.rounds.setdefault(d.task_id, _Rounds())
+        rounds.prior += d.revealed
+        rounds.used |= set(tally.nodes_used)
+        rounds.number += 1
+        replicas, quorum = self.rules.round_size(rounds.number)
+        return [new_event("ReissueRequested", self.producer_id, task_id=d.task_id,
+                          replica_index=0, attempt=0, exclude_node_ids=sorted(rounds.used),
+                          round=rounds.number, replicas=replicas, quorum=quorum)]
+
+    def _verdict(self, d: Verified) -> tuple[Verified, list[Penalize]]:
+        """The verdict of the task's last round with the earlier rounds' replicas added:
+        agreeing with the decided digest is paid, anything else is dissent."""
+        rounds = self.rounds.get(d.task_id)
+        if rounds is None:
+            return d, []
+        terms = self.terms.get(d.task_id)
+        units = terms.compute_units if terms is not None else 0
+        prior = tuple(Contribution(node, units if digest == d.digest else 0,
+                                   digest == d.digest) for node, digest in rounds.prior)
+        dissent = [Penalize(c.node_id, d.task_id, Reason.DISSENT) for c in prior
+                   if not c.agreed]
+        return Verified(d.task_id, d.digest, d.quorum, prior + d.contributions,
+                        d.result_ref), dissent
 
     def on_granted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A submitter's signed ``DataKeyGranted``: the replica may now run."""
@@ -347,6 +435,12 @@ class Verifier:
                     "is at fault"), None, None)
         for task_id in list(self.open_tasks):
             out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
+        for task_id, rounds in list(self.rounds.items()):
+            terms = self.terms.get(task_id)
+            if task_id not in self.tallies and terms is not None and now_ms > terms.expires_at:
+                out += self._events([Failed(task_id, Reason.DEADLINE_PASSED,
+                                            f"round {rounds.number} not placed by "
+                                            f"{terms.expires_at}")], None, None)
         self.freshness.prune(now_ms)
         self.closed.prune(now_ms)  # in closing order, near enough time order
         if now_ms - self._terms_swept_at >= self.park_ms:
@@ -385,6 +479,11 @@ class Verifier:
         if f["task_id"] in self.closed:
             self.rejected.append((e, where, f"{RejectReason.TASK_CLOSED}: {f['task_id']} has "
                                             "its verdict"))
+            return None
+        rounds = self.rounds.get(f["task_id"])
+        if rounds is not None and f["node_id"] in rounds.used:
+            self.rejected.append((e, where, f"round-closed: {f['node_id']}'s round of "
+                                            f"{f['task_id']} has ended"))
             return None
         key = self.keys.get(f["node_id"])
         tally = self.tallies.get(f["task_id"])
@@ -429,11 +528,18 @@ class Verifier:
                 where: Any) -> list[Event]:
         out: list[Event] = []
         closing: list[str] = []
+        expanded: list[Decision] = []
         for d in decisions:
+            if isinstance(d, Verified):  # with the earlier rounds' replicas, if any
+                verdict, dissent = self._verdict(d)
+                expanded += [verdict, *dissent]
+            else:
+                expanded.append(d)
+        for d in expanded:
             if isinstance(d, Verified | Failed):
                 self.open_tasks.discard(d.task_id)
                 tally = self.tallies.get(d.task_id)
-                at = tally.clock if tally is not None else 0
+                at = tally.clock if tally is not None else self._sending_ms
                 self.closed.add(d.task_id, at + self.forget_after_ms, at)
                 closing.append(d.task_id)
             if isinstance(d, Verified):
@@ -448,9 +554,15 @@ class Verifier:
                                   reveal_deadline=deadline)
                         for node, attempt, deadline in self.tallies[d.task_id].voters()]
             elif isinstance(d, Reissue):
-                out.append(new_event("ReissueRequested", self.producer_id, task_id=d.task_id,
-                                     replica_index=d.replica_index, attempt=d.attempt,
-                                     exclude_node_ids=list(d.exclude_node_ids)))
+                rounds = self.rounds.get(d.task_id)
+                out.append(new_event(
+                    "ReissueRequested", self.producer_id, task_id=d.task_id,
+                    replica_index=d.replica_index, attempt=d.attempt,
+                    exclude_node_ids=sorted(set(d.exclude_node_ids)
+                                            | (rounds.used if rounds else set())),
+                    round=rounds.number if rounds else 0))
+            elif isinstance(d, Disputed):
+                out += self._escalate(d)
             elif isinstance(d, Penalize):
                 rep = max(0, self.reputation.get(d.node_id, 1000)
                           - REPUTATION_LOSS_PERMILLE[d.reason])
@@ -467,6 +579,7 @@ class Verifier:
         for task_id in closing:  # a verdict is final: only the closed mark stays
             self.tallies.pop(task_id, None)
             self.terms.pop(task_id, None)
+            self.rounds.pop(task_id, None)
         if closing and self.grants:
             done = set(closing)
             for replica in [r for r in self.grants if r[0] in done]:
