@@ -43,13 +43,15 @@ from workloads.canonical import sha256
 
 pytestmark = pytest.mark.integration
 
-HONEST = [f"h{i}" for i in range(4)]
+HONEST = [f"h{i}" for i in range(9)]
+"""Honest nodes, each its own operator. Nine, so that adaptive trust can always place a
+task's rounds: 3 replicas, then 3 fresh ones, then 5 fresh ones, all of distinct
+operators, is 11 operators with the two colluders."""
 COLLUDERS = ["x0", "x1"]
 STAKE = 20_000_000  # 20 dissents: no slash here is capped by an empty stake
 FUNDS = 10**12
 BATCH = 8
 MAX_BATCHES = 4
-SLOTS = 2
 
 
 def _operator(node: str) -> str:
@@ -115,11 +117,16 @@ class Outcome:
     reveals: dict[tuple[str, str], bytes]
     """Each (task, node)'s revealed digest."""
 
-    def placed(self, task: str) -> list[str]:
-        return [e.fields["node_id"] for e in self.assigned[task]]
+    def placed(self, task: str, round_: int | None = None) -> list[str]:
+        """The nodes the task was placed on (in one round of it, when given)."""
+        return [e.fields["node_id"] for e in self.assigned[task]
+                if round_ is None or e.fields["round"] == round_]
 
-    def colluders_on(self, task: str) -> set[str]:
-        return set(self.placed(task)) & set(COLLUDERS)
+    def rounds(self, task: str) -> int:
+        return 1 + max(e.fields["round"] for e in self.assigned[task])
+
+    def colluders_on(self, task: str, round_: int | None = None) -> set[str]:
+        return set(self.placed(task, round_)) & set(COLLUDERS)
 
     def judged(self, task: str) -> set[tuple[str, str]]:
         return {(p.fields["node_id"], p.fields["reason"]) for p in self.penalties
@@ -137,24 +144,26 @@ class Outcome:
             how = ("verified " + ("honest" if v.fields["digest"] == self.honest[task]
                                   else "THE LIE")
                    if v.name == "TaskVerified" else f"failed {v.fields['reason']}")
-            lines.append(f"  {task}: placed on {self.placed(task)}: {how}; penalized "
+            rounds = " then ".join(str(self.placed(task, r)) for r in range(self.rounds(task)))
+            lines.append(f"  {task}: placed on {rounds}: {how}; penalized "
                          f"{sorted(self.judged(task))}")
         return "\n".join(lines)
 
 
-def start_network(net: LocalNetwork) -> None:
+def start_network(net: LocalNetwork, honest: list[str], honest_slots: int,
+                  colluder_slots: int) -> None:
     """Services, honest nodes and colluders, each staked by its own operator; returns once
     every node is registered and every stake is locked."""
-    nodes = HONEST + COLLUDERS
+    nodes = honest + COLLUDERS
     net.mint("alice", *(_operator(n) for n in nodes), amount_micro=FUNDS)
     net.start_services()
-    for n in HONEST:
-        net.start_node(n, operator=_operator(n), stake_micro=STAKE, slots=SLOTS)
+    for n in honest:
+        net.start_node(n, operator=_operator(n), stake_micro=STAKE, slots=honest_slots)
     for n in COLLUDERS:
-        start_colluder(net, n, _operator(n), STAKE, SLOTS)
+        start_colluder(net, n, _operator(n), STAKE, colluder_slots)
     net.wait_registered(nodes)
     eventually(lambda: all(_balances(net).get(stake(n)) == STAKE for n in nodes),
-               timeout=60, interval=0.5)
+               timeout=90, interval=0.5)
 
 
 def run_tasks(net: LocalNetwork, enough: Callable[[Outcome], bool],
@@ -201,7 +210,7 @@ def check_colluders_lied(outcome: Outcome) -> None:
             assert outcome.reveals.get((task, n)) == want, (task, n)
 
 
-def check_books(net: LocalNetwork, outcome: Outcome) -> dict[str, int]:
+def check_books(net: LocalNetwork, outcome: Outcome, honest: list[str]) -> dict[str, int]:
     """Every task has exactly one verdict, settled or refunded, its escrow empty; every
     penalty is slashed, and each node's stake is short by exactly its slashes."""
     verdicts = _by_task(net.events("TaskVerified") + net.events("TaskFailed"))
@@ -212,7 +221,7 @@ def check_books(net: LocalNetwork, outcome: Outcome) -> dict[str, int]:
         f"slash/{p.event_id}" for p in outcome.penalties], timeout_s=120)
     balances = _balances(net)
     assert all(balances.get(escrow(t), 0) == 0 for t in outcome.honest)
-    for n in HONEST + COLLUDERS:
+    for n in honest + COLLUDERS:
         slashed = sum(p.fields["slash_micro"] for p in outcome.penalties
                       if p.fields["node_id"] == n)
         assert balances.get(stake(n), 0) == STAKE - slashed, (n, balances.get(stake(n)))
@@ -233,7 +242,7 @@ def test_fixed_trust_catches_an_outvoted_colluder_and_is_beaten_by_two(
     weakness adaptive trust is for; this test pins it down so the comparison stays
     honest."""
     began = time.monotonic()
-    start_network(net)
+    start_network(net, HONEST[:4], honest_slots=2, colluder_slots=2)
     outcome = run_tasks(net, _outvoted_each)
     for task in outcome.done:
         v, on = outcome.verdict(task), outcome.colluders_on(task)
@@ -247,7 +256,55 @@ def test_fixed_trust_catches_an_outvoted_colluder_and_is_beaten_by_two(
                                             if n not in on}, task
     assert _outvoted_each(outcome)
     check_colluders_lied(outcome)
-    check_books(net, outcome)
+    check_books(net, outcome, HONEST[:4])
     together = sum(len(outcome.colluders_on(t)) == 2 for t in outcome.done)
     print(f"fixed trust: {len(outcome.done)} tasks, colluders together on {together} "
           f"(the lie won there); test {time.monotonic() - began:.1f}s", flush=True)
+
+
+def _together(outcome: Outcome) -> list[str]:
+    """The tasks whose first round had both colluders: two of its three replicas lied."""
+    return [t for t in outcome.done if outcome.colluders_on(t, 0) == set(COLLUDERS)]
+
+
+@pytest.mark.timeout(400)
+def test_adaptive_trust_overturns_colluders_placed_together(net: LocalNetwork) -> None:
+    """Adaptive trust: while no node is trusted a task runs on three nodes drawn at random,
+    and any dissent escalates it to a round of fresh replicas on other operators, whose
+    majority decides; every node whose digest differs is penalized.
+
+    The colluders offer many slots and the honest nodes one each, so while the honest
+    nodes are busy the draw often lands on both colluders and one honest node: a majority
+    of liars in the first round, which fixed trust would have verified. Here every such
+    task is overturned by its escalation round, every colluder is penalized and slashed on
+    every task it touched, and no honest node is penalized at all."""
+    began = time.monotonic()
+    start_network(net, HONEST, honest_slots=1, colluder_slots=6)
+    print(f"\n{len(HONEST)} honest nodes, {len(COLLUDERS)} colluders up in "
+          f"{time.monotonic() - began:.1f}s", flush=True)
+    outcome = run_tasks(net, lambda o: bool(_together(o)), trust="adaptive")
+    together = _together(outcome)
+    assert together, "the colluders never landed together on a task's first round"
+    for task in outcome.done:
+        v, on = outcome.verdict(task), outcome.colluders_on(task)
+        if v.name == "TaskVerified":
+            assert v.fields["digest"] == outcome.honest[task], (task, outcome.placed(task))
+            assert v.fields["digest"] != collusion_digest(task)
+            agreed = {c["node_id"] for c in v.fields["contributions"] if c["agreed"]}
+            assert agreed == set(outcome.placed(task)) - on, (task, v.fields)
+            assert outcome.judged(task) == {(n, "dissent") for n in on}, task
+        if on:
+            assert outcome.rounds(task) > 1, (task, outcome.placed(task))  # escalated
+    for task in together:  # a majority of liars in the first round, overturned
+        assert outcome.verdict(task).name == "TaskVerified", task
+    assert not [p.fields for p in outcome.penalties if p.fields["node_id"] in HONEST]
+    for n in COLLUDERS:
+        assert (any(n in outcome.colluders_on(t) for t in together)
+                and any(p.fields["node_id"] == n and p.fields["reason"] == "dissent"
+                        for p in outcome.penalties)), n
+    check_colluders_lied(outcome)
+    check_books(net, outcome, HONEST)
+    failed = [t for t, p in outcome.done.items() if p.state != "verified"]
+    print(f"adaptive trust: {len(outcome.done)} tasks ({len(failed)} failed, refunded), "
+          f"colluders together in the first round of {len(together)}, all overturned; "
+          f"test {time.monotonic() - began:.1f}s", flush=True)
