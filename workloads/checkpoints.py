@@ -313,15 +313,19 @@ def run_checkpointed(workload: Checkpointed, params: dict[str, Any], device: tor
 
 
 def run_segment(workload: Checkpointed, params: dict[str, Any], segment: int,
-                pre_state_bytes: bytes, device: torch.device) -> tuple[bytes, bytes, bytes]:
+                pre_state_bytes: bytes, device: torch.device,
+                expected_pre_leaf: bytes | None = None) -> tuple[bytes, bytes, bytes]:
     """Re-execute one segment from exact pre-state bytes (what a referee does).
 
-    Returns ``(pre_leaf, post_leaf, post_state_bytes)``; the caller checks ``pre_leaf``
-    against the agreed leaf. ``InvalidParams`` for a malformed pre-state or segment.
+    Returns ``(pre_leaf, post_leaf, post_state_bytes)``. ``InvalidParams`` for a
+    malformed pre-state or segment, or, before any work, for a pre-state whose leaf is
+    not ``expected_pre_leaf`` (when given).
     """
     segment = _segment_index(workload, params, segment)
     with deterministic(device):
         state = workload.state_from_bytes(params, pre_state_bytes, device)
         pre_leaf = leaf_of(workload, state)
+        if expected_pre_leaf is not None and pre_leaf != expected_pre_leaf:
+            raise InvalidParams("the pre-state does not hash to the agreed leaf")
         post = workload.advance(params, state, segment, device)
         return pre_leaf, leaf_of(workload, post), workload.state_bytes(post)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from destra.errors import InvalidParams
-
 from workloads.base import (
     ParamSpec,
     Workload,

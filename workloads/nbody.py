@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from destra.errors import InvalidParams
-
 from workloads.base import (
     ParamSpec,
     Workload,
