@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from struct import error as struct_error
 from typing import Any
 
-from destra.errors import InvalidParams
+from destra.errors import InvalidParams, WorkloadFailed
 from workloads.base import Workload, WorkloadResult, deterministic
 from workloads.canonical import canonical_json, round_tensor, tensor_b64, tensor_from_b64
 from workloads.lazy import torch
@@ -324,7 +324,10 @@ def run_segment(workload: Checkpointed, params: dict[str, Any], segment: int,
     segment = _segment_index(workload, params, segment)
     with deterministic(device):
         state = workload.state_from_bytes(params, pre_state_bytes, device)
-        pre_leaf = leaf_of(workload, state)
+        try:
+            pre_leaf = leaf_of(workload, state)
+        except WorkloadFailed as e:  # NaN in the offered state: it can match no leaf
+            raise InvalidParams(f"the pre-state has no leaf: {e}") from None
         if expected_pre_leaf is not None and pre_leaf != expected_pre_leaf:
             raise InvalidParams("the pre-state does not hash to the agreed leaf")
         post = workload.advance(params, state, segment, device)

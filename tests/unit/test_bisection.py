@@ -307,6 +307,10 @@ def test_the_referee_rejects_a_pre_state_that_is_not_the_agreed_one(
     wrong = referee(mlp, params, 3, pre_states[2], honest[2], *claims, CPU)
     assert wrong.outcome == "rejected" and "agreed leaf" in wrong.reason
     garbage = referee(mlp, params, 3, b"{}", honest[2], *claims, CPU)
+    nan_state = ckpt.state_from_bytes(params, pre_states[3], CPU)
+    nan_state.weights["w1"][0, 0] = float("nan")
+    poisoned = referee(mlp, params, 3, ckpt.state_bytes(nan_state), honest[2], *claims, CPU)
+    assert poisoned.outcome == "rejected" and "no leaf" in poisoned.reason
     assert garbage.outcome == "rejected" and "bad pre-state" in garbage.reason
     stale = referee(mlp, params, 4, pre_states[3], honest[2], *claims, CPU)
     assert stale.outcome == "rejected"  # pre-state of 3 offered for 4: wrong leaf
@@ -314,7 +318,7 @@ def test_the_referee_rejects_a_pre_state_that_is_not_the_agreed_one(
     assert referee(mlp, params, 3, pre_states[3], honest[2], claims[0], claims[0],
                    CPU).outcome == "rejected"
     assert count_optimizer_steps[0] == 0  # nothing was run for a rejected ruling
-    assert all(r.units_used == 0 for r in (wrong, garbage, stale))
+    assert all(r.units_used == 0 for r in (wrong, garbage, stale, poisoned))
 
 
 def test_the_referee_rules_neither_when_both_claims_are_wrong_and_derives_segment_0(
