@@ -86,6 +86,10 @@ class _Task:
     queued_since: int | None = None
     plan: str = ""
     """How an adaptive task's first round was placed (``allocator.trust.Plan.kind``)."""
+    checked: bool | None = None
+    """Whether its spot check was drawn, once: a task that waits for capacity keeps the
+    draw (drawing again at each try would turn checks that find no free checker into
+    single placements, and let load decide what is checked)."""
 
 
 @dataclass
@@ -490,11 +494,12 @@ class Allocator:
         assert node is not None, "placement returns registered nodes"
         return node
 
-    def _eligible(self, trusted: bool) -> frozenset[str]:
+    def _eligible(self, trusted: bool, stake_micro: int = 0) -> frozenset[str]:
         """Nodes with enough stake to run an adaptive task; with ``trusted``, only those
-        that have earned single-replica placement."""
+        that have earned single-replica placement and hold at least ``stake_micro``."""
         test = self.rules.trusted if trusted else self.rules.eligible
-        return frozenset(n for n, r in self.reputation.records.items() if test(r))
+        return frozenset(n for n, r in self.reputation.records.items()
+                         if test(r) and r.stake_micro >= stake_micro)
 
     def _draw(self, request: PlacementRequest, count: int, now_ms: int,
               rank: bool = False) -> list[NodeView]:
@@ -533,8 +538,11 @@ class Allocator:
         floor, floor_quorum = f["replicas"], f["quorum"]
         base = self._request(task, 1, frozenset())
         try:
+            # Alone only on a node whose stake covers the slash a wrong result would cost.
+            slash = self.rules.dissent_slash_micro(f["quoted_price_micro"],
+                                                   self.rules.min_stake_micro)
             (primary,) = self.policy.place(
-                dataclasses.replace(base, only_node_ids=self._eligible(trusted=True)),
+                dataclasses.replace(base, only_node_ids=self._eligible(True, slash)),
                 self.table, now_ms)
         except NoCapacity:
             count = max(floor, self.rules.bootstrap_replicas)
@@ -546,8 +554,10 @@ class Allocator:
         record = self.reputation.get(primary.node_id)
         assert record is not None
         if extra == 0:
-            checked = self._random().random() * 1000 < self.rules.spot_permille(record)
-            extra, kind = (1, "spot-check") if checked else (0, "single")
+            if task.checked is None:
+                task.checked = self._random().random() * 1000 < self.rules.spot_permille(
+                    record)
+            extra, kind = (1, "spot-check") if task.checked else (0, "single")
         others = self._draw(dataclasses.replace(
             base, only_node_ids=self._eligible(trusted=False),
             exclude_node_ids=frozenset({primary.node_id})), extra, now_ms) if extra else []

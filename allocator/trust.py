@@ -103,6 +103,21 @@ class TrustRules:
         rate = rate * max(self.reference_stake_micro, stake) // stake
         return max(self.spot_min_permille, min(PERMILLE, rate))
 
+    @property
+    def slash_multiple(self) -> int:
+        """A dissent costs this many times the task's price: ``1000 // spot_min_permille``
+        (20 at 5 %). A node that runs a task alone and returns a wrong result without
+        computing saves at most its price ``g`` (its compute cost, if it works for no
+        profit); checked with chance ``p`` it loses ``S`` and the pay. Cheating gains
+        ``(1 - p) g - p S``, negative whenever ``p > g / (g + S)``: 1/21 at ``S = 20 g``,
+        under the lowest rate, 5 %. ``bench/trust.py`` prints the break-even."""
+        return PERMILLE // self.spot_min_permille
+
+    def dissent_slash_micro(self, price_micro: int, floor_micro: int) -> int:
+        """The stake a dissent on an adaptive task of this price costs: at least
+        ``floor_micro`` (the fixed penalty), else ``slash_multiple`` x the price."""
+        return max(floor_micro, self.slash_multiple * price_micro)
+
     @staticmethod
     def round_size(round_: int) -> tuple[int, int]:
         """(replicas, quorum) of escalation round ``round_`` (>= 1): 2r + 1, a majority."""

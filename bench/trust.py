@@ -59,6 +59,7 @@ reputation exists. Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import random
@@ -79,7 +80,9 @@ import torch  # noqa: E402
 
 from allocator.placement import PlacementPolicy  # noqa: E402
 from allocator.policies import LearnedPolicy, RandomPolicy  # noqa: E402
+from allocator.pricing import PriceBook  # noqa: E402
 from allocator.service import Allocator, Windows  # noqa: E402
+from allocator.trust import DEFAULT_RULES, TrustRules  # noqa: E402
 from destra.sim import (  # noqa: E402
     Compute,
     Heartbeats,
@@ -95,6 +98,7 @@ from node_runner.logic import Computed, Fault, NodeLogic  # noqa: E402
 from schemas import Event, new_event  # noqa: E402
 from streams.memory import MemoryRunner  # noqa: E402
 from streams.processing import Context, Outcome, Recovery, Work  # noqa: E402
+from streams.topics import node_view  # noqa: E402
 from verifier.proof_of_sync import Reason  # noqa: E402
 from verifier.service import PENALTY_MICRO, Verifier  # noqa: E402
 from workloads import get_workload  # noqa: E402
@@ -118,14 +122,21 @@ NODE_TICK_EVERY_MS = 10_000
 
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """How the network decides whom to trust: replicas, quorum and placement today;
-    reputation and adaptive replication later."""
+    """How the network decides whom to trust: fixed replicas and quorum, or adaptive
+    replication (``allocator.trust``) with its rules."""
 
     name: str
     replicas: int
     quorum: int
     placement: Callable[[int], PlacementPolicy]
     """seed -> the allocator's placement policy."""
+    trust: str = "fixed"
+    rules: TrustRules = DEFAULT_RULES
+
+
+def _adaptive(name: str, **rules: int) -> NetworkPolicy:
+    return NetworkPolicy(name, 1, 1, lambda seed: RandomPolicy(seed), "adaptive",
+                         dataclasses.replace(DEFAULT_RULES, **rules))
 
 
 NETWORK_POLICIES: dict[str, NetworkPolicy] = {
@@ -133,6 +144,12 @@ NETWORK_POLICIES: dict[str, NetworkPolicy] = {
                                lambda seed: RandomPolicy(seed)),
     "fixed-3/2-learned": NetworkPolicy("fixed 3 replicas, majority 2, learned placement",
                                        3, 2, lambda seed: LearnedPolicy()),
+    "adaptive": _adaptive("adaptive replication, the network's default rules"),
+    # The frontier: the spot-check rates traded against the wrong results they let through.
+    "adaptive-spot20": _adaptive("adaptive, spot checks 2-20 %", spot_min_permille=20,
+                                 spot_max_permille=200),
+    "adaptive-spot100": _adaptive("adaptive, spot checks 10-50 %", spot_min_permille=100),
+    "adaptive-spot250": _adaptive("adaptive, spot checks 25-50 %", spot_min_permille=250),
 }
 
 
@@ -151,6 +168,12 @@ class Strategy:
     """All forge the same wrong output (else each its own)."""
     fault: Fault = Fault.NONE
     """A ``node_runner.logic.Fault`` instead of forging (``COPY``: lazy nodes)."""
+    warmup: int = 0
+    """Honest for this many placements (to earn trust), then forging only where it may
+    run alone: the first replica of a task's first round (a checker's index, 1, or an
+    escalation round would give it away)."""
+    sybil: bool = False
+    """An identity whose stake is spent re-registers as a new one, with a new stake."""
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
@@ -160,8 +183,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("collude-10", 0.10, cheat_p=1.0, collude=True),
     Strategy("collude-30", 0.30, cheat_p=1.0, collude=True),
     Strategy("lazy-copy-10", 0.10, fault=Fault.COPY),
+    Strategy("build-cheat-10", 0.10, cheat_p=1.0, collude=True, warmup=20),
+    Strategy("sybil-10", 0.10, cheat_p=1.0, sybil=True),
 )}
-NOT_YET = ("build-reputation-then-cheat", "sybil-re-register")
+MAX_SYBILS = 20
+"""Identities one Sybil adversary may use in a run (each with a new stake)."""
 
 
 class Forging:
@@ -172,6 +198,7 @@ class Forging:
         self.inner, self.strategy, self.node_id, self.seed = inner, strategy, node_id, seed
         self.tag = b"the group" if strategy.collude else node_id.encode()
         self.forged = 0
+        self.runs = 0
 
     def cheats(self, task_id: str, attempt: int) -> bool:
         draw = hashlib.sha256(f"{self.seed}/{self.node_id}/{task_id}/{attempt}".encode())
@@ -179,7 +206,11 @@ class Forging:
 
     def __call__(self, assignment: Event, data_key: bytes | None) -> Computed:
         out = self.inner(assignment, data_key)
-        f = assignment.fields
+        f = assignment.fields  # the node's view: it cannot see whether it runs alone
+        self.runs += 1
+        if self.strategy.warmup and (self.runs <= self.strategy.warmup or f["round"] > 0
+                                     or f["replica_index"] > 0):
+            return out
         if not self.cheats(f["task_id"], f["attempt"]):
             return out
         self.forged += 1
@@ -224,7 +255,14 @@ class Fleet:
             self.reveals.pop(f["task_id"], None)
             return Outcome()
         n = self.nodes.get(f.get("node_id", ""))
-        return Outcome() if n is None else self._routed(n.node_id, n.handle(event, ctx))
+        if n is None:
+            return Outcome()
+        return self._routed(n.node_id, n.handle(node_view(event), ctx))
+
+    def add(self, n: NodeLogic) -> None:
+        """A node joins (a Sybil's new identity)."""
+        self.nodes[n.node_id] = n
+        n.copy_digest = self._copier(n.node_id)
 
     def tick(self, ctx: Context) -> Outcome:
         if ctx.now_ms < self.next_tick_ms:
@@ -266,6 +304,11 @@ class Result:
     honest_net_micro: int = 0
     honest_placed: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
+    plans: Counter[str] = field(default_factory=Counter)
+    """First rounds by size (adaptive: 1 alone, 2 spot-checked, 3 bootstrap)."""
+    escalations: int = 0
+    identities: int = 0
+    """Identities the adversaries used (Sybils re-register)."""
     in_flight: int = 0
     wall_s: float = 0.0
     virtual_s: float = 0.0
@@ -298,8 +341,9 @@ def run(policy: NetworkPolicy, strategy: Strategy, nodes: int, tasks: int, seed:
             fleet_nodes.append(node(name, compute,
                                     strategy.fault if name in bad else Fault.NONE))
     ledger = LedgerDecider("ledger")
-    allocator = Allocator("allocator", policy=policy.placement(seed), windows=Windows())
-    verifier = Verifier("verifier")
+    allocator = Allocator("allocator", policy=policy.placement(seed), windows=Windows(),
+                          rules=policy.rules)
+    verifier = Verifier("verifier", rules=policy.rules)
     alice = Submitter("alice", grants=False)
     fleet = Fleet(fleet_nodes)
     runner = MemoryRunner([], tick_ms=TICK_MS, seed=seed)
@@ -320,6 +364,29 @@ def run(policy: NetworkPolicy, strategy: Strategy, nodes: int, tasks: int, seed:
 
     truth = honest_digest()
     r = Result(policy.name, strategy.name, nodes, len(bad))
+    owner = {name: name for name in bad}
+    identities: Counter[str] = Counter(owner.values())
+
+    def respawn(old: str) -> None:
+        """A Sybil whose stake is spent comes back as a new identity with a new stake."""
+        if identities[owner[old]] >= MAX_SYBILS:
+            return
+        identities[owner[old]] += 1
+        name = f"{owner[old]}.{identities[owner[old]]}"
+        owner[name] = owner[old]
+        bad.add(name)
+        names.append(name)
+        forgers[name] = Forging(compute, strategy, name, seed)
+        n = node(name, forgers[name])
+        fleet.add(n)
+        heart.nodes.append(n)
+        at = runner.now_ms
+        runner.publish(account_registration(f"op-{name}", at))
+        runner.publish(new_event("TokensMinted", "treasury", occurred_at=at,
+                                 account=f"op-{name}", amount_micro=STAKE_MICRO, reason="sim"))
+        runner.publish(registration(n, stake=STAKE_MICRO))
+
+    spent: set[str] = set()
     placed: Counter[str] = Counter()
     index: dict[tuple[str, str], int] = {}
     closed: set[str] = set()
@@ -332,12 +399,21 @@ def run(policy: NetworkPolicy, strategy: Strategy, nodes: int, tasks: int, seed:
                 placed[f["node_id"]] += 1
                 index[(f["task_id"], f["node_id"])] = placed[f["node_id"]]
                 r.assigned += 1
+                if f["replica_index"] == 0 and f["attempt"] == 0:
+                    if f["round"] == 0:
+                        r.plans[str(f["replicas"] or policy.replicas)] += 1
+                    else:
+                        r.escalations += 1
             elif e.name == "NodePenalized":
                 who = f["node_id"]
                 r.penalties[f["reason"]] += 1
                 if who in bad:
                     r.adversary_nominal_micro -= f["slash_micro"]
                     r.caught_after.setdefault(who, index.get((f["task_id"], who), 0))
+                    if strategy.sybil and who not in spent and ledger.book.balance(
+                            stake_account(who)) < policy.rules.min_stake_micro:
+                        spent.add(who)
+                        respawn(who)
                 else:
                     r.honest_penalized[who] += 1
             elif e.name == "TaskVerified" and f["task_id"] not in closed:
@@ -361,7 +437,8 @@ def run(policy: NetworkPolicy, strategy: Strategy, nodes: int, tasks: int, seed:
         for _ in range(min(per_batch, tasks - r.submitted)):
             runner.publish(alice.submission(f"t{r.submitted}", WORKLOAD, dict(PARAMS),
                                             runner.now_ms, replicas=policy.replicas,
-                                            quorum=policy.quorum), source="alice")
+                                            quorum=policy.quorum, trust=policy.trust),
+                           source="alice")
             r.submitted += 1
         runner.advance(batch_ms)
         harvest()
@@ -370,6 +447,8 @@ def run(policy: NetworkPolicy, strategy: Strategy, nodes: int, tasks: int, seed:
     runner.advance(SETTLE_MS)
     harvest()
     r.in_flight = r.submitted - r.verified - r.failed_total
+    r.identities = sum(identities.values())
+    r.adversaries = len(bad)
     r.forged = sum(f.forged for f in forgers.values())
     book = ledger.book
     for name in names:
@@ -409,7 +488,7 @@ def row(r: Result, strategy: Strategy) -> str:
     per10k = 1e4 * r.wrong / max(1, r.submitted)
     p = r.wrong / max(1, r.submitted)
     se = 1e4 * math.sqrt(p * (1 - p) / max(1, r.submitted))
-    if strategy.collude and strategy.cheat_p == 1.0:
+    if strategy.collude and strategy.cheat_p == 1.0 and not strategy.warmup:
         expect = (f"{1e4 * majority_of_3(strategy.fraction):7.1f} "
                   f"{1e4 * majority_of_3_exact(r.adversaries, r.nodes):7.1f}")
     else:
@@ -432,6 +511,32 @@ HEADER = (f"{'strategy':<16} {'adver':>5} {'wrong/10k':>8} {'± se':>6} {'binom'
           f"{'exact':>7} {'failed':>6} {'repl':>6} {'catch':>6} {'p95':>6} "
           f"{'caught':>11} {'hon.id':>5} {'hon.pn':>6} {'adv/task':>9} {'nominal':>9} "
           f"{'hon/task':>8} {'wall s':>6}")
+
+
+def break_even(policy: NetworkPolicy) -> list[str]:
+    """When cheating stops paying, under this policy's rules (``TrustRules.slash_multiple``).
+
+    A node running a task alone that returns a wrong result without computing saves at
+    most the price g it is paid (its compute cost, if it works for no profit); checked
+    with chance p it is paid nothing and loses the slash S. Cheating gains
+    (1 - p) g - p S per task, negative when p > g / (g + S)."""
+    rules = policy.rules
+    w = get_workload(WORKLOAD)
+    units = w.compute_units(w.validate(dict(PARAMS)))
+    out = [f"Break-even ({policy.name}): spot-check rate {rules.spot_min_permille / 10:g}-"
+           f"{rules.spot_max_permille / 10:g} %, dissent slash max(1 token, "
+           f"{rules.slash_multiple} x price), stake needed to run alone >= the slash"]
+    for label, price in (("this bench's task", PriceBook().quote(
+            WORKLOAD, units, 1, "consumer", 0, 1, "adaptive").price_micro),
+                         ("a 10-token task", 10_000_000), ("a 1,000-token task", 10**9)):
+        slash = rules.dissent_slash_micro(price, PENALTY_MICRO[Reason.DISSENT])
+        p_star = price / (price + slash)
+        p_min = rules.spot_min_permille / 1000
+        ev = (1 - p_min) * price - p_min * slash
+        out.append(f"  {label}: price g {price:,} micro, slash S {slash:,}: break-even p* = "
+                   f"g/(g+S) = {p_star:.2%}; at the lowest rate {p_min:.0%} a cheat gains "
+                   f"{ev:+,.0f} micro ({'a loss' if ev < 0 else 'a GAIN'})")
+    return out
 
 
 def commit_of_tree() -> str:
@@ -495,12 +600,21 @@ def main() -> None:
             results.append(r)
             say(row(r, strategy))
     say("")
+    policy_of = {p.name: p for p in NETWORK_POLICIES.values()}
+    strategy_of = STRATEGIES
     for r in results:
         extra = []
         if r.in_flight:
             extra.append(f"{r.in_flight} still in flight")
         if r.forged:
             extra.append(f"{r.forged:,} replicas forged")
+        if r.plans and policy_of[r.policy].trust == "adaptive":
+            sizes = ", ".join(f"{k} replica{'s' if k != '1' else ''} {v / r.submitted:.1%}"
+                              for k, v in sorted(r.plans.items()))
+            extra.append(f"first rounds: {sizes}; escalated {r.escalations:,}")
+        if strategy_of[r.strategy].sybil:
+            extra.append(f"{r.identities:,} adversary identities in all (Sybil "
+                         "re-registrations included)")
         failed = ", ".join(f"{k} {v}" for k, v in r.failed.items()) or "none"
         say(f"{r.policy} / {r.strategy}: submitted {r.submitted:,} = verified {r.verified:,} "
             f"+ failed {r.failed_total:,} ({failed}) + in flight {r.in_flight}: "
@@ -513,8 +627,13 @@ def main() -> None:
     say(f"Speed: {done / total:,.0f} tasks/s wall over {len(results)} runs "
         f"({total:,.0f} s); at that rate 100,000 tasks per strategy take "
         f"~{100_000 / (done / total) / 60:,.0f} min each")
-    say(f"Not yet meaningful under a fixed policy (no reputation): {', '.join(NOT_YET)}. "
-        f"Dissent slash {PENALTY_MICRO[Reason.DISSENT] / 1e6:g} tokens, no-reveal "
+    for key in args.networks.split(","):
+        policy = NETWORK_POLICIES[key]
+        if policy.trust == "adaptive":
+            say("")
+            for line in break_even(policy):
+                say(line)
+    say(f"Dissent slash {PENALTY_MICRO[Reason.DISSENT] / 1e6:g} tokens, no-reveal "
         f"{PENALTY_MICRO[Reason.NO_REVEAL] / 1e6:g}.")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

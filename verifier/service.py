@@ -81,6 +81,9 @@ class _Terms:
     """The submitter's commitment to the data key (empty: none, nothing to prove against)."""
     trust: str = "fixed"
     """``fixed`` or ``adaptive`` (``TaskSubmitted.trust``)."""
+    price_micro: int = 0
+    """What the submitter pays (``quoted_price_micro``): an adaptive task's dissent slash
+    is sized by it (``TrustRules.dissent_slash_micro``)."""
 
 
 @dataclass
@@ -216,7 +219,8 @@ class Verifier:
         f = e.fields
         self.terms.setdefault(f["task_id"], _Terms(
             f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"],
-            f["submitter_id"], f["signing_key"], f["data_key_commitment"], f["trust"]))
+            f["submitter_id"], f["signing_key"], f["data_key_commitment"], f["trust"],
+            f["quoted_price_micro"]))
         return self._unpark(f["task_id"], now_ms)
 
     def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -567,10 +571,13 @@ class Verifier:
                 rep = max(0, self.reputation.get(d.node_id, 1000)
                           - REPUTATION_LOSS_PERMILLE[d.reason])
                 self.reputation[d.node_id] = rep
+                slash = PENALTY_MICRO[d.reason]
+                terms = self.terms.get(d.task_id)
+                if d.reason == Reason.DISSENT and terms is not None and terms.trust == "adaptive":
+                    slash = self.rules.dissent_slash_micro(terms.price_micro, slash)
                 out.append(new_event("NodePenalized", self.producer_id, node_id=d.node_id,
                                      task_id=d.task_id, reason=str(d.reason),
-                                     slash_micro=PENALTY_MICRO[d.reason],
-                                     reputation_permille=rep))
+                                     slash_micro=slash, reputation_permille=rep))
             elif isinstance(d, Failed):
                 out.append(new_event("TaskFailed", self.producer_id, task_id=d.task_id,
                                      reason=str(d.reason), detail=d.detail[:2000]))

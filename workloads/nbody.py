@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from destra.errors import InvalidParams
 from workloads.base import (
     ParamSpec,
     Workload,
@@ -17,6 +19,7 @@ from workloads.base import (
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64
+from workloads.checkpoints import Checkpointed, split_evenly, want_int, want_tensor
 from workloads.lazy import torch
 
 # Pair interactions per force chunk: bounds each (rows, n, 3) float64 temporary at 48 MiB.
@@ -58,7 +61,22 @@ def _energy(pos: torch.Tensor, vel: torch.Tensor, mass: torch.Tensor, eps2: floa
     return float((kinetic + potential).item())
 
 
-class NBody(Workload):
+@dataclass(frozen=True)
+class NBodyState:
+    """Between leapfrog steps: masses, positions, velocities, the last accelerations
+    (the next kick reads them; recomputing would cost a force evaluation) and the
+    initial energy (the output's drift is measured against it)."""
+
+    step: int
+    mass: torch.Tensor
+    pos: torch.Tensor
+    vel: torch.Tensor
+    acc: torch.Tensor
+    e0: torch.Tensor
+    """0-d float64, exact (a Python float would be too, but tensors share the encoding)."""
+
+
+class NBody(Workload, Checkpointed):
     """Leapfrog n-body in float64; output = rounded final state + rounded energy drift."""
 
     name = "nbody"
@@ -121,5 +139,86 @@ class NBody(Workload):
             drift_rounded = round(drift * _DRIFT_GRID) / _DRIFT_GRID
         output = canonical_json({"workload": self.name, "params": params, "digest_bits": bits,
                                  "energy_drift": drift_rounded, **state})
+        summary = {"energy_start": e0, "energy_end": e1, "relative_energy_drift": drift}
+        return finish(output, summary, started, device)
+
+    # ------------------------------------------------------------------ checkpoints
+    # Segment = k leapfrog steps (k = ceil(steps / 64)).
+
+    def segments(self, params: dict[str, Any]) -> int:
+        """ceil(steps / k) segments of k = ceil(steps / 64) steps."""
+        return split_evenly(params["steps"])[1]
+
+    def segment_units(self, params: dict[str, Any]) -> int:
+        """k force evaluations."""
+        k = split_evenly(params["steps"])[0]
+        return units(_FLOPS_PER_PAIR * params["n"] ** 2 * k)
+
+    def initial_state(self, params: dict[str, Any], device: torch.device) -> NBodyState:
+        """The seeded cloud at rest as a whole, its energy and accelerations, as run()."""
+        n, eps2 = params["n"], params["softening"] ** 2
+        gen = cpu_generator(params["seed"])
+        mass = (0.5 + torch.rand(n, generator=gen, dtype=torch.float64)) / n
+        pos = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        vel = 0.1 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        mass, pos, vel = mass.to(device), pos.to(device), vel.to(device)
+        vel = vel - (mass.unsqueeze(1) * vel).sum(dim=0) / mass.sum()
+        e0 = _energy(pos, vel, mass, eps2)
+        acc = _accelerations(pos, mass, eps2)
+        return NBodyState(step=0, mass=mass, pos=pos, vel=vel, acc=acc,
+                          e0=torch.tensor(e0, dtype=torch.float64))
+
+    def advance(self, params: dict[str, Any], state: NBodyState, segment: int,
+                device: torch.device) -> NBodyState:
+        """Steps [segment*k, min((segment+1)*k, steps)) with run()'s kick-drift-kick."""
+        k = split_evenly(params["steps"])[0]
+        first, last = segment * k, min((segment + 1) * k, params["steps"])
+        if state.step != first or first >= last:
+            raise InvalidParams(f"{self.name}: state after step {state.step} is not the "
+                                f"pre-state of segment {segment} (step {first})")
+        dt, eps2 = params["dt"], params["softening"] ** 2
+        pos, vel, acc, mass = state.pos, state.vel, state.acc, state.mass
+        for _ in range(first, last):
+            vel = vel + 0.5 * dt * acc
+            pos = pos + dt * vel
+            acc = _accelerations(pos, mass, eps2)
+            vel = vel + 0.5 * dt * acc
+        return NBodyState(step=last, mass=mass, pos=pos, vel=vel, acc=acc, e0=state.e0)
+
+    def state_fields(self, state: NBodyState) -> dict[str, int | torch.Tensor]:
+        """Step count and every tensor of the state."""
+        return {"step": state.step, "mass": state.mass, "pos": state.pos, "vel": state.vel,
+                "acc": state.acc, "e0": state.e0}
+
+    def state_from_fields(self, params: dict[str, Any], fields: dict[str, Any],
+                          device: torch.device) -> NBodyState:
+        """Check every field's shape against ``n``."""
+        names = {"step", "mass", "pos", "vel", "acc", "e0"}
+        if set(fields) != names:
+            raise InvalidParams(f"{self.name}: checkpoint fields {sorted(fields)} are not "
+                                f"{sorted(names)}")
+        n, f64 = params["n"], torch.float64
+        return NBodyState(step=want_int(fields, "step", 0, params["steps"]),
+                          mass=want_tensor(fields, "mass", f64, (n,), device),
+                          pos=want_tensor(fields, "pos", f64, (n, 3), device),
+                          vel=want_tensor(fields, "vel", f64, (n, 3), device),
+                          acc=want_tensor(fields, "acc", f64, (n, 3), device),
+                          e0=want_tensor(fields, "e0", f64, (), torch.device("cpu")))
+
+    def final_result(self, params: dict[str, Any], state: NBodyState,
+                     device: torch.device) -> WorkloadResult:
+        """run()'s output from the final positions and velocities."""
+        started = time.perf_counter_ns()
+        if state.step != params["steps"]:
+            raise InvalidParams(f"{self.name}: state after step {state.step} is not final")
+        e0 = float(state.e0.item())
+        e1 = _energy(state.pos, state.vel, state.mass, params["softening"] ** 2)
+        drift = abs((e1 - e0) / e0)
+        bits = self.digest_bits
+        body = {"positions": tensor_b64(round_tensor(state.pos, bits)),
+                "velocities": tensor_b64(round_tensor(state.vel, bits))}
+        drift_rounded = round(drift * _DRIFT_GRID) / _DRIFT_GRID
+        output = canonical_json({"workload": self.name, "params": params, "digest_bits": bits,
+                                 "energy_drift": drift_rounded, **body})
         summary = {"energy_start": e0, "energy_end": e1, "relative_energy_drift": drift}
         return finish(output, summary, started, device)
