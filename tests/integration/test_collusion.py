@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from destra.client import Client, Progress
+from destra.errors import DestraError
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
@@ -184,7 +185,11 @@ def run_tasks(net: LocalNetwork, enough: Callable[[Outcome], bool],
                                            flush=False))
                 honest[tasks[-1]] = _honest_digest(params)
             client.flush()
-            done.update(client.wait(tasks, watch=watch, timeout_s=180))
+            try:
+                done.update(client.wait(tasks, watch=watch, timeout_s=120))
+            except DestraError as err:
+                raise AssertionError(f"{err}:\n{_stuck(net, tasks, watch.progress)}; logs in "
+                                     f"{net.workdir}") from err
             outcome = Outcome(honest, done, _by_task(net.events("TaskAssigned")),
                               net.events("NodePenalized"), {
                                   (e.fields["task_id"], e.fields["node_id"]): e.fields["digest"]
@@ -197,6 +202,24 @@ def run_tasks(net: LocalNetwork, enough: Callable[[Outcome], bool],
     net.check_alive()
     print(outcome.report(), flush=True)
     return outcome
+
+
+def _stuck(net: LocalNetwork, tasks: list[str], progress: dict[str, Progress]) -> str:
+    """What happened to each task without a verdict: its placements, reissue requests,
+    commits and reveals."""
+    pending = {t for t in tasks if progress.get(t) is None or progress[t].verdict is None}
+    lines = []
+    names = ("TaskAssigned", "ReissueRequested", "ResultCommitted", "ResultRevealed",
+             "NodePenalized")
+    for name in names:
+        for e in net.events(name):
+            f = e.fields
+            if f.get("task_id") in pending:
+                lines.append(f"  {f['task_id']} {name} node={f.get('node_id')} "
+                             f"round={f.get('round')} attempt={f.get('attempt')} "
+                             f"replicas={f.get('replicas')} "
+                             f"exclude={f.get('exclude_node_ids')} at={e.occurred_at}")
+    return "\n".join(sorted(lines))
 
 
 def check_colluders_lied(outcome: Outcome) -> None:
