@@ -10,7 +10,11 @@ the state of ``destra infra up``). Tuning, all in milliseconds:
 ``DESTRA_COMMIT_WINDOW_MS`` (floor of a replica's commit window, default
 30000), ``DESTRA_REVEAL_WINDOW_MS`` (15000), ``DESTRA_QUEUE_TIMEOUT_MS``
 (120000), ``DESTRA_REISSUE_GRACE_MS`` (60000), and ``DESTRA_MAX_REISSUES`` (3
-per task). Stops cleanly on SIGTERM, handing its units over at once.
+per task). Adaptive trust (``allocator.trust.TrustRules``, the same for the allocator
+and every verifier shard): ``DESTRA_TRUSTED_AFTER`` (10 agreements),
+``DESTRA_SPOT_MIN_PERMILLE`` (50), ``DESTRA_SPOT_MAX_PERMILLE`` (500) and
+``DESTRA_SPOT_HALVING_STREAK`` (40). Stops cleanly on SIGTERM, handing its units
+over at once.
 
 Each unit runs under ``streams.kafka_runner.KafkaRunner``: exactly-once
 batches, and its state snapshotted in the same transaction as its outputs, so a
@@ -23,12 +27,14 @@ genesis authority check first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Mapping
 from typing import Any
 
 from allocator.service import Allocator, Windows
+from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.errors import ConfigError
 from destra.settings import Settings
 from schemas import Event
@@ -58,6 +64,19 @@ def windows_from(env: Mapping[str, str]) -> Windows:
                    queue_timeout_ms=_int(env, "DESTRA_QUEUE_TIMEOUT_MS", 120_000))
 
 
+def rules_from(env: Mapping[str, str]) -> TrustRules:
+    """Adaptive trust's rules from ``DESTRA_TRUSTED_AFTER`` and ``DESTRA_SPOT_*``."""
+    d = DEFAULT_RULES
+    try:
+        return dataclasses.replace(
+            d, trusted_after=_int(env, "DESTRA_TRUSTED_AFTER", d.trusted_after),
+            spot_min_permille=_int(env, "DESTRA_SPOT_MIN_PERMILLE", d.spot_min_permille),
+            spot_max_permille=_int(env, "DESTRA_SPOT_MAX_PERMILLE", d.spot_max_permille),
+            spot_halving_streak=_int(env, "DESTRA_SPOT_HALVING_STREAK", d.spot_halving_streak))
+    except ValueError as err:
+        raise ConfigError(f"adaptive trust settings: {err}") from None
+
+
 def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
                env: Mapping[str, str] | None = None) -> KafkaRunner:
     """The runner of one unit (``streams.leases``): the allocator, or one verifier shard."""
@@ -76,12 +95,14 @@ def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
     processor: Allocator | Verifier
     shard = None
     if unit == ALLOCATOR_UNIT:
-        processor = Allocator(settings.producer_id or "allocator", windows=windows_from(env))
+        processor = Allocator(settings.producer_id or "allocator", windows=windows_from(env),
+                              rules=rules_from(env))
     else:
         shard = Shard(unit - 1, units - 1)
         processor = Verifier(settings.producer_id or "verifier",
                              max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
-                             reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000))
+                             reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000),
+                             rules=rules_from(env))
     return KafkaRunner(settings, bootstrap, [processor],
                        group=f"{settings.topic_prefix}processors/{unit_name(unit, units)}",
                        snapshot_keys=signers[0].keys, sign=sign, check=genesis.check,

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from destra.errors import InvalidParams, InvalidRequest, WorkloadFailed
+from schemas.errors import InvalidParams, InvalidRequest, WorkloadFailed
 from workloads.base import Workload
 from workloads.checkpoints import (
     HASH_BYTES,

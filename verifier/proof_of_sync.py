@@ -134,8 +134,8 @@ class Disputed:
     nobody is paid or penalized yet; a later round decides whose digest was right."""
 
     task_id: str
-    revealed: tuple[tuple[str, bytes], ...]
-    """(node, digest) of every replica that revealed."""
+    revealed: tuple[tuple[str, bytes, str | None], ...]
+    """(node, digest, result reference) of every replica that revealed."""
 
 
 @dataclass(frozen=True)
@@ -389,8 +389,8 @@ class TaskTally:
         counts = Counter(s.digest for s in revealed)
         digest, count = counts.most_common(1)[0] if counts else (b"", 0)
         if self.escalate and len(counts) > 1 and (not pending or count + pending < self.quorum):
-            self.outcome = Disputed(self.task_id,
-                                    tuple((self._node(s), s.digest) for s in revealed))
+            self.outcome = Disputed(self.task_id, tuple((self._node(s), s.digest, s.result_ref)
+                                                        for s in revealed))
             return [self.outcome]
         if count + pending < self.quorum:
             return self._fail(Reason.NO_QUORUM, f"best digest has {count} of {self.quorum} "

@@ -92,10 +92,13 @@ class _Rounds:
 
     number: int = 0
     """The round now running (or being placed)."""
-    prior: list[tuple[str, bytes]] = field(default_factory=list)
-    """(node, digest) of every replica that revealed in an earlier round."""
+    prior: list[tuple[str, bytes, str | None]] = field(default_factory=list)
+    """(node, digest, result reference) of every replica that revealed in an earlier
+    round."""
     used: set[str] = field(default_factory=set)
     """Every node an earlier round used: no later round may use it again."""
+    asked_at: int = 0
+    """When the round now being placed was asked for."""
 
 
 @dataclass
@@ -306,10 +309,21 @@ class Verifier:
         rounds.prior += d.revealed
         rounds.used |= set(tally.nodes_used)
         rounds.number += 1
+        rounds.asked_at = tally.clock
         replicas, quorum = self.rules.round_size(rounds.number)
         return [new_event("ReissueRequested", self.producer_id, task_id=d.task_id,
                           replica_index=0, attempt=0, exclude_node_ids=sorted(rounds.used),
                           round=rounds.number, replicas=replicas, quorum=quorum)]
+
+    @staticmethod
+    def _unplaced(task_id: str, rounds: _Rounds) -> list[Decision]:
+        """A round the allocator could not place in ``reissue_grace_ms`` (no fresh
+        operator is free, or none is left): the task fails, refunded, and nobody is judged.
+        The replicas so far disagreed, and their majority is exactly what colluders can
+        make: it is not taken."""
+        return [Failed(task_id, Reason.NO_QUORUM,
+                       f"round {rounds.number} could not be placed within the grace period: "
+                       f"{len(rounds.prior)} replicas so far disagree")]
 
     def _verdict(self, d: Verified) -> tuple[Verified, list[Penalize]]:
         """The verdict of the task's last round with the earlier rounds' replicas added:
@@ -320,7 +334,7 @@ class Verifier:
         terms = self.terms.get(d.task_id)
         units = terms.compute_units if terms is not None else 0
         prior = tuple(Contribution(node, units if digest == d.digest else 0,
-                                   digest == d.digest) for node, digest in rounds.prior)
+                                   digest == d.digest) for node, digest, _ in rounds.prior)
         dissent = [Penalize(c.node_id, d.task_id, Reason.DISSENT) for c in prior
                    if not c.agreed]
         return Verified(d.task_id, d.digest, d.quorum, prior + d.contributions,
@@ -441,10 +455,14 @@ class Verifier:
             out += self._events(self.tallies[task_id].on_tick(now_ms), None, None)
         for task_id, rounds in list(self.rounds.items()):
             terms = self.terms.get(task_id)
-            if task_id not in self.tallies and terms is not None and now_ms > terms.expires_at:
+            if task_id in self.tallies or terms is None:
+                continue
+            if now_ms > terms.expires_at:
                 out += self._events([Failed(task_id, Reason.DEADLINE_PASSED,
                                             f"round {rounds.number} not placed by "
                                             f"{terms.expires_at}")], None, None)
+            elif now_ms > rounds.asked_at + self.reissue_grace_ms:
+                out += self._events(self._unplaced(task_id, rounds), None, None)
         self.freshness.prune(now_ms)
         self.closed.prune(now_ms)  # in closing order, near enough time order
         if now_ms - self._terms_swept_at >= self.park_ms:

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from struct import error as struct_error
 from typing import Any
 
-from destra.errors import InvalidParams, WorkloadFailed
+from schemas.errors import InvalidParams, WorkloadFailed
 from workloads.base import Workload, WorkloadResult, deterministic
 from workloads.canonical import canonical_json, round_tensor, tensor_b64, tensor_from_b64
 from workloads.lazy import torch

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from destra.errors import InvalidParams
+from schemas.errors import InvalidParams
 from workloads.base import (
     ParamSpec,
     Workload,

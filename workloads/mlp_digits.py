@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from destra.errors import InvalidParams
+from schemas.errors import InvalidParams
 from workloads.base import (
     ParamSpec,
     Workload,
