@@ -1,17 +1,26 @@
 """Colluding nodes on a real broker and Postgres: caught, slashed, and their lie refused.
 
 Two colluders (``tests/colluder.py``, each its own process, node identity, keys, Kafka
-principal and staked operator account) run the real node runner's protocol but never
-compute: for every replica they are assigned they commit to and reveal the same wrong
-digest, ``sha256(b"collude:" + task_id)``, agreed on without a word between them. Honest
-nodes of other operators run the real ``destra node run``.
+principal and operator account that consented to its stake) run the real node runner's
+protocol but never compute: for every replica they are assigned they commit to and
+reveal the same wrong digest, ``sha256(b"collude:" + task_id)``, agreed on without a word
+between them. Honest nodes of other operators run the real ``destra node run``. Tasks go
+in by batches until the random placement has put the colluders where the test needs them.
 
-Afterwards: every verdict carries the digest the workload really produces (computed here
-on the CPU), every colluder placed on a task is penalized ``dissent`` and its stake is
-slashed in the ledger by exactly its penalties, no honest node is penalized or slashed,
-and every submitted task has its verdict: verified and settled, or failed and refunded.
+- Fixed trust (3 replicas, majority 2): a colluder outvoted by two honest replicas is
+  penalized ``dissent`` and slashed and its lie refused; two colluders on one task are
+  its majority, the lie is verified and the honest replica penalized. Pinned as the
+  weakness adaptive trust is for.
+- Adaptive trust (``trust="adaptive"``): the colluders join an established network of
+  five honest nodes; every first round is three random nodes (``DESTRA_TRUSTED_AFTER``
+  is set out of reach), any dissent escalates to three fresh replicas of other
+  operators. Every task whose first round had both colluders is overturned; every
+  verdict is the digest the workload really produces (computed here on the CPU); each
+  colluder is penalized ``dissent`` on every verified task it was placed on and slashed
+  by exactly its penalties; no honest node is penalized; every task is verified and
+  settled, or failed and refunded with nobody judged.
 
-Run with ``-s`` to see where each task was placed and how it ended.
+Run with ``-s`` to see where each task was placed, round by round, and how it ended.
 """
 
 from __future__ import annotations
