@@ -332,3 +332,36 @@ def run_segment(workload: Checkpointed, params: dict[str, Any], segment: int,
             raise InvalidParams("the pre-state does not hash to the agreed leaf")
         post = workload.advance(params, state, segment, device)
         return pre_leaf, leaf_of(workload, post), workload.state_bytes(post)
+
+
+MAX_INLINE_STATE_BYTES = 262_144
+"""The largest exact state that travels inline in a dispute (``CheckpointProvided.state``,
+``TaskAssigned.pre_state``): a task whose states are larger is disputed by full rounds."""
+
+
+def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.device
+                 ) -> tuple[list[bytes], list[bytes], WorkloadResult]:
+    """``run_checkpointed`` keeping each segment end's exact ``state_bytes`` as well
+    (``b""`` for a state over ``MAX_INLINE_STATE_BYTES``, which no dispute can use): what a
+    node keeps to answer a dispute's checkpoint request."""
+    with deterministic(device):
+        state = workload.initial_state(params, device)
+        leaves, states = [], []
+        for segment in range(workload.segments(params)):
+            state = workload.advance(params, state, segment, device)
+            leaves.append(leaf_of(workload, state))
+            exact = workload.state_bytes(state)
+            states.append(exact if len(exact) <= MAX_INLINE_STATE_BYTES else b"")
+        return leaves, states, workload.final_result(params, state, device)
+
+
+def state_leaf(workload: Checkpointed, params: dict[str, Any], data: bytes,
+               device: torch.device) -> bytes:
+    """The leaf of exact state bytes (what a dispute checks an offered pre-state against);
+    ``InvalidParams`` for bytes that are no state of this task, or hold NaN."""
+    with deterministic(device):
+        state = workload.state_from_bytes(params, data, device)
+        try:
+            return leaf_of(workload, state)
+        except WorkloadFailed as e:
+            raise InvalidParams(f"the state has no leaf: {e}") from None
