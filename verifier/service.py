@@ -28,8 +28,8 @@ so a node cannot backdate them) and publish what it returns. It
   then names every node of every round: those whose digest is the decided one are
   paid, the others penalized for dissent.
 * settles a dispute of an adaptive task's first round over a checkpointed workload
-  (``workloads.checkpoints``, at least ``MIN_DISPUTE_SEGMENTS`` segments, public
-  parameters) between exactly two digests by bisection and one re-executed segment
+  (``workloads.checkpoints``, at least ``MIN_DISPUTE_SEGMENTS`` segments) between
+  exactly two digests by bisection and one re-executed segment
   instead of a round of full reruns: ``first_divergence`` over the two sides' revealed
   leaves gives the first diverging segment ``j``; for ``j > 0`` a ``CheckpointRequested``
   asks one node of each side for the exact state after segment ``j - 1``, and the first
@@ -79,7 +79,6 @@ from workloads.checkpoints import (
     Checkpointed,
     state_leaf,
 )
-from workloads.lazy import torch
 
 MIN_DISPUTE_SEGMENTS = 2
 """A checkpointed task of fewer segments is disputed by full rounds: with one segment the
@@ -116,9 +115,6 @@ class _Terms:
     """The workload's name (a dispute by bisection needs it); empty in older snapshots."""
     params: tuple[tuple[str, str], ...] = ()
     """The submission's public parameters, sorted."""
-    private: bool = True
-    """Whether part of the parameters is sealed to the nodes (then the verifier cannot
-    rebuild a state: no dispute by bisection). True in older snapshots."""
 
 
 @dataclass
@@ -293,8 +289,7 @@ class Verifier:
         self.terms.setdefault(f["task_id"], _Terms(
             f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"],
             f["submitter_id"], f["signing_key"], f["data_key_commitment"], f["trust"],
-            f["quoted_price_micro"], f["workload"], tuple(sorted(f["params"].items())),
-            f["payload"] is not None or f["payload_ref"] is not None))
+            f["quoted_price_micro"], f["workload"], tuple(sorted(f["params"].items()))))
         return self._unpark(f["task_id"], now_ms)
 
     def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -406,9 +401,10 @@ class Verifier:
     # -- disputes by bisection (``verifier.bisection``) -------------------------------------
 
     def _checkpointed(self, terms: _Terms) -> tuple[Checkpointed, dict[str, Any]] | None:
-        """The task's workload as a checkpointed one, with its validated parameters; None
-        when it has none, or the verifier cannot see all its parameters."""
-        if getattr(terms, "private", True) or not getattr(terms, "workload", ""):
+        """The task's workload as a checkpointed one, with its public parameters validated
+        (the private ones at their defaults: a workload's segments and costs depend on
+        its public parameters only); None when it has no checkpoints."""
+        if not getattr(terms, "workload", ""):
             return None
         try:
             workload = get_workload(terms.workload)
@@ -532,9 +528,6 @@ class Verifier:
         if refusal is not None:
             self.rejected.append((e, where, refusal))
             return []
-        if dispute.pre_state is not None:
-            self.freshness.accept(e)
-            return []  # another side's state was taken already
         terms = self.terms.get(task_id)
         found = self._checkpointed(terms) if terms is not None else None
         why = None
@@ -544,8 +537,7 @@ class Verifier:
             why = f"the state is over {MAX_INLINE_STATE_BYTES} bytes"
         else:
             try:
-                cpu = torch.device("cpu")
-                if state_leaf(found[0], found[1], f["state"], cpu) != dispute.pre_leaf:
+                if state_leaf(found[0], f["state"]) != dispute.pre_leaf:
                     why = "the state does not hash to the agreed leaf"
             except DestraError as err:
                 why = f"the state is no state of this task: {err}"
@@ -554,9 +546,12 @@ class Verifier:
             self.rejected.append((e, where, f"bad-checkpoint: {node_id}'s checkpoint "
                                             f"{f['checkpoint']} of {task_id}: {why}"))
             dispute.refused.add(node_id)
-            if dispute.refused >= set(dispute.asked):  # nobody left to give a valid one
+            if dispute.pre_state is None and dispute.refused >= set(dispute.asked):
+                # nobody left to give a valid one
                 return self._fall_back(task_id, now_ms)
             return []
+        if dispute.pre_state is not None:
+            return []  # another side's state was taken already
         dispute.pre_state = bytes(f["state"])
         return self._ask_referee(task_id, now_ms)
 

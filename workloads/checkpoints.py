@@ -355,13 +355,16 @@ def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.d
         return leaves, states, workload.final_result(params, state, device)
 
 
-def state_leaf(workload: Checkpointed, params: dict[str, Any], data: bytes,
-               device: torch.device) -> bytes:
-    """The leaf of exact state bytes (what a dispute checks an offered pre-state against);
-    ``InvalidParams`` for bytes that are no state of this task, or hold NaN."""
-    with deterministic(device):
-        state = workload.state_from_bytes(params, data, device)
-        try:
-            return leaf_of(workload, state)
-        except WorkloadFailed as e:
-            raise InvalidParams(f"the state has no leaf: {e}") from None
+def state_leaf(workload: Checkpointed, data: bytes) -> bytes:
+    """The leaf of exact state bytes, from their own fields: what a dispute checks an
+    offered pre-state against, without the task's parameters (the verifier sees only the
+    public ones). A state hashing to an agreed leaf has that leaf's rounded fields, so its
+    kinds and shapes; the referee then rebuilds it with the full parameters.
+    ``InvalidParams`` for bytes that are no checkpoint, or hold NaN."""
+    fields = _decode(data)
+    try:
+        return hashlib.sha256(CHECKPOINT_DOMAIN + _encode(fields, workload.digest_bits)).digest()
+    except WorkloadFailed as e:
+        raise InvalidParams(f"the state has no leaf: {e}") from None
+    except TypeError as e:
+        raise InvalidParams(f"checkpoint state is malformed: {e}") from None
