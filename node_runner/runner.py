@@ -66,7 +66,7 @@ from destra.crypto import KeyPair, sign_event
 from destra.errors import DecryptionFailed, DestraError, InvalidParams
 from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
-from node_runner.logic import Computed, Fault, NodeLogic
+from node_runner.logic import Computed, Fault, NodeLogic, run_assignment
 from schemas import Event, decode, new_event
 from schemas.bindings import StakeConsent, sign_stake_consent
 from schemas.events import now_ms
@@ -333,8 +333,7 @@ class NodeRunner:
         except (DecryptionFailed, InvalidParams) as err:
             return Computed(canonical_json({"task_id": f["task_id"], "error": "invalid-input",
                                             "detail": str(err)}), 0)
-        result = workload.run(parsed, self.device)
-        return Computed(result.output, result.runtime_ms)
+        return run_assignment(assignment, workload, parsed, self.device)
 
     def _seal(self, assignment: Event, output: bytes) -> tuple[bytes | None, str | None]:
         """The output sealed to the submitter, inline or in the blob store."""
