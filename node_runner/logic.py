@@ -92,6 +92,14 @@ class Fault(StrEnum):
     COPY = "copy"
     BAD_CHECKPOINT = "bad-checkpoint"
     """Answers a dispute's checkpoint request with another state than the one asked for."""
+    DIVERGE = "diverge"
+    """Cuts corners on long training runs: on an mlp-digits task of at least
+    ``DIVERGE_MIN_SEGMENTS`` segments, in a task's first round, it perturbs its state after
+    the middle segment and carries on, so its checkpoints diverge there and its result is
+    wrong; everything else it computes honestly (a node that earned trust, then turned)."""
+
+
+DIVERGE_MIN_SEGMENTS = 4
 
 
 @dataclass
@@ -110,7 +118,7 @@ class Computed:
 
 
 def run_assignment(assignment: Event, workload: Workload, params: dict[str, Any],
-                   device: torch.device) -> Computed:
+                   device: torch.device, fault: Fault = Fault.NONE) -> Computed:
     """One replica's work on validated ``params``: the whole task (a checkpointed
     workload segment by segment, keeping leaves and states), or, for a referee
     (``segment >= 0``), that one segment from ``pre_state``. ``InvalidParams`` for a
@@ -128,7 +136,12 @@ def run_assignment(assignment: Event, workload: Workload, params: dict[str, Any]
         _, post, _ = run_segment(ckpt, params, segment, pre, device)
         return Computed(b"", (time.perf_counter_ns() - started) // 1_000_000, digest=post)
     if isinstance(workload, Checkpointed):
-        leaves, states, result = run_recorded(workload, params, device)
+        tamper = None
+        segments = workload.segments(params)
+        if (fault == Fault.DIVERGE and workload.name == "mlp-digits" and f.get("round", 0) == 0
+                and segments >= DIVERGE_MIN_SEGMENTS):
+            tamper = segments // 2
+        leaves, states, result = run_recorded(workload, params, device, tamper)
         return Computed(result.output, result.runtime_ms, tuple(leaves), tuple(states))
     result = workload.run(params, device)
     return Computed(result.output, result.runtime_ms)

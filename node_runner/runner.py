@@ -41,7 +41,9 @@ digest that is not the output's), ``no-show`` (takes work, never commits),
 ``late`` (commits after the commit deadline), ``copy`` (computes nothing,
 commits to random bytes, then reveals a digest copied from other replicas'
 reveals: the commitment does not open, so the copy is refused), ``late-reveal``
-(reveals after its reveal deadline).
+(reveals after its reveal deadline), ``bad-checkpoint`` (answers a dispute's
+checkpoint request with another state), ``diverge`` (honest, but for long mlp-digits
+training runs, whose state it perturbs from the middle segment on).
 """
 
 from __future__ import annotations
@@ -333,7 +335,7 @@ class NodeRunner:
         except (DecryptionFailed, InvalidParams) as err:
             return Computed(canonical_json({"task_id": f["task_id"], "error": "invalid-input",
                                             "detail": str(err)}), 0)
-        return run_assignment(assignment, workload, parsed, self.device)
+        return run_assignment(assignment, workload, parsed, self.device, self.config.fault)
 
     def _seal(self, assignment: Event, output: bytes) -> tuple[bytes | None, str | None]:
         """The output sealed to the submitter, inline or in the blob store."""

@@ -339,20 +339,34 @@ MAX_INLINE_STATE_BYTES = 262_144
 ``TaskAssigned.pre_state``): a task whose states are larger is disputed by full rounds."""
 
 
-def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.device
+def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.device,
+                 tamper_from: int | None = None
                  ) -> tuple[list[bytes], list[bytes], WorkloadResult]:
     """``run_checkpointed`` keeping each segment end's exact ``state_bytes`` as well
     (``b""`` for a state over ``MAX_INLINE_STATE_BYTES``, which no dispute can use): what a
-    node keeps to answer a dispute's checkpoint request."""
+    node keeps to answer a dispute's checkpoint request. ``tamper_from`` (a node's
+    ``diverge`` fault, for tests and the demo) perturbs the state after that segment: the
+    leaves from there on, and the result, are consistently wrong."""
     with deterministic(device):
         state = workload.initial_state(params, device)
         leaves, states = [], []
         for segment in range(workload.segments(params)):
             state = workload.advance(params, state, segment, device)
+            if segment == tamper_from:
+                state = _tampered(workload, params, state, device)
             leaves.append(leaf_of(workload, state))
             exact = workload.state_bytes(state)
             states.append(exact if len(exact) <= MAX_INLINE_STATE_BYTES else b"")
         return leaves, states, workload.final_result(params, state, device)
+
+
+def _tampered(workload: Checkpointed, params: dict[str, Any], state: Any,
+              device: torch.device) -> Any:
+    """The state with every float tensor nudged by 1 % (a skipped step's worth of error)."""
+    fields = {name: (value * 1.01 if isinstance(value, torch.Tensor) and value.is_floating_point()
+                     else value)
+              for name, value in workload.state_fields(state).items()}
+    return workload.state_from_fields(params, fields, device)
 
 
 def state_leaf(workload: Checkpointed, data: bytes) -> bytes:

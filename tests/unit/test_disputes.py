@@ -347,3 +347,28 @@ def test_bad_checkpoint_answers_are_dead_lettered_with_their_reason() -> None:
     sim.runner.advance(150_000)
     verdict = sim.verdict("t0")
     assert verdict is not None and verdict.fields["digest"] == honest_digest()
+
+
+def test_the_diverge_fault_perturbs_long_training_runs_from_the_middle_only() -> None:
+    """The demo's turncoat (``Fault.DIVERGE``): on a first-round mlp-digits task of 8
+    segments its leaves agree up to segment 3 and differ from segment 4 on, its result is
+    wrong; on a short run, an escalation round or another workload it is honest."""
+    from node_runner.logic import run_assignment
+
+    def assignment(workload: str, params: dict[str, str], round_: int = 0) -> Event:
+        return new_event("TaskAssigned", "allocator", task_id="t", node_id="n", replica_index=0,
+                         attempt=0, commit_deadline=1, reveal_deadline=2, workload=workload,
+                         params=params, round=round_)
+
+    honest = run_assignment(assignment("mlp-digits", PARAMS), MLP, dict(P), CPU)
+    turned = run_assignment(assignment("mlp-digits", PARAMS), MLP, dict(P), CPU, Fault.DIVERGE)
+    assert honest.leaves[:4] == turned.leaves[:4]
+    assert all(a != b for a, b in zip(honest.leaves[4:], turned.leaves[4:], strict=True))
+    assert sha256(honest.output) == honest_digest() != sha256(turned.output)
+    later = run_assignment(assignment("mlp-digits", PARAMS, round_=1), MLP, dict(P), CPU,
+                           Fault.DIVERGE)
+    assert later.output == honest.output
+    short = {**PARAMS, "epochs": "2"}
+    s = MLP.validate(dict(short))
+    assert run_assignment(assignment("mlp-digits", short), MLP, dict(s), CPU,
+                          Fault.DIVERGE).output == MLP.run(dict(s), CPU).output
