@@ -23,7 +23,11 @@ in-memory runner feed it decoded events and publish what it returns. It
   node's reputation from the verifier's verdicts and penalties and the ledger's stake
   entries, places the task on one trusted node (with a random spot check), or on
   several drawn at random while few are trusted, and places the escalation rounds the
-  verifier asks for when replicas disagree.
+  verifier asks for when replicas disagree;
+* places a dispute's referee (a ``ReissueRequested`` with ``segment >= 0``, one replica):
+  like a round, on a node of an operator the task has not used, trusted ones first
+  (``_draw`` with ``rank``), its ``TaskAssigned`` carrying the segment and the
+  pre-state the verifier checked. Its runtime (one segment) is not learned from.
 """
 
 from __future__ import annotations
@@ -567,7 +571,8 @@ class Allocator:
 
     def _place_round(self, e: Event, now_ms: int) -> list[Event] | None:
         """An escalation round, placed whole: ``replicas`` eligible nodes of operators the
-        task has not used, trusted ones first, drawn at random among equals."""
+        task has not used, trusted ones first, drawn at random among equals. A dispute's
+        referee (``segment >= 0``) is such a round of one."""
         f = e.fields
         task = self.tasks.get(f["task_id"])
         if task is None or task.submission is None or self.rounds.get(f["task_id"], 0) >= \
@@ -584,7 +589,8 @@ class Allocator:
             return None
         self.rounds[f["task_id"]] = f["round"]
         return [self._assign(task, node.node_id, index, 0, now_ms, round_=f["round"],
-                             replicas=f["replicas"], quorum=f["quorum"])
+                             replicas=f["replicas"], quorum=f["quorum"],
+                             segment=f.get("segment", -1), pre_state=f.get("pre_state"))
                 for index, node in enumerate(nodes)]
 
     def _place_reissue(self, e: Event, now_ms: int) -> list[Event] | None:
@@ -606,10 +612,12 @@ class Allocator:
                 self.reissues.append(e)
             return None
         return [self._assign(task, node.node_id, f["replica_index"], f["attempt"], now_ms,
-                             round_=f["round"])]
+                             round_=f["round"], segment=f.get("segment", -1),
+                             pre_state=f.get("pre_state"))]
 
     def _assign(self, task: _Task, node_id: str, index: int, attempt: int, now_ms: int, *,
-                round_: int = 0, replicas: int = 0, quorum: int = 0) -> Event:
+                round_: int = 0, replicas: int = 0, quorum: int = 0, segment: int = -1,
+                pre_state: bytes | None = None) -> Event:
         submission = self._submission(task)
         f = submission.fields
         node = self.table.get(node_id)
@@ -617,8 +625,9 @@ class Allocator:
         request = self._request(task, 1, frozenset())
         analytic = analytic_ms(task_shape(request), node_shape(node))
         predicted = getattr(self.policy, "last_runtime", {}).get(node_id, analytic)
-        self.predictions[(f["task_id"], node_id, attempt)] = (
-            task_shape(request), node_shape(node), predicted)
+        if segment < 0:  # a referee runs one segment: nothing for the model to learn
+            self.predictions[(f["task_id"], node_id, attempt)] = (
+                task_shape(request), node_shape(node), predicted)
         # The commit window follows the slower of the two estimates: a model that
         # underestimates must not make an honest node miss its deadline.
         commit = now_ms + max(self.windows.commit_ms,
@@ -635,5 +644,6 @@ class Allocator:
             payload=f["payload"], payload_ref=f["payload_ref"],
             submitter_id=f["submitter_id"], submitter_key=f["signing_key"],
             result_key=f["result_key"], data_key_commitment=f["data_key_commitment"],
-            round=round_, replicas=replicas, quorum=quorum)
+            round=round_, replicas=replicas, quorum=quorum, segment=segment,
+            pre_state=pre_state)
 

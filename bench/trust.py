@@ -1,7 +1,7 @@
-"""Adversaries against the network's trust policy (issue 12, item 5): the baseline.
+"""Adversaries against the network's trust policies (issue 12, item 5).
 
     python bench/trust.py [--nodes 1000] [--tasks 5000] [--quick] [--seed 1]
-                          [--networks fixed-3/2] [--strategies honest,collude-10,...]
+                          [--networks fixed-3/2,adaptive] [--strategies honest,collude-10,...]
                           [--out PATH]
 
 A fleet of ``--nodes`` identities, each its own operator, runs ``--tasks`` tasks
@@ -14,21 +14,28 @@ event to the node it names (production's per-node inboxes); the workload runs on
 and its output is reused for every replica (``destra.sim.Compute(reuse=True)``);
 heartbeats come every 10 virtual s (the node table's liveness limit is 30 s).
 
-Rows are the network's policy (``NETWORK_POLICIES``): today one, "fixed 3
-replicas, majority 2", placed uniformly at random among live nodes of distinct
-operators (``RandomPolicy``, the constraints every policy keeps); ``fixed-3/2-learned``
-is the same with the production default placement (``LearnedPolicy``), which draws
-with the handler's randomness among nodes whose expected times are within 10 % (plus
-20 ms) of the best: on this fleet of identical idle nodes that is every node, so it
-places like random (before that draw it ranked ties by node id and put every task on
-the same three nodes). Later reputation and adaptive replication become more rows.
+Rows are the network's policy (``NETWORK_POLICIES``): "fixed 3 replicas, majority
+2", placed uniformly at random among live nodes of distinct operators
+(``RandomPolicy``, the constraints every policy keeps); ``fixed-3/2-learned`` is the
+same with the production default placement (``LearnedPolicy``), which draws with the
+handler's randomness among nodes whose expected times are within 10 % (plus 20 ms) of
+the best: on this fleet of identical idle nodes that is every node, so it places like
+random. ``adaptive`` is adaptive replication (``allocator.trust``: reputation, one
+trusted replica, spot checks, escalation rounds) with the network's default rules, its
+trusted node chosen by ``RandomPolicy``; ``adaptive-spot*`` are the same with other
+spot-check rates: the frontier of wrong results accepted against replication.
 
 Columns are the adversaries' strategies (``STRATEGIES``), each a fresh network:
 a fraction of the identities, chosen at random, misbehave. A cheater returns a
 wrong output (the true one with a forgery mark appended, so its digest, its commit
 and its sealed result are all consistently wrong): independent cheaters each their
 own, colluders one shared wrong output. Lazy nodes compute nothing and reveal a
-copy of another replica's digest (``Fault.COPY``).
+copy of another replica's digest (``Fault.COPY``). Build-then-cheat colluders are
+honest for their first 20 placements, then forge (one shared wrong output) wherever
+they may be alone: the first replica of a task's first round (a node sees its replica
+index and round, not how many replicas the task has: ``streams.topics.node_view``).
+Sybils always forge, and an identity whose stake falls under the minimum registers
+again as a new one with a new stake (up to ``MAX_SYBILS`` identities each).
 
 Printed per (policy, strategy):
 
@@ -50,10 +57,10 @@ Printed per (policy, strategy):
   so the nominal figure, with every penalty's full amount, is printed too. The
   compute a node spends is not counted.
 
-Not yet meaningful, and left out: "build reputation, then cheat" and "Sybils that
-re-register after a slash". Under a fixed policy nothing depends on a node's history,
-so they behave as colluders (or cheaters) that start late; they become columns once
-reputation exists. Figures are printed, never asserted.
+Under a fixed policy nothing depends on a node's history, so build-then-cheat nodes
+are colluders that start late. After the table, each adaptive policy's break-even:
+the spot-check rate above which a cheat loses money, for this task's price and larger
+ones. Figures are printed, never asserted.
 """
 
 from __future__ import annotations

@@ -18,6 +18,19 @@ for: the runner calls ``compute`` and hands the result back to ``finished``.
   to task, node and attempt).
 * On ``RevealOpened``: the signed ``ResultRevealed`` (salt, digest, the output
   sealed to the submitter), or later, as soon as the result exists.
+* A checkpointed workload (``workloads.checkpoints``) is run segment by segment
+  (``run_recorded``: the same output, so the same digest, as ``run()``); the reveal also
+  carries the leaf of every segment's end state (``ResultRevealed.checkpoints``). The
+  leaves are signed with the reveal but NOT bound by the commitment: they are revealed
+  only after every commit of the round is in, and a node reads only its own inbox, so it
+  cannot see the other replicas' reveals (leaves included) before making its own. The
+  node keeps each checkpoint's exact state bytes for its last ``KEEP_CHECKPOINTS`` tasks,
+  each until ``CHECKPOINT_GRACE_MS`` past its reveal deadline (a node does not read
+  verdicts: that is its stand-in for "the verdict plus a grace"), and answers a
+  verifier's ``CheckpointRequested`` for one of them with a signed ``CheckpointProvided``.
+* An assignment with ``segment >= 0`` makes the node a dispute's referee: it runs that
+  one segment from ``pre_state`` (``run_segment``; the initial state for segment 0) and
+  commits to and reveals the post-state's leaf as its digest.
 * ``fault`` makes it misbehave for tests and the demo (``Fault``).
 """
 
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -36,9 +50,19 @@ from destra.errors import DecryptionFailed
 from destra.freshness import Freshness
 from schemas import Event, new_event
 from schemas.bindings import data_key_commitment
+from schemas.errors import InvalidParams
 from streams.processing import Context, Outcome, Recovery, Work
 from verifier.commitments import commitment
+from workloads.base import Workload
 from workloads.canonical import sha256
+from workloads.checkpoints import (
+    Checkpointed,
+    checkpointed,
+    initial_leaf,
+    run_recorded,
+    run_segment,
+)
+from workloads.lazy import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +72,11 @@ FORGET_AFTER_MS = 3_600_000
 """How long a node remembers a replica after committing or revealing it."""
 COPY_WAIT_MS = 500
 """How long a copier waits for other replicas' reveals before revealing a copy."""
+KEEP_CHECKPOINTS = 16
+"""How many tasks' checkpoint states a node keeps for disputes (the most recent)."""
+CHECKPOINT_GRACE_MS = 600_000
+"""How long past its reveal deadline a task's checkpoint states are kept: a dispute asks
+for them right after the reveals are in."""
 
 
 class Fault(StrEnum):
@@ -61,6 +90,16 @@ class Fault(StrEnum):
     LATE_REVEAL = "late-reveal"
     """Commits in time, reveals after its reveal deadline."""
     COPY = "copy"
+    BAD_CHECKPOINT = "bad-checkpoint"
+    """Answers a dispute's checkpoint request with another state than the one asked for."""
+    DIVERGE = "diverge"
+    """Cuts corners on long training runs: on an mlp-digits task of at least
+    ``DIVERGE_MIN_SEGMENTS`` segments, in a task's first round, it perturbs its state after
+    the middle segment and carries on, so its checkpoints diverge there and its result is
+    wrong; everything else it computes honestly (a node that earned trust, then turned)."""
+
+
+DIVERGE_MIN_SEGMENTS = 4
 
 
 @dataclass
@@ -69,6 +108,43 @@ class Computed:
 
     output: bytes
     runtime_ms: int
+    leaves: tuple[bytes, ...] = ()
+    """A checkpointed workload's leaf per segment (revealed with the digest)."""
+    states: tuple[bytes, ...] = ()
+    """The exact state after each segment (``b""`` if too large to give), kept for a
+    dispute's checkpoint request."""
+    digest: bytes | None = None
+    """A referee's digest: the post-state leaf of its segment (else ``sha256(output)``)."""
+
+
+def run_assignment(assignment: Event, workload: Workload, params: dict[str, Any],
+                   device: torch.device, fault: Fault = Fault.NONE) -> Computed:
+    """One replica's work on validated ``params``: the whole task (a checkpointed
+    workload segment by segment, keeping leaves and states), or, for a referee
+    (``segment >= 0``), that one segment from ``pre_state``. ``InvalidParams`` for a
+    referee assignment the workload or its pre-state cannot serve."""
+    f = assignment.fields
+    segment = f.get("segment", -1)
+    if segment is not None and segment >= 0:
+        ckpt = checkpointed(workload)
+        pre = f.get("pre_state")
+        started = time.perf_counter_ns()
+        if pre is None:
+            if segment != 0:
+                raise InvalidParams(f"segment {segment} needs its pre-state")
+            pre = initial_leaf(ckpt, params, device)[1]
+        _, post, _ = run_segment(ckpt, params, segment, pre, device)
+        return Computed(b"", (time.perf_counter_ns() - started) // 1_000_000, digest=post)
+    if isinstance(workload, Checkpointed):
+        tamper = None
+        segments = workload.segments(params)
+        if (fault == Fault.DIVERGE and workload.name == "mlp-digits" and f.get("round", 0) == 0
+                and segments >= DIVERGE_MIN_SEGMENTS):
+            tamper = segments // 2
+        leaves, states, result = run_recorded(workload, params, device, tamper)
+        return Computed(result.output, result.runtime_ms, tuple(leaves), tuple(states))
+    result = workload.run(params, device)
+    return Computed(result.output, result.runtime_ms)
 
 
 @dataclass
@@ -87,6 +163,8 @@ class _Result:
     reveal_deadline: int | None = None
     """The assignment's deadlines: a result committed after the first is never called to
     reveal, and a reveal after the second is refused (``pending``)."""
+    leaves: tuple[bytes, ...] = ()
+    """Checkpoint leaves, revealed with the digest."""
 
     def callable_at(self, now_ms: int) -> bool:
         """Whether a reveal call for it may still come and be worth answering."""
@@ -129,9 +207,14 @@ class NodeLogic:
     freshness: Freshness = field(default_factory=Freshness)
     busy: int = 0
     completed: int = 0
+    checkpoints: dict[tuple[str, int], tuple[tuple[bytes, ...], int]] = field(
+        default_factory=dict)
+    """Per (task, attempt), oldest first: the exact state after each segment and when to
+    forget them (``KEEP_CHECKPOINTS``, ``CHECKPOINT_GRACE_MS``)."""
 
     name = "node"
-    inputs = frozenset({"TaskAssigned", "DataKeyGranted", "RevealOpened"})
+    inputs = frozenset({"TaskAssigned", "DataKeyGranted", "RevealOpened",
+                        "CheckpointRequested"})
     recovery = Recovery.NONE
     """A killed node's running and committed replicas are lost: the verifier reissues
     what was not committed and judges a missing reveal."""
@@ -159,7 +242,24 @@ class NodeLogic:
                          if self.fault == Fault.LATE_REVEAL else ctx.now_ms + COPY_WAIT_MS)
                 return Outcome(work=[Work(("reveal", event), lambda: None, later)])
             return self._reveal(event, ctx)
+        if event.name == "CheckpointRequested":
+            return self._give_checkpoint(event, ctx)
         return Outcome()
+
+    def _give_checkpoint(self, request: Event, ctx: Context) -> Outcome:
+        """A dispute's request for one checkpoint's exact state: given if still kept."""
+        f = request.fields
+        kept = self.checkpoints.get((f["task_id"], f["attempt"]))
+        index = f["checkpoint"]
+        if kept is None or not 0 <= index < len(kept[0]) or not kept[0][index]:
+            return Outcome()
+        state = kept[0][index]
+        if self.fault == Fault.BAD_CHECKPOINT:
+            state = kept[0][(index + 1) % len(kept[0])] if len(kept[0]) > 1 else state + b" "
+        return Outcome.of([self._signed(new_event(
+            "CheckpointProvided", self.producer_id, occurred_at=ctx.now_ms,
+            task_id=f["task_id"], node_id=self.node_id, attempt=f["attempt"],
+            checkpoint=index, state=state))])
 
     def tick(self, ctx: Context) -> Outcome:
         """Give up the replicas whose grant did not come by their commit deadline."""
@@ -177,6 +277,8 @@ class NodeLogic:
         for stale in [k for k, c in self.reveal_calls.items()
                       if c.fields["reveal_deadline"] < old]:
             del self.reveal_calls[stale]
+        for stale in [k for k, (_, until) in self.checkpoints.items() if until < ctx.now_ms]:
+            del self.checkpoints[stale]
         return Outcome()
 
     def pending(self, now_ms: int | None = None) -> bool:
@@ -266,14 +368,25 @@ class NodeLogic:
         if self.fault == Fault.COPY:
             digest, sealed, sealed_ref = ctx.rng.randbytes(32), None, None
         else:
-            digest = sha256(result.output)
+            digest = result.digest if result.digest is not None else sha256(result.output)
             if self.fault == Fault.WRONG_RESULT:
                 digest = hashlib.sha256(b"not the output" + digest).digest()
+            referee = assignment.fields.get("segment", -1) >= 0  # its leaf is no result
             sealed, sealed_ref = (self.seal(assignment, result.output)
-                                  if assignment.fields["result_key"] else (None, None))
+                                  if assignment.fields["result_key"] and not referee
+                                  else (None, None))
+        leaves = tuple(getattr(result, "leaves", ()))
         self.results[(task_id, attempt)] = _Result(
             attempt, salt, digest, result.runtime_ms, ctx.now_ms, sealed, sealed_ref,
-            assignment.fields["commit_deadline"], assignment.fields["reveal_deadline"])
+            assignment.fields["commit_deadline"], assignment.fields["reveal_deadline"],
+            leaves)
+        states = tuple(getattr(result, "states", ()))
+        if states:
+            self.checkpoints.pop((task_id, attempt), None)
+            self.checkpoints[(task_id, attempt)] = (
+                states, assignment.fields["reveal_deadline"] + CHECKPOINT_GRACE_MS)
+            while len(self.checkpoints) > KEEP_CHECKPOINTS:
+                del self.checkpoints[next(iter(self.checkpoints))]
         out = Outcome.of([self._signed(new_event(
             "ResultCommitted", self.producer_id, occurred_at=ctx.now_ms, task_id=task_id,
             node_id=self.node_id, attempt=attempt,
@@ -300,7 +413,8 @@ class NodeLogic:
             "ResultRevealed", self.producer_id, occurred_at=ctx.now_ms, task_id=f["task_id"],
             node_id=self.node_id,
             attempt=f["attempt"], salt=result.salt, digest=digest,
-            runtime_ms=result.runtime_ms, result_ref=result.sealed_ref, result=result.sealed))])
+            runtime_ms=result.runtime_ms, result_ref=result.sealed_ref, result=result.sealed,
+            checkpoints=list(result.leaves)))])
 
     def heartbeat_load(self) -> tuple[int, int]:
         """(load in permille, free slots) for the next heartbeat."""

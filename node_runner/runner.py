@@ -41,7 +41,9 @@ digest that is not the output's), ``no-show`` (takes work, never commits),
 ``late`` (commits after the commit deadline), ``copy`` (computes nothing,
 commits to random bytes, then reveals a digest copied from other replicas'
 reveals: the commitment does not open, so the copy is refused), ``late-reveal``
-(reveals after its reveal deadline).
+(reveals after its reveal deadline), ``bad-checkpoint`` (answers a dispute's
+checkpoint request with another state), ``diverge`` (honest, but for long mlp-digits
+training runs, whose state it perturbs from the middle segment on).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from destra.crypto import KeyPair, sign_event
 from destra.errors import DecryptionFailed, DestraError, InvalidParams
 from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
-from node_runner.logic import Computed, Fault, NodeLogic
+from node_runner.logic import Computed, Fault, NodeLogic, run_assignment
 from schemas import Event, decode, new_event
 from schemas.bindings import StakeConsent, sign_stake_consent
 from schemas.events import now_ms
@@ -333,8 +335,7 @@ class NodeRunner:
         except (DecryptionFailed, InvalidParams) as err:
             return Computed(canonical_json({"task_id": f["task_id"], "error": "invalid-input",
                                             "detail": str(err)}), 0)
-        result = workload.run(parsed, self.device)
-        return Computed(result.output, result.runtime_ms)
+        return run_assignment(assignment, workload, parsed, self.device, self.config.fault)
 
     def _seal(self, assignment: Event, output: bytes) -> tuple[bytes | None, str | None]:
         """The output sealed to the submitter, inline or in the blob store."""

@@ -68,6 +68,14 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0,
         "opened_at": SAMPLE_TIME_MS + 120_000, "reveal_deadline": SAMPLE_TIME_MS + 360_000,
     },
+    "CheckpointRequested": lambda: {
+        "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0, "checkpoint": 3,
+        "reply_by": SAMPLE_TIME_MS + 420_000,
+    },
+    "CheckpointProvided": lambda: {
+        "task_id": "task-7f3a", "node_id": "node-3f9c", "attempt": 0, "checkpoint": 3,
+        "state": b'{"checkpoint":1,"fields":{"step":33}}',
+    },
     "ReissueRequested": lambda: {
         "task_id": "task-7f3a", "replica_index": 2, "attempt": 1,
         "exclude_node_ids": ["node-3f9c", "node-77aa", "node-c001"],

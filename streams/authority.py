@@ -33,6 +33,7 @@ ROLES = ("allocator", "verifier", "ledger", "treasury", "pricing")
 AUTHORITY: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "TaskAssigned": ("allocator",),
     "RevealOpened": ("verifier",),
+    "CheckpointRequested": ("verifier",),
     "ReissueRequested": ("verifier",),
     "TaskVerified": ("verifier",),
     "NodePenalized": ("verifier",),

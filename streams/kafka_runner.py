@@ -345,7 +345,7 @@ class KafkaRunner:
             "retry.backoff.ms": 2,
             "retry.backoff.max.ms": 10,
             **self.producer_overrides,
-        })
+        }, sign_view=self.sign)
         # Fence a killed predecessor first: once this returns, its open transaction is
         # aborted and no record of it can commit after the state read below.
         producer.init_transactions()

@@ -15,7 +15,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from destra.errors import DeliveryFailed, InvalidEvent
+from destra.errors import ConfigError, DeliveryFailed, InvalidEvent
 from destra.settings import Settings
 from schemas import Event, encode
 from streams.authority import AUTHORITY, ServiceSigner
@@ -109,10 +109,14 @@ class EventProducer:
         overrides: Mapping[str, Any] | None = None,
         signer: ServiceSigner | None = None,
         inboxes: Inboxes | None = None,
+        sign_view: Callable[[Event], Event] | None = None,
     ) -> None:
         self.settings = settings
         self.signer = signer
         """The service role whose key signs the authority events sent (None: none signed)."""
+        self.sign_view = sign_view or (signer.sign if signer is not None else None)
+        """Signs a node's view of an event (``node_view``) for its inbox: the sender's key
+        (a runner that signs its outputs itself passes its signing function)."""
         self._config = producer_config(bootstrap, overrides)
         self._producer: Producer | None = None
         self._failures: list[str] = []
@@ -156,7 +160,11 @@ class EventProducer:
             if topic != home:  # its node's inbox: what the node may not read left out
                 view = node_view(event)
                 if view is not event:
-                    copy = encode(self.signer.sign(view) if self.signer is not None else view)
+                    if self.sign_view is None and event.signature is not None:
+                        raise ConfigError(f"{event.name} is signed, and this producer cannot "
+                                          "sign its node's view of it (sign_view)")
+                    copy = encode(self.sign_view(view) if self.sign_view is not None
+                                  else view)
             self.send_raw(topic, key, copy, on_delivery if topic == home else None,
                           partition)
         return event

@@ -301,7 +301,8 @@ def node_acls(prefix: str, node: str) -> list[AclBinding]:
     user = node_principal(prefix, node)
     return [
         *_writes(user, _topics(prefix, ("NodeRegistered", "NodeHeartbeat",
-                                        "ResultCommitted", "ResultRevealed"))),
+                                        "ResultCommitted", "ResultRevealed",
+                                        "CheckpointProvided"))),
         *_reads(user, [prefix + INBOX_PREFIX + node]),
         *_groups(user, [f"{prefix}node-{node}"]),
         *_allow(user, ResourceType.BROKER, "kafka-cluster", (AclOperation.IDEMPOTENT_WRITE,)),

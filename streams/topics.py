@@ -116,9 +116,11 @@ TOPICS: tuple[TopicSpec, ...] = (
               broker_time=True,
               doc="every submission, the start of a task's life; broker time, by which the "
                   "ledger refuses a stale or replayed one"),
-    TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened"),
+    TopicSpec("tasks.assignments", "node_id", ("TaskAssigned", "DataKeyGranted", "RevealOpened",
+                                                "CheckpointRequested"),
               12, hashed_partitions=True, inbox=True,
-              doc="work, data-key grants and reveal calls, keyed by node: read by the "
+              doc="work, data-key grants, reveal calls and a dispute's checkpoint requests, "
+                  "keyed by node: read by the "
                   "services, the audit and the submitters' watch; each record is also "
                   "written to its node's inbox (inbox_spec), the only copy a node may read"),
     TopicSpec("tasks.reissues", "task_id", ("ReissueRequested",), 6, hashed_partitions=True,
@@ -127,9 +129,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               hashed_partitions=True, broker_time=True,
               doc="signed commitments H(salt, digest), the commit phase; and a node's proven "
                   "refusal of a data key that misses the submitter's commitment"),
-    TopicSpec("results.reveals", "task_id", ("ResultRevealed",), 6, hashed_partitions=True,
-              broker_time=True,
-              doc="salts and digests, the reveal phase"),
+    TopicSpec("results.reveals", "task_id", ("ResultRevealed", "CheckpointProvided"), 6,
+              hashed_partitions=True, broker_time=True,
+              doc="salts, digests and checkpoint leaves, the reveal phase; and the exact "
+                  "checkpoint states nodes give the verifier for a dispute's referee"),
     TopicSpec("tasks.verdicts", "task_id", ("TaskVerified", "TaskFailed"), 6,
               hashed_partitions=True,
               doc="Proof-of-Sync outcomes"),

@@ -36,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -136,6 +137,11 @@ class Disputed:
     task_id: str
     revealed: tuple[tuple[str, bytes, str | None], ...]
     """(node, digest, result reference) of every replica that revealed."""
+    checkpoints: tuple[tuple[bytes, ...], ...] = ()
+    """Each revealed replica's checkpoint leaves (``ResultRevealed.checkpoints``), in the
+    order of ``revealed``: what a dispute by bisection walks."""
+    attempts: tuple[int, ...] = ()
+    """Each revealed replica's attempt, in the order of ``revealed``."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,8 @@ class _Slot:
     salt: bytes = b""
     digest: bytes = b""
     result_ref: str | None = None
+    leaves: tuple[bytes, ...] = ()
+    """The checkpoint leaves revealed with the digest (signed, not committed to)."""
 
 
 class TaskTally:
@@ -282,8 +290,10 @@ class TaskTally:
 
     def on_revealed(self, node_id: str, attempt: int, salt: bytes, digest: bytes,
                     runtime_ms: int, now_ms: int,
-                    result_ref: str | None = None) -> list[Decision]:
-        """A ``ResultRevealed`` whose signature the adapter has checked."""
+                    result_ref: str | None = None,
+                    checkpoints: Sequence[bytes] = ()) -> list[Decision]:
+        """A ``ResultRevealed`` whose signature the adapter has checked; its
+        ``checkpoints`` are kept for a dispute (``Disputed.checkpoints``)."""
         out = self.on_tick(now_ms)
         slot = self._slot_of(node_id, attempt)
         if isinstance(slot, RejectReason):
@@ -310,6 +320,7 @@ class TaskTally:
                                       "does not open the commitment")
         slot.status, slot.salt, slot.digest = Status.REVEALED, bytes(salt), bytes(digest)
         slot.result_ref = result_ref
+        slot.leaves = tuple(bytes(leaf) for leaf in checkpoints)
         return out + self._judge()
 
     @property
@@ -390,7 +401,9 @@ class TaskTally:
         digest, count = counts.most_common(1)[0] if counts else (b"", 0)
         if self.escalate and len(counts) > 1 and (not pending or count + pending < self.quorum):
             self.outcome = Disputed(self.task_id, tuple((self._node(s), s.digest, s.result_ref)
-                                                        for s in revealed))
+                                                        for s in revealed),
+                                    tuple(s.leaves for s in revealed),
+                                    tuple(s.attempt for s in revealed))
             return [self.outcome]
         if count + pending < self.quorum:
             return self._fail(Reason.NO_QUORUM, f"best digest has {count} of {self.quorum} "

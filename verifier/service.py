@@ -27,6 +27,21 @@ so a node cannot backdate them) and publish what it returns. It
   ``replicas``), up to ``TrustRules.max_rounds``, whose majority decides. The verdict
   then names every node of every round: those whose digest is the decided one are
   paid, the others penalized for dissent.
+* settles a dispute of an adaptive task's first round over a checkpointed workload
+  (``workloads.checkpoints``, at least ``MIN_DISPUTE_SEGMENTS`` segments) between
+  exactly two digests by bisection and one re-executed segment
+  instead of a round of full reruns: ``first_divergence`` over the two sides' revealed
+  leaves gives the first diverging segment ``j``; for ``j > 0`` a ``CheckpointRequested``
+  asks one node of each side for the exact state after segment ``j - 1``, and the first
+  ``CheckpointProvided`` that hashes to the agreed leaf is the pre-state (others are
+  dead-lettered with the reason); then a ``ReissueRequested`` with ``segment`` and
+  ``pre_state`` asks for one referee (a round of one, 1/1), which runs that segment
+  only and reveals its post-state leaf. The side whose claimed leaf it reproduces wins:
+  the verdict is that side's digest, its nodes are paid in full, the other side is
+  penalized for dissent and the referee is paid its segment's units. Leaves that cannot
+  be bisected, no valid pre-state within ``reissue_grace_ms``, a referee that cannot be
+  placed or does not reveal, or a referee leaf matching neither claim: the dispute falls
+  back to a full escalation round (``_escalate``); an unchecked majority is never taken.
 """
 
 from __future__ import annotations
@@ -39,9 +54,10 @@ from destra.crypto import associated_data, unwrap_with, verify_event
 from destra.freshness import Freshness
 from schemas import Event, new_event
 from schemas.bindings import data_key_commitment
-from schemas.errors import DecryptionFailed, InvalidQuorum
+from schemas.errors import DecryptionFailed, DestraError, InvalidQuorum
 from streams.journal import ExpiringLog
 from streams.processing import Context, Outcome, Recovery, dispatch
+from verifier.bisection import first_divergence
 from verifier.proof_of_sync import (
     Contribution,
     Decision,
@@ -56,6 +72,17 @@ from verifier.proof_of_sync import (
     TaskTally,
     Verified,
 )
+from workloads import get_workload
+from workloads.checkpoints import (
+    HASH_BYTES,
+    MAX_INLINE_STATE_BYTES,
+    Checkpointed,
+    state_leaf,
+)
+
+MIN_DISPUTE_SEGMENTS = 2
+"""A checkpointed task of fewer segments is disputed by full rounds: with one segment the
+referee would rerun the whole task, and decide it alone."""
 
 PENALTY_MICRO: dict[Reason, int] = {
     Reason.NO_SHOW: 100_000,
@@ -84,6 +111,10 @@ class _Terms:
     price_micro: int = 0
     """What the submitter pays (``quoted_price_micro``): an adaptive task's dissent slash
     is sized by it (``TrustRules.dissent_slash_micro``)."""
+    workload: str = ""
+    """The workload's name (a dispute by bisection needs it); empty in older snapshots."""
+    params: tuple[tuple[str, str], ...] = ()
+    """The submission's public parameters, sorted."""
 
 
 @dataclass
@@ -99,6 +130,37 @@ class _Rounds:
     """Every node an earlier round used: no later round may use it again."""
     asked_at: int = 0
     """When the round now being placed was asked for."""
+    referees: int = 0
+    """How many of the rounds so far were a dispute's referee (a round of one): a full
+    round's size and the last round count only the others."""
+
+    @property
+    def full(self) -> int:
+        """The number of the round now running among the full rounds (referees aside)."""
+        return self.number - self.referees
+
+
+@dataclass
+class _Dispute:
+    """A first round's two digests being settled by bisection and one referee."""
+
+    round: int
+    """The referee's round number."""
+    segment: int
+    pre_leaf: bytes | None
+    """The agreed leaf of the state before ``segment`` (None for segment 0)."""
+    digests: tuple[bytes, bytes]
+    """Each side's task digest."""
+    claims: tuple[bytes, bytes]
+    """Each side's claimed leaf after ``segment``."""
+    asked: dict[str, int] = field(default_factory=dict)
+    """Nodes asked for the pre-state (one of each side) and the attempt they revealed."""
+    refused: set[str] = field(default_factory=set)
+    """Asked nodes whose answer was refused."""
+    asked_at: int = 0
+    pre_state: bytes | None = None
+    referee_asked: bool = False
+    """Whether the referee was requested (``_Rounds.asked_at`` is when)."""
 
 
 @dataclass
@@ -138,6 +200,8 @@ class Verifier:
     rules: TrustRules = DEFAULT_RULES
     rounds: dict[str, _Rounds] = field(default_factory=dict)
     """Adaptive tasks in escalation (past their first round), until their verdict."""
+    disputes: dict[str, _Dispute] = field(default_factory=dict)
+    """Adaptive tasks whose dispute is being settled by bisection, until its ruling."""
     _sending_ms: int = field(default=0, init=False, repr=False)
     """Processing time of the event being handled (``Context.processing_ms``)."""
     _terms_swept_at: int = field(default=0, init=False, repr=False)
@@ -148,10 +212,11 @@ class Verifier:
 
     name = "verifier"
     inputs = frozenset({"NodeRegistered", "TaskSubmitted", "TaskAssigned", "DataKeyGranted",
-                        "ResultCommitted", "ResultRevealed", "DataKeyRefused"})
+                        "ResultCommitted", "ResultRevealed", "DataKeyRefused",
+                        "CheckpointProvided"})
     recovery = Recovery.SNAPSHOT
     _SNAPSHOT_FIELDS = ("keys", "terms", "tallies", "open_tasks", "reputation", "parked",
-                        "ungranted", "granted", "grants", "rounds")
+                        "ungranted", "granted", "grants", "rounds", "disputes")
     """What is bounded by the work in flight; the expiring logs (``journals``), which grow
     with the input rate, are journaled by the runner instead."""
 
@@ -170,7 +235,8 @@ class Verifier:
             "NodeRegistered": self.on_registered, "TaskSubmitted": self.on_submitted,
             "TaskAssigned": self.on_assigned, "DataKeyGranted": self.on_granted,
             "ResultCommitted": self.on_committed, "ResultRevealed": self.on_revealed,
-            "DataKeyRefused": self.on_key_refused},
+            "DataKeyRefused": self.on_key_refused,
+            "CheckpointProvided": self.on_checkpoint},
             self.rejected, event, ctx)
 
     def tick(self, ctx: Context) -> Outcome:
@@ -186,7 +252,7 @@ class Verifier:
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
-            if name in state:  # rounds: absent from older snapshots
+            if name in state:  # rounds, disputes: absent from older snapshots
                 setattr(self, name, state[name])
         # A snapshot from before the logs were journaled carries them: adopt them.
         if "freshness" in state:
@@ -223,7 +289,7 @@ class Verifier:
         self.terms.setdefault(f["task_id"], _Terms(
             f["compute_units"], f["replicas"], f["quorum"], e.occurred_at + f["deadline_ms"],
             f["submitter_id"], f["signing_key"], f["data_key_commitment"], f["trust"],
-            f["quoted_price_micro"]))
+            f["quoted_price_micro"], f["workload"], tuple(sorted(f["params"].items()))))
         return self._unpark(f["task_id"], now_ms)
 
     def on_assigned(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
@@ -246,14 +312,22 @@ class Verifier:
             terms = self.terms.get(task_id)
             if terms is None:
                 return self._park(e, where, now_ms)
+            dispute = self.disputes.get(task_id)
+            referee = dispute is not None and dispute.round == number
             try:
-                replicas, quorum = self._round_terms(terms, f["round"], f["replicas"],
-                                                     f["quorum"])
+                replicas, quorum = self._round_terms(
+                    terms, rounds.full if rounds is not None else 0, f["replicas"],
+                    f["quorum"], referee)
+                # A referee is paid its segment, is not reissued (a lost one falls back to
+                # a full round) and cannot disagree with itself.
                 tally = TaskTally(
-                    task_id, terms.compute_units, replicas, quorum,
-                    max_attempts=self.max_attempts, reissue_grace_ms=self.reissue_grace_ms,
+                    task_id, self._segment_units(terms) if referee else terms.compute_units,
+                    replicas, quorum,
+                    max_attempts=0 if referee else self.max_attempts,
+                    reissue_grace_ms=self.reissue_grace_ms,
                     expires_at=terms.expires_at,
-                    escalate=terms.trust == "adaptive" and number < self.rules.max_rounds)
+                    escalate=terms.trust == "adaptive" and not referee and (
+                        rounds.full if rounds is not None else 0) < self.rules.max_rounds)
             except InvalidQuorum as err:
                 # Terms no tally can judge (a quorum that is not a majority of the
                 # replicas): the assignment is refused, the task fails so its escrow is
@@ -281,15 +355,21 @@ class Verifier:
         return out + self._unpark(task_id, now_ms)
 
     def _round_terms(self, terms: _Terms, number: int, replicas: int,
-                     quorum: int) -> tuple[int, int]:
+                     quorum: int, referee: bool = False) -> tuple[int, int]:
         """A round's replicas and quorum: a fixed task's are the submission's (an
         assignment may only repeat them); an adaptive task's first round is the allocator's
-        plan, at least the submitter's floors; a later round is ``TrustRules.round_size``."""
+        plan, at least the submitter's floors; a later full round (``number`` counts those)
+        is ``TrustRules.round_size``; a dispute's referee is a round of one, quorum one."""
         if terms.trust != "adaptive":
             if (replicas, quorum) not in ((0, 0), (terms.replicas, terms.quorum)):
                 raise InvalidQuorum(f"a fixed task runs {terms.replicas} replicas with quorum "
                                     f"{terms.quorum}, not {replicas} with {quorum}")
             return terms.replicas, terms.quorum
+        if referee:
+            if (replicas, quorum) != (1, 1):
+                raise InvalidQuorum(f"a referee runs alone with quorum 1, not {replicas} "
+                                    f"replicas with quorum {quorum}")
+            return 1, 1
         if number > 0:
             wanted = self.rules.round_size(number)
             if (replicas, quorum) != wanted:
@@ -308,12 +388,172 @@ class Verifier:
         rounds = self.rounds.setdefault(d.task_id, _Rounds())
         rounds.prior += d.revealed
         rounds.used |= set(tally.nodes_used)
+        return self._next_round(d.task_id, rounds, tally.clock)
+
+    def _next_round(self, task_id: str, rounds: _Rounds, now_ms: int) -> list[Event]:
         rounds.number += 1
-        rounds.asked_at = tally.clock
-        replicas, quorum = self.rules.round_size(rounds.number)
-        return [new_event("ReissueRequested", self.producer_id, task_id=d.task_id,
+        rounds.asked_at = now_ms
+        replicas, quorum = self.rules.round_size(rounds.full)
+        return [new_event("ReissueRequested", self.producer_id, task_id=task_id,
                           replica_index=0, attempt=0, exclude_node_ids=sorted(rounds.used),
                           round=rounds.number, replicas=replicas, quorum=quorum)]
+
+    # -- disputes by bisection (``verifier.bisection``) -------------------------------------
+
+    def _checkpointed(self, terms: _Terms) -> tuple[Checkpointed, dict[str, Any]] | None:
+        """The task's workload as a checkpointed one, with its public parameters validated
+        (the private ones at their defaults: a workload's segments and costs depend on
+        its public parameters only); None when it has no checkpoints."""
+        if not getattr(terms, "workload", ""):
+            return None
+        try:
+            workload = get_workload(terms.workload)
+            params = workload.validate(dict(terms.params))
+        except (DestraError, KeyError):
+            return None
+        if not isinstance(workload, Checkpointed):
+            return None
+        return workload, params
+
+    def _segment_units(self, terms: _Terms) -> int:
+        found = self._checkpointed(terms)
+        return max(1, found[0].segment_units(found[1])) if found is not None else 1
+
+    def _dispute(self, d: Disputed) -> list[Event] | None:
+        """Start settling a first round's dispute by bisection; None when it cannot be
+        (then it escalates by full rounds)."""
+        terms = self.terms.get(d.task_id)
+        if terms is None or terms.trust != "adaptive" or d.task_id in self.rounds:
+            return None
+        found = self._checkpointed(terms)
+        digests = list(dict.fromkeys(digest for _, digest, _ in d.revealed))
+        if found is None or len(digests) != 2 or len(d.checkpoints) != len(d.revealed):
+            return None
+        workload, params = found
+        n = workload.segments(params)
+        if n < MIN_DISPUTE_SEGMENTS:
+            return None
+        sides: list[tuple[str, int, tuple[bytes, ...]]] = []
+        for digest in digests:  # each side's first replica whose leaves can be walked
+            side = next(((node, attempt, leaves) for (node, dg, _), leaves, attempt
+                         in zip(d.revealed, d.checkpoints, d.attempts or (0,) * len(d.revealed),
+                                strict=True)
+                         if dg == digest and len(leaves) == n
+                         and all(len(leaf) == HASH_BYTES for leaf in leaves)), None)
+            if side is None:
+                return None
+            sides.append(side)
+        result = first_divergence(list(sides[0][2]), list(sides[1][2]))
+        if result.divergent_leaf is None or result.losers:
+            return None  # the same leaves for two digests: nothing to re-execute
+        tally = self.tallies.pop(d.task_id)
+        self.open_tasks.discard(d.task_id)
+        rounds = self.rounds.setdefault(d.task_id, _Rounds())
+        rounds.prior += d.revealed
+        rounds.used |= set(tally.nodes_used)
+        rounds.number += 1
+        rounds.referees += 1
+        rounds.asked_at = tally.clock
+        segment = result.divergent_leaf
+        dispute = _Dispute(rounds.number, segment, result.pre_leaf,
+                           (digests[0], digests[1]),
+                           (result.claims["a"], result.claims["b"]), asked_at=tally.clock)
+        self.disputes[d.task_id] = dispute
+        if segment == 0:  # the referee derives the initial state from the parameters
+            return self._ask_referee(d.task_id, tally.clock)
+        out = []
+        for node, attempt, _ in sides:
+            dispute.asked[node] = attempt
+            out.append(new_event("CheckpointRequested", self.producer_id, task_id=d.task_id,
+                                 node_id=node, attempt=attempt, checkpoint=segment - 1,
+                                 reply_by=tally.clock + self.reissue_grace_ms))
+        return out
+
+    def _ask_referee(self, task_id: str, now_ms: int) -> list[Event]:
+        dispute, rounds = self.disputes[task_id], self.rounds[task_id]
+        dispute.referee_asked = True
+        rounds.asked_at = now_ms
+        return [new_event("ReissueRequested", self.producer_id, task_id=task_id,
+                          replica_index=0, attempt=0, exclude_node_ids=sorted(rounds.used),
+                          round=dispute.round, replicas=1, quorum=1, segment=dispute.segment,
+                          pre_state=dispute.pre_state)]
+
+    def _fall_back(self, task_id: str, now_ms: int) -> list[Event]:
+        """The dispute cannot be settled by a referee: a full round decides instead. A
+        referee that took part is neither paid nor judged; it is not used again."""
+        self.disputes.pop(task_id, None)
+        tally = self.tallies.pop(task_id, None)
+        self.open_tasks.discard(task_id)
+        rounds = self.rounds[task_id]
+        if tally is not None:
+            rounds.used |= set(tally.nodes_used)
+        return self._next_round(task_id, rounds, now_ms)
+
+    def _ruling(self, d: Verified) -> tuple[Verified, list[Penalize]] | None:
+        """The referee revealed its post-state leaf: the side whose claim it reproduces
+        wins (its digest is the verdict, with its result); None when it matches neither."""
+        dispute = self.disputes[d.task_id]
+        if d.digest not in dispute.claims:
+            return None
+        digest = dispute.digests[dispute.claims.index(d.digest)]
+        rounds = self.rounds[d.task_id]
+        ref = next((r for _, dg, r in rounds.prior if dg == digest and r), None)
+        return self._verdict(Verified(d.task_id, digest, d.quorum, d.contributions, ref))
+
+    def on_checkpoint(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A node's signed ``CheckpointProvided``: the first that hashes to the dispute's
+        agreed leaf is the referee's pre-state; anything else is dead-lettered."""
+        f = e.fields
+        task_id, node_id = f["task_id"], f["node_id"]
+        if task_id in self.closed:
+            self.rejected.append((e, where, f"{RejectReason.TASK_CLOSED}: {task_id} has its "
+                                            "verdict"))
+            return []
+        dispute = self.disputes.get(task_id)
+        if dispute is None:
+            self.rejected.append((e, where, f"no-dispute: {task_id} waits for no checkpoint"))
+            return []
+        key = self.keys.get(node_id)
+        if key is None or not verify_event(e, key, node_id):
+            self.rejected.append((e, where, f"bad-signature: checkpoint for {task_id} not "
+                                            f"signed by node {node_id}'s registered key"))
+            return []
+        if dispute.asked.get(node_id) != f["attempt"] or \
+                f["checkpoint"] != dispute.segment - 1:
+            self.rejected.append((e, where, f"unexpected-checkpoint: {node_id} (attempt "
+                                            f"{f['attempt']}) was not asked for checkpoint "
+                                            f"{f['checkpoint']} of {task_id}"))
+            return []
+        refusal = self.freshness.refusal(e, now_ms)
+        if refusal is not None:
+            self.rejected.append((e, where, refusal))
+            return []
+        terms = self.terms.get(task_id)
+        found = self._checkpointed(terms) if terms is not None else None
+        why = None
+        if found is None:
+            why = "the task's workload has no checkpoints"
+        elif len(f["state"]) > MAX_INLINE_STATE_BYTES:
+            why = f"the state is over {MAX_INLINE_STATE_BYTES} bytes"
+        else:
+            try:
+                if state_leaf(found[0], f["state"]) != dispute.pre_leaf:
+                    why = "the state does not hash to the agreed leaf"
+            except DestraError as err:
+                why = f"the state is no state of this task: {err}"
+        self.freshness.accept(e)
+        if why is not None:
+            self.rejected.append((e, where, f"bad-checkpoint: {node_id}'s checkpoint "
+                                            f"{f['checkpoint']} of {task_id}: {why}"))
+            dispute.refused.add(node_id)
+            if dispute.pre_state is None and dispute.refused >= set(dispute.asked):
+                # nobody left to give a valid one
+                return self._fall_back(task_id, now_ms)
+            return []
+        if dispute.pre_state is not None:
+            return []  # another side's state was taken already
+        dispute.pre_state = bytes(f["state"])
+        return self._ask_referee(task_id, now_ms)
 
     @staticmethod
     def _unplaced(task_id: str, rounds: _Rounds) -> list[Decision]:
@@ -430,7 +670,8 @@ class Verifier:
         if tally is None:
             return []
         decisions = tally.on_revealed(f["node_id"], f["attempt"], f["salt"], f["digest"],
-                                      f["runtime_ms"], now_ms, f["result_ref"])
+                                      f["runtime_ms"], now_ms, f["result_ref"],
+                                      f["checkpoints"])
         if self._not_yet_assigned(tally, decisions, f["node_id"]):
             return self._park(e, where, now_ms)
         if not _refused(decisions):  # a refused event is not spent: its copy may still count
@@ -457,12 +698,17 @@ class Verifier:
             terms = self.terms.get(task_id)
             if task_id in self.tallies or terms is None:
                 continue
+            dispute = self.disputes.get(task_id)
             if now_ms > terms.expires_at:
                 out += self._events([Failed(task_id, Reason.DEADLINE_PASSED,
                                             f"round {rounds.number} not placed by "
                                             f"{terms.expires_at}")], None, None)
+            elif dispute is not None and not dispute.referee_asked:
+                if now_ms > dispute.asked_at + self.reissue_grace_ms:  # no valid pre-state
+                    out += self._fall_back(task_id, now_ms)
             elif now_ms > rounds.asked_at + self.reissue_grace_ms:
-                out += self._events(self._unplaced(task_id, rounds), None, None)
+                out += (self._fall_back(task_id, now_ms) if dispute is not None
+                        else self._events(self._unplaced(task_id, rounds), None, None))
         self.freshness.prune(now_ms)
         self.closed.prune(now_ms)  # in closing order, near enough time order
         if now_ms - self._terms_swept_at >= self.park_ms:
@@ -490,6 +736,10 @@ class Verifier:
         return out
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _clock_of(self, task_id: str) -> int:
+        tally = self.tallies.get(task_id)
+        return tally.clock if tally is not None else self._sending_ms
 
     def _floored(self, tally: TaskTally) -> TaskTally:
         tally.send_floor_ms = max(tally.send_floor_ms, self._sending_ms)
@@ -552,7 +802,17 @@ class Verifier:
         closing: list[str] = []
         expanded: list[Decision] = []
         for d in decisions:
-            if isinstance(d, Verified):  # with the earlier rounds' replicas, if any
+            dispute = self.disputes.get(d.task_id) if isinstance(d, Verified | Failed) \
+                else None
+            if isinstance(d, Verified) and dispute is not None:  # the referee's leaf
+                ruled = self._ruling(d)
+                if ruled is None:  # it reproduced neither claim
+                    out += self._fall_back(d.task_id, self._clock_of(d.task_id))
+                else:
+                    expanded += [ruled[0], *ruled[1]]
+            elif isinstance(d, Failed) and dispute is not None and d.reason == Reason.NO_QUORUM:
+                out += self._fall_back(d.task_id, self._clock_of(d.task_id))  # referee lost
+            elif isinstance(d, Verified):  # with the earlier rounds' replicas, if any
                 verdict, dissent = self._verdict(d)
                 expanded += [verdict, *dissent]
             else:
@@ -584,7 +844,7 @@ class Verifier:
                                             | (rounds.used if rounds else set())),
                     round=rounds.number if rounds else 0))
             elif isinstance(d, Disputed):
-                out += self._escalate(d)
+                out += self._dispute(d) or self._escalate(d)
             elif isinstance(d, Penalize):
                 rep = max(0, self.reputation.get(d.node_id, 1000)
                           - REPUTATION_LOSS_PERMILLE[d.reason])
@@ -605,6 +865,7 @@ class Verifier:
             self.tallies.pop(task_id, None)
             self.terms.pop(task_id, None)
             self.rounds.pop(task_id, None)
+            self.disputes.pop(task_id, None)
         if closing and self.grants:
             done = set(closing)
             for replica in [r for r in self.grants if r[0] in done]:

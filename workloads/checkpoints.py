@@ -332,3 +332,53 @@ def run_segment(workload: Checkpointed, params: dict[str, Any], segment: int,
             raise InvalidParams("the pre-state does not hash to the agreed leaf")
         post = workload.advance(params, state, segment, device)
         return pre_leaf, leaf_of(workload, post), workload.state_bytes(post)
+
+
+MAX_INLINE_STATE_BYTES = 262_144
+"""The largest exact state that travels inline in a dispute (``CheckpointProvided.state``,
+``TaskAssigned.pre_state``): a task whose states are larger is disputed by full rounds."""
+
+
+def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.device,
+                 tamper_from: int | None = None
+                 ) -> tuple[list[bytes], list[bytes], WorkloadResult]:
+    """``run_checkpointed`` keeping each segment end's exact ``state_bytes`` as well
+    (``b""`` for a state over ``MAX_INLINE_STATE_BYTES``, which no dispute can use): what a
+    node keeps to answer a dispute's checkpoint request. ``tamper_from`` (a node's
+    ``diverge`` fault, for tests and the demo) perturbs the state after that segment: the
+    leaves from there on, and the result, are consistently wrong."""
+    with deterministic(device):
+        state = workload.initial_state(params, device)
+        leaves, states = [], []
+        for segment in range(workload.segments(params)):
+            state = workload.advance(params, state, segment, device)
+            if segment == tamper_from:
+                state = _tampered(workload, params, state, device)
+            leaves.append(leaf_of(workload, state))
+            exact = workload.state_bytes(state)
+            states.append(exact if len(exact) <= MAX_INLINE_STATE_BYTES else b"")
+        return leaves, states, workload.final_result(params, state, device)
+
+
+def _tampered(workload: Checkpointed, params: dict[str, Any], state: Any,
+              device: torch.device) -> Any:
+    """The state with every float tensor nudged by 1 % (a skipped step's worth of error)."""
+    fields = {name: (value * 1.01 if isinstance(value, torch.Tensor) and value.is_floating_point()
+                     else value)
+              for name, value in workload.state_fields(state).items()}
+    return workload.state_from_fields(params, fields, device)
+
+
+def state_leaf(workload: Checkpointed, data: bytes) -> bytes:
+    """The leaf of exact state bytes, from their own fields: what a dispute checks an
+    offered pre-state against, without the task's parameters (the verifier sees only the
+    public ones). A state hashing to an agreed leaf has that leaf's rounded fields, so its
+    kinds and shapes; the referee then rebuilds it with the full parameters.
+    ``InvalidParams`` for bytes that are no checkpoint, or hold NaN."""
+    fields = _decode(data)
+    try:
+        return hashlib.sha256(CHECKPOINT_DOMAIN + _encode(fields, workload.digest_bits)).digest()
+    except WorkloadFailed as e:
+        raise InvalidParams(f"the state has no leaf: {e}") from None
+    except TypeError as e:
+        raise InvalidParams(f"checkpoint state is malformed: {e}") from None

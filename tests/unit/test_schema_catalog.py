@@ -21,7 +21,7 @@ EVENTS = {
     "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed", "NodePenalized",
     "LedgerEntryPosted", "TokensMinted", "PriceUpdated", "ProposalSubmitted", "VoteCast",
     "RevealOpened", "ReissueRequested", "AccountRegistered", "DataKeyRefused",
-    "DeadLettered",
+    "DeadLettered", "CheckpointRequested", "CheckpointProvided",
 }
 
 
