@@ -2,12 +2,14 @@
 
 Brings up Kafka (KRaft) and Postgres, the ledger processor and projector, a
 processors worker (the allocator and the verifier's shards) and five node runners, one of which
-returns wrong results; mints tokens, submits a mix of every workload and a few
-bad submissions, follows the tasks to their verdicts, shows a result
-decrypted by its submitter (private parameters and results travel encrypted)
-and prints a summary: tasks verified, earnings per node, the dishonest node
-penalized and unpaid, the ledger summing to zero, the replay matching. Then it
-stops everything.
+returns wrong results and one of which turns on long training runs later; mints tokens,
+submits a mix of every workload and a few bad submissions, follows the tasks to their
+verdicts; then adaptive trust: nodes that earned trust run tasks alone, spot checks
+drawn at random, and a check that catches the turncoat, settled by bisecting the two
+runs' checkpoints and re-executing one epoch; shows a result decrypted by its
+submitter (private parameters and results travel encrypted) and prints a summary:
+tasks verified, earnings per node, the dishonest nodes penalized, the ledger summing
+to zero, the replay matching. Then it stops everything.
 Each run uses its own topic prefix and database, so runs never mix.
 """
 
@@ -28,6 +30,25 @@ from destra.settings import Settings
 NODES = [("n0", "eu-west"), ("n1", "eu-central"), ("n2", "us-east"), ("n3", "us-west"),
          ("n4", "ap-east")]
 DISHONEST = "n4"
+TURNCOAT = "n3"
+"""Honest, but for long training runs (``--fault diverge``): caught in step 5."""
+TRUSTED_AFTER = 5
+"""Agreements before a node runs tasks alone (the network's default is 10; the demo's
+first rounds give each honest node about 11)."""
+ADAPTIVE = [
+    ("heat2d", {"grid": "64", "steps": "50"}),
+    ("matmul", {"n": "128", "repeats": "2"}),
+    ("nbody", {"n": "64", "steps": "50"}),
+    ("heat2d", {"grid": "32", "steps": "100"}),
+    ("matmul", {"n": "96", "repeats": "3"}),
+    ("nbody", {"n": "32", "steps": "80"}),
+]
+LONG_RUN = ("mlp-digits", {"epochs": "8", "hidden": "16"})
+"""8 segments of one epoch: the turncoat's checkpoints diverge from the 5th."""
+LONG_RUN_TRIES = 16
+"""The turncoat is in a task's pair with a chance of about 1/3 (the trusted node is the
+fastest, its checker drawn among the 3 other staked nodes): 16 tries miss it about once
+in 600 demos."""
 STAKE = 5_000_000
 FUNDS = 1_000_000_000
 TASKS = [
@@ -74,17 +95,19 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
     ensure_topics(bootstrap, prefix, replication_factor=settings.replication_factor,
                   min_insync_replicas=settings.min_insync_replicas)
     net = LocalNetwork(run, bootstrap, create_database(state.pg_dsn, "demo"), home / "logs",
-                       env_extra={"DESTRA_COMMIT_WINDOW_MS": "60000"})
+                       env_extra={"DESTRA_COMMIT_WINDOW_MS": "60000",
+                                  "DESTRA_TRUSTED_AFTER": str(TRUSTED_AFTER)})
     try:
         echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
              f"verifier shards (one processors worker), 5 node runners ({DISHONEST} returns "
-             "wrong results)")
+             f"wrong results, {TURNCOAT} turns on long training runs)")
         # Each account registered (its keys, signed), then funded once the ledger bound it.
         net.mint("alice", *(f"op-{n}" for n, _ in NODES), amount_micro=FUNDS)
         net.start_services()
         for name, region in NODES:
             net.start_node(name, operator=f"op-{name}", region=region, stake_micro=STAKE,
-                           slots=2, fault="wrong-result" if name == DISHONEST else None)
+                           slots=2, fault={DISHONEST: "wrong-result",
+                                           TURNCOAT: "diverge"}.get(name))
         net.wait_registered([n for n, _ in NODES], timeout_s=180)
         echo(f"   minted {FUNDS} micro-tokens to alice and each operator; "
              f"each node staked {STAKE}")
@@ -141,11 +164,12 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
             echo(f"   round {r + 1}: verdicts as they arrive")
             done.update(client.wait(batch + ([poor] if r == 0 else []), watch=watch,
                                     timeout_s=900, on_progress=progress))
+        adaptive, turncoat_caught = _adaptive_trust(client, watch, bootstrap, prefix, echo)
         watch.close()
         broke.close()
         problems = []
 
-        echo("5. confidentiality: what the network saw of alice's hash search, and her result")
+        echo("6. confidentiality: what the network saw of alice's hash search, and her result")
         search = next(t for t, w in submitted.items() if w == "sha256-search"
                       and done[t].state == "verified")
         sub = next(decode(m.value()) for m in read_all(bootstrap,
@@ -167,11 +191,12 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
             problems.append("the decrypted result does not echo the private prefix")
         client.close()
 
-        echo("6. summary")
+        echo("7. summary")
         verified = [p for t, p in done.items() if t in submitted and p.state == "verified"]
         echo(f"   tasks verified: {len(verified)} of {len(submitted)}; bad submission "
              f"{poor}: {done[poor].state} ({done[poor].as_dict().get('reason')})")
-        dissent = Counter(c["node_id"] for p in verified if p.verdict is not None
+        dissent = Counter(c["node_id"] for p in [*verified, *adaptive.values()]
+                          if p.verdict is not None and p.state == "verified"
                           for c in p.verdict.fields["contributions"] if not c["agreed"])
         # The ledger processor posts the settlements, and each slash while stake is left
         # (every node staked STAKE; penalties of one node are in order on their topic).
@@ -183,7 +208,9 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
                 left[penalty.fields["node_id"]] -= penalty.fields["slash_micro"]
                 slashes.append(f"slash/{penalty.event_id}")
         wait_for_transactions(run, bootstrap,
-                              [f"settle/{p.task_id}" for p in verified] + slashes)
+                              [f"settle/{p.task_id}" for p in verified] + slashes
+                              + [f"settle/{t}" for t, p in adaptive.items()
+                                 if p.state == "verified"])
         projection = LedgerProjection(net.pg_dsn)
         try:
             project(run, bootstrap, projection, idle_exit_s=3)
@@ -206,6 +233,11 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
             problems.append(f"{len(submitted) - len(verified)} tasks not verified")
         if balances.get(f"node:{DISHONEST}", 0) != 0:
             problems.append(f"{DISHONEST} was paid")
+        not_verified = [t for t, p in adaptive.items() if p.state != "verified"]
+        if not_verified:
+            problems.append(f"adaptive tasks not verified: {not_verified}")
+        if turncoat_caught and balances.get(f"stake:{TURNCOAT}", 0) >= STAKE:
+            problems.append(f"{TURNCOAT} was caught but not slashed")
         if not report.matches:
             problems.append("replay differs")
         if problems:
@@ -213,13 +245,91 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         echo("demo: OK")
     finally:
         codes = net.stop()
-        echo(f"7. stopped the network ({sum(c == 0 for c in codes.values())} of "
+        echo(f"8. stopped the network ({sum(c == 0 for c in codes.values())} of "
              f"{len(codes)} processes exited cleanly)")
         if keep:
             echo("Kafka and Postgres left running; stop them with `destra infra down`")
         else:
             for line in services.down(settings):
                 echo(f"   stopped {line}")
+
+
+def _adaptive_trust(client: Any, watch: Any, bootstrap: str, prefix: str,
+                    echo: Callable[[str], None]) -> tuple[dict[str, Any], bool]:
+    """Step 5: adaptive trust on the nodes the first rounds made known. Returns every
+    adaptive task's progress and whether the turncoat was caught."""
+    from schemas import decode
+    from streams.reading import read_all
+    from streams.topics import topic_for
+
+    def events(name: str) -> list[Any]:
+        out = []
+        for m in read_all(bootstrap, topic_for(name).name(prefix)):
+            e = decode(m.value())
+            if e.name == name:
+                out.append(e)
+        return out
+
+    echo(f"5. adaptive trust (--trust adaptive: one replica's price + 30 %): a node that "
+         f"agreed {TRUSTED_AFTER} times in a row, with stake, runs a task alone; a second "
+         "node drawn at random checks it, at a rate that falls with its streak")
+    done: dict[str, Any] = {}
+    batch = []
+    for i, (workload, params) in enumerate(ADAPTIVE):
+        q = client.quote(workload, {**params, **_seed(workload, 10 + i)}, trust="adaptive")
+        batch.append(client.submit(q))
+    done.update(client.wait(batch, watch=watch, timeout_s=600))
+    assigned = events("TaskAssigned")
+    for task_id in batch:
+        first = [e.fields["node_id"] for e in assigned
+                 if e.fields["task_id"] == task_id and e.fields["round"] == 0]
+        how = (f"alone on {first[0]} (trusted)" if len(first) == 1 else
+               f"on {first[0]}, spot-checked by {first[1]}" if len(first) == 2 else
+               f"on {', '.join(first)}")
+        p = done[task_id]
+        echo(f"   {task_id} {p.verdict.fields['digest'].hex()[:16] if p.verdict else '-'} "
+             f"{p.state} {how}")
+    echo(f"   long training runs ({LONG_RUN[0]} {LONG_RUN[1]}), with --replicas 2: each "
+         f"checked by a second node drawn at random, until the check draws {TURNCOAT}")
+    caught = False
+    for i in range(LONG_RUN_TRIES):
+        q = client.quote(LONG_RUN[0], {**LONG_RUN[1], **_seed(LONG_RUN[0], 20 + i)},
+                         trust="adaptive", replicas=2)
+        task_id = client.submit(q)
+        done.update(client.wait([task_id], watch=watch, timeout_s=600))
+        mine = [e for e in events("TaskAssigned") if e.fields["task_id"] == task_id]
+        pair = [e.fields["node_id"] for e in mine if e.fields["round"] == 0]
+        referee = [e for e in mine if e.fields["segment"] >= 0]
+        penalties = [e for e in events("NodePenalized") if e.fields["task_id"] == task_id]
+        p = done[task_id]
+        echo(f"   {task_id} {p.state} on {' and '.join(pair)}"
+             + ("" if referee or penalties else ": they agree"))
+        if not referee and not penalties:
+            continue
+        reveals = [e for e in events("ResultRevealed") if e.fields["task_id"] == task_id]
+        leaves = {e.fields["node_id"]: e.fields["checkpoints"] for e in reveals}
+        if referee:
+            r = referee[0].fields
+            units = q.quote.compute_units
+            segments = max((len(v) for v in leaves.values()), default=1)
+            echo(f"     their results differ; bisecting their {segments} checkpoints finds "
+                 f"the first divergence at segment {r['segment']}: referee {r['node_id']} "
+                 f"re-ran that one epoch ({units // max(1, segments)} of {units} units, "
+                 f"1/{segments} of a rerun)")
+        for e in penalties:
+            echo(f"     {e.fields['node_id']} penalized {e.fields['reason']}, slashed "
+                 f"{e.fields['slash_micro']} micro-tokens")
+        if p.verdict is not None and p.state == "verified":
+            paid = [c["node_id"] for c in p.verdict.fields["contributions"] if c["agreed"]]
+            echo(f"     verified {p.verdict.fields['digest'].hex()[:16]}; paid: "
+                 f"{', '.join(paid)}")
+        caught = any(e.fields["node_id"] == TURNCOAT for e in penalties)
+        if caught:
+            break
+    if not caught:
+        echo(f"   (the checks never drew {TURNCOAT} in {LONG_RUN_TRIES} tasks: about 1 chance "
+             "in 600)")
+    return done, caught
 
 
 def _seed(workload: str, r: int) -> dict[str, str]:
