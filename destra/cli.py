@@ -831,6 +831,7 @@ def audit(as_json: bool, **flags: Any) -> None:
     emitted that the replay would not have, and each one missing (exit 1 if any)."""
     import os
 
+    from destra.processors import rules_from
     from infra import services
     from ledger.audit import AuditConfig, Record
     from ledger.audit import audit as run_audit
@@ -858,7 +859,7 @@ def audit(as_json: bool, **flags: Any) -> None:
         max_attempts=int(env.get("DESTRA_MAX_REISSUES") or 3),
         reissue_grace_ms=int(env.get("DESTRA_REISSUE_GRACE_MS") or 60_000),
         queue_timeout_ms=int(env.get("DESTRA_QUEUE_TIMEOUT_MS") or 120_000),
-        network=settings.topic_prefix)
+        network=settings.topic_prefix, rules=rules_from(env))
     report = run_audit(records, Genesis.load(settings.genesis_path), config)
     emit(report.as_dict(), as_json, lambda _: "\n".join(
         [str(d) for d in report.discrepancies]

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from allocator.pricing import effective_tier, tier_of
+from allocator.trust import DEFAULT_RULES, TrustRules
 from ledger.decider import DEFAULT_FEE_BPS, LedgerDecider
 from schemas import Event
 from schemas.errors import DestraError
@@ -136,6 +137,9 @@ class AuditConfig:
     unplaced_grace_ms: int = 60_000
     """How long past its queue timeout an escrowed task may still be unplaced and
     unfailed before it is named (the allocator judges on its own ticks)."""
+    rules: TrustRules = DEFAULT_RULES
+    """Adaptive trust's rules (``DESTRA_TRUSTED_AFTER``, ``DESTRA_SPOT_*``): round sizes
+    and dissent slashes depend on them."""
 
 
 @dataclass
@@ -599,7 +603,7 @@ def audit(records: Iterable[Record], genesis: Genesis | None,
         elif r.event.name == "RevealOpened":
             ticks.add(f["reveal_deadline"] + 1)
     verifier = Verifier("audit", max_attempts=config.max_attempts,
-                        reissue_grace_ms=config.reissue_grace_ms)
+                        reissue_grace_ms=config.reissue_grace_ms, rules=config.rules)
     verifier_out = _replay(verifier, ordered, valid, ticks)
     logged_verifier = [r for r in authentic if r.event.name in (
         "TaskVerified", "NodePenalized", "ReissueRequested", "RevealOpened")
