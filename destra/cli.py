@@ -869,6 +869,71 @@ def audit(as_json: bool, **flags: Any) -> None:
         sys.exit(1)
 
 
+def _standing(row: dict[str, Any]) -> str:
+    return "trusted" if row["trusted"] else "eligible" if row["eligible"] else "no stake"
+
+
+@cli.command()
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def reputation(as_json: bool, **flags: Any) -> None:
+    """Each node's trust, folded from the topics as the allocator folds it: streak,
+    agreements, dissents, no-shows, missed reveals, stake left, whether it runs adaptive
+    tasks alone and its spot-check rate (DESTRA_TRUSTED_AFTER, DESTRA_SPOT_* apply)."""
+    import os
+
+    from allocator.trust import Reputation
+    from destra.processors import rules_from
+    from infra import services
+    from ledger.audit import Record, log_order
+    from schemas import decode
+    from schemas.errors import EventError
+    from streams.authority import Genesis
+    from streams.reading import read_all
+    from streams.topics import topic_for
+
+    settings = load_settings(**flags)
+    bootstrap = kafka_address(settings, services)
+    genesis = Genesis.load(settings.genesis_path)
+    rules = rules_from(os.environ)
+    names = ("NodeRegistered", "TaskVerified", "NodePenalized", "LedgerEntryPosted")
+    records = []
+    for topic in sorted({topic_for(n).name(settings.topic_prefix) for n in names}):
+        for msg in read_all(bootstrap, topic):
+            try:
+                event = decode(msg.value() or b"")
+            except EventError:
+                continue
+            if event.name in names and genesis.check(event) is None:
+                records.append(Record(event, msg.topic(), msg.partition(), msg.offset(),
+                                      msg.timestamp()[1]))
+    fold = Reputation()
+    for r in log_order(records):
+        f = r.event.fields
+        if r.event.name == "NodeRegistered":
+            fold.on_registered(f["node_id"], r.timestamp)
+        elif r.event.name == "TaskVerified":
+            fold.on_verdict(f["contributions"])
+        elif r.event.name == "NodePenalized":
+            fold.on_penalized(f["node_id"], f["reason"])
+        elif f["account"].startswith("stake:"):
+            fold.on_stake(f["account"][len("stake:"):], f["amount_micro"])
+    rows = [{"node_id": node, "trusted": rules.trusted(rec), "eligible": rules.eligible(rec),
+             "streak": rec.streak, "agreements": rec.agreements, "dissents": rec.dissents,
+             "no_shows": rec.no_shows, "no_reveals": rec.no_reveals,
+             "stake_micro": rec.stake_micro,
+             "spot_check_permille": rules.spot_permille(rec) if rules.trusted(rec) else None}
+            for node, rec in sorted(fold.records.items())]
+    emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['node_id']:<24} {_standing(r):<9}"
+        f" streak {r['streak']:>5}  agreed {r['agreements']:>6}  dissented {r['dissents']:>4}"
+        f"  no-shows {r['no_shows']:>3}  missed reveals {r['no_reveals']:>3}"
+        f"  stake {r['stake_micro']:>12}"
+        + (f"  spot checks {r['spot_check_permille'] / 10:g} %"
+           if r['spot_check_permille'] is not None else "")
+        for r in rs) or "no nodes")
+
+
 cli.add_command(keys)
 cli.add_command(status)
 cli.add_command(tasks)

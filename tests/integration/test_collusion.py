@@ -25,7 +25,10 @@ Run with ``-s`` to see where each task was placed, round by round, and how it en
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -394,6 +397,19 @@ def test_adaptive_trust_overturns_colluders_placed_together(net: LocalNetwork) -
                         for p in outcome.penalties)), n
     check_colluders_lied(outcome)
     check_books(net, outcome, HONEST)
+    # What an operator sees: `destra reputation` folds the same topics the allocator does.
+    shown = subprocess.run([sys.executable, "-m", "destra", "reputation", "--json"],
+                           env=net.env(), text=True, capture_output=True, timeout=180,
+                           check=False)
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["node_id"]: r for r in json.loads(shown.stdout)}
+    for n in COLLUDERS:
+        dissents = sum(p.fields["node_id"] == n and p.fields["reason"] == "dissent"
+                       for p in outcome.penalties)
+        assert rows[n]["dissents"] == dissents >= 1 and rows[n]["agreements"] == 0, rows[n]
+    for n in HONEST:
+        assert rows[n]["dissents"] == 0 and rows[n]["agreements"] >= 1, rows[n]
+        assert rows[n]["stake_micro"] == STAKE and rows[n]["eligible"], rows[n]
     failed = Counter(outcome.verdict(t).fields["reason"] for t, p in outcome.done.items()
                      if p.state != "verified")
     print(f"adaptive trust: {len(outcome.done)} tasks (failed, refunded: {dict(failed)}), "
