@@ -10,9 +10,10 @@ state and is rebuilt by replaying those events, like every other state.
 ``TrustRules`` turns a record into placement (``Plan``) for a task submitted with
 ``trust="adaptive"``, after BOINC's adaptive replication:
 
-* a node is *trusted* after ``trusted_after`` consecutive agreements, while it
-  keeps at least ``min_stake_micro`` at stake; a new identity starts untrusted, so a
-  Sybil that re-registers after a slash starts again from nothing and must stake;
+* a node is *trusted* after ``trusted_after`` consecutive agreements (doubled for
+  each dissent on its record), while it keeps at least ``min_stake_micro`` at stake;
+  a new identity starts untrusted, so a Sybil that re-registers after a slash starts
+  again from nothing and must stake;
 * a task goes to one trusted node; with the node's *spot-check rate* a second node,
   drawn uniformly among all eligible nodes of other operators, runs it too. The
   rate falls with the streak and rises as the stake shrinks, and never falls below
@@ -85,9 +86,16 @@ class TrustRules:
         if self.trusted_after < 1 or self.bootstrap_replicas < 2 or self.max_rounds < 1:
             raise ValueError("trusted_after >= 1, bootstrap_replicas >= 2, max_rounds >= 1")
 
+    def streak_needed(self, record: Record) -> int:
+        """Agreements in a row a node needs to run alone: ``trusted_after``, doubled for
+        each dissent it has on record (up to 16 x): a node caught with a wrong result
+        earns trust back ever more slowly, so one that builds trust to cheat gets few
+        turns (an honest node whose floats once differed loses little)."""
+        return self.trusted_after << min(record.dissents, 4)
+
     def trusted(self, record: Record | None) -> bool:
         """Whether the node has earned single-replica placement."""
-        return (record is not None and record.streak >= self.trusted_after
+        return (record is not None and record.streak >= self.streak_needed(record)
                 and record.stake_micro >= self.min_stake_micro)
 
     def eligible(self, record: Record | None) -> bool:
@@ -96,7 +104,7 @@ class TrustRules:
 
     def spot_permille(self, record: Record) -> int:
         """The chance, per thousand, that a task placed on this trusted node is checked."""
-        beyond = max(0, record.streak - self.trusted_after)
+        beyond = max(0, record.streak - self.streak_needed(record))
         rate = self.spot_max_permille * self.spot_halving_streak // (
             self.spot_halving_streak + beyond)
         stake = max(record.stake_micro, self.reference_stake_micro // 2)

@@ -103,7 +103,9 @@ def test_trust_is_earned_by_a_streak_and_lost_by_a_dissent_or_a_spent_stake() ->
     record = rep.get("a")
     assert record is not None and (record.streak, record.dissents, record.agreements) == (0, 1, 2)
     assert not rules.trusted(record)
-    rep.on_verdict([{"node_id": "a", "agreed": True}] * 1)
+    for _ in range(3):
+        rep.on_verdict([{"node_id": "a", "agreed": True}])
+    assert not rules.trusted(rep.get("a")), "after a dissent it takes twice the streak"
     rep.on_verdict([{"node_id": "a", "agreed": True}])
     assert rules.trusted(rep.get("a"))
     rep.on_stake("a", -2_500_000)  # slashed under the minimum
@@ -312,3 +314,19 @@ def test_an_adaptive_plan_under_the_submitters_floor_is_refused() -> None:
     verdict = sim.verdict("t0")
     assert verdict is not None and verdict.name == "TaskVerified"
     assert len(verdict.fields["contributions"]) >= 3
+
+
+def test_a_node_caught_once_needs_twice_the_streak_to_run_alone_again() -> None:
+    rules = TrustRules(trusted_after=3)
+    rep = Reputation()
+    rep.on_registered("a", 0)
+    rep.on_stake("a", 5_000_000)
+    for agreed in [True] * 3 + [False] + [True] * 5:
+        rep.on_verdict([{"node_id": "a", "agreed": agreed}])
+    record = rep.get("a")
+    assert record is not None and record.streak == 5 and not rules.trusted(record)
+    rep.on_verdict([{"node_id": "a", "agreed": True}])
+    assert rules.trusted(record) and rules.streak_needed(record) == 6
+    assert rules.spot_permille(record) == rules.spot_max_permille, "just trusted again"
+    record.dissents = 30
+    assert rules.streak_needed(record) == 3 * 16
