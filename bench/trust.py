@@ -157,6 +157,8 @@ NETWORK_POLICIES: dict[str, NetworkPolicy] = {
                                  spot_max_permille=200),
     "adaptive-spot100": _adaptive("adaptive, spot checks 10-50 %", spot_min_permille=100),
     "adaptive-spot250": _adaptive("adaptive, spot checks 25-50 %", spot_min_permille=250),
+    "adaptive-new90": _adaptive("adaptive, newly trusted checked 90 %, then down to 5 %",
+                                spot_max_permille=900),
 }
 
 
