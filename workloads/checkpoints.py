@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from struct import error as struct_error
@@ -184,8 +185,9 @@ class Checkpointed(ABC):
 
     @abstractmethod
     def final_result(self, params: dict[str, Any], state: Any,
-                     device: torch.device) -> WorkloadResult:
-        """The result of ``run(params)`` from the state after the last segment."""
+                     device: torch.device, started_ns: int | None = None) -> WorkloadResult:
+        """The result of ``run(params)`` from the state after the last segment; its runtime
+        counted from ``started_ns`` when given (``run_whole``), else from now."""
 
     def state_bytes(self, state: Any) -> bytes:
         """Exact encoding of ``state`` (float bits kept): what a segment resumes from."""
@@ -302,6 +304,19 @@ def checkpoint_leaves(workload: Checkpointed, params: dict[str, Any], device: to
             state = workload.advance(params, state, segment, device)
             leaves.append(leaf_of(workload, state))
     return leaves, state
+
+
+def run_whole(workload: Checkpointed, params: dict[str, Any], device: torch.device
+              ) -> WorkloadResult:
+    """``run()`` of a checkpointed workload: every segment, then ``final_result``, with no
+    leaves. The one computation behind ``run()``, a replica's recorded run and a referee's
+    segment, so they cannot drift apart."""
+    started = time.perf_counter_ns()
+    with deterministic(device):
+        state = workload.initial_state(params, device)
+        for segment in range(workload.segments(params)):
+            state = workload.advance(params, state, segment, device)
+        return workload.final_result(params, state, device, started)
 
 
 def run_checkpointed(workload: Checkpointed, params: dict[str, Any], device: torch.device

@@ -14,14 +14,13 @@ from workloads.base import (
     Workload,
     WorkloadResult,
     cpu_generator,
-    deterministic,
     finish,
     mebibytes,
     seed_spec,
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64, tensor_bytes
-from workloads.checkpoints import Checkpointed, split_evenly, want_int, want_tensor
+from workloads.checkpoints import Checkpointed, run_whole, split_evenly, want_int, want_tensor
 from workloads.lazy import torch
 
 # Fields up to 256 x 256 travel whole; larger ones as a strided preview plus a hash.
@@ -71,37 +70,9 @@ class Heat2d(Workload, Checkpointed):
         return mebibytes(8 * 5 * params["grid"] ** 2)
 
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
-        """Diffuse, then hash the rounded field (whole, or a preview plus its SHA-256)."""
-        started = time.perf_counter_ns()
-        g, alpha = params["grid"], params["alpha"]
-        gen = cpu_generator(params["seed"])
-        with deterministic(device):
-            lat = torch.linspace(-math.pi / 2, math.pi / 2, g, dtype=torch.float64)
-            u = torch.cos(lat).clamp(min=0.0).unsqueeze(1).repeat(1, g)
-            anomaly = 0.1 * torch.randn(g - 2, g - 2, generator=gen, dtype=torch.float64)
-            u[1:-1, 1:-1] += anomaly
-            u = u.to(device)
-            for _ in range(params["steps"]):
-                inner = u[1:-1, 1:-1]
-                lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4.0 * inner
-                # The right side is computed in full before the copy, so no read sees a write.
-                u[1:-1, 1:-1] = inner + alpha * lap
-            rounded = round_tensor(u, self.digest_bits)
-            stats = round_tensor(torch.stack([u.mean(), u.min(), u.max()]), self.digest_bits)
-            body: dict[str, Any] = {"mean": float(stats[0]), "min": float(stats[1]),
-                                    "max": float(stats[2])}
-            if g * g <= _FULL_FIELD_CELLS:
-                body["field"] = tensor_b64(rounded)
-            else:
-                stride = -(-g // _PREVIEW)
-                body["preview"] = tensor_b64(rounded[::stride, ::stride].contiguous())
-                body["preview_stride"] = stride
-                body["field_sha256"] = hashlib.sha256(tensor_bytes(rounded)).hexdigest()
-        output = canonical_json({"workload": self.name, "params": params,
-                                 "digest_bits": self.digest_bits, **body})
-        summary = {"mean": body["mean"], "min": body["min"], "max": body["max"],
-                   "cells": g * g}
-        return finish(output, summary, started, device)
+        """Diffuse, then hash the rounded field (whole, or a preview plus its SHA-256):
+        every segment, then ``final_result`` (``run_whole``)."""
+        return run_whole(self, params, device)
 
     # ------------------------------------------------------------------ checkpoints
     # Segment = k time steps (k = ceil(steps / 64)); the state is the float64 field.
@@ -154,9 +125,9 @@ class Heat2d(Workload, Checkpointed):
                          u=want_tensor(fields, "u", torch.float64, (g, g), device))
 
     def final_result(self, params: dict[str, Any], state: HeatState,
-                     device: torch.device) -> WorkloadResult:
+                     device: torch.device, started_ns: int | None = None) -> WorkloadResult:
         """run()'s output from the final field."""
-        started = time.perf_counter_ns()
+        started = time.perf_counter_ns() if started_ns is None else started_ns
         if state.step != params["steps"]:
             raise InvalidParams(f"{self.name}: state after step {state.step} is not final")
         g, u = params["grid"], state.u

@@ -15,14 +15,13 @@ from workloads.base import (
     Workload,
     WorkloadResult,
     cpu_generator,
-    deterministic,
     finish,
     mebibytes,
     seed_spec,
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64
-from workloads.checkpoints import Checkpointed, split_evenly, want_int, want_tensor
+from workloads.checkpoints import Checkpointed, run_whole, split_evenly, want_int, want_tensor
 from workloads.lazy import torch
 
 N_FEATURES = 64
@@ -116,61 +115,10 @@ class MlpDigits(Workload, Checkpointed):
         rows = max(min(params["batch_size"], n_train), n_test)
         return mebibytes(8 * ((n_train + n_test) * N_FEATURES + 3 * rows * h + 4 * n_params))
 
-    def train(self, params: dict[str, Any], device: torch.device
-              ) -> tuple[dict[str, torch.Tensor], int, int, float]:
-        """Train; return (weights, correct test predictions, test size, last batch loss)."""
-        gen = cpu_generator(params["seed"])
-        features, labels = _digits()
-        perm = torch.randperm(len(labels), generator=gen)
-        n_train, n_test = _split_sizes()
-        x = torch.tensor(features, device=device)[perm.to(device)]
-        y = torch.tensor(labels, device=device)[perm.to(device)]
-        x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-        h = params["hidden"]
-
-        def uniform(*shape: int, fan_in: int) -> torch.Tensor:
-            # PyTorch's Linear default range, drawn on the CPU (see cpu_generator).
-            bound = fan_in ** -0.5
-            t = (torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-            return t.to(device).requires_grad_()
-
-        weights = {"w1": uniform(N_FEATURES, h, fan_in=N_FEATURES),
-                   "b1": uniform(h, fan_in=N_FEATURES),
-                   "w2": uniform(h, N_CLASSES, fan_in=h),
-                   "b2": uniform(N_CLASSES, fan_in=h)}
-
-        def logits(batch: torch.Tensor) -> torch.Tensor:
-            hidden = torch.relu(batch @ weights["w1"] + weights["b1"])
-            return hidden @ weights["w2"] + weights["b2"]
-
-        # foreach=False: the same per-tensor arithmetic on CPU and CUDA.
-        opt = torch.optim.Adam(weights.values(), lr=params["lr"], foreach=False)
-        loss = torch.zeros((), dtype=torch.float64)
-        for _ in range(params["epochs"]):
-            order = torch.randperm(n_train, generator=gen).to(device)
-            for start in range(0, n_train, params["batch_size"]):
-                idx = order[start:start + params["batch_size"]]
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(logits(x_train[idx]), y_train[idx])
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            correct = int((logits(x_test).argmax(dim=1) == y_test).sum().item())
-        return {k: v.detach() for k, v in weights.items()}, correct, n_test, float(loss.item())
-
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
-        """Train, then hash the rounded weights and the correct-prediction count."""
-        started = time.perf_counter_ns()
-        with deterministic(device):
-            weights, correct, n_test, loss = self.train(params, device)
-            encoded = {k: tensor_b64(round_tensor(v, self.digest_bits))
-                       for k, v in weights.items()}
-        output = canonical_json({"workload": self.name, "params": params,
-                                 "digest_bits": self.digest_bits, "correct": correct,
-                                 "test_size": n_test, "weights": encoded})
-        summary = {"accuracy": correct / n_test, "correct": correct, "test_size": n_test,
-                   "final_batch_loss": loss}
-        return finish(output, summary, started, device)
+        """Train, then hash the rounded weights and the correct-prediction count:
+        every segment (epochs), then ``final_result`` (``run_whole``)."""
+        return run_whole(self, params, device)
 
     # ------------------------------------------------------------------ checkpoints
     # Segment = k epochs (k = ceil(epochs / 64)). An epoch boundary is where run()'s loop
@@ -294,9 +242,9 @@ class MlpDigits(Workload, Checkpointed):
                         step=want_int(fields, "step", 0, _MAX_ADAM_STEPS), rng=rng.clone())
 
     def final_result(self, params: dict[str, Any], state: MlpState,
-                     device: torch.device) -> WorkloadResult:
+                     device: torch.device, started_ns: int | None = None) -> WorkloadResult:
         """run()'s output from the trained weights: rounded weights and the test count."""
-        started = time.perf_counter_ns()
+        started = time.perf_counter_ns() if started_ns is None else started_ns
         if state.epoch != params["epochs"]:
             raise InvalidParams(f"{self.name}: state after epoch {state.epoch} is not final")
         _, _, x_test, y_test, _ = self._data(params, device)

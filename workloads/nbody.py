@@ -12,14 +12,13 @@ from workloads.base import (
     Workload,
     WorkloadResult,
     cpu_generator,
-    deterministic,
     finish,
     mebibytes,
     seed_spec,
     units,
 )
 from workloads.canonical import canonical_json, round_tensor, tensor_b64
-from workloads.checkpoints import Checkpointed, split_evenly, want_int, want_tensor
+from workloads.checkpoints import Checkpointed, run_whole, split_evenly, want_int, want_tensor
 from workloads.lazy import torch
 
 # Pair interactions per force chunk: bounds each (rows, n, 3) float64 temporary at 48 MiB.
@@ -111,36 +110,9 @@ class NBody(Workload, Checkpointed):
         return mebibytes(8 * (10 * n + 4 * 3 * min(rows, n) * n))
 
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
-        """Integrate, then hash the rounded state and the rounded relative energy drift."""
-        started = time.perf_counter_ns()
-        n, dt, eps2 = params["n"], params["dt"], params["softening"] ** 2
-        gen = cpu_generator(params["seed"])
-        with deterministic(device):
-            mass = (0.5 + torch.rand(n, generator=gen, dtype=torch.float64)) / n
-            pos = torch.randn(n, 3, generator=gen, dtype=torch.float64)
-            vel = 0.1 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
-            mass, pos, vel = mass.to(device), pos.to(device), vel.to(device)
-            # Zero total momentum, so the cloud does not drift as a whole.
-            vel = vel - (mass.unsqueeze(1) * vel).sum(dim=0) / mass.sum()
-            e0 = _energy(pos, vel, mass, eps2)
-            acc = _accelerations(pos, mass, eps2)
-            for _ in range(params["steps"]):
-                vel = vel + 0.5 * dt * acc
-                pos = pos + dt * vel
-                acc = _accelerations(pos, mass, eps2)
-                vel = vel + 0.5 * dt * acc
-            e1 = _energy(pos, vel, mass, eps2)
-            drift = abs((e1 - e0) / e0)
-            bits = self.digest_bits
-            state = {"positions": tensor_b64(round_tensor(pos, bits)),
-                     "velocities": tensor_b64(round_tensor(vel, bits))}
-            # The drift is a small difference of large sums, so its noise is absolute
-            # (~1e-15), not relative: quantize it on a fixed 2^-30 grid.
-            drift_rounded = round(drift * _DRIFT_GRID) / _DRIFT_GRID
-        output = canonical_json({"workload": self.name, "params": params, "digest_bits": bits,
-                                 "energy_drift": drift_rounded, **state})
-        summary = {"energy_start": e0, "energy_end": e1, "relative_energy_drift": drift}
-        return finish(output, summary, started, device)
+        """Integrate, then hash the rounded state and the rounded relative energy drift:
+        every segment, then ``final_result`` (``run_whole``)."""
+        return run_whole(self, params, device)
 
     # ------------------------------------------------------------------ checkpoints
     # Segment = k leapfrog steps (k = ceil(steps / 64)).
@@ -206,9 +178,9 @@ class NBody(Workload, Checkpointed):
                           e0=want_tensor(fields, "e0", f64, (), torch.device("cpu")))
 
     def final_result(self, params: dict[str, Any], state: NBodyState,
-                     device: torch.device) -> WorkloadResult:
+                     device: torch.device, started_ns: int | None = None) -> WorkloadResult:
         """run()'s output from the final positions and velocities."""
-        started = time.perf_counter_ns()
+        started = time.perf_counter_ns() if started_ns is None else started_ns
         if state.step != params["steps"]:
             raise InvalidParams(f"{self.name}: state after step {state.step} is not final")
         e0 = float(state.e0.item())

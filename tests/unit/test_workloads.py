@@ -331,3 +331,32 @@ def test_canonical_json_refuses_nan() -> None:
     assert canonical_json({"b": 1, "a": [0.5]}) == b'{"a":[0.5],"b":1}'
     with pytest.raises(WorkloadFailed):
         canonical_json({"x": math.nan})
+
+
+GOLDEN = [
+    ("heat2d", {"grid": "8", "steps": "1"},
+     "0472c2334cc5f35b6a129baa163c542faa222e35295fe27540b830843a19efc9"),
+    ("heat2d", {"grid": "16", "steps": "130", "seed": "3"},
+     "ebff51c3f025ce232892d91bd5f34c4c33bcdf616aa087a17110f55889954447"),
+    ("heat2d", {"grid": "200", "steps": "3"},
+     "ba76b70bcc1142f61ce04be6d92947b35cc7713cdf635498f0a186b940177a7b"),
+    ("nbody", {"n": "16", "steps": "150", "seed": "2"},
+     "ce41186082ba170fdc1cfc02e7d0c7cc84aca0b3629da8a1fba56ccedbede666"),
+    ("nbody", {"n": "8", "steps": "1"},
+     "d3265b34ad21613d1b7692094a5d36eed0163a2adc5b8c01f53e10d7673d32dd"),
+    ("mlp-digits", {"hidden": "8", "epochs": "70", "seed": "5"},
+     "6bbe3971b579b3f5ee78b7b8cdf4b05b932a753874eeacb3ece0dc512fc37072"),
+    ("mlp-digits", {"hidden": "16", "epochs": "2"},
+     "84aea1ccf6330c3ad2128ea301e6ee7251b0ea3c429ac6d48f55718b43288fbe"),
+    ("mlp-digits", {"hidden": "8", "epochs": "3", "batch_size": "2048", "lr": "0.05"},
+     "69d1d4295b5f91b36b6127341382f37268c420736d93142172f1e3a8d15c96b3"),
+]
+"""Digests on this CPU of ``run()`` before the iterative workloads ran segment by segment
+(``workloads.checkpoints.run_whole``): a replica of an older version must still agree."""
+
+
+@pytest.mark.parametrize(("name", "raw", "digest"), GOLDEN)
+def test_iterative_workloads_keep_their_digests(name: str, raw: dict[str, str],
+                                                digest: str) -> None:
+    w = get_workload(name)
+    assert w.run(w.validate(dict(raw)), torch.device("cpu")).digest.hex() == digest
