@@ -96,3 +96,18 @@ def genesis_env(settings: Settings) -> dict[str, str]:
     """The variables that give a spawned process the network's genesis and service keys."""
     return {"DESTRA_GENESIS": str(settings.genesis_path),
             "DESTRA_SERVICE_KEYS": str(settings.service_keys)}
+
+
+def network_balances(net: LocalNetwork, schema: str | None = None) -> dict[str, int]:
+    """Every balance of a live network's ledger, projected into Postgres now (in its own
+    schema, fresh unless named) and checked to sum to zero."""
+    from ledger.projection import LedgerProjection
+    from ledger.service import project_to_now
+
+    projection = LedgerProjection(net.pg_dsn, schema or f"bal{random.randrange(1 << 30):x}")
+    try:
+        project_to_now(net.settings, net.bootstrap, projection)
+        projection.check()
+        return dict(projection.balances())
+    finally:
+        projection.close()

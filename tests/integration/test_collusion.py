@@ -26,7 +26,6 @@ Run with ``-s`` to see where each task was placed, round by round, and how it en
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -46,13 +45,11 @@ from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.book import escrow, stake
 from ledger.processor import wait_for_transactions
-from ledger.projection import LedgerProjection
-from ledger.service import project_to_now
 from schemas import Event, decode
 from streams.reading import read_all
 from streams.topics import inbox_topic
 from tests.colluder import collusion_digest
-from tests.support import TEARDOWN_GRACE_S, eventually
+from tests.support import TEARDOWN_GRACE_S, eventually, network_balances
 from workloads import get_workload
 from workloads.canonical import sha256
 
@@ -106,16 +103,6 @@ def start_colluder(net: LocalNetwork, name: str, operator: str, stake_micro: int
     net.join_node(name)
     net.spawn(f"node-{name}", "-m", "tests.colluder", "--name", name, "--operator", operator,
               "--stake", str(stake_micro), "--slots", str(slots), producer_id=name)
-
-
-def _balances(net: LocalNetwork) -> dict[str, int]:
-    projection = LedgerProjection(net.pg_dsn, f"col{random.randrange(1 << 30):x}")
-    try:
-        project_to_now(net.settings, net.bootstrap, projection)
-        projection.check()
-        return dict(projection.balances())
-    finally:
-        projection.close()
 
 
 def _by_task(events: list[Event]) -> dict[str, list[Event]]:
@@ -197,7 +184,7 @@ def start_network(net: LocalNetwork, honest: list[str], honest_slots: int,
     for n in COLLUDERS:
         start_colluder(net, n, _operator(n), STAKE, colluder_slots)
     net.wait_registered(nodes)
-    eventually(lambda: all(_balances(net).get(stake(n)) == STAKE for n in nodes),
+    eventually(lambda: all(network_balances(net).get(stake(n)) == STAKE for n in nodes),
                timeout=90, interval=0.5)
 
 
@@ -308,7 +295,7 @@ def check_books(net: LocalNetwork, outcome: Outcome, honest: list[str]) -> dict[
                for t, p in outcome.done.items()]
     wait_for_transactions(net.settings, net.bootstrap, closing + [
         f"slash/{p.event_id}" for p in outcome.penalties], timeout_s=120)
-    balances = _balances(net)
+    balances = network_balances(net)
     assert all(balances.get(escrow(t), 0) == 0 for t in outcome.honest)
     for n in honest + COLLUDERS:
         slashed = sum(p.fields["slash_micro"] for p in outcome.penalties

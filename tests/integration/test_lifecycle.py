@@ -19,12 +19,11 @@ from destra.settings import Settings
 from ledger.book import TREASURY, escrow, stake, user
 from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
-from ledger.projection import LedgerProjection
-from ledger.service import project_to_now, replay
+from ledger.service import replay
 from schemas import Event, decode
 from streams.reading import read_all
 from streams.topics import topic_for
-from tests.support import running_network
+from tests.support import network_balances, running_network
 from verifier.proof_of_sync import Reason
 from verifier.service import PENALTY_MICRO
 from workloads import get_workload
@@ -83,16 +82,6 @@ def _mix(i: int) -> tuple[str, dict[str, str]]:
 def _honest_digest(workload: str, params: dict[str, str]) -> bytes:
     w = get_workload(workload)
     return w.run(w.validate(params), torch.device("cpu")).digest
-
-
-def _balances(net: LocalNetwork, schema: str) -> dict[str, int]:
-    projection = LedgerProjection(net.pg_dsn, schema)
-    try:
-        project_to_now(net.settings, net.bootstrap, projection)
-        projection.check()
-        return dict(projection.balances())
-    finally:
-        projection.close()
 
 
 def _expected(verdicts: list[Event], prices: dict[str, int], units: dict[str, int],
@@ -174,7 +163,7 @@ def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exa
     slashes = [f"slash/{p.event_id}" for p in penalties][:STAKE // PENALTY_MICRO[Reason.DISSENT]]
     wait_for_transactions(net.settings, net.bootstrap,
                           [f"settle/{v.fields['task_id']}" for v in verdicts] + slashes)
-    balances = _balances(net, "public")
+    balances = network_balances(net, "public")
     assert balances.get(node_wallet("n4"), 0) == 0
     assert balances == expected
     assert all(balances.get(escrow(t), 0) == 0 for t in submitted)
@@ -235,7 +224,7 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
     assert len(settles) == 1
     ids = Counter(e.fields["entry_id"] for e in entries)
     assert max(ids.values()) == 1
-    balances = _balances(net, "public")
+    balances = network_balances(net, "public")
     assert balances.get(node_wallet(victim), 0) == 0
     assert balances[node_wallet(spare)] > 0
     assert balances.get(escrow(task_id), 0) == 0
