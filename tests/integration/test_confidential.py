@@ -28,8 +28,8 @@ from schemas.samples import with_fields
 from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.security import client_config
-from tests.integration.test_lifecycle import FUNDS, _balances, _events, _mint
-from tests.support import running_network, service_signed
+from tests.integration.test_lifecycle import FUNDS, _events, _mint
+from tests.support import network_balances, running_network, service_signed
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -219,7 +219,7 @@ def test_a_task_whose_key_is_never_granted_fails_no_data_key_refunded_nobody_pen
     assert progress.committed == 0 and progress.granted == 0 and progress.assigned == 3
     assert _events(net.settings, net.bootstrap, "NodePenalized") == []
     wait_for_transactions(net.settings, net.bootstrap, [f"refund/{task_id}"])
-    balances = _balances(net, "public")
+    balances = network_balances(net, "public")
     assert balances[user("alice")] == FUNDS and balances.get(escrow(task_id), 0) == 0
 
 
