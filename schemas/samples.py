@@ -135,12 +135,21 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
         "proposal_id": "prop-12", "proposer_id": "op-lisbon-lab",
         "title": "Lower the network fee to 2%",
         "description": "Fees have covered operations for three months; pass the surplus on.",
-        "parameter": "network_fee_permille", "new_value": "20",
-        "voting_ends_at": SAMPLE_TIME_MS + 7 * 86_400_000,
+        "parameter": "fee_bps", "new_value": "200",
+        "voting_ends_at": SAMPLE_TIME_MS + 7 * 86_400_000, "deposit_micro": 10_000_000,
     },
     "VoteCast": lambda: {
         "proposal_id": "prop-12", "voter_id": "op-lisbon-lab", "choice": "YES",
-        "weight_micro": 250_000_000,
+        "weight_micro": 250_000_000, "ballot": None,
+    },
+    "ProposalDecided": lambda: {
+        "proposal_id": "prop-12", "outcome": "PASSED", "yes_micro": 300_000_000,
+        "no_micro": 100_000_000, "abstain_micro": 0, "bonded_micro": 900_000_000,
+        "ballots": 4, "deposit": "REFUND", "detail": "yes 75.0% of yes + no > 50.0%",
+    },
+    "ParameterChanged": lambda: {
+        "parameter": "fee_bps", "value": 200, "effective_at": SAMPLE_TIME_MS + 1_000,
+        "proposal_id": "prop-12",
     },
     "DeadLettered": lambda: {
         "source_topic": "destra.tasks", "source_partition": 3, "source_offset": 1_024,

@@ -27,7 +27,7 @@ from schemas.errors import ConfigError, UnauthenticatedEvent
 from schemas.events import Event
 from schemas.signatures import PUBLIC_KEY_BYTES, KeyPair, sign_event, verify_event
 
-ROLES = ("allocator", "verifier", "ledger", "treasury", "pricing")
+ROLES = ("allocator", "verifier", "ledger", "treasury", "pricing", "governance")
 """The network's service roles, each with its own key."""
 
 AUTHORITY: Mapping[str, tuple[str, ...]] = MappingProxyType({
@@ -41,6 +41,8 @@ AUTHORITY: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "LedgerEntryPosted": ("ledger",),
     "TokensMinted": ("treasury",),
     "PriceUpdated": ("pricing",),
+    "ProposalDecided": ("governance",),
+    "ParameterChanged": ("governance",),
 })
 """Event types only services emit, and the roles that may sign each. Every other event
 is an outside party's (a node, a submitter), checked by the service that reads it."""

@@ -148,10 +148,17 @@ TOPICS: tuple[TopicSpec, ...] = (
                   "for ever, not compacted, so the first binding of an id is never lost"),
     TopicSpec("ledger.entries", "account", ("LedgerEntryPosted",), 6,
               doc="money movements the ledger processor decided; the Postgres ledger folds them"),
-    TopicSpec("market.prices", "tier", ("PriceUpdated",), 1, cleanup="compact",
-              doc="current price per compute unit, per tier"),
-    TopicSpec("governance", "proposal_id", ("ProposalSubmitted", "VoteCast"), 3,
-              doc="proposals and votes"),
+    TopicSpec("market.prices", "tier", ("PriceUpdated",), 1,
+              doc="every price per compute unit the price engine set, per tier, kept for "
+                  "ever (not compacted): the ledger judges a quote by the prices in force "
+                  "over its validity, on replay too"),
+    TopicSpec("governance", "proposal_id", ("ProposalSubmitted", "VoteCast",
+                                            "ProposalDecided"), 3, broker_time=True,
+              doc="proposals, secret ballots and the decided tallies; broker time, by "
+                  "which a ballot after its proposal's close is refused"),
+    TopicSpec("governance.params", "parameter", ("ParameterChanged",), 1,
+              doc="every live-parameter change a passed proposal made (streams.params), "
+                  "kept for ever: every processor follows them, on replay too"),
     TopicSpec("deadletter", "source_topic", ("DeadLettered",), 3,
               doc="records that failed to decode or validate, with the reason and original bytes"),
     TopicSpec("processors.leases", "unit", (), 3,

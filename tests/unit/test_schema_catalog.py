@@ -21,7 +21,8 @@ EVENTS = {
     "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed", "NodePenalized",
     "LedgerEntryPosted", "TokensMinted", "PriceUpdated", "ProposalSubmitted", "VoteCast",
     "RevealOpened", "ReissueRequested", "AccountRegistered", "DataKeyRefused",
-    "DeadLettered", "CheckpointRequested", "CheckpointProvided",
+    "DeadLettered", "CheckpointRequested", "CheckpointProvided", "ProposalDecided",
+    "ParameterChanged",
 }
 
 

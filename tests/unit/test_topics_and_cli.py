@@ -31,8 +31,8 @@ def test_every_topic_key_is_a_top_level_field_of_its_events() -> None:
 
 def test_state_topics_are_compacted_and_history_is_kept_forever() -> None:
     assert topic_for("NodeRegistered").cleanup == "compact"
-    assert topic_for("PriceUpdated").cleanup == "compact"
-    for event in ("TaskSubmitted", "ResultRevealed", "LedgerEntryPosted", "TaskVerified"):
+    for event in ("TaskSubmitted", "ResultRevealed", "LedgerEntryPosted", "TaskVerified",
+                  "PriceUpdated", "ParameterChanged", "ProposalSubmitted"):
         assert topic_for(event).retention_ms == -1 and topic_for(event).cleanup == "delete"
 
 
@@ -74,7 +74,7 @@ def test_bad_settings_are_refused_with_the_reason(env: dict[str, str], message: 
 def test_schemas_check_passes_on_the_shipped_catalogue() -> None:
     result = CliRunner().invoke(cli, ["schemas", "check"])
     assert result.exit_code == 0, result.output
-    assert "22 schemas are released" in result.output
+    assert "24 schemas are released" in result.output
 
 
 def test_kafka_cluster_ids_never_look_like_command_line_options() -> None:
