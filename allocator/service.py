@@ -48,12 +48,13 @@ from allocator.placement import (
 )
 from allocator.policies import LearnedPolicy, node_shape, task_shape
 from allocator.runtime_model import NodeShape, Observation, TaskShape, analytic_ms
-from allocator.trust import DEFAULT_RULES, Plan, Reputation, TrustRules
+from allocator.trust import DEFAULT_RULES, Plan, Reputation, TrustRules, follow_parameter
 from destra.crypto import verify_event
 from destra.errors import DestraError, NoCapacity
 from destra.freshness import Freshness
 from schemas import Event, new_event
 from streams.journal import ExpiringLog
+from streams.params import ParamSchedule
 from streams.processing import Context, Outcome, Recovery, dispatch
 from workloads import get_workload
 
@@ -118,6 +119,8 @@ class Allocator:
     adapter dead-letters them."""
     freshness: Freshness = field(default_factory=Freshness)
     rules: TrustRules = DEFAULT_RULES
+    params: ParamSchedule = field(default_factory=ParamSchedule)
+    """The live parameters (``streams.params``); ``rules`` follows their governed ones."""
     reputation: Reputation = field(default_factory=Reputation)
     """Every node's verified history (``allocator.trust``), for adaptive tasks."""
     rounds: dict[str, int] = field(default_factory=dict)
@@ -145,7 +148,7 @@ class Allocator:
     name = "allocator"
     inputs = frozenset({"NodeRegistered", "NodeHeartbeat", "TaskSubmitted", "LedgerEntryPosted",
                         "TaskVerified", "TaskFailed", "ReissueRequested", "ResultCommitted",
-                        "ResultRevealed", "NodePenalized"})
+                        "ResultRevealed", "NodePenalized", "ParameterChanged"})
     recovery = Recovery.SNAPSHOT
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
@@ -158,8 +161,14 @@ class Allocator:
             "TaskSubmitted": self.on_submitted, "LedgerEntryPosted": self.on_entry,
             "TaskVerified": self.on_verified, "TaskFailed": self.on_failed,
             "ReissueRequested": self.on_reissue, "ResultCommitted": self.on_committed,
-            "ResultRevealed": self.on_revealed, "NodePenalized": self.on_penalized},
+            "ResultRevealed": self.on_revealed, "NodePenalized": self.on_penalized,
+            "ParameterChanged": self.on_parameter},
             self.rejected, event, ctx)
+
+    def on_parameter(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A passed proposal changed a live parameter; the trust rules follow theirs."""
+        self.rules = follow_parameter(self.params, self.rules, e, self.rejected, where)
+        return []
 
     def wants(self, event: Event) -> bool:
         """Of the ledger's entries only the escrow of a task (one in about eight per task)
@@ -180,7 +189,7 @@ class Allocator:
                         _TICK, ctx)
 
     _SNAPSHOT_FIELDS = ("table", "keys", "outstanding", "tasks", "queue", "reissues",
-                        "reputation", "rounds")
+                        "reputation", "rounds", "params")
     """Bounded by the nodes and the work in flight; the accepted event ids, which grow with
     the input rate, are an expiring log the runner journals (``journals``)."""
 
@@ -197,8 +206,9 @@ class Allocator:
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
-            if name in state:  # reputation and rounds: absent from older snapshots
+            if name in state:  # reputation, rounds, params: absent from older snapshots
                 setattr(self, name, state[name])
+        self.rules = self.rules.with_params(self.params.latest())
         if "freshness" in state:  # a snapshot from before the ids were journaled
             self.freshness.take_over(state["freshness"])
 

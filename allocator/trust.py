@@ -35,10 +35,18 @@ sized against (``bench/trust.py`` prints the break-even).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas import Event
+from streams.params import PARAMS, ParamSchedule
+
 PERMILLE = 1000
+
+GOVERNED = ("trusted_after", "spot_max_permille", "spot_min_permille", "spot_halving_streak")
+"""The rules live network parameters set (``streams.params``), by governance."""
 
 
 @dataclass
@@ -61,16 +69,16 @@ class TrustRules:
     """The parameters of adaptive replication (one home: the allocator and the bench
     read them here)."""
 
-    trusted_after: int = 10
+    trusted_after: int = PARAMS["trusted_after"].default
     """Consecutive agreements before a node runs tasks alone (BOINC: about 10)."""
     min_stake_micro: int = 1_000_000
     """Stake a node must have left to be placed on an adaptive task at all (one dissent's
     slash): an identity whose stake is gone earns nothing until it stakes again."""
-    spot_max_permille: int = 500
+    spot_max_permille: int = PARAMS["spot_max_permille"].default
     """The spot-check rate of a node that has just become trusted."""
-    spot_min_permille: int = 50
+    spot_min_permille: int = PARAMS["spot_min_permille"].default
     """The rate never falls below this, however long the streak."""
-    spot_halving_streak: int = 40
+    spot_halving_streak: int = PARAMS["spot_halving_streak"].default
     """Agreements beyond ``trusted_after`` over which the rate halves."""
     reference_stake_micro: int = 5_000_000
     """At this stake the rate is as above; a node with less is checked more (up to twice
@@ -85,6 +93,10 @@ class TrustRules:
             raise ValueError("0 < spot_min_permille <= spot_max_permille <= 1000")
         if self.trusted_after < 1 or self.bootstrap_replicas < 2 or self.max_rounds < 1:
             raise ValueError("trusted_after >= 1, bootstrap_replicas >= 2, max_rounds >= 1")
+
+    def with_params(self, params: Mapping[str, int]) -> TrustRules:
+        """These rules with the governed ones (``GOVERNED``) as ``params`` has them."""
+        return dataclasses.replace(self, **{name: params[name] for name in GOVERNED})
 
     def streak_needed(self, record: Record) -> int:
         """Agreements in a row a node needs to run alone: ``trusted_after``, doubled for
@@ -140,6 +152,19 @@ class TrustRules:
 
 
 DEFAULT_RULES = TrustRules()
+
+
+def follow_parameter(params: ParamSchedule, rules: TrustRules, change: Event,
+                     rejected: list[tuple[Event, Any, str]], where: Any = None) -> TrustRules:
+    """Apply a ``ParameterChanged`` to ``params`` and return ``rules`` as they now stand (the
+    allocator's and the verifier's, alike); a change out of range is refused."""
+    f = change.fields
+    try:
+        params.apply(f["parameter"], f["value"], f["effective_at"])
+    except ValueError as err:
+        rejected.append((change, where, f"invalid-parameter: {err}"))
+        return rules
+    return rules.with_params(params.at(f["effective_at"]))
 
 
 @dataclass

@@ -104,10 +104,11 @@ from ledger.decider import LedgerDecider, node_wallet  # noqa: E402
 from node_runner.logic import Computed, Fault, NodeLogic  # noqa: E402
 from schemas import Event, new_event  # noqa: E402
 from streams.memory import MemoryRunner  # noqa: E402
+from streams.params import DEFAULTS
 from streams.processing import Context, Outcome, Recovery, Work  # noqa: E402
 from streams.topics import node_view  # noqa: E402
 from verifier.proof_of_sync import Reason  # noqa: E402
-from verifier.service import PENALTY_MICRO, Verifier  # noqa: E402
+from verifier.service import Verifier, slash_parameter  # noqa: E402
 from workloads import get_workload  # noqa: E402
 from workloads.canonical import sha256  # noqa: E402
 
@@ -538,7 +539,7 @@ def break_even(policy: NetworkPolicy) -> list[str]:
     for label, price in (("this bench's task", PriceBook().quote(
             WORKLOAD, units, 1, "consumer", 0, 1, "adaptive").price_micro),
                          ("a 10-token task", 10_000_000), ("a 1,000-token task", 10**9)):
-        slash = rules.dissent_slash_micro(price, PENALTY_MICRO[Reason.DISSENT])
+        slash = rules.dissent_slash_micro(price, DEFAULTS[slash_parameter(Reason.DISSENT)])
         p_star = price / (price + slash)
         p_min = rules.spot_min_permille / 1000
         ev = (1 - p_min) * price - p_min * slash
@@ -642,8 +643,8 @@ def main() -> None:
             say("")
             for line in break_even(policy):
                 say(line)
-    say(f"Dissent slash {PENALTY_MICRO[Reason.DISSENT] / 1e6:g} tokens, no-reveal "
-        f"{PENALTY_MICRO[Reason.NO_REVEAL] / 1e6:g}.")
+    say(f"Dissent slash {DEFAULTS[slash_parameter(Reason.DISSENT)] / 1e6:g} tokens, no-reveal "
+        f"{DEFAULTS[slash_parameter(Reason.NO_REVEAL)] / 1e6:g}.")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

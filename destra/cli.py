@@ -879,7 +879,7 @@ def _standing(row: dict[str, Any]) -> str:
 def reputation(as_json: bool, **flags: Any) -> None:
     """Each node's trust, folded from the topics as the allocator folds it: streak,
     agreements, dissents, no-shows, missed reveals, stake left, whether it runs adaptive
-    tasks alone and its spot-check rate (DESTRA_TRUSTED_AFTER, DESTRA_SPOT_* apply)."""
+    tasks alone and its spot-check rate (DESTRA_PARAM_TRUSTED_AFTER, DESTRA_PARAM_SPOT_* apply)."""
     import os
 
     from allocator.trust import Reputation

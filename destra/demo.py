@@ -96,7 +96,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
                   min_insync_replicas=settings.min_insync_replicas)
     net = LocalNetwork(run, bootstrap, create_database(state.pg_dsn, "demo"), home / "logs",
                        env_extra={"DESTRA_COMMIT_WINDOW_MS": "60000",
-                                  "DESTRA_TRUSTED_AFTER": str(TRUSTED_AFTER)})
+                                  "DESTRA_PARAM_TRUSTED_AFTER": str(TRUSTED_AFTER)})
     try:
         echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
              f"verifier shards (one processors worker), 5 node runners ({DISHONEST} returns "

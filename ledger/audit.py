@@ -138,7 +138,7 @@ class AuditConfig:
     """How long past its queue timeout an escrowed task may still be unplaced and
     unfailed before it is named (the allocator judges on its own ticks)."""
     rules: TrustRules = DEFAULT_RULES
-    """Adaptive trust's rules (``DESTRA_TRUSTED_AFTER``, ``DESTRA_SPOT_*``): round sizes
+    """Adaptive trust's rules (``DESTRA_PARAM_TRUSTED_AFTER``, ``DESTRA_PARAM_SPOT_*``): round sizes
     and dissent slashes depend on them."""
 
 

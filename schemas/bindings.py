@@ -11,6 +11,9 @@ operator's consent to stake a node, a submitter's commitment to a task's data ke
 * **Data-key commitment.** SHA-256 over ``destra/data-key-commitment/1``, the task id
   and the data key, carried in the signed submission: a node handed a key that does not
   match it can show so (``open_refused_grant``).
+* **Ballot context.** ``destra/ballot/1``, the network, the proposal and the voter: what a
+  secret ballot's proof of validity is bound to (``governance.ballot``), so a ballot
+  copied to another voter, proposal or network fails its proof.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from schemas.signatures import KeyPair, sign_event, verify
 
 STAKE_CONSENT = "destra/stake-consent/1"
 DATA_KEY_COMMITMENT = "destra/data-key-commitment/1"
+BALLOT = "destra/ballot/1"
 
 
 def _joined(*parts: str | int | bytes) -> bytes:
@@ -44,6 +48,11 @@ def account_registration(account: str, keys: KeyPair, producer_id: str | None = 
                                 occurred_at=occurred_at, account_id=account,
                                 signing_key=keys.signing_public,
                                 encryption_key=keys.encryption_public), keys, account)
+
+
+def ballot_context(network: str, proposal_id: str, voter_id: str) -> bytes:
+    """What a secret ballot's proof is bound to (``governance.ballot.cast``)."""
+    return _joined(BALLOT, network, proposal_id, voter_id)
 
 
 def stake_consent_message(network: str, operator_id: str, node_id: str,

@@ -174,6 +174,15 @@ class ParamSchedule:
         """Every value in force at ``at_ms``."""
         return Params({name: self.value(name, at_ms) for name in self._schedule})
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParamSchedule) and self._schedule == other._schedule
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def latest(self) -> Params:
+        """Every value as the last change made it, whenever it takes effect."""
+        return self.at(MAX_LONG)
+
     def state(self) -> dict[str, dict[int, int]]:
         """Plain data for a snapshot (``load`` takes it back)."""
         return {name: dict(s) for name, s in self._schedule.items()}

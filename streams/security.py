@@ -248,7 +248,8 @@ def network_acls(prefix: str) -> list[AclBinding]:
     """The services' ACLs for the network of ``prefix``.
 
     Each service reads the network's topics (prefixed) and writes only what it emits:
-    the processors assignments, reissues, verdicts, penalties; the ledger its entries
+    the processors assignments, reissues, verdicts, penalties, prices, governance's
+    decisions and parameter changes; the ledger its entries
     and its stale-submission verdicts; the treasury mints. Every service writes dead
     letters; the transactional ones their state records.
     """
@@ -261,7 +262,8 @@ def network_acls(prefix: str) -> list[AclBinding]:
         acls += _groups(user, [*_SCRATCH_GROUPS, principal(prefix, role)])
     processors = principal(prefix, "processors")
     acls += _writes(processors, [prefix + _STATE, prefix + _JOURNAL, *_topics(prefix, (
-        "TaskAssigned", "ReissueRequested", "TaskVerified", "NodePenalized"))])
+        "TaskAssigned", "ReissueRequested", "TaskVerified", "NodePenalized", "PriceUpdated",
+        "ProposalDecided", "ParameterChanged"))])
     # Each assignment and reveal call goes to its node's inbox too.
     acls += _inbox_writes(processors, prefix)
     acls += _groups(processors, [f"{prefix}processors"])
@@ -320,14 +322,16 @@ def account_acls(prefix: str, account: str) -> list[AclBinding]:
     assignments topic and the node's inbox: any inbox, as a node believes a grant only
     when its submitter's key, named in the service-signed assignment, signed it); it
     reads what its client follows: the node registry (to wrap a grant), assignments,
-    commits, reveals, verdicts and prices."""
+    commits, reveals, verdicts and prices; and it proposes and votes (``governance``),
+    reading the proposals, ballots, decisions and parameter changes."""
     user = account_principal(prefix, account)
     return [
         *_writes(user, _topics(prefix, ("AccountRegistered", "TaskSubmitted",
-                                        "DataKeyGranted"))),
+                                        "DataKeyGranted", "ProposalSubmitted", "VoteCast"))),
         *_inbox_writes(user, prefix),
         *_reads(user, _topics(prefix, ("NodeRegistered", "TaskAssigned", "ResultCommitted",
-                                       "ResultRevealed", "TaskVerified", "PriceUpdated"))),
+                                       "ResultRevealed", "TaskVerified", "PriceUpdated",
+                                       "ProposalSubmitted", "ParameterChanged"))),
         *_groups(user, _SCRATCH_GROUPS),
         *_allow(user, ResourceType.BROKER, "kafka-cluster", (AclOperation.IDEMPOTENT_WRITE,)),
     ]

@@ -12,7 +12,7 @@ in by batches until the random placement has put the colluders where the test ne
   its majority, the lie is verified and the honest replica penalized. Pinned as the
   weakness adaptive trust is for.
 - Adaptive trust (``trust="adaptive"``): the colluders join an established network of
-  five honest nodes; every first round is three random nodes (``DESTRA_TRUSTED_AFTER``
+  five honest nodes; every first round is three random nodes (``DESTRA_PARAM_TRUSTED_AFTER``
   is set out of reach), any dissent escalates to three fresh replicas of other
   operators. Every task whose first round had both colluders is overturned; every
   verdict is the digest the workload really produces (computed here on the CPU); each
@@ -88,7 +88,7 @@ def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[
         # No node earns single-replica placement here: every adaptive task's first round
         # is three nodes drawn at random, which is where colluders can land together. (A
         # trusted node alone with its spot checks is the unit tests' matter.)
-        "DESTRA_TRUSTED_AFTER": "1000",
+        "DESTRA_PARAM_TRUSTED_AFTER": "1000",
         # An escalation round that cannot be placed fails its task after this long.
         "DESTRA_REISSUE_GRACE_MS": "20000"})
     yield local

@@ -21,11 +21,12 @@ from ledger.decider import DEFAULT_FEE_BPS, node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.service import replay
 from schemas import Event, decode
+from streams.params import DEFAULTS
 from streams.reading import read_all
 from streams.topics import topic_for
 from tests.support import network_balances, running_network
 from verifier.proof_of_sync import Reason
-from verifier.service import PENALTY_MICRO
+from verifier.service import slash_parameter
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -156,11 +157,12 @@ def test_fifty_mixed_tasks_on_five_nodes_one_dishonest_are_verified_and_paid_exa
     penalties = _events(net.settings, net.bootstrap, "NodePenalized")
     assert Counter((p.fields["node_id"], p.fields["reason"]) for p in penalties) == {
         ("n4", "dissent"): dissents}
-    assert all(p.fields["slash_micro"] == PENALTY_MICRO[Reason.DISSENT] for p in penalties)
+    dissent_slash = DEFAULTS[slash_parameter(Reason.DISSENT)]
+    assert all(p.fields["slash_micro"] == dissent_slash for p in penalties)
 
     expected = _expected(verdicts, prices, units, penalties, dict.fromkeys(nodes, STAKE))
     # Slashes stop moving money once a stake is gone: wait only for those that move some.
-    slashes = [f"slash/{p.event_id}" for p in penalties][:STAKE // PENALTY_MICRO[Reason.DISSENT]]
+    slashes = [f"slash/{p.event_id}" for p in penalties][:STAKE // dissent_slash]
     wait_for_transactions(net.settings, net.bootstrap,
                           [f"settle/{v.fields['task_id']}" for v in verdicts] + slashes)
     balances = network_balances(net, "public")

@@ -17,8 +17,9 @@ from ledger.decider import node_wallet
 from node_runner.logic import Fault
 from schemas import new_event
 from streams.journal import full_state, restore_full
+from streams.params import DEFAULTS
 from verifier.proof_of_sync import Reason
-from verifier.service import PENALTY_MICRO, Verifier
+from verifier.service import Verifier, slash_parameter
 
 STAKE = 5_000_000
 
@@ -55,7 +56,7 @@ def test_a_no_show_is_reissued_to_another_node_and_penalized() -> None:
     assert ("n0", 0) in assigned and ("n3", 1) in assigned  # the lost replica, re-placed
     assert sim.runner.events("ReissueRequested")
     assert ("n0", str(Reason.NO_SHOW)) in _penalties(sim)
-    assert sim.balance(stake("n0")) == STAKE - PENALTY_MICRO[Reason.NO_SHOW]
+    assert sim.balance(stake("n0")) == STAKE - DEFAULTS[slash_parameter(Reason.NO_SHOW)]
     assert sim.balance(node_wallet("n0")) == 0
 
 
@@ -114,7 +115,7 @@ def test_a_dissenting_node_is_slashed_and_not_paid() -> None:
     verdict = sim.verdict("t1")
     assert verdict is not None and verdict.name == "TaskVerified"
     assert _penalties(sim) == [("n1", str(Reason.DISSENT))]
-    assert sim.balance(stake("n1")) == STAKE - PENALTY_MICRO[Reason.DISSENT]
+    assert sim.balance(stake("n1")) == STAKE - DEFAULTS[slash_parameter(Reason.DISSENT)]
     assert sim.balance(node_wallet("n1")) == 0
     assert all(sim.balance(node_wallet(n)) > 0 for n in ("n0", "n2"))
 
