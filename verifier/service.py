@@ -49,13 +49,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from allocator.trust import DEFAULT_RULES, TrustRules
+from allocator.trust import DEFAULT_RULES, TrustRules, follow_parameter
 from destra.crypto import associated_data, unwrap_with, verify_event
 from destra.freshness import Freshness
 from schemas import Event, new_event
 from schemas.bindings import data_key_commitment
 from schemas.errors import DecryptionFailed, DestraError, InvalidQuorum
 from streams.journal import ExpiringLog
+from streams.params import ParamSchedule
 from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.bisection import first_divergence
 from verifier.proof_of_sync import (
@@ -84,12 +85,10 @@ MIN_DISPUTE_SEGMENTS = 2
 """A checkpointed task of fewer segments is disputed by full rounds: with one segment the
 referee would rerun the whole task, and decide it alone."""
 
-PENALTY_MICRO: dict[Reason, int] = {
-    Reason.NO_SHOW: 100_000,
-    Reason.NO_REVEAL: 250_000,
-    Reason.DISSENT: 1_000_000,
-}
-"""Stake slashed per fault, in micro-tokens (the ledger never takes more than the stake)."""
+def slash_parameter(reason: Reason) -> str:
+    """The live parameter (``streams.params``) that sizes the slash for a fault: stake
+    slashed, in micro-tokens (the ledger never takes more than the stake)."""
+    return f"slash_{reason}_micro"
 
 REPUTATION_LOSS_PERMILLE: dict[Reason, int] = {
     Reason.NO_SHOW: 20, Reason.NO_REVEAL: 50, Reason.DISSENT: 200,
@@ -198,6 +197,8 @@ class Verifier:
     An expiring log (``streams.journal``): journaled, not snapshotted."""
     forget_after_ms: int = 600_000
     rules: TrustRules = DEFAULT_RULES
+    params: ParamSchedule = field(default_factory=ParamSchedule)
+    """The live parameters (``streams.params``): the slashes, and ``rules``' governed ones."""
     rounds: dict[str, _Rounds] = field(default_factory=dict)
     """Adaptive tasks in escalation (past their first round), until their verdict."""
     disputes: dict[str, _Dispute] = field(default_factory=dict)
@@ -213,10 +214,10 @@ class Verifier:
     name = "verifier"
     inputs = frozenset({"NodeRegistered", "TaskSubmitted", "TaskAssigned", "DataKeyGranted",
                         "ResultCommitted", "ResultRevealed", "DataKeyRefused",
-                        "CheckpointProvided"})
+                        "CheckpointProvided", "ParameterChanged"})
     recovery = Recovery.SNAPSHOT
     _SNAPSHOT_FIELDS = ("keys", "terms", "tallies", "open_tasks", "reputation", "parked",
-                        "ungranted", "granted", "grants", "rounds", "disputes")
+                        "ungranted", "granted", "grants", "rounds", "disputes", "params")
     """What is bounded by the work in flight; the expiring logs (``journals``), which grow
     with the input rate, are journaled by the runner instead."""
 
@@ -236,7 +237,7 @@ class Verifier:
             "TaskAssigned": self.on_assigned, "DataKeyGranted": self.on_granted,
             "ResultCommitted": self.on_committed, "ResultRevealed": self.on_revealed,
             "DataKeyRefused": self.on_key_refused,
-            "CheckpointProvided": self.on_checkpoint},
+            "CheckpointProvided": self.on_checkpoint, "ParameterChanged": self.on_parameter},
             self.rejected, event, ctx)
 
     def tick(self, ctx: Context) -> Outcome:
@@ -252,8 +253,9 @@ class Verifier:
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state ``snapshot`` returned."""
         for name in self._SNAPSHOT_FIELDS:
-            if name in state:  # rounds, disputes: absent from older snapshots
+            if name in state:  # rounds, disputes, params: absent from older snapshots
                 setattr(self, name, state[name])
+        self.rules = self.rules.with_params(self.params.latest())
         # A snapshot from before the logs were journaled carries them: adopt them.
         if "freshness" in state:
             self.freshness.take_over(state["freshness"])
@@ -263,6 +265,11 @@ class Verifier:
                 self.closed.add(task_id, at + self.forget_after_ms, at)
 
     # -- inputs -----------------------------------------------------------------------------
+
+    def on_parameter(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
+        """A passed proposal changed a live parameter: a slash, or a trust rule."""
+        self.rules = follow_parameter(self.params, self.rules, e, self.rejected, where)
+        return []
 
     def on_registered(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A node's keys; only a registration signed by the key it registers counts."""
@@ -849,7 +856,7 @@ class Verifier:
                 rep = max(0, self.reputation.get(d.node_id, 1000)
                           - REPUTATION_LOSS_PERMILLE[d.reason])
                 self.reputation[d.node_id] = rep
-                slash = PENALTY_MICRO[d.reason]
+                slash = self.params.value(slash_parameter(d.reason), self._sending_ms)
                 terms = self.terms.get(d.task_id)
                 if d.reason == Reason.DISSENT and terms is not None and terms.trust == "adaptive":
                     slash = self.rules.dissent_slash_micro(terms.price_micro, slash)
