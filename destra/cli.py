@@ -18,6 +18,7 @@ from destra.cli_common import (
     settings_options,
 )
 from destra.errors import DestraError
+from destra.gov_cli import gov
 from destra.keys_cli import keys
 from destra.views_cli import nodes, status, tasks
 
@@ -935,6 +936,7 @@ def reputation(as_json: bool, **flags: Any) -> None:
 
 
 cli.add_command(keys)
+cli.add_command(gov)
 cli.add_command(status)
 cli.add_command(tasks)
 cli.add_command(nodes)

@@ -406,6 +406,11 @@ class Client:
         """Every believable event on the topic of ``name`` events, from its start."""
         return _read_topic(self.bootstrap, self.genesis, self._topic(name))
 
+    def read_events(self, name: str) -> list[Event]:
+        """Every believable event on the topic of ``name`` events (other types on that
+        topic too), from its start to its end now: for small topics (prices, governance)."""
+        return self._events(name)
+
     def close(self) -> None:
         """Flush what was sent."""
         self._producer.close()

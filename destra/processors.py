@@ -10,11 +10,11 @@ the state of ``destra infra up``). Tuning, all in milliseconds:
 ``DESTRA_COMMIT_WINDOW_MS`` (floor of a replica's commit window, default
 30000), ``DESTRA_REVEAL_WINDOW_MS`` (15000), ``DESTRA_QUEUE_TIMEOUT_MS``
 (120000), ``DESTRA_REISSUE_GRACE_MS`` (60000), and ``DESTRA_MAX_REISSUES`` (3
-per task). Adaptive trust (``allocator.trust.TrustRules``, the same for the allocator
-and every verifier shard): ``DESTRA_TRUSTED_AFTER`` (10 agreements),
-``DESTRA_SPOT_MIN_PERMILLE`` (50), ``DESTRA_SPOT_MAX_PERMILLE`` (500) and
-``DESTRA_SPOT_HALVING_STREAK`` (40). Stops cleanly on SIGTERM, handing its units
-over at once.
+per task). The live network parameters (``streams.params``: fees, slashes, adaptive
+trust's rules, price bounds, governance's rules) start at their defaults or at
+``DESTRA_PARAM_<NAME>``, the same for every unit, and follow the ``ParameterChanged``
+events passed proposals emit (``governance.service``, which runs in the allocator's
+unit). Stops cleanly on SIGTERM, handing its units over at once.
 
 Each unit runs under ``streams.kafka_runner.KafkaRunner``: exactly-once
 batches, and its state snapshotted in the same transaction as its outputs, so a
@@ -27,7 +27,6 @@ genesis authority check first.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 from collections.abc import Mapping
@@ -37,10 +36,13 @@ from allocator.service import Allocator, Windows
 from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.errors import ConfigError
 from destra.settings import Settings
+from governance.keys import load_tally_key, load_tally_shares
+from governance.service import Governance
 from schemas import Event
 from streams.authority import Genesis, held_signers, signers_by_event
 from streams.kafka_runner import KafkaRunner
 from streams.leases import ALLOCATOR_UNIT, SESSION_MS, LeasedWorker, Shard, unit_name
+from streams.params import DEFAULTS, ParamSchedule, params_from
 from verifier.service import Verifier
 
 
@@ -65,16 +67,9 @@ def windows_from(env: Mapping[str, str]) -> Windows:
 
 
 def rules_from(env: Mapping[str, str]) -> TrustRules:
-    """Adaptive trust's rules from ``DESTRA_TRUSTED_AFTER`` and ``DESTRA_SPOT_*``."""
-    d = DEFAULT_RULES
-    try:
-        return dataclasses.replace(
-            d, trusted_after=_int(env, "DESTRA_TRUSTED_AFTER", d.trusted_after),
-            spot_min_permille=_int(env, "DESTRA_SPOT_MIN_PERMILLE", d.spot_min_permille),
-            spot_max_permille=_int(env, "DESTRA_SPOT_MAX_PERMILLE", d.spot_max_permille),
-            spot_halving_streak=_int(env, "DESTRA_SPOT_HALVING_STREAK", d.spot_halving_streak))
-    except ValueError as err:
-        raise ConfigError(f"adaptive trust settings: {err}") from None
+    """Adaptive trust's rules as the network starts (``DESTRA_PARAM_TRUSTED_AFTER``,
+    ``DESTRA_PARAM_SPOT_*``: ``streams.params``); governance changes them later."""
+    return DEFAULT_RULES.with_params({**DEFAULTS, **params_from(env)})
 
 
 def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
@@ -82,28 +77,34 @@ def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
     """The runner of one unit (``streams.leases``): the allocator, or one verifier shard."""
     env = os.environ if env is None else env
     genesis = Genesis.load(settings.genesis_path)
-    role = "allocator" if unit == ALLOCATOR_UNIT else "verifier"
-    signers = held_signers(settings.service_keys, genesis, (role,))
-    if len(signers) != 1:
-        raise ConfigError(f"the processors need the {role}'s key in {settings.service_keys}")
+    roles = ("allocator", "governance") if unit == ALLOCATOR_UNIT else ("verifier",)
+    signers = held_signers(settings.service_keys, genesis, roles)
+    if len(signers) != len(roles):
+        raise ConfigError(f"the processors need the {' and '.join(roles)} keys in "
+                          f"{settings.service_keys}")
     by_event = signers_by_event(signers)
 
     def sign(event: Event) -> Event:
         signer = by_event.get(event.name)
         return signer.sign(event) if signer is not None else event
 
-    processor: Allocator | Verifier
+    processors: list[Any]
     shard = None
+    start = params_from(env)
     if unit == ALLOCATOR_UNIT:
-        processor = Allocator(settings.producer_id or "allocator", windows=windows_from(env),
-                              rules=rules_from(env))
+        processors = [Allocator(settings.producer_id or "allocator", windows=windows_from(env),
+                                rules=rules_from(env), params=ParamSchedule(start)),
+                      Governance(settings.producer_id or "governance",
+                                 load_tally_key(settings.genesis_path),
+                                 load_tally_shares(settings.service_keys),
+                                 network=settings.topic_prefix, params=ParamSchedule(start))]
     else:
         shard = Shard(unit - 1, units - 1)
-        processor = Verifier(settings.producer_id or "verifier",
+        processors = [Verifier(settings.producer_id or "verifier",
                              max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
                              reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000),
-                             rules=rules_from(env))
-    return KafkaRunner(settings, bootstrap, [processor],
+                             rules=rules_from(env), params=ParamSchedule(start))]
+    return KafkaRunner(settings, bootstrap, processors,
                        group=f"{settings.topic_prefix}processors/{unit_name(unit, units)}",
                        snapshot_keys=signers[0].keys, sign=sign, check=genesis.check,
                        shard=shard)
