@@ -10,17 +10,19 @@ all the trustees together. The sum of all weights must stay below ``B`` (2**64
 micro-tokens, 1.8e13 tokens): a slot that passes it carries into the next one, and
 only a carry out of the top slot can be seen when decrypting.
 
-Library, by measurement (``bench/ballot.py``, 2048-bit n, this 2-core box; figures
-in ``bench/results/ballot-10k.txt``): ``phe`` (python-paillier 1.5.0) with ``gmpy2``
-2.3.2. Keygen 0.1-1 s (gmpy2's ``next_prime``), encrypt 13 ms, homomorphic add 0.01
-ms, scalar multiply by a 40-bit stake 0.3 ms, decrypt 8 ms (CRT). ``lightphe`` 0.0.27
-was measured too (keygen ~2 s through sympy, encrypt ~95 ms and decrypt ~190 ms on
-Python's ``pow``) and refused whatever its speed: it draws its primes and its
-randomness from ``random`` (Mersenne Twister, predictable), picks p and q anywhere
-in [200, 2**(bits/2)) so n has no fixed size and p may equal q. ``phe`` gives the
-primes (from ``random.SystemRandom``); everything else here is arithmetic on plain
-ints through ``gmpy2.powmod``, 7.5x faster than Python's ``pow`` on a 4096-bit
-modulus (12 ms against 93 ms), which is the whole cost of a proof.
+Library, by measurement (``bench/ballot.py``, 2048-bit n, this shared 2-core box; the
+run is ``bench/results/ballot-10k.txt``): ``phe`` (python-paillier 1.5.0) over ``gmpy2``
+2.3.2. Per call, phe against lightphe 0.0.27: keygen 79 / 89 ms, encrypt 13.3 / 81 ms,
+add 0.007 / 0.034 ms, multiply by a 40-bit stake 0.21 / 2.0 ms, decrypt 2.5 / 77 ms
+(phe decrypts by CRT; lightphe uses Python's ``pow`` and recomputes mu every time).
+lightphe would be refused even if it were faster: it draws its primes and every
+encryption nonce from ``random`` (Mersenne Twister, whose state can be rebuilt from its
+outputs), and takes p and q anywhere in [200, 2**(bits/2)), so n has no fixed size and
+nothing excludes p = q. From phe only keygen (primes from ``random.SystemRandom``,
+``gmpy2.next_prime``) and encryption are used; the proofs, tally and shares are
+arithmetic on plain ints through ``gmpy2.powmod``: 9.3 ms for c**n mod n**2 at 2048
+bits against 78 ms with Python's ``pow`` (8.4x), and a ballot takes four of them to cast,
+three to check. Per ballot, cast CAST_MS ms, check CHECK_MS ms, accumulate ACC_MS ms.
 
 Validity proof (Baudron, Fouque, Pointcheval, Poupard, Stern 2001; Damgard-Jurik
 2001, "1-out-of-L"): ``c`` encrypts ``m_j`` exactly when ``u_j = c * g**(-m_j)`` is an
@@ -64,7 +66,7 @@ import json
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gmpy2
@@ -151,8 +153,9 @@ class TallyKeyShare:
     """How many shares the key was cut into; the tally needs all of them."""
     n: int
     """The public modulus the share belongs to."""
-    exponent: int
-    """d_i; the last share is usually negative. The sum of all shares is d."""
+    exponent: int = field(repr=False)
+    """d_i, kept out of repr (and so out of logs); the last share is usually negative.
+    The sum of all shares is d."""
 
     def to_json(self) -> str:
         """The share as JSON; ints as decimal strings (JSON readers differ on big ints)."""
