@@ -70,6 +70,7 @@ def infra_up(as_json: bool, insecure: bool | None, advertise: tuple[str, ...],
     `destra account create` give nodes and submitters theirs. Without --advertise it
     listens on loopback only.
     """
+    from governance.keys import ensure_tally_key
     from infra import services
     from streams.security import INSECURE_WARNING
 
@@ -78,6 +79,8 @@ def infra_up(as_json: bool, insecure: bool | None, advertise: tuple[str, ...],
     if settings.kafka_insecure:
         click.echo(INSECURE_WARNING, err=True)
     services.up(settings, say=lambda note: click.echo(note, err=True))
+    # The governance tally key (public half beside genesis.json, shares with the keys).
+    ensure_tally_key(settings.genesis_path, settings.service_keys)
     emit(services.status(settings), as_json, _status_text)
 
 

@@ -24,6 +24,7 @@ from schemas.bindings import account_registration
 from schemas.signatures import KeyPair
 from streams import security
 from streams.admin import ensure_inbox
+from governance.keys import ensure_tally_key
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.producer import EventProducer
 from streams.reading import end_offsets, read_all
@@ -52,6 +53,7 @@ class LocalNetwork:
         # The network's genesis and its services' keys, made on first use (a fixture may
         # have made them already); every process gets their paths.
         self.genesis = ensure_genesis(self.settings.genesis_path, self.settings.service_keys)
+        ensure_tally_key(self.settings.genesis_path, self.settings.service_keys)
         if self.access is None:
             self.access = security.current()
         if self.access.secure:

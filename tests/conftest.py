@@ -86,6 +86,7 @@ def network(kafka: str, request: pytest.FixtureRequest,
     """Settings for a fresh network on the session broker: its own topic prefix, and its
     own genesis and service keys in a temporary directory (``tests.support.service_signed``
     signs as its services)."""
+    from governance.keys import ensure_tally_key
     from streams.admin import ensure_topics
     from streams.authority import ensure_genesis
 
@@ -95,6 +96,7 @@ def network(kafka: str, request: pytest.FixtureRequest,
                         producer_id=request.node.name[:60],
                         genesis_file=keys / "genesis.json", service_key_dir=keys / "services")
     ensure_genesis(settings.genesis_path, settings.service_keys)
+    ensure_tally_key(settings.genesis_path, settings.service_keys)
     ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
     admin = security.current()
     if admin.secure:
