@@ -17,6 +17,7 @@ from destra.cli_common import (
     service_addresses,
     settings_options,
 )
+from destra.cli_common import passphrase as _passphrase
 from destra.errors import DestraError
 from destra.gov_cli import gov
 from destra.keys_cli import keys
@@ -739,15 +740,6 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
             raise DestraError(f"task {task_id} failed: {result['reason']}: {result['detail']}")
     finally:
         client.close()
-
-
-def _passphrase() -> bytes | None:
-    """The keystore passphrase: the environment's, else asked for on a terminal."""
-    from destra import keystore
-
-    if keystore.passphrase_from_env() is None and sys.stdin.isatty():
-        return str(click.prompt("keystore passphrase", hide_input=True)).encode()
-    return None
 
 
 @cli.command("result")

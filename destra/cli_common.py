@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +47,15 @@ def load_settings(**flags: Any) -> Settings:
 def emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     """Print ``data`` as indented JSON, or as ``text(data)``."""
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+def passphrase() -> bytes | None:
+    """The keystore passphrase: the environment's, else asked for on a terminal."""
+    from destra import keystore
+
+    if keystore.passphrase_from_env() is None and sys.stdin.isatty():
+        return str(click.prompt("keystore passphrase", hide_input=True)).encode()
+    return None
 
 
 def kafka_address(settings: Settings, services: Any, *, node: str | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from destra.cli_common import emit, kafka_address, load_settings, settings_options
+from destra.cli_common import emit, kafka_address, load_settings, passphrase, settings_options
 from destra.errors import DestraError
 from streams.params import PARAMS
 
@@ -20,13 +20,12 @@ _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable o
 
 @contextmanager
 def _client(account: str, flags: dict[str, Any]) -> Iterator[Any]:
-    from destra.cli import _passphrase
     from destra.client import Client
     from infra import services
 
     settings = load_settings(**flags)
     client = Client(settings, kafka_address(settings, services, account=account), account,
-                    _passphrase())
+                    passphrase())
     try:
         yield client
     finally:

@@ -18,13 +18,13 @@ from pathlib import Path
 from destra import keystore
 from destra.errors import InfraError
 from destra.settings import Settings
+from governance.keys import ensure_tally_key
 from ledger.processor import read_past
 from schemas import Event, decode, new_event
 from schemas.bindings import account_registration
 from schemas.signatures import KeyPair
 from streams import security
 from streams.admin import ensure_inbox
-from governance.keys import ensure_tally_key
 from streams.authority import ServiceSigner, ensure_genesis, load_signer
 from streams.producer import EventProducer
 from streams.reading import end_offsets, read_all

@@ -17,8 +17,8 @@ from destra.sim import account_registration, keys_for
 from governance.ballot import TallyKeyShare, TallyPublicKey, cast, generate_tally_key
 from governance.service import Governance
 from schemas import Event, new_event
-from schemas.signatures import sign_event
 from schemas.bindings import ballot_context
+from schemas.signatures import sign_event
 from streams.memory import MemoryRunner
 from streams.params import DEFAULTS, ParamSchedule
 
