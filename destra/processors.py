@@ -13,8 +13,14 @@ the state of ``destra infra up``). Tuning, all in milliseconds:
 per task). Adaptive trust (``allocator.trust.TrustRules``, the same for the allocator
 and every verifier shard): ``DESTRA_TRUSTED_AFTER`` (10 agreements),
 ``DESTRA_SPOT_MIN_PERMILLE`` (50), ``DESTRA_SPOT_MAX_PERMILLE`` (500) and
-``DESTRA_SPOT_HALVING_STREAK`` (40). Stops cleanly on SIGTERM, handing its units
-over at once.
+``DESTRA_SPOT_HALVING_STREAK`` (40). The market (``allocator.market``, in the
+allocator's unit, its ``PriceUpdated`` signed by the ``pricing`` role):
+``DESTRA_PRICE_INTERVAL_MS`` (how often prices may move, 10000),
+``DESTRA_PRICE_TARGET_WAIT_MS`` (the p90 wait to placement above which a price
+rises, 5000), ``DESTRA_PRICE_STEP_PERMILLE`` (the largest step, 100: 10 %) and
+``DESTRA_PRICE_LEAD_MS`` (a new price applies this long after it is set, 1000);
+floors and ceilings are live parameters (``streams.params``). Stops cleanly on
+SIGTERM, handing its units over at once.
 
 Each unit runs under ``streams.kafka_runner.KafkaRunner``: exactly-once
 batches, and its state snapshotted in the same transaction as its outputs, so a
@@ -33,6 +39,9 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+from allocator.market import DEFAULT_RULES as DEFAULT_MARKET_RULES
+from allocator.market import Market
+from allocator.market import Rules as MarketRules
 from allocator.service import Allocator, Windows
 from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.errors import ConfigError
@@ -41,6 +50,8 @@ from schemas import Event
 from streams.authority import Genesis, held_signers, signers_by_event
 from streams.kafka_runner import KafkaRunner
 from streams.leases import ALLOCATOR_UNIT, SESSION_MS, LeasedWorker, Shard, unit_name
+from streams.params import ParamSchedule, params_from
+from streams.processing import Processor
 from verifier.service import Verifier
 
 
@@ -77,15 +88,30 @@ def rules_from(env: Mapping[str, str]) -> TrustRules:
         raise ConfigError(f"adaptive trust settings: {err}") from None
 
 
+def market_rules_from(env: Mapping[str, str]) -> MarketRules:
+    """The market's tunables from ``DESTRA_PRICE_*``."""
+    d = DEFAULT_MARKET_RULES
+    try:
+        return dataclasses.replace(
+            d, interval_ms=_int(env, "DESTRA_PRICE_INTERVAL_MS", d.interval_ms),
+            target_wait_ms=_int(env, "DESTRA_PRICE_TARGET_WAIT_MS", d.target_wait_ms),
+            step_permille=_int(env, "DESTRA_PRICE_STEP_PERMILLE", d.step_permille),
+            lead_ms=_int(env, "DESTRA_PRICE_LEAD_MS", d.lead_ms))
+    except ValueError as err:
+        raise ConfigError(f"market settings: {err}") from None
+
+
 def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
                env: Mapping[str, str] | None = None) -> KafkaRunner:
     """The runner of one unit (``streams.leases``): the allocator, or one verifier shard."""
     env = os.environ if env is None else env
     genesis = Genesis.load(settings.genesis_path)
     role = "allocator" if unit == ALLOCATOR_UNIT else "verifier"
-    signers = held_signers(settings.service_keys, genesis, (role,))
-    if len(signers) != 1:
-        raise ConfigError(f"the processors need the {role}'s key in {settings.service_keys}")
+    roles = (role, "pricing") if unit == ALLOCATOR_UNIT else (role,)
+    signers = held_signers(settings.service_keys, genesis, roles)
+    if len(signers) != len(roles):
+        raise ConfigError(f"the processors need the {' and '.join(roles)} keys in "
+                          f"{settings.service_keys}")
     by_event = signers_by_event(signers)
 
     def sign(event: Event) -> Event:
@@ -94,16 +120,19 @@ def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
 
     processor: Allocator | Verifier
     shard = None
+    more: list[Processor] = []
     if unit == ALLOCATOR_UNIT:
         processor = Allocator(settings.producer_id or "allocator", windows=windows_from(env),
                               rules=rules_from(env))
+        more.append(Market(settings.producer_id or "pricing", rules=market_rules_from(env),
+                           params=ParamSchedule(params_from(env))))
     else:
         shard = Shard(unit - 1, units - 1)
         processor = Verifier(settings.producer_id or "verifier",
                              max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
                              reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000),
                              rules=rules_from(env))
-    return KafkaRunner(settings, bootstrap, [processor],
+    return KafkaRunner(settings, bootstrap, [processor, *more],
                        group=f"{settings.topic_prefix}processors/{unit_name(unit, units)}",
                        snapshot_keys=signers[0].keys, sign=sign, check=genesis.check,
                        shard=shard)

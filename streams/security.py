@@ -248,7 +248,7 @@ def network_acls(prefix: str) -> list[AclBinding]:
     """The services' ACLs for the network of ``prefix``.
 
     Each service reads the network's topics (prefixed) and writes only what it emits:
-    the processors assignments, reissues, verdicts, penalties; the ledger its entries
+    the processors assignments, reissues, verdicts, penalties, prices; the ledger its entries
     and its stale-submission verdicts; the treasury mints. Every service writes dead
     letters; the transactional ones their state records.
     """
@@ -261,7 +261,8 @@ def network_acls(prefix: str) -> list[AclBinding]:
         acls += _groups(user, [*_SCRATCH_GROUPS, principal(prefix, role)])
     processors = principal(prefix, "processors")
     acls += _writes(processors, [prefix + _STATE, prefix + _JOURNAL, *_topics(prefix, (
-        "TaskAssigned", "ReissueRequested", "TaskVerified", "NodePenalized"))])
+        "TaskAssigned", "ReissueRequested", "TaskVerified", "NodePenalized",
+        "PriceUpdated"))])  # the market runs in the allocator's unit (allocator.market)
     # Each assignment and reveal call goes to its node's inbox too.
     acls += _inbox_writes(processors, prefix)
     acls += _groups(processors, [f"{prefix}processors"])
