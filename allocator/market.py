@@ -19,20 +19,24 @@ processors worker's allocator unit (``destra.processors``), its outputs signed b
   but unused, unknown ones ignored.
 
 Every ``interval_ms`` of the clock (``Context.now_ms`` at a tick) it measures each tier:
-queue depth, utilisation (busy / live slots, in permille; a tier without live slots is
-full when it has a queue) and the p90 of the waits of the interval (the tasks placed in
-it and the age of those still waiting). Then it moves each tier's price one step:
+queue depth, utilisation (busy / live slots, in permille, the mean of ``SAMPLES`` looks
+over the interval; a tier without live slots is full when it has a queue) and the p90
+of the waits of the interval (the tasks placed in it and the age of those still
+waiting). Then it moves each tier's price one step:
 
-* up when the p90 wait exceeds ``target_wait_ms``, or utilisation is at least
-  ``high_permille`` with a queue;
+* up when tasks wait, their queue is not shrinking since the last step, and the p90
+  wait exceeds ``target_wait_ms`` or utilisation is at least ``high_permille`` (a
+  queue that drains at the price in force needs no higher one: the wait, which lags,
+  would otherwise push the price far past the level that cleared the surge);
 * down when the queue is empty, utilisation at most ``low_permille`` and the p90 wait at
   most half the target;
-* otherwise it holds: the deadband between keeps a steady load from oscillating.
+* otherwise it holds: the deadband between keeps a steady load from oscillating;
+* a move against the tier's last one waits until its condition has held ``CONFIRM``
+  steps in a row (hysteresis: near the clearing price random arrivals would flip it).
 
-A step is at most ``step_permille`` of the price (at least 1 micro-token), rounded up
-when raising (the network never sells below its price) and down when lowering, then
-clamped to the floor and ceiling in force (a governance change of a bound applies at
-the next step, whatever the step size). The first prices are
+A step is at most ``step_permille`` of the price (``next_price``: the step rounded
+down, at least 1 micro-token), then clamped to the floor and ceiling in force (a
+governance change of a bound applies at the next step, whatever the step size). The first prices are
 ``allocator.pricing.DEFAULT_PRICES``. A ``PriceUpdated`` is emitted only when a price
 changes, effective ``lead_ms`` after the step, so the ledger and the clients read it
 before it applies; its event id is derived from its content, so two instances that
@@ -62,6 +66,15 @@ STALE_AFTER_MS = 30_000
 FORGET_AFTER_MS = 900_000
 """A submission never placed nor failed, or a placement whose submission was never read,
 is forgotten after this long (the allocator fails a task it cannot place after 2 min)."""
+
+SAMPLES = 10
+"""Utilisation is the mean of this many samples an interval (busy over live slots, summed),
+not one look at the step: a few slots and random arrivals swing it from one second to
+the next."""
+
+CONFIRM = 3
+"""A move against the tier's last one happens only once its condition held this many
+steps in a row (a move the same way, at once)."""
 
 _EVENT_IDS = uuid.UUID("6d1c2b1e-6a53-4c38-9f0e-5e8f0a7b3c21")
 
@@ -125,11 +138,15 @@ def p90(samples: list[int]) -> int:
 def next_price(price: int, direction: int, step_permille: int, floor: int,
                ceiling: int) -> int:
     """One bounded step from ``price`` (up if ``direction > 0``, down if ``< 0``),
-    clamped to ``[floor, ceiling]``; integers only."""
+    clamped to ``[floor, ceiling]``; integers only. The step is ``step_permille`` of the
+    price rounded down, so never more (at least 1 micro-token, which is more only under
+    10 micro-tokens at 10 %): the new price is an integer, no fraction of a micro-token
+    to round either way."""
+    step = max(1, price * step_permille // 1_000)
     if direction > 0:
-        price = max(price + 1, -(-price * (1_000 + step_permille) // 1_000))
+        price += step
     elif direction < 0:
-        price = min(price - 1, price * (1_000 - step_permille) // 1_000)
+        price -= step
     return max(floor, min(ceiling, price))
 
 
@@ -153,6 +170,13 @@ class Market:
     waits: dict[str, list[int]] = field(default_factory=dict)
     """Per tier, the waits of the tasks placed since the last step."""
     next_step_ms: int | None = None
+    samples: dict[str, list[int]] = field(default_factory=dict)
+    """Per tier, [busy, live] slots summed over the interval's samples, and their count."""
+    next_sample_ms: int = 0
+    trend: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Per tier, its last move (+1, -1) and for how many steps in a row a reversal held."""
+    queued: dict[str, int] = field(default_factory=dict)
+    """Per tier, the queue at the last step: a queue that shrinks is draining."""
     measures: list[Measure] = field(default_factory=list, repr=False)
     """The last step's measures (for benches and logs; not state)."""
 
@@ -193,6 +217,9 @@ class Market:
         now = ctx.now_ms
         if self.next_step_ms is None:
             self.next_step_ms = now + self.rules.interval_ms
+        if now >= self.next_sample_ms:
+            self.next_sample_ms = now + max(1, self.rules.interval_ms // SAMPLES)
+            self._sample(now)
         if now < self.next_step_ms:
             return Outcome()
         self.next_step_ms = max(self.next_step_ms + self.rules.interval_ms,
@@ -205,7 +232,10 @@ class Market:
         return {"prices": dict(self.prices), "nodes": {n: dict(v) for n, v in self.nodes.items()},
                 "queue": dict(self.queue), "placed_early": dict(self.placed_early),
                 "waits": {t: list(w) for t, w in self.waits.items()},
-                "next_step_ms": self.next_step_ms, "params": self.params.state()}
+                "samples": {t: list(v) for t, v in self.samples.items()},
+                "trend": dict(self.trend), "queued": dict(self.queued),
+                "next_step_ms": self.next_step_ms, "next_sample_ms": self.next_sample_ms,
+                "params": self.params.state()}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state ``snapshot`` returned."""
@@ -214,7 +244,11 @@ class Market:
         self.queue = dict(state["queue"])
         self.placed_early = dict(state["placed_early"])
         self.waits = {t: list(w) for t, w in state["waits"].items()}
+        self.samples = {t: list(v) for t, v in state["samples"].items()}
         self.next_step_ms = state["next_step_ms"]
+        self.next_sample_ms = state["next_sample_ms"]
+        self.trend = dict(state["trend"])
+        self.queued = dict(state["queued"])
         self.params = ParamSchedule.load(state["params"])
 
     # -- demand -----------------------------------------------------------------------------
@@ -285,8 +319,8 @@ class Market:
         """The latest price the market knows for ``tier`` (in force or announced)."""
         return self.prices[str(tier)][1]
 
-    def _step(self, now: int) -> list[Event]:
-        r = self.rules
+    def _slots(self, now: int) -> tuple[dict[str, int], dict[str, int]]:
+        """Per tier, the live slots and the busy ones now."""
         live: dict[str, int] = {}
         busy: dict[str, int] = {}
         for node in self.nodes.values():
@@ -295,6 +329,32 @@ class Market:
             live[node["tier"]] = live.get(node["tier"], 0) + node["slots"]
             used = min(node["slots"], node["slots"] - node["free"] + node["assigned"])
             busy[node["tier"]] = busy.get(node["tier"], 0) + used
+        return live, busy
+
+    def _sample(self, now: int) -> None:
+        live, busy = self._slots(now)
+        for tier in (str(t) for t in Tier):
+            acc = self.samples.setdefault(tier, [0, 0])
+            acc[0] += busy.get(tier, 0)
+            acc[1] += live.get(tier, 0)
+
+    def _confirmed(self, tier: str, direction: int) -> int:
+        """``direction``, unless it reverses the tier's last move and has not yet held for
+        ``CONFIRM`` steps in a row: near the clearing price random arrivals alone would
+        otherwise flip the price up and down."""
+        last, held = self.trend.get(tier, (0, 0))
+        if direction == 0:
+            self.trend[tier] = (last, 0)
+            return 0
+        if direction == -last and held + 1 < CONFIRM:
+            self.trend[tier] = (last, held + 1)
+            return 0
+        self.trend[tier] = (direction, 0)
+        return direction
+
+    def _step(self, now: int) -> list[Event]:
+        r = self.rules
+        live, busy = self._slots(now)
         queued: dict[str, list[int]] = {}
         for tier, since in self.queue.values():
             queued.setdefault(tier, []).append(max(0, now - since))
@@ -305,16 +365,23 @@ class Market:
             waiting = len(ages)
             wait = p90(self.waits.get(tier, []) + ages)
             slots = live.get(tier, 0)
-            util = (busy.get(tier, 0) * 1_000 // slots if slots
+            used, offered = self.samples.get(tier, [0, 0])
+            if not offered:  # no sample yet: the slots now
+                used, offered = busy.get(tier, 0), slots
+            util = (used * 1_000 // offered if offered
                     else (1_000 if waiting else 0))
-            if wait > r.target_wait_ms or (util >= r.high_permille and waiting):
+            draining = waiting < self.queued.get(tier, 0)
+            self.queued[tier] = waiting
+            if waiting and not draining and (wait > r.target_wait_ms
+                                             or util >= r.high_permille):
                 direction = 1
             elif not waiting and util <= r.low_permille and 2 * wait <= r.target_wait_ms:
                 direction = -1
             else:
                 direction = 0
+            direction = self._confirmed(tier, direction)
             price = self.price(tier)
-            new = next_price(price, direction,  r.step_permille,
+            new = next_price(price, direction, r.step_permille,
                              self.params.value(f"price_floor_micro.{tier}", now),
                              self.params.value(f"price_ceiling_micro.{tier}", now))
             self.measures.append(Measure(now, tier, waiting, slots, busy.get(tier, 0), util,
@@ -327,4 +394,5 @@ class Market:
                     event_id=str(uuid.uuid5(_EVENT_IDS, f"{tier}/{at}/{new}")),
                     occurred_at=now, tier=tier, price_per_unit_micro=new, effective_at=at))
         self.waits = {}
+        self.samples = {}
         return out
