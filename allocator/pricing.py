@@ -2,8 +2,8 @@
 
 Pure and in integers: prices are micro-tokens, times are milliseconds since
 the epoch passed in by the caller. The static ``PriceBook`` follows
-``PriceUpdated`` events; a demand-driven engine can replace it behind the
-``PricingEngine`` protocol.
+``PriceUpdated`` events, which the demand-driven market (``allocator.market``)
+emits.
 """
 
 from __future__ import annotations
@@ -206,6 +206,17 @@ class PriceBook:
         """The price in force at ``now_ms``: the latest update effective by then."""
         schedule = self._schedule[tier_of(tier)]
         return schedule[max(t for t in schedule if t <= now_ms)] if now_ms >= 0 else schedule[0]
+
+    def lowest(self, tier: str | Tier, since_ms: int, until_ms: int) -> int:
+        """The lowest unit price in force at any instant of ``[since_ms, until_ms]``: the
+        price at ``since_ms`` and every update effective inside the window. A quote made
+        at any instant of the window is at least this (the ledger's check, so a price
+        that rises after a quote never invalidates it)."""
+        schedule = self._schedule[tier_of(tier)]
+        if until_ms < since_ms:
+            raise InvalidRequest(f"window [{since_ms}, {until_ms}] ends before it starts")
+        inside = [p for t, p in schedule.items() if since_ms < t <= until_ms]
+        return min([self.price_per_unit(tier, since_ms), *inside])
 
     def quote(self, workload: str, compute_units: int, replicas: int, tier: str | Tier,
               now_ms: int, ttl_ms: int, trust: str = "fixed") -> Quote:

@@ -44,6 +44,7 @@ from destra.confidential import grant, open_result, seal_input
 from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
+from ledger.decider import PRICE_GRACE_MS
 from schemas import Event, decode, new_event
 from schemas.bindings import account_registration, data_key_commitment
 from schemas.events import now_ms
@@ -56,6 +57,10 @@ from streams.topics import topic_for
 from workloads import get_workload
 
 QUOTE_TTL_MS = 60_000
+"""How long a quote binds; at most the ledger's ``PRICE_GRACE_MS``, so a quote still
+valid was made inside the window whose lowest price the ledger honours."""
+PRICES_FRESH_MS = 5_000
+"""The prices move (``allocator.market``): a client reads them again after this long."""
 DEFAULT_DEADLINE_MS = 600_000
 WATCHED = ("TaskAssigned", "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed")
 
@@ -165,6 +170,7 @@ class Client:
         self._producer = EventProducer(self.settings, self.bootstrap)
         self._genesis: Genesis | None = None
         self._prices: PriceBook | None = None
+        self._prices_read_ms = 0
 
     @property
     def genesis(self) -> Genesis:
@@ -178,7 +184,8 @@ class Client:
 
     def prices(self) -> PriceBook:
         """The network's prices: defaults, then every ``PriceUpdated`` on its topic."""
-        if self._prices is None:
+        if self._prices is None or now_ms() - self._prices_read_ms > PRICES_FRESH_MS:
+            self._prices_read_ms = now_ms()
             book = PriceBook()
             for event in self._events("PriceUpdated"):
                 f = event.fields
@@ -199,6 +206,9 @@ class Client:
         lets the network's reputation decide (``allocator.trust``), ``replicas`` (default
         1) and ``quorum`` being floors, for the price of the floor plus the trust premium.
         """
+        if not 1 <= ttl_ms <= PRICE_GRACE_MS:
+            raise InvalidRequest(f"a quote lives 1..{PRICE_GRACE_MS} ms (the ledger's price "
+                                 f"grace), not {ttl_ms}")
         if replicas is None:
             replicas = 1 if trust == "adaptive" else 3
         w = get_workload(workload)

@@ -14,7 +14,14 @@ per task). The live network parameters (``streams.params``: fees, slashes, adapt
 trust's rules, price bounds, governance's rules) start at their defaults or at
 ``DESTRA_PARAM_<NAME>``, the same for every unit, and follow the ``ParameterChanged``
 events passed proposals emit (``governance.service``, which runs in the allocator's
-unit). Stops cleanly on SIGTERM, handing its units over at once.
+unit). The market (``allocator.market``, in the
+allocator's unit, its ``PriceUpdated`` signed by the ``pricing`` role):
+``DESTRA_PRICE_INTERVAL_MS`` (how often prices may move, 10000),
+``DESTRA_PRICE_TARGET_WAIT_MS`` (the p90 wait to placement above which a price
+rises, 5000), ``DESTRA_PRICE_STEP_PERMILLE`` (the largest step, 100: 10 %) and
+``DESTRA_PRICE_LEAD_MS`` (a new price applies this long after it is set, 1000);
+floors and ceilings are live parameters. Stops cleanly on SIGTERM, handing its
+units over at once.
 
 Each unit runs under ``streams.kafka_runner.KafkaRunner``: exactly-once
 batches, and its state snapshotted in the same transaction as its outputs, so a
@@ -27,11 +34,15 @@ genesis authority check first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Mapping
 from typing import Any
 
+from allocator.market import DEFAULT_RULES as DEFAULT_MARKET_RULES
+from allocator.market import Market
+from allocator.market import Rules as MarketRules
 from allocator.service import Allocator, Windows
 from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.errors import ConfigError
@@ -72,12 +83,26 @@ def rules_from(env: Mapping[str, str]) -> TrustRules:
     return DEFAULT_RULES.with_params({**DEFAULTS, **params_from(env)})
 
 
+def market_rules_from(env: Mapping[str, str]) -> MarketRules:
+    """The market's tunables from ``DESTRA_PRICE_*``."""
+    d = DEFAULT_MARKET_RULES
+    try:
+        return dataclasses.replace(
+            d, interval_ms=_int(env, "DESTRA_PRICE_INTERVAL_MS", d.interval_ms),
+            target_wait_ms=_int(env, "DESTRA_PRICE_TARGET_WAIT_MS", d.target_wait_ms),
+            step_permille=_int(env, "DESTRA_PRICE_STEP_PERMILLE", d.step_permille),
+            lead_ms=_int(env, "DESTRA_PRICE_LEAD_MS", d.lead_ms))
+    except ValueError as err:
+        raise ConfigError(f"market settings: {err}") from None
+
+
 def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
                env: Mapping[str, str] | None = None) -> KafkaRunner:
     """The runner of one unit (``streams.leases``): the allocator, or one verifier shard."""
     env = os.environ if env is None else env
     genesis = Genesis.load(settings.genesis_path)
-    roles = ("allocator", "governance") if unit == ALLOCATOR_UNIT else ("verifier",)
+    roles = (("allocator", "pricing", "governance") if unit == ALLOCATOR_UNIT
+             else ("verifier",))
     signers = held_signers(settings.service_keys, genesis, roles)
     if len(signers) != len(roles):
         raise ConfigError(f"the processors need the {' and '.join(roles)} keys in "
@@ -97,13 +122,15 @@ def build_unit(settings: Settings, bootstrap: str, unit: int, units: int,
                       Governance(settings.producer_id or "governance",
                                  load_tally_key(settings.genesis_path),
                                  load_tally_shares(settings.service_keys),
-                                 network=settings.topic_prefix, params=ParamSchedule(start))]
+                                 network=settings.topic_prefix, params=ParamSchedule(start)),
+                      Market(settings.producer_id or "pricing", rules=market_rules_from(env),
+                             params=ParamSchedule(start))]
     else:
         shard = Shard(unit - 1, units - 1)
         processors = [Verifier(settings.producer_id or "verifier",
-                             max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
-                             reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000),
-                             rules=rules_from(env), params=ParamSchedule(start))]
+                               max_attempts=_int(env, "DESTRA_MAX_REISSUES", 3),
+                               reissue_grace_ms=_int(env, "DESTRA_REISSUE_GRACE_MS", 60_000),
+                               rules=rules_from(env), params=ParamSchedule(start))]
     return KafkaRunner(settings, bootstrap, processors,
                        group=f"{settings.topic_prefix}processors/{unit_name(unit, units)}",
                        snapshot_keys=signers[0].keys, sign=sign, check=genesis.check,

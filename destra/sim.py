@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from allocator.policies import LeastLoadedPolicy
-from allocator.pricing import PriceBook
+from allocator.pricing import PriceBook, PriceUpdate
 from allocator.service import Allocator, Windows
 from allocator.trust import DEFAULT_RULES, TrustRules
 from destra.confidential import grant, merge_params, open_input, seal_input, seal_result
@@ -149,7 +149,8 @@ class Submitter:
     forgets a task at its verdict."""
 
     name = "submitter"
-    inputs = frozenset({"NodeRegistered", "TaskAssigned", "TaskVerified", "TaskFailed"})
+    inputs = frozenset({"NodeRegistered", "TaskAssigned", "TaskVerified", "TaskFailed",
+                        "PriceUpdated"})
     recovery = Recovery.NONE
 
     def __init__(self, account: str = "alice", grants: bool = True,
@@ -161,6 +162,8 @@ class Submitter:
         self.data_keys: dict[str, bytes] = {}
         self.node_keys: dict[str, bytes] = {}
         self.granted: set[tuple[str, str, int]] = set()
+        self.prices = PriceBook()
+        """The network's prices, following ``PriceUpdated`` (a market, when one runs)."""
 
     def submission(self, task_id: str, workload: str, params: dict[str, str], now_ms: int,
                    replicas: int = 3, quorum: int = 2, deadline_ms: int = 600_000,
@@ -169,7 +172,7 @@ class Submitter:
         its compute (the allocator then fails it)."""
         w = get_workload(workload)
         units = w.compute_units(w.validate(params)) + units_delta
-        q = PriceBook().quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
+        q = self.prices.quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
         public, private = w.split(params)
         payload = None
         commitment = b""
@@ -190,6 +193,10 @@ class Submitter:
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
         f = event.fields
+        if event.name == "PriceUpdated":
+            self.prices.apply(PriceUpdate(f["tier"], f["price_per_unit_micro"],
+                                          f["effective_at"]))
+            return Outcome()
         if event.name == "NodeRegistered":
             if verify_event(event, f["signing_key"], f["node_id"]):
                 self.node_keys.setdefault(f["node_id"], f["encryption_key"])

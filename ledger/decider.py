@@ -406,8 +406,9 @@ class LedgerDecider:
         """Why the quoted price is not the network's, or None."""
         f = e.fields
         try:
-            unit = min(self.prices.price_per_unit(f["tier"], e.occurred_at),
-                       self.prices.price_per_unit(f["tier"], e.occurred_at - PRICE_GRACE_MS))
+            # The lowest price in force during the grace: a quote (valid at most that long)
+            # made before a rise is honoured after it.
+            unit = self.prices.lowest(f["tier"], e.occurred_at - PRICE_GRACE_MS, e.occurred_at)
             floor = task_price(f["compute_units"], f["replicas"], unit, f["trust"])
         except DestraError as err:
             return ("invalid-price", str(err))
