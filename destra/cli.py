@@ -838,6 +838,7 @@ def audit(as_json: bool, **flags: Any) -> None:
     from schemas import decode
     from schemas.errors import EventError
     from streams.authority import Genesis
+    from streams.params import params_from
     from streams.reading import read_all
     from streams.topics import DEAD_LETTER, STATE, TOPICS
 
@@ -859,7 +860,7 @@ def audit(as_json: bool, **flags: Any) -> None:
         max_attempts=int(env.get("DESTRA_MAX_REISSUES") or 3),
         reissue_grace_ms=int(env.get("DESTRA_REISSUE_GRACE_MS") or 60_000),
         queue_timeout_ms=int(env.get("DESTRA_QUEUE_TIMEOUT_MS") or 120_000),
-        network=settings.topic_prefix, rules=rules_from(env))
+        network=settings.topic_prefix, rules=rules_from(env), params=params_from(env))
     report = run_audit(records, Genesis.load(settings.genesis_path), config)
     emit(report.as_dict(), as_json, lambda _: "\n".join(
         [str(d) for d in report.discrepancies]

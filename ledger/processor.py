@@ -27,13 +27,15 @@ from ledger.decider import LedgerDecider
 from schemas import Event, decode
 from streams.authority import Genesis, load_signer
 from streams.kafka_runner import KafkaRunner, latest_record, open_snapshot
+from streams.params import ParamSchedule, params_from
 from streams.reading import end_offsets, read_all
 from streams.topics import DEAD_LETTER, STATE, topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
 INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted", "NodeRegistered",
-          "PriceUpdated", "AccountRegistered")
+          "PriceUpdated", "AccountRegistered", "AccountOperation", "ProposalSubmitted",
+          "ProposalDecided", "ParameterChanged")
 BATCH = 200
 
 
@@ -45,11 +47,15 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
             checkpoint: Mapping[str, Any] | None = None,
             decided: Mapping[tuple[str, int], int] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
-    committed entries, its refusals of submissions, the prices, the account registrations
-    and the submissions after it (from offset 0 without), and the ids of the mints it
-    decided after it, up to ``decided`` (the input positions of its last committed batch,
-    ``committed_positions``: a mint not read yet must find its id free). Only entries,
-    refusals, prices and mints the genesis keys signed count. The number of entries read."""
+    committed entries (which bring back the nonces of executed operations, the unbonding
+    tranches, the stakes' and deposits' ids and the proposals' deposits), its refusals of
+    submissions, the prices, the parameter changes, the account and node registrations
+    (accounts' keys, nodes' operators) and the submissions after it (from offset 0
+    without), and the ids of the mints and the nonces of the account operations it decided
+    after it, up to ``decided`` (the input positions of its last committed batch,
+    ``committed_positions``: a mint or an operation not read yet must find its id or nonce
+    free). Only entries, refusals, prices, parameter changes and mints the genesis keys
+    signed count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     before: set[str] = set()
@@ -82,10 +88,15 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
     for _, price in read("PriceUpdated", positions):
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
+    for _, change in read("ParameterChanged", positions):
+        if genesis.check(change) is None:  # only governance's changes are the network's
+            decider.decide(change)  # a parameter schedule: state only
     for _, registration in read("AccountRegistered", positions):
         # The bindings made after the checkpoint (the checkpoint holds the earlier ones):
         # in topic order, as the live run read them, so the first binding of an id stands.
         decider.register(registration)
+    for _, node in read("NodeRegistered", positions):
+        decider.bind_operator(node)  # the first validly signed registration names it
     for _, verdict in read("TaskFailed", positions):
         # Its own refusals of submissions (committed with the batch that read them): a
         # copy replayed while still fresh must find the task id taken.
@@ -100,6 +111,15 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
         kind, at = msg.timestamp()
         if kind and at > 0 and genesis.check(mint) is None:
             decider.recall_mint(mint, at)
+    for msg, op in read("AccountOperation", positions):
+        where = (msg.topic() or "", msg.partition() or 0)
+        if (msg.offset() or 0) >= (decided or {}).get(where, 0):
+            continue  # not decided yet: the runner reads it after the rebuild
+        # Every operation the live run read that its account's key signed with a nonce
+        # above the last took it, executed or refused (a refusal leaves no entry).
+        kind, at = msg.timestamp()
+        if kind and at > 0:
+            decider.recall_op(op, at)
     for _, submission in read("TaskSubmitted", positions):
         decider.remember(submission)
     return restored
@@ -151,7 +171,10 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     its inputs pass the genesis authority check, its entries are signed with the
     ledger's key, and each batch commits in one transaction.
     """
-    decider = LedgerDecider(settings.producer_id or "ledger", network=settings.topic_prefix)
+    # The network's start values of its live parameters (``DESTRA_PARAM_<NAME>``, the same
+    # environment every service of the network gets); changes follow from governance.
+    decider = LedgerDecider(settings.producer_id or "ledger", network=settings.topic_prefix,
+                            params=ParamSchedule(params_from(os.environ)))
     genesis = Genesis.load(settings.genesis_path)
     signer = load_signer(settings.service_keys, "ledger", genesis)
 
