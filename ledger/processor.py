@@ -253,18 +253,20 @@ def wait_for_transactions(settings: Settings, bootstrap: str, transaction_ids: I
         time.sleep(0.5)  # poll interval: read_all already waited for the topic's end
 
 
-def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: str,
-                 since: Mapping[str, Mapping[tuple[str, int], int]],
-                 timeout_s: float = 60.0) -> tuple[str, str | None]:
-    """How the ledger decided the mint ``mint_id``: ``("credited", None)`` once its entries
-    (``mint/<id>``, signed by the ledger) are on the ledger topic, ``("refused", reason)``
-    once it is dead-lettered (the ledger's refusal: unregistered account, stale, forged...),
-    ``("pending", None)`` after ``timeout_s``. ``since``: where to start reading each topic
-    (the ends of ``LedgerEntryPosted``'s and the dead letters' topics, taken before the mint
-    was sent). A dead letter is not signed: it says why, it moves no money."""
+def ledger_outcome(settings: Settings, bootstrap: str, genesis: Genesis, transaction_id: str,
+                   source: str, event_id: str,
+                   since: Mapping[str, Mapping[tuple[str, int], int]],
+                   timeout_s: float = 60.0) -> tuple[str, str | None]:
+    """How the ledger decided an input sent by a client: ``("posted", None)`` once the
+    entries of ``transaction_id`` (signed by the ledger) are on the ledger topic,
+    ``("refused", reason)`` once the input (event ``event_id``, of the event type
+    ``source``) is dead-lettered from its topic, ``("pending", None)`` after
+    ``timeout_s``. ``since``: where to start reading each topic (the ends of
+    ``LedgerEntryPosted``'s and the dead letters' topics, taken before the input was sent:
+    ``outcome_positions``). A dead letter is not signed: it says why, it moves no money."""
     entries = _topic(settings, "LedgerEntryPosted")
     dead = DEAD_LETTER.name(settings.topic_prefix)
-    mints = _topic(settings, "TokensMinted")
+    inputs = _topic(settings, source)
     start = {entries: dict(since.get(entries, {})), dead: dict(since.get(dead, {}))}
     deadline = time.monotonic() + timeout_s
     while True:
@@ -276,16 +278,35 @@ def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: 
                 except EventError:
                     continue
                 if (event.name == "LedgerEntryPosted"
-                        and event.fields["transaction_id"] == f"mint/{mint_id}"
+                        and event.fields["transaction_id"] == transaction_id
                         and genesis.check(event) is None):
-                    return "credited", None
-                if event.name == "DeadLettered" and event.fields["source_topic"] == mints:
+                    return "posted", None
+                if event.name == "DeadLettered" and event.fields["source_topic"] == inputs:
                     try:
                         refused = decode(event.fields["value"])
                     except EventError:
                         continue
-                    if refused.event_id == mint_id:
+                    if refused.event_id == event_id:
                         return "refused", str(event.fields["reason"])
         if time.monotonic() > deadline:
             return "pending", None
         time.sleep(0.5)  # poll interval: read_all already waited for the topics' ends
+
+
+def outcome_positions(settings: Settings,
+                      bootstrap: str) -> dict[str, dict[tuple[str, int], int]]:
+    """Where the ledger's answers start now (``ledger_outcome``'s ``since``): take them
+    before sending the input, so none is missed."""
+    return {t: end_offsets(bootstrap, t) for t in (_topic(settings, "LedgerEntryPosted"),
+                                                   DEAD_LETTER.name(settings.topic_prefix))}
+
+
+def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: str,
+                 since: Mapping[str, Mapping[tuple[str, int], int]],
+                 timeout_s: float = 60.0) -> tuple[str, str | None]:
+    """How the ledger decided the mint ``mint_id`` (``ledger_outcome``): ``("credited",
+    None)`` once its entries (``mint/<id>``) are posted, ``("refused", reason)`` once it is
+    dead-lettered (unregistered account, stale, forged...), ``("pending", None)``."""
+    outcome, why = ledger_outcome(settings, bootstrap, genesis, f"mint/{mint_id}",
+                                  "TokensMinted", mint_id, since, timeout_s)
+    return ("credited" if outcome == "posted" else outcome), why
