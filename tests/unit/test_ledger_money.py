@@ -54,7 +54,7 @@ def _op(account: str, nonce: int, operation: str, target: str, amount: int = 0,
 
 def _penalty(node: str, amount: int, at: int) -> Event:
     return new_event("NodePenalized", "verifier", occurred_at=at, node_id=node, task_id="t",
-                     reason="dissent", slash_micro=amount, reputation=0)
+                     reason="dissent", slash_micro=amount, reputation_permille=0)
 
 
 def _proposal(pid: str, who: str, amount: int, at: int = T0) -> Event:
