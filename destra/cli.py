@@ -405,7 +405,8 @@ def balance(account: str, as_json: bool, **flags: Any) -> None:
     from ledger.projection import LedgerProjection
 
     _, dsn = service_addresses(load_settings(**flags))
-    name = account if ":" in account or account in ("treasury", "mint") else f"user:{account}"
+    whole = ":" in account or account in ("treasury", "mint", "burned")
+    name = account if whole else f"user:{account}"
     projection = LedgerProjection(dsn)
     try:
         micro = projection.balances().get(name, 0)

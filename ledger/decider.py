@@ -92,8 +92,10 @@ Rules:
 Nothing is paid twice: escrow, mint and slash are refused twice by the ids the
 ledger keeps until they expire (``escrow/<task>`` as ``task/<task>``,
 ``mint/<event>``, ``slash/<event>``), a stake by ``stake/<node>`` (kept: one
-per node); a settlement or a refund needs no id, as it takes what the task's
-escrow still holds and the first one leaves it at zero.
+per node), a deposit by ``deposit/<proposal>`` (kept), an account's operation by
+its nonce (``op/<account>/<nonce>``; the last nonce per account is kept); a
+settlement, a refund or a deposit's release needs no id, as it takes what the
+escrow or deposit still holds and the first one leaves it at zero.
 """
 
 from __future__ import annotations

@@ -393,3 +393,32 @@ def test_the_node_operators_come_back_from_the_registrations_and_the_stakes() ->
     for e in _world().judge(_node("n3", "op", 100), T0).emit:
         fresh.restore(e)
     assert fresh.operators == {"n3": "op"}
+
+
+def test_the_audit_rederives_the_money_moves_without_discrepancy() -> None:
+    from ledger.audit import AuditConfig, Record, audit
+
+    live = _decider()
+    config = AuditConfig(params={"unbonding_ms": UNBONDING, "gov_deposit_micro": 1_000})
+    inputs: list[tuple[Event, int]] = [
+        *((registration(who), T0) for who in ("alice", "bob", "op")),
+        *((_mint(who, 10_000), T0 + 1) for who in ("alice", "bob", "op")),
+        (_node("n1", "op", 4_000), T0 + 2),
+        (_op("alice", 1, "TRANSFER", "bob", 2_500), T0 + 3),
+        (_op("op", 1, "UNSTAKE", "n1", 1_000), T0 + 4),
+        (_op("op", 2, "WITHDRAW", "n1"), T0 + 5),
+        (_penalty("n1", 3_500, T0 + 6), T0 + 6),
+        (_changed("fee_bps", 100, T0 + 7), T0 + 7),
+        (_proposal("p1", "alice", 2_000), T0 + 8),
+        (_decided("p1", "BURN", T0 + 9), T0 + 9),
+        (_op("op", 3, "WITHDRAW", "n1"), T0 + UNBONDING + 4),
+    ]
+    records: list[Record] = []
+    for offset, (event, at) in enumerate(inputs):
+        records.append(Record(event, "in", 0, offset, at))
+        for out_offset, emitted in enumerate(live.judge(event, at, 0).emit):
+            records.append(Record(emitted, "out", 0, offset * 10 + out_offset, at))
+    assert live.book.balance(BURNED) == 2_000 and live.book.balance(unbonding("n1")) == 0
+    report = audit(records, None, config)
+    assert [d for d in report.discrepancies if d.check == "ledger"] == []
+    assert report.checked["ledger_entries"] == report.checked["ledger_entries_rederived"] > 20
