@@ -91,10 +91,17 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
     for _, change in read("ParameterChanged", positions):
         if genesis.check(change) is None:  # only governance's changes are the network's
             decider.decide(change)  # a parameter schedule: state only
-    for _, registration in read("AccountRegistered", positions):
+    later: list[Event] = []
+    for msg, registration in read("AccountRegistered", positions):
         # The bindings made after the checkpoint (the checkpoint holds the earlier ones):
         # in topic order, as the live run read them, so the first binding of an id stands.
-        decider.register(registration)
+        # Those the live run had not read yet are bound after the operations' nonces are
+        # recalled (below): an operation refused `unregistered-account` took no nonce.
+        if (msg.offset() or 0) >= (decided or {}).get((msg.topic() or "", msg.partition() or 0),
+                                                      0):
+            later.append(registration)
+        else:
+            decider.register(registration)
     for _, node in read("NodeRegistered", positions):
         decider.bind_operator(node)  # the first validly signed registration names it
     for _, verdict in read("TaskFailed", positions):
@@ -120,6 +127,8 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
         kind, at = msg.timestamp()
         if kind and at > 0:
             decider.recall_op(op, at)
+    for registration in later:
+        decider.register(registration)
     for _, submission in read("TaskSubmitted", positions):
         decider.remember(submission)
     return restored

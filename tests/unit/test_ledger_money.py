@@ -422,3 +422,54 @@ def test_the_audit_rederives_the_money_moves_without_discrepancy() -> None:
     report = audit(records, None, config)
     assert [d for d in report.discrepancies if d.check == "ledger"] == []
     assert report.checked["ledger_entries"] == report.checked["ledger_entries_rederived"] > 20
+
+
+def test_the_rebuild_recalls_the_nonces_of_the_operations_decided_and_only_those(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ledger.processor as processor
+    from destra.settings import Settings
+    from schemas import encode
+    from streams.topics import topic_for
+
+    class _Rec:
+        def __init__(self, event: Event, offset: int, at: int) -> None:
+            self._value, self._offset, self._at = encode(event), offset, at
+            self._topic = topic_for(event.name).name("t.")
+
+        def value(self) -> bytes:
+            return self._value
+
+        def topic(self) -> str:
+            return self._topic
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return self._offset
+
+        def timestamp(self) -> tuple[int, int]:
+            return (2, self._at)  # LogAppendTime
+
+    class _Genesis:
+        @staticmethod
+        def check(event: Event) -> str | None:
+            return None
+
+    refused = _op("bob", 7, "TRANSFER", "alice", 10**9)  # decided: refused, took nonce 7
+    forged = _op("bob", 9, "TRANSFER", "alice", 1, keys=account_keys("mallory"))
+    early = _op("carol", 3, "TRANSFER", "bob", 1)  # decided before carol was bound: no nonce
+    unread = _op("bob", 8, "TRANSFER", "alice", 1)  # past the last committed batch
+    records = [_Rec(registration("bob"), 0, T0), _Rec(registration("carol"), 1, T0),
+               _Rec(refused, 0, T0 + 1), _Rec(forged, 1, T0 + 2), _Rec(early, 2, T0 + 3),
+               _Rec(unread, 3, T0 + 4)]
+    monkeypatch.setattr(processor, "read_all", lambda bootstrap, t, start=None: [
+        r for r in records if r.topic() == t and r.offset() >= (start or {}).get((t, 0), 0)])
+    registry = topic_for("AccountRegistered").name("t.")
+    ops = topic_for("AccountOperation").name("t.")
+    d = _decider()
+    processor.rebuild(Settings(topic_prefix="t."), "127.0.0.1:1", d,
+                      genesis=_Genesis(),  # type: ignore[arg-type]
+                      checkpoint=None, decided={(registry, 0): 1, (ops, 0): 3})
+    assert d.nonces == {"bob": 7}
+    assert set(d.account_keys) == {"bob", "carol"}
