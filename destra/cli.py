@@ -410,7 +410,8 @@ def balance(account: str, as_json: bool, **flags: Any) -> None:
     from ledger.projection import LedgerProjection
 
     _, dsn = service_addresses(load_settings(**flags))
-    name = account if ":" in account or account in ("treasury", "mint") else f"user:{account}"
+    whole = ":" in account or account in ("treasury", "mint", "burned")
+    name = account if whole else f"user:{account}"
     projection = LedgerProjection(dsn)
     try:
         micro = projection.balances().get(name, 0)
@@ -418,6 +419,99 @@ def balance(account: str, as_json: bool, **flags: Any) -> None:
         projection.close()
     emit({"account": name, "balance_micro": micro}, as_json,
           lambda b: f"{b['account']}: {b['balance_micro']} micro-tokens")
+
+
+def _money_options(f: Any) -> Any:
+    """The options every account operation takes."""
+    for option in reversed((
+            settings_options,
+            click.option("--account", envvar="DESTRA_ACCOUNT", default="default",
+                         show_default=True, help="The signing account (env DESTRA_ACCOUNT)."),
+            click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=60.0,
+                         show_default=True, help="Seconds to wait for the ledger's decision "
+                                                 "(0: send and do not wait)."),
+            click.option("--json", "as_json", is_flag=True, help="Machine-readable output."))):
+        f = option(f)
+    return f
+
+
+def _operate(operation: str, target: str, amount_micro: int, memo: str, account: str,
+             timeout_s: float, as_json: bool, flags: dict[str, Any]) -> None:
+    """Sign ACCOUNT's operation with its keystore and the next nonce (``Client.operate``),
+    send it, and report the ledger's decision: its entries (exit 0), its refusal with the
+    reason or no decision within the timeout (exit 1)."""
+    from destra.client import Client
+    from infra import services
+
+    settings = load_settings(**flags)
+    client = Client(settings, kafka_address(settings, services, account=account), account,
+                    _passphrase())
+    try:
+        done = client.operate(operation, target, amount_micro, memo, timeout_s)
+    finally:
+        client.close()
+    what = {"TRANSFER": f"transfer of {amount_micro} micro-tokens from {account} to {target}",
+            "STAKE": f"stake of {amount_micro} micro-tokens on node {target} by {account}",
+            "UNSTAKE": f"unstake of {amount_micro} micro-tokens from node {target} by "
+                       f"{account}",
+            "WITHDRAW": f"withdrawal of node {target}'s earnings and matured unbonding to "
+                        f"{account}"}[operation]
+    text = {"sent": f"{what} sent (nonce {done.nonce}); the ledger decides it",
+            "posted": f"{what}: done ({done.transaction_id})",
+            "refused": f"{what} refused by the ledger: {done.reason}",
+            "pending": f"{what}: no decision by the ledger within {timeout_s:g}s (is the "
+                       "ledger processor running? `destra balance` shows it once done)",
+            }[done.outcome]
+    if as_json:
+        click.echo(json.dumps(done.as_dict()))
+    else:
+        click.echo(text, err=done.outcome in ("refused", "pending"))
+    if done.outcome in ("refused", "pending"):
+        sys.exit(1)
+
+
+@cli.command("transfer")
+@click.argument("to")
+@click.argument("amount_micro", type=click.IntRange(min=1))
+@click.option("--memo", default="", help="Recorded with the transfer (200 characters).")
+@_money_options
+def transfer(to: str, amount_micro: int, memo: str, account: str, timeout_s: float,
+             as_json: bool, **flags: Any) -> None:
+    """Send AMOUNT_MICRO micro-tokens from --account to the registered account TO."""
+    _operate("TRANSFER", to, amount_micro, memo, account, timeout_s, as_json, flags)
+
+
+@cli.command("stake")
+@click.argument("node_id")
+@click.argument("amount_micro", type=click.IntRange(min=1))
+@_money_options
+def stake(node_id: str, amount_micro: int, account: str, timeout_s: float, as_json: bool,
+          **flags: Any) -> None:
+    """Lock AMOUNT_MICRO more micro-tokens of --account as NODE_ID's stake (the account must
+    be the operator the node registered with; the signed request is its consent)."""
+    _operate("STAKE", node_id, amount_micro, "", account, timeout_s, as_json, flags)
+
+
+@cli.command("unstake")
+@click.argument("node_id")
+@click.argument("amount_micro", type=click.IntRange(min=1))
+@_money_options
+def unstake(node_id: str, amount_micro: int, account: str, timeout_s: float, as_json: bool,
+            **flags: Any) -> None:
+    """Move AMOUNT_MICRO micro-tokens of NODE_ID's stake into unbonding: still slashable,
+    withdrawable (`destra withdraw`) once the network's unbonding_ms has passed."""
+    _operate("UNSTAKE", node_id, amount_micro, "", account, timeout_s, as_json, flags)
+
+
+@cli.command("withdraw")
+@click.argument("node_id")
+@_money_options
+def withdraw(node_id: str, account: str, timeout_s: float, as_json: bool,
+             **flags: Any) -> None:
+    """Move NODE_ID's earnings and its matured unbonding to --account (its operator);
+    refused `still-bonding` (with the release time) when only unmatured unbonding is
+    left."""
+    _operate("WITHDRAW", node_id, 0, "", account, timeout_s, as_json, flags)
 
 
 @cli.group()
@@ -834,6 +928,7 @@ def audit(as_json: bool, **flags: Any) -> None:
     from schemas import decode
     from schemas.errors import EventError
     from streams.authority import Genesis
+    from streams.params import params_from
     from streams.reading import read_all
     from streams.topics import DEAD_LETTER, STATE, TOPICS
 
@@ -855,7 +950,7 @@ def audit(as_json: bool, **flags: Any) -> None:
         max_attempts=int(env.get("DESTRA_MAX_REISSUES") or 3),
         reissue_grace_ms=int(env.get("DESTRA_REISSUE_GRACE_MS") or 60_000),
         queue_timeout_ms=int(env.get("DESTRA_QUEUE_TIMEOUT_MS") or 120_000),
-        network=settings.topic_prefix, rules=rules_from(env))
+        network=settings.topic_prefix, rules=rules_from(env), params=params_from(env))
     report = run_audit(records, Genesis.load(settings.genesis_path), config)
     emit(report.as_dict(), as_json, lambda _: "\n".join(
         [str(d) for d in report.discrepancies]

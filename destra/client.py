@@ -46,7 +46,7 @@ from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
 from ledger.decider import PRICE_GRACE_MS
 from schemas import Event, decode, new_event
-from schemas.bindings import account_registration, data_key_commitment
+from schemas.bindings import account_operation, account_registration, data_key_commitment
 from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
@@ -63,6 +63,30 @@ PRICES_FRESH_MS = 5_000
 """The prices move (``allocator.market``): a client reads them again after this long."""
 DEFAULT_DEADLINE_MS = 600_000
 WATCHED = ("TaskAssigned", "ResultCommitted", "ResultRevealed", "TaskVerified", "TaskFailed")
+
+
+@dataclass(frozen=True)
+class OperationOutcome:
+    """What the ledger did with one of the account's operations (``Client.operate``)."""
+
+    event_id: str
+    operation: str
+    target: str
+    amount_micro: int
+    nonce: int
+    transaction_id: str
+    """``op/<account>/<nonce>``: its entries' transaction when executed."""
+    outcome: str
+    """``posted`` (executed: its entries are on the ledger), ``refused`` (dead-lettered:
+    ``reason`` says why), ``pending`` (no decision within the timeout) or ``sent`` (not
+    waited for)."""
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "operation": self.operation, "target": self.target,
+                "amount_micro": self.amount_micro, "nonce": self.nonce,
+                "transaction_id": self.transaction_id, "outcome": self.outcome,
+                "reason": self.reason}
 
 
 class ResultRefused(DestraError):
@@ -171,6 +195,7 @@ class Client:
         self._genesis: Genesis | None = None
         self._prices: PriceBook | None = None
         self._prices_read_ms = 0
+        self._nonce = 0
 
     @property
     def genesis(self) -> Genesis:
@@ -265,6 +290,57 @@ class Client:
         if flush:
             self._producer.flush()
         return event
+
+    # -- money: the account's own operations ------------------------------------------------
+
+    def next_nonce(self) -> int:
+        """The nonce of the account's next operation: the wall clock in milliseconds, or one
+        above the last this client used when that is later. The ledger needs only that
+        each exceeds the account's last (any nonce above works, gaps are fine), so no
+        client must learn it first; two clients of one account sending in the same
+        millisecond may collide, and the second is refused ``replay`` (send it again)."""
+        self._nonce = max(now_ms(), self._nonce + 1)
+        return self._nonce
+
+    def operate(self, operation: str, target: str, amount_micro: int = 0, memo: str = "",
+                timeout_s: float = 60.0) -> OperationOutcome:
+        """Sign an ``AccountOperation`` with the next nonce, send it and, unless
+        ``timeout_s`` is 0, wait for the ledger's entries or its dead letter."""
+        from ledger.processor import ledger_outcome, outcome_positions
+
+        nonce = self.next_nonce()
+        event = account_operation(self.account, self.keys, nonce, operation, target,
+                                  amount_micro, memo)
+        since = outcome_positions(self.settings, self.bootstrap) if timeout_s > 0 else {}
+        self._producer.send(event)
+        self._producer.flush()
+        tx = f"op/{self.account}/{nonce}"
+        outcome, why = "sent", None
+        if timeout_s > 0:
+            outcome, why = ledger_outcome(self.settings, self.bootstrap, self.genesis, tx,
+                                          "AccountOperation", event.event_id, since, timeout_s)
+        return OperationOutcome(event.event_id, operation, target, amount_micro, nonce, tx,
+                                outcome, why)
+
+    def transfer(self, to: str, amount_micro: int, memo: str = "",
+                 timeout_s: float = 60.0) -> OperationOutcome:
+        """Send ``amount_micro`` to the registered account ``to``."""
+        return self.operate("TRANSFER", to, amount_micro, memo, timeout_s)
+
+    def stake(self, node_id: str, amount_micro: int,
+              timeout_s: float = 60.0) -> OperationOutcome:
+        """Lock more of the account's tokens as the stake of a node it operates."""
+        return self.operate("STAKE", node_id, amount_micro, "", timeout_s)
+
+    def unstake(self, node_id: str, amount_micro: int,
+                timeout_s: float = 60.0) -> OperationOutcome:
+        """Move part of a node's stake into unbonding: slashable, then withdrawable after
+        the network's ``unbonding_ms``."""
+        return self.operate("UNSTAKE", node_id, amount_micro, "", timeout_s)
+
+    def withdraw(self, node_id: str, timeout_s: float = 60.0) -> OperationOutcome:
+        """Take a node's earnings and its matured unbonding into the account."""
+        return self.operate("WITHDRAW", node_id, 0, "", timeout_s)
 
     def send_signed(self, event: Event, flush: bool = True) -> None:
         """Sign ``event`` with the account's key and send it (flushed unless told not to)."""

@@ -50,27 +50,28 @@ the live tick's lag).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from allocator.pricing import effective_tier, tier_of
 from allocator.trust import DEFAULT_RULES, TrustRules
-from ledger.decider import DEFAULT_FEE_BPS, LedgerDecider
+from ledger.decider import LedgerDecider
 from schemas import Event
 from schemas.errors import DestraError
 from schemas.signatures import verify_event
 from streams.authority import AUTHORITY, Genesis
+from streams.params import ParamSchedule
 from streams.processing import Context, Origin, Processor
 from verifier.service import Verifier
 from workloads import get_workload
 
 CAUSAL_RANK: dict[str, int] = {name: rank for rank, name in enumerate((
-    "PriceUpdated", "AccountRegistered", "TokensMinted", "NodeRegistered", "NodeHeartbeat",
-    "TaskSubmitted",
+    "PriceUpdated", "ParameterChanged", "AccountRegistered", "TokensMinted", "NodeRegistered",
+    "NodeHeartbeat", "AccountOperation", "ProposalSubmitted", "TaskSubmitted",
     "LedgerEntryPosted", "TaskAssigned", "DataKeyGranted", "DataKeyRefused", "ResultCommitted",
     "ReissueRequested", "RevealOpened", "ResultRevealed", "TaskVerified", "NodePenalized",
-    "TaskFailed"))}
+    "TaskFailed", "ProposalDecided"))}
 """Within one millisecond, the order in which events of these types can cause each other."""
 
 VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key", "bad_data_key"})
@@ -131,7 +132,9 @@ class AuditConfig:
     """``DESTRA_REISSUE_GRACE_MS``."""
     queue_timeout_ms: int = 120_000
     """``DESTRA_QUEUE_TIMEOUT_MS``."""
-    fee_bps: int = DEFAULT_FEE_BPS
+    params: Mapping[str, int] = field(default_factory=dict)
+    """The network's start values of its live parameters (``streams.params.params_from``,
+    ``DESTRA_PARAM_*``); the changes governance made are on the log."""
     network: str = ""
     """The topic prefix: the network stake consents are bound to."""
     unplaced_grace_ms: int = 60_000
@@ -580,8 +583,8 @@ def audit(records: Iterable[Record], genesis: Genesis | None,
     authentic = [r for r in ordered if valid(r)]
 
     # The ledger: its decisions on the logged inputs.
-    ledger_out = _replay(LedgerDecider("audit", fee_bps=config.fee_bps,
-                                       network=config.network), ordered, valid)
+    ledger_out = _replay(LedgerDecider("audit", network=config.network,
+                                       params=ParamSchedule(config.params)), ordered, valid)
     logged_ledger = [r for r in authentic if r.event.name == "LedgerEntryPosted"
                      or (r.event.name == "TaskFailed" and _role(r.event, genesis) == "ledger")]
     derived_tx: dict[str, list[Event]] = defaultdict(list)

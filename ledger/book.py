@@ -6,7 +6,15 @@ debits the ``mint`` account (its negative balance is the supply in
 circulation). Amounts are ``int`` micro-tokens; a float anywhere is an error.
 
 Accounts: ``user:<id>`` (submitters, operators), ``escrow:<task>``,
-``stake:<node>``, ``treasury`` and ``mint``. Only ``mint`` may go negative.
+``stake:<node>``, ``unbonding:<node>`` (unstaked, still slashable until released),
+``node:<id>`` (a node's earnings), ``deposit:<proposal>`` (a governance proposal's
+deposit), ``treasury``, ``burned`` (tokens taken out of circulation: a burned
+deposit) and ``mint``. Only ``mint`` may go negative; the supply in circulation is
+``-mint - burned``.
+
+Every transaction that moves an operator's tokens into or out of ``stake:<node>`` or
+``unbonding:<node>`` carries the operator's ``user:<op>`` leg, so a reader of the
+entries alone can tell whose stake it is (governance's voting power).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from destra.errors import DestraError
 
 MINT = "mint"
 TREASURY = "treasury"
+BURNED = "burned"
+"""Where burned tokens go (entry kind ``burn``): out of circulation, never out again."""
 BPS = 10_000
 """Basis points in one whole: fees are given in basis points."""
 
@@ -45,6 +55,17 @@ def stake(node_id: str) -> str:
     return f"stake:{node_id}"
 
 
+def unbonding(node_id: str) -> str:
+    """The account holding a node's unstaked tokens until they are released: still
+    slashable, withdrawable to its operator once matured."""
+    return f"unbonding:{node_id}"
+
+
+def deposit(proposal_id: str) -> str:
+    """The account holding a governance proposal's deposit until it is decided."""
+    return f"deposit:{proposal_id}"
+
+
 @dataclass(frozen=True)
 class Posting:
     """One side of a movement: ``amount_micro`` added to ``account`` (negative: taken)."""
@@ -52,7 +73,8 @@ class Posting:
     account: str
     amount_micro: int
     kind: str
-    """escrow, payout, fee, refund, slash, mint, stake."""
+    """escrow, payout, fee, refund, slash, mint, stake, transfer, unstake, unbond,
+    withdraw, deposit, burn."""
 
 
 @dataclass(frozen=True)
@@ -155,11 +177,91 @@ def stake_tx(transaction_id: str, node_id: str, operator: str, amount_micro: int
 
 
 def slash_tx(transaction_id: str, node_id: str, task_id: str | None, amount_micro: int,
-             stake_micro: int) -> Transaction:
-    """Take a penalty from a node's stake to the treasury, never more than it holds."""
-    taken = max(0, min(amount_micro, stake_micro))
-    return _tx(transaction_id, task_id, "slash", [Posting(stake(node_id), -taken, "slash"),
-                                                  Posting(TREASURY, taken, "slash")])
+             stake_micro: int, unbonding_micro: int = 0) -> Transaction:
+    """Take a penalty from a node's stake, then from its unbonding, to the treasury, never
+    more than they hold."""
+    from_stake = max(0, min(amount_micro, stake_micro))
+    from_unbonding = max(0, min(amount_micro - from_stake, unbonding_micro))
+    return _tx(transaction_id, task_id, "slash",
+               [Posting(stake(node_id), -from_stake, "slash"),
+                Posting(unbonding(node_id), -from_unbonding, "slash"),
+                Posting(TREASURY, from_stake + from_unbonding, "slash")])
+
+
+def _positive(transaction_id: str, amount_micro: int) -> None:
+    if type(amount_micro) is not int or amount_micro <= 0:
+        raise LedgerError(f"{transaction_id}: amount {amount_micro!r} must be a positive int")
+
+
+def _covers(transaction_id: str, account: str, balance_micro: int, amount_micro: int) -> None:
+    if balance_micro < amount_micro:
+        raise InsufficientFunds(f"{transaction_id}: {account} has {balance_micro} "
+                                f"micro-tokens, {amount_micro} needed")
+
+
+def transfer_tx(transaction_id: str, payer: str, payee: str, amount_micro: int,
+                balance_micro: int, memo: str = "") -> Transaction:
+    """Move tokens from one account to another."""
+    _positive(transaction_id, amount_micro)
+    _covers(transaction_id, payer, balance_micro, amount_micro)
+    return _tx(transaction_id, None, memo, [Posting(payer, -amount_micro, "transfer"),
+                                            Posting(payee, amount_micro, "transfer")])
+
+
+def unstake_tx(transaction_id: str, node_id: str, operator: str, amount_micro: int,
+               stake_micro: int, release_at: int) -> Transaction:
+    """Move part of a node's stake into its unbonding, by way of its operator's account
+    (both legs there: the operator is named, its balance unchanged). The memo carries the
+    release time (``release_of``)."""
+    _positive(transaction_id, amount_micro)
+    _covers(transaction_id, stake(node_id), stake_micro, amount_micro)
+    return _tx(transaction_id, None, f"{UNBONDING_MEMO}{release_at}",
+               [Posting(stake(node_id), -amount_micro, "unstake"),
+                Posting(operator, amount_micro, "unstake"),
+                Posting(operator, -amount_micro, "unbond"),
+                Posting(unbonding(node_id), amount_micro, "unbond")])
+
+
+UNBONDING_MEMO = "unbonding until "
+"""An unstake's memo: this, then the release time (ms), which a rebuild reads back."""
+
+
+def release_of(memo: str) -> int | None:
+    """The release time an unstake's memo carries (``unstake_tx``), or None."""
+    if not memo.startswith(UNBONDING_MEMO):
+        return None
+    tail = memo[len(UNBONDING_MEMO):]
+    return int(tail) if tail.isdigit() else None
+
+
+def withdraw_tx(transaction_id: str, node_id: str, operator: str, earnings_micro: int,
+                matured_micro: int, memo: str = "") -> Transaction:
+    """A node's earnings and its matured unbonding to its operator's account."""
+    if earnings_micro < 0 or matured_micro < 0 or earnings_micro + matured_micro <= 0:
+        raise LedgerError(f"{transaction_id}: nothing to withdraw")
+    return _tx(transaction_id, None, memo,
+               [Posting(f"node:{node_id}", -earnings_micro, "withdraw"),
+                Posting(unbonding(node_id), -matured_micro, "withdraw"),
+                Posting(operator, earnings_micro + matured_micro, "withdraw")])
+
+
+def deposit_tx(transaction_id: str, proposal_id: str, proposer: str, amount_micro: int,
+               balance_micro: int) -> Transaction:
+    """Escrow a proposal's deposit from its proposer."""
+    _positive(transaction_id, amount_micro)
+    _covers(transaction_id, proposer, balance_micro, amount_micro)
+    return _tx(transaction_id, None, f"deposit of proposal {proposal_id}",
+               [Posting(proposer, -amount_micro, "deposit"),
+                Posting(deposit(proposal_id), amount_micro, "deposit")])
+
+
+def deposit_release_tx(transaction_id: str, proposal_id: str, to: str,
+                       held_micro: int) -> Transaction:
+    """A decided proposal's deposit: back to its proposer (kind ``refund``) or to
+    ``BURNED`` (kind ``burn``)."""
+    kind = "burn" if to == BURNED else "refund"
+    return _tx(transaction_id, None, f"{kind} of proposal {proposal_id}'s deposit",
+               [Posting(deposit(proposal_id), -held_micro, kind), Posting(to, held_micro, kind)])
 
 
 def _merge(postings: Iterable[Posting]) -> list[Posting]:

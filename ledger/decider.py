@@ -59,13 +59,43 @@ Rules:
 - TaskVerified: pay each agreeing replica's node wallet ``node:<id>`` by the
   compute it gave, the network fee to the treasury, the rest back.
 - TaskFailed (from the verifier): refund whatever the task still holds.
-- NodePenalized: slash the node's stake, never below zero, once per event id.
+- NodePenalized: slash the node's stake, then its unbonding (the tranches released
+  last first), never below zero, once per event id.
+- AccountOperation (``accounts.ops``, broker time; signed by the account's registered
+  key): refused before anything when its account is not registered
+  (``unregistered-account``), not signed by that key (``bad-signature``) or its ids hold
+  a NUL (``invalid-id``); then its ``nonce`` must exceed the last one the account used
+  (``replay``), and it takes it, executed or refused below, so a refused operation
+  replayed once it could apply is not executed. TRANSFER: to a registered account
+  (``unknown-account``), funds permitting (``insufficient-funds``). STAKE, UNSTAKE,
+  WITHDRAW name a node this account operates (``unknown-node``, ``not-your-node``; the
+  operator is the one the node's first validly signed registration named, for ever):
+  STAKE locks more of the account's tokens (the signed request is the consent); UNSTAKE
+  moves stake into ``unbonding:<node>``, released ``unbonding_ms`` (in force at the
+  request's broker time) later (``insufficient-stake``); WITHDRAW pays the node's
+  earnings and matured unbonding to the operator's account, ``still-bonding`` (with the
+  release time) when only unmatured unbonding is left. An amount below 1 (0 for
+  WITHDRAW, which takes all) is ``invalid-amount``. Each is one transaction
+  ``op/<account>/<nonce>``.
+- ProposalSubmitted (signed by the proposer's registered key): escrow ``deposit_micro``
+  into ``deposit:<proposal>`` (``deposit/<proposal>``, kept for ever) when it is at least
+  ``gov_deposit_micro`` (and at least 1) in force at its record time; else dead-lettered
+  (``insufficient-deposit``, ``insufficient-funds``, ``bad-signature``,
+  ``unregistered-account``, ``duplicate-proposal``).
+- ProposalDecided (signed by governance): the deposit back to the proposer (REFUND,
+  ``deposit-refund/<proposal>``), to ``burned`` (BURN, kind ``burn``,
+  ``burn/<proposal>``), or nowhere (NONE). It takes what the deposit holds: once.
+- ParameterChanged (signed by governance): the ledger's ``ParamSchedule`` follows it;
+  ``fee_bps``, ``unbonding_ms`` and ``gov_deposit_micro`` are read in force at the
+  deciding record's time.
 
 Nothing is paid twice: escrow, mint and slash are refused twice by the ids the
 ledger keeps until they expire (``escrow/<task>`` as ``task/<task>``,
 ``mint/<event>``, ``slash/<event>``), a stake by ``stake/<node>`` (kept: one
-per node); a settlement or a refund needs no id, as it takes what the task's
-escrow still holds and the first one leaves it at zero.
+per node), a deposit by ``deposit/<proposal>`` (kept), an account's operation by
+its nonce (``op/<account>/<nonce>``; the last nonce per account is kept); a
+settlement, a refund or a deposit's release needs no id, as it takes what the
+escrow or deposit still holds and the first one leaves it at zero.
 """
 
 from __future__ import annotations
@@ -77,30 +107,39 @@ from allocator.pricing import PriceBook, PriceUpdate, task_price
 from destra.crypto import verify_event
 from destra.errors import DestraError
 from ledger.book import (
+    BURNED,
+    MINT,
     Book,
     InsufficientFunds,
     LedgerError,
+    Posting,
     Share,
     Transaction,
+    deposit,
+    deposit_release_tx,
+    deposit_tx,
     escrow,
     escrow_tx,
     mint_tx,
     refund_tx,
+    release_of,
     settle_tx,
     slash_tx,
     stake,
     stake_tx,
+    transfer_tx,
+    unbonding,
+    unstake_tx,
     user,
+    withdraw_tx,
 )
 from ledger.events import entry_events
 from ledger.horizon import Horizon
 from schemas import Event, new_event
 from schemas.bindings import stake_consent_valid
+from streams.params import ParamSchedule
 from streams.processing import Context, Outcome, Recovery
 from streams.topics import topic_for
-
-DEFAULT_FEE_BPS = 500
-"""The network's fee on payouts: 5 %."""
 
 PRICE_GRACE_MS = 300_000
 """A quote made at the price of up to this long before the submission is honoured."""
@@ -137,6 +176,11 @@ def _unstorable(*ids: str) -> bool:
     return any("\x00" in i for i in ids)
 
 
+MAX_TX_ID = 120
+"""The longest transaction id a money operation or a deposit may make: its entries' ids
+add ``/<leg>`` and the schema holds both to 128 characters."""
+
+
 def node_wallet(node_id: str) -> str:
     """The account a node's earnings are paid into."""
     return f"node:{node_id}"
@@ -159,7 +203,6 @@ class LedgerDecider:
     """Folds domain events into decisions; its state is rebuilt by replaying its inputs."""
 
     producer_id: str
-    fee_bps: int = DEFAULT_FEE_BPS
     network: str = ""
     """The network's name (its topic prefix): a stake consent counts on its network only."""
     book: Book = field(default_factory=Book)
@@ -171,13 +214,29 @@ class LedgerDecider:
     horizon: Horizon = field(default_factory=lambda: Horizon(
         {name: topic_for(name).partitions for name in BROKER_TIMED}, margin_ms=CLOCK_SKEW_MS))
     """The ids of the submissions, mints and penalties seen, until each can no longer recur."""
+    params: ParamSchedule = field(default_factory=ParamSchedule)
+    """The live parameters (``streams.params``): start values, then each
+    ``ParameterChanged``; read in force at the deciding record's time."""
+    nonces: dict[str, int] = field(default_factory=dict)
+    """The last nonce each account's operations took (``AccountOperation``): kept for ever,
+    one per account."""
+    operators: dict[str, str] = field(default_factory=dict)
+    """Each node's operator, from its first validly node-signed registration: kept for
+    ever, one per node."""
+    bonding: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Each node's unbonding tranches: release time -> micro-tokens (they sum to the
+    balance of ``unbonding:<node>``)."""
+    proposals: dict[str, str] = field(default_factory=dict)
+    """The proposer of each proposal whose deposit is held."""
     recent: set[str] = field(default_factory=set)
     """The transaction ids posted since the last checkpoint (``checkpoint_taken``): a rebuild
     skips the entries of the checkpoint's own batch, already in its state."""
 
     name = "ledger"
     inputs = frozenset({"TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted",
-                        "NodeRegistered", "PriceUpdated", "TaskFailed", "AccountRegistered"})
+                        "NodeRegistered", "PriceUpdated", "TaskFailed", "AccountRegistered",
+                        "AccountOperation", "ProposalSubmitted", "ProposalDecided",
+                        "ParameterChanged"})
     recovery = Recovery.REPLAY
     """Rebuilt from its latest checkpoint (``checkpoint_state``, written every 30 s, bounded
     by the work in flight) and its own entries, refusals, the prices and the submissions
@@ -427,14 +486,30 @@ class LedgerDecider:
             pass  # an unknown tier prices nothing
         return Outcome()
 
+    def bind_operator(self, e: Event) -> bool:
+        """Bind a node to the operator its registration names, if validly signed by the
+        node and the node has none yet (state rebuild on start too). Whether the
+        registration's operator is the node's."""
+        f = e.fields
+        node, operator = f["node_id"], f["operator_id"]
+        if _unstorable(node, operator) or not verify_event(e, f["signing_key"], node):
+            return False
+        return self.operators.setdefault(node, operator) == operator
+
     def _on_NodeRegistered(self, e: Event, at: int) -> Outcome:  # noqa: N802
         f = e.fields
         node, amount = f["node_id"], f["stake_micro"]
-        if amount <= 0 or f"stake/{node}" in self.book.applied:
-            return Outcome()
         if _unstorable(node, f["operator_id"]):
             return Outcome()  # no ledger could store its stake's entries: it runs unstaked
         if not verify_event(e, f["signing_key"], node):
+            return Outcome()
+        if not self.bind_operator(e):
+            if amount <= 0 or f"stake/{node}" in self.book.applied:
+                return Outcome()
+            return Outcome.refuse(e, f"operator-taken: node {node} is operated by "
+                                     f"{self.operators[node]}, not {f['operator_id']}; "
+                                     "no stake locked")
+        if amount <= 0 or f"stake/{node}" in self.book.applied:
             return Outcome()
         operator_key = self.account_keys.get(f["operator_id"])
         if operator_key is None:
@@ -464,9 +539,10 @@ class LedgerDecider:
             # Checked whole before anything moves: shares beyond what the escrow bought
             # (a verifier's error, or its key misused) pay nobody and leave the escrow
             # held, the verdict dead-lettered with the reason.
+            fee_bps = self.params.value("fee_bps", at)
             out = self._post(settle_tx(f"settle/{task_id}", task_id, terms.payer, held,
                                        terms.compute_units * terms.replicas, shares,
-                                       self.fee_bps, pro_rata=terms.trust == "adaptive"), at)
+                                       fee_bps, pro_rata=terms.trust == "adaptive"), at)
         except LedgerError as err:
             return Outcome.refuse(e, f"unpayable-verdict: {err}")
         self.tasks.pop(task_id, None)  # settled: escrow at zero, its terms go
@@ -492,8 +568,203 @@ class LedgerDecider:
             return Outcome()
         # Kept even when the stake is empty: replayed after a new stake, it must not slash.
         self.horizon.keep(key, e.name, e.occurred_at + MAX_AUTHORITY_AGE_MS)
-        return Outcome.of(self._post(slash_tx(key, node, f["task_id"], f["slash_micro"],
-                                              self.book.balance(stake(node))), at))
+        tx = slash_tx(key, node, f["task_id"], f["slash_micro"], self.book.balance(stake(node)),
+                      self.book.balance(unbonding(node)))
+        out = self._post(tx, at)
+        if out:
+            self._unbond_taken(tx)
+        return Outcome.of(out)
+
+    def _unbond_taken(self, tx: Transaction) -> None:
+        """Follow ``tx``'s postings on unbonding accounts in the tranches (``bonding``): an
+        unstake adds a tranche at its release time; a slash takes from the tranches released
+        last, a withdrawal from those released first (the matured ones)."""
+        for p in tx.postings:
+            if not p.account.startswith("unbonding:"):
+                continue
+            node = p.account.partition(":")[2]
+            tranches = self.bonding.setdefault(node, {})
+            if p.amount_micro > 0:
+                release = release_of(tx.memo)
+                if release is None:
+                    raise LedgerError(f"{tx.transaction_id}: unbonding without a release time")
+                tranches[release] = tranches.get(release, 0) + p.amount_micro
+            else:
+                left = -p.amount_micro
+                for release in sorted(tranches, reverse=p.kind == "slash"):
+                    taken = min(left, tranches[release])
+                    tranches[release] -= taken
+                    left -= taken
+                    if tranches[release] == 0:
+                        del tranches[release]
+                    if left == 0:
+                        break
+            if not tranches:
+                del self.bonding[node]
+
+    # -- accounts' own operations -------------------------------------------------------
+
+    def _on_AccountOperation(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        f = e.fields
+        account, nonce, op = f["account"], f["nonce"], f["operation"]
+        if _unstorable(account, f["target"], f["memo"]):
+            return Outcome.refuse(e, "invalid-id: an id or memo with a NUL character, which "
+                                     "no ledger can store (PostgreSQL text)")
+        if len(f"op/{account}/{nonce}") > MAX_TX_ID:
+            return Outcome.refuse(e, f"invalid-id: account id {account[:20]}... too long for "
+                                     f"an operation's transaction id ({MAX_TX_ID} characters)")
+        refusal = self._op_signature(e)
+        if refusal is not None:
+            return Outcome.refuse(e, refusal)
+        last = self.nonces.get(account, 0)
+        if nonce <= last:
+            return Outcome.refuse(e, f"replay: {op} by {account} with nonce {nonce}, not above "
+                                     f"its last nonce {last}")
+        # Validly signed and new: its nonce is taken whatever is decided below. A rebuild
+        # derives it from the operations read alone (``recall_op``).
+        self.nonces[account] = nonce
+        tx_id = f"op/{account}/{nonce}"
+        try:
+            tx = self._operation(e, tx_id, at)
+        except LedgerError as err:
+            return Outcome.refuse(e, str(err))
+        out = self._post(tx, at)
+        self._unbond_taken(tx)
+        return Outcome.of(out)
+
+    def _op_signature(self, e: Event) -> str | None:
+        """Why an operation is not its account's (its nonce not taken), or None."""
+        account = e.fields["account"]
+        key = self.account_keys.get(account)
+        if key is None:
+            return f"unregistered-account: account {account} is not registered"
+        if not verify_event(e, key, account):
+            return (f"bad-signature: {e.fields['operation']} is not signed by {account} with "
+                    "its registered key")
+        return None
+
+    def _operation(self, e: Event, tx_id: str, at: int) -> Transaction:
+        """The transaction an operation makes; ``LedgerError`` with the refusal's reason."""
+        f = e.fields
+        account, op, target, amount = f["account"], f["operation"], f["target"], f["amount_micro"]
+        payer = user(account)
+        if op == "WITHDRAW" and amount != 0:
+            raise LedgerError(f"invalid-amount: a withdrawal takes everything available; "
+                              f"amount_micro must be 0, got {amount}")
+        if op != "WITHDRAW" and amount < 1:
+            raise LedgerError(f"invalid-amount: {op} of {amount} micro-tokens")
+        if op == "TRANSFER":
+            if target not in self.account_keys:
+                raise LedgerError(f"unknown-account: {target} is not a registered account")
+            if self.book.balance(payer) < amount:
+                raise LedgerError(f"insufficient-funds: {account} has "
+                                  f"{self.book.balance(payer)} micro-tokens, transfer of "
+                                  f"{amount}")
+            return transfer_tx(tx_id, payer, user(target), amount, self.book.balance(payer),
+                               f["memo"])
+        operator = self.operators.get(target)
+        if operator is None:
+            raise LedgerError(f"unknown-node: node {target} has no valid registration")
+        if operator != account:
+            raise LedgerError(f"not-your-node: node {target} is operated by {operator}, "
+                              f"not {account}")
+        if op == "STAKE":
+            if self.book.balance(payer) < amount:
+                raise LedgerError(f"insufficient-funds: {account} has "
+                                  f"{self.book.balance(payer)} micro-tokens, stake of {amount}")
+            return stake_tx(tx_id, target, payer, amount, self.book.balance(payer))
+        if op == "UNSTAKE":
+            held = self.book.balance(stake(target))
+            if held < amount:
+                raise LedgerError(f"insufficient-stake: node {target} has {held} staked, "
+                                  f"unstake of {amount}")
+            release = at + self.params.value("unbonding_ms", at)
+            return unstake_tx(tx_id, target, payer, amount, held, release)
+        if op == "WITHDRAW":
+            tranches = self.bonding.get(target, {})
+            matured = sum(v for t, v in tranches.items() if t <= at)
+            pending = sorted(t for t in tranches if t > at)
+            earnings = self.book.balance(node_wallet(target))
+            if earnings + matured == 0:
+                if pending:
+                    raise LedgerError(f"still-bonding: node {target}'s "
+                                      f"{sum(tranches[t] for t in pending)} unbonding "
+                                      f"micro-tokens are released at {pending[0]} at the "
+                                      f"earliest; now {at}")
+                raise LedgerError(f"nothing-to-withdraw: node {target} has no earnings and "
+                                  "no unbonding")
+            memo = (f"withdraw of node {target}: {earnings} earned, {matured} unbonded"
+                    + (f"; {sum(tranches[t] for t in pending)} still bonding until "
+                       f"{pending[-1]}" if pending else ""))
+            return withdraw_tx(tx_id, target, payer, earnings, matured, memo)
+        raise LedgerError(f"invalid-operation: {op}")
+
+    def recall_op(self, op: Event, at: int) -> None:
+        """Recall an operation the live run read after the checkpoint (state rebuild on
+        start): one validly signed by its account's registered key with a nonce above the
+        last took it, executed or refused (``_on_AccountOperation``). Only operations the
+        live run decided (below its last committed positions) may be recalled."""
+        f = op.fields
+        if (_unstorable(f["account"], f["target"], f["memo"]) or self._op_signature(op)
+                or len(f"op/{f['account']}/{f['nonce']}") > MAX_TX_ID):
+            return
+        if f["nonce"] > self.nonces.get(f["account"], 0):
+            self.nonces[f["account"]] = f["nonce"]
+
+    # -- governance: deposits and parameters --------------------------------------------
+
+    def _on_ProposalSubmitted(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        f = e.fields
+        pid, proposer, amount = f["proposal_id"], f["proposer_id"], f["deposit_micro"]
+        tx_id = f"deposit/{pid}"
+        if _unstorable(pid, proposer) or len(f"deposit-refund/{pid}") > MAX_TX_ID:
+            return Outcome.refuse(e, "invalid-id: a proposal or account id with a NUL "
+                                     "character, which no ledger can store, or a proposal "
+                                     f"id longer than {MAX_TX_ID - 15} characters")
+        if tx_id in self.book.applied:
+            return Outcome.refuse(e, f"duplicate-proposal: proposal {pid}'s deposit is "
+                                     "already taken")
+        key = self.account_keys.get(proposer)
+        if key is None:
+            return Outcome.refuse(e, f"unregistered-account: proposer {proposer} is not "
+                                     "registered")
+        if not verify_event(e, key, proposer):
+            return Outcome.refuse(e, f"bad-signature: proposal {pid} is not signed by "
+                                     f"{proposer} with its registered key")
+        minimum = max(1, self.params.value("gov_deposit_micro", at))
+        if amount < minimum:
+            return Outcome.refuse(e, f"insufficient-deposit: proposal {pid} deposits "
+                                     f"{amount}, at least {minimum} needed")
+        payer = user(proposer)
+        try:
+            tx = deposit_tx(tx_id, pid, payer, amount, self.book.balance(payer))
+        except LedgerError as err:
+            return Outcome.refuse(e, f"insufficient-funds: {err}")
+        self.proposals[pid] = proposer
+        return Outcome.of(self._post(tx, at, remember=True))
+
+    def _on_ProposalDecided(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        f = e.fields
+        pid, action = f["proposal_id"], f["deposit"]
+        proposer = self.proposals.get(pid)
+        held = self.book.balance(deposit(pid))
+        if proposer is None or held == 0 or action == "NONE":
+            return Outcome()  # no deposit held here (or kept), or already released
+        if action == "BURN":
+            tx = deposit_release_tx(f"burn/{pid}", pid, BURNED, held)
+        else:
+            tx = deposit_release_tx(f"deposit-refund/{pid}", pid, user(proposer), held)
+        out = self._post(tx, at)
+        self.proposals.pop(pid, None)
+        return Outcome.of(out)
+
+    def _on_ParameterChanged(self, e: Event, at: int) -> Outcome:  # noqa: N802
+        f = e.fields
+        try:
+            self.params.apply(f["parameter"], f["value"], f["effective_at"])
+        except ValueError as err:
+            return Outcome.refuse(e, f"invalid-parameter: {err}")
+        return Outcome()
 
     def restore(self, entry: Event) -> None:
         """Re-apply one of this ledger's own earlier entries (state rebuild on start).
@@ -506,8 +777,29 @@ class LedgerDecider:
         tx = f["transaction_id"]
         self.book.balances[f["account"]] = self.book.balance(f["account"]) + f["amount_micro"]
         kind, _, ref = tx.partition("/")
+        account, amount = f["account"], f["amount_micro"]
+        if account.startswith("unbonding:"):
+            # Every entry of one account is on one partition, in the order it was posted:
+            # the tranches follow as they did live.
+            self._unbond_taken(Transaction(tx, (Posting(account, amount, f["kind"]),
+                                                Posting(MINT, -amount, f["kind"])),
+                                           memo=f["memo"]))
         if kind == "stake":
             self.book.applied.add(tx)
+            if account.startswith("user:"):  # the operator who staked it at registration
+                self.operators.setdefault(ref, account.partition(":")[2])
+        elif kind == "op":
+            holder, _, nonce = ref.rpartition("/")
+            if nonce.isdigit() and int(nonce) > self.nonces.get(holder, 0):
+                self.nonces[holder] = int(nonce)
+        elif kind == "deposit":
+            self.book.applied.add(tx)
+            if account.startswith("user:"):  # released already or not: checkpoints and
+                self.proposals[ref] = account.partition(":")[2]  # decisions look at the
+                # deposit's balance, whichever partition was read first
+
+        elif kind in ("deposit-refund", "burn") and self.book.balance(deposit(ref)) == 0:
+            self.proposals.pop(ref, None)
         elif kind == "escrow":
             self.horizon.keep(f"task/{ref}", "TaskSubmitted",
                               entry.occurred_at + MAX_FUTURE_MS + MAX_SUBMISSION_AGE_MS)
@@ -549,6 +841,11 @@ class LedgerDecider:
                 "applied": set(self.book.applied), "recent": set(self.recent),
                 "horizon": self.horizon.state(), "prices": self.prices,
                 "account_keys": dict(self.account_keys),
+                "params": self.params.state(), "nonces": dict(self.nonces),
+                "operators": dict(self.operators),
+                "bonding": {n: dict(t) for n, t in self.bonding.items()},
+                "proposals": {p: who for p, who in self.proposals.items()
+                              if self.book.balance(deposit(p)) > 0},
                 "tasks": {t: terms for t, terms in self.tasks.items()
                           if self.book.balance(escrow(t)) > 0}}
 
@@ -570,3 +867,9 @@ class LedgerDecider:
         self.prices = state["prices"]
         self.account_keys = dict(state["account_keys"])
         self.tasks = dict(state["tasks"])
+        if "params" in state:
+            self.params = ParamSchedule.load(state["params"])
+        self.nonces = dict(state.get("nonces", {}))
+        self.operators = dict(state.get("operators", {}))
+        self.bonding = {n: dict(t) for n, t in state.get("bonding", {}).items()}
+        self.proposals = dict(state.get("proposals", {}))

@@ -27,13 +27,15 @@ from ledger.decider import LedgerDecider
 from schemas import Event, decode
 from streams.authority import Genesis, load_signer
 from streams.kafka_runner import KafkaRunner, latest_record, open_snapshot
+from streams.params import ParamSchedule, params_from
 from streams.reading import end_offsets, read_all
 from streams.topics import DEAD_LETTER, STATE, topic_for
 
 # Its own output topic (ledger.entries) is not among its inputs: it never reads
 # back what it wrote, except once at start to rebuild its state.
 INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted", "NodeRegistered",
-          "PriceUpdated", "AccountRegistered")
+          "PriceUpdated", "AccountRegistered", "AccountOperation", "ProposalSubmitted",
+          "ProposalDecided", "ParameterChanged")
 BATCH = 200
 
 
@@ -45,11 +47,15 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
             checkpoint: Mapping[str, Any] | None = None,
             decided: Mapping[tuple[str, int], int] | None = None) -> int:
     """Restore the decider: from its latest checkpoint when there is one, then its own
-    committed entries, its refusals of submissions, the prices, the account registrations
-    and the submissions after it (from offset 0 without), and the ids of the mints it
-    decided after it, up to ``decided`` (the input positions of its last committed batch,
-    ``committed_positions``: a mint not read yet must find its id free). Only entries,
-    refusals, prices and mints the genesis keys signed count. The number of entries read."""
+    committed entries (which bring back the nonces of executed operations, the unbonding
+    tranches, the stakes' and deposits' ids and the proposals' deposits), its refusals of
+    submissions, the prices, the parameter changes, the account and node registrations
+    (accounts' keys, nodes' operators) and the submissions after it (from offset 0
+    without), and the ids of the mints and the nonces of the account operations it decided
+    after it, up to ``decided`` (the input positions of its last committed batch,
+    ``committed_positions``: a mint or an operation not read yet must find its id or nonce
+    free). Only entries, refusals, prices, parameter changes and mints the genesis keys
+    signed count. The number of entries read."""
     entries_from: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     before: set[str] = set()
@@ -82,10 +88,22 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
     for _, price in read("PriceUpdated", positions):
         if genesis.check(price) is None:  # a forged price is not the network's
             decider.decide(price)  # prices decide nothing: state only
-    for _, registration in read("AccountRegistered", positions):
+    for _, change in read("ParameterChanged", positions):
+        if genesis.check(change) is None:  # only governance's changes are the network's
+            decider.decide(change)  # a parameter schedule: state only
+    later: list[Event] = []
+    for msg, registration in read("AccountRegistered", positions):
         # The bindings made after the checkpoint (the checkpoint holds the earlier ones):
         # in topic order, as the live run read them, so the first binding of an id stands.
-        decider.register(registration)
+        # Those the live run had not read yet are bound after the operations' nonces are
+        # recalled (below): an operation refused `unregistered-account` took no nonce.
+        if (msg.offset() or 0) >= (decided or {}).get((msg.topic() or "", msg.partition() or 0),
+                                                      0):
+            later.append(registration)
+        else:
+            decider.register(registration)
+    for _, node in read("NodeRegistered", positions):
+        decider.bind_operator(node)  # the first validly signed registration names it
     for _, verdict in read("TaskFailed", positions):
         # Its own refusals of submissions (committed with the batch that read them): a
         # copy replayed while still fresh must find the task id taken.
@@ -100,6 +118,17 @@ def rebuild(settings: Settings, bootstrap: str, decider: LedgerDecider, genesis:
         kind, at = msg.timestamp()
         if kind and at > 0 and genesis.check(mint) is None:
             decider.recall_mint(mint, at)
+    for msg, op in read("AccountOperation", positions):
+        where = (msg.topic() or "", msg.partition() or 0)
+        if (msg.offset() or 0) >= (decided or {}).get(where, 0):
+            continue  # not decided yet: the runner reads it after the rebuild
+        # Every operation the live run read that its account's key signed with a nonce
+        # above the last took it, executed or refused (a refusal leaves no entry).
+        kind, at = msg.timestamp()
+        if kind and at > 0:
+            decider.recall_op(op, at)
+    for registration in later:
+        decider.register(registration)
     for _, submission in read("TaskSubmitted", positions):
         decider.remember(submission)
     return restored
@@ -151,7 +180,10 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     its inputs pass the genesis authority check, its entries are signed with the
     ledger's key, and each batch commits in one transaction.
     """
-    decider = LedgerDecider(settings.producer_id or "ledger", network=settings.topic_prefix)
+    # The network's start values of its live parameters (``DESTRA_PARAM_<NAME>``, the same
+    # environment every service of the network gets); changes follow from governance.
+    decider = LedgerDecider(settings.producer_id or "ledger", network=settings.topic_prefix,
+                            params=ParamSchedule(params_from(os.environ)))
     genesis = Genesis.load(settings.genesis_path)
     signer = load_signer(settings.service_keys, "ledger", genesis)
 
@@ -230,18 +262,20 @@ def wait_for_transactions(settings: Settings, bootstrap: str, transaction_ids: I
         time.sleep(0.5)  # poll interval: read_all already waited for the topic's end
 
 
-def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: str,
-                 since: Mapping[str, Mapping[tuple[str, int], int]],
-                 timeout_s: float = 60.0) -> tuple[str, str | None]:
-    """How the ledger decided the mint ``mint_id``: ``("credited", None)`` once its entries
-    (``mint/<id>``, signed by the ledger) are on the ledger topic, ``("refused", reason)``
-    once it is dead-lettered (the ledger's refusal: unregistered account, stale, forged...),
-    ``("pending", None)`` after ``timeout_s``. ``since``: where to start reading each topic
-    (the ends of ``LedgerEntryPosted``'s and the dead letters' topics, taken before the mint
-    was sent). A dead letter is not signed: it says why, it moves no money."""
+def ledger_outcome(settings: Settings, bootstrap: str, genesis: Genesis, transaction_id: str,
+                   source: str, event_id: str,
+                   since: Mapping[str, Mapping[tuple[str, int], int]],
+                   timeout_s: float = 60.0) -> tuple[str, str | None]:
+    """How the ledger decided an input sent by a client: ``("posted", None)`` once the
+    entries of ``transaction_id`` (signed by the ledger) are on the ledger topic,
+    ``("refused", reason)`` once the input (event ``event_id``, of the event type
+    ``source``) is dead-lettered from its topic, ``("pending", None)`` after
+    ``timeout_s``. ``since``: where to start reading each topic (the ends of
+    ``LedgerEntryPosted``'s and the dead letters' topics, taken before the input was sent:
+    ``outcome_positions``). A dead letter is not signed: it says why, it moves no money."""
     entries = _topic(settings, "LedgerEntryPosted")
     dead = DEAD_LETTER.name(settings.topic_prefix)
-    mints = _topic(settings, "TokensMinted")
+    inputs = _topic(settings, source)
     start = {entries: dict(since.get(entries, {})), dead: dict(since.get(dead, {}))}
     deadline = time.monotonic() + timeout_s
     while True:
@@ -253,16 +287,35 @@ def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: 
                 except EventError:
                     continue
                 if (event.name == "LedgerEntryPosted"
-                        and event.fields["transaction_id"] == f"mint/{mint_id}"
+                        and event.fields["transaction_id"] == transaction_id
                         and genesis.check(event) is None):
-                    return "credited", None
-                if event.name == "DeadLettered" and event.fields["source_topic"] == mints:
+                    return "posted", None
+                if event.name == "DeadLettered" and event.fields["source_topic"] == inputs:
                     try:
                         refused = decode(event.fields["value"])
                     except EventError:
                         continue
-                    if refused.event_id == mint_id:
+                    if refused.event_id == event_id:
                         return "refused", str(event.fields["reason"])
         if time.monotonic() > deadline:
             return "pending", None
         time.sleep(0.5)  # poll interval: read_all already waited for the topics' ends
+
+
+def outcome_positions(settings: Settings,
+                      bootstrap: str) -> dict[str, dict[tuple[str, int], int]]:
+    """Where the ledger's answers start now (``ledger_outcome``'s ``since``): take them
+    before sending the input, so none is missed."""
+    return {t: end_offsets(bootstrap, t) for t in (_topic(settings, "LedgerEntryPosted"),
+                                                   DEAD_LETTER.name(settings.topic_prefix))}
+
+
+def mint_outcome(settings: Settings, bootstrap: str, genesis: Genesis, mint_id: str,
+                 since: Mapping[str, Mapping[tuple[str, int], int]],
+                 timeout_s: float = 60.0) -> tuple[str, str | None]:
+    """How the ledger decided the mint ``mint_id`` (``ledger_outcome``): ``("credited",
+    None)`` once its entries (``mint/<id>``) are posted, ``("refused", reason)`` once it is
+    dead-lettered (unregistered account, stale, forged...), ``("pending", None)``."""
+    outcome, why = ledger_outcome(settings, bootstrap, genesis, f"mint/{mint_id}",
+                                  "TokensMinted", mint_id, since, timeout_s)
+    return ("credited" if outcome == "posted" else outcome), why

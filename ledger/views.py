@@ -165,7 +165,7 @@ class ViewProjection(OffsetProjection):
             self._ensure_task(task_id)
             self._x("UPDATE task_view SET refunded_micro = refunded_micro + %s"
                     " WHERE task_id = %s", (amount, task_id))
-        elif kind == "slash" and account.startswith("stake:") and amount < 0:
+        elif kind == "slash" and account.startswith(("stake:", "unbonding:")) and amount < 0:
             self._ensure_node(owner)
             self._x("UPDATE node_view SET slashed_micro = slashed_micro + %s WHERE node_id = %s",
                     (-amount, owner))

@@ -157,3 +157,21 @@ def stake_consent_valid(registration: Event, network: str, operator_key: bytes) 
 def data_key_commitment(task_id: str, data_key: bytes) -> bytes:
     """The submitter's commitment to a task's data key (32 bytes)."""
     return hashlib.sha256(_joined(DATA_KEY_COMMITMENT, task_id, data_key)).digest()
+
+
+OPERATIONS = ("TRANSFER", "STAKE", "UNSTAKE", "WITHDRAW")
+"""What an ``AccountOperation`` does (``ledger.decider``)."""
+
+
+def account_operation(account: str, keys: KeyPair, nonce: int, operation: str, target: str,
+                      amount_micro: int = 0, memo: str = "",
+                      occurred_at: int | None = None) -> Event:
+    """An account's signed ``AccountOperation`` (signer = the account): a transfer to
+    ``target`` (an account), or a stake, unstake or withdrawal on ``target`` (a node it
+    operates). ``nonce`` must exceed every nonce the account used before."""
+    if operation not in OPERATIONS:
+        raise ConfigError(f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
+    return sign_event(new_event("AccountOperation", account, occurred_at=occurred_at,
+                                account=account, nonce=nonce, operation=operation,
+                                target=target, amount_micro=amount_micro, memo=memo),
+                      keys, account)

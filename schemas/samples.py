@@ -127,6 +127,10 @@ _BODIES: dict[str, Callable[[], dict[str, Any]]] = {
     "TokensMinted": lambda: {
         "account": "submitter:alice", "amount_micro": 100_000_000, "reason": "faucet",
     },
+    "AccountOperation": lambda: {
+        "account": "op-lisbon-lab", "nonce": 1_764_300_000_000, "operation": "TRANSFER",
+        "target": "alice", "amount_micro": 5_000_000, "memo": "rent, November",
+    },
     "PriceUpdated": lambda: {
         "tier": "consumer", "price_per_unit_micro": 3_000,
         "effective_at": SAMPLE_TIME_MS + 1_000,

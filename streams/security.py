@@ -322,12 +322,18 @@ def account_acls(prefix: str, account: str) -> list[AclBinding]:
     assignments topic and the node's inbox: any inbox, as a node believes a grant only
     when its submitter's key, named in the service-signed assignment, signed it); it
     reads what its client follows: the node registry (to wrap a grant), assignments,
-    commits, reveals, verdicts and prices; and it proposes and votes (``governance``),
-    reading the proposals, ballots, decisions and parameter changes."""
+    commits, reveals, verdicts and prices; it proposes and votes (``governance``),
+    reading the proposals, ballots, decisions and parameter changes. It signs its own
+    money operations (transfers, stakes, unstakes, withdrawals) and reads the ledger's
+    entries and the dead letters to learn what became of them."""
     user = account_principal(prefix, account)
     return [
         *_writes(user, _topics(prefix, ("AccountRegistered", "TaskSubmitted",
-                                        "DataKeyGranted", "ProposalSubmitted", "VoteCast"))),
+                                        "DataKeyGranted", "AccountOperation",
+                                        "ProposalSubmitted", "VoteCast"))),
+        # Its transfers, stakes, unstakes and withdrawals wait for the ledger's entries or
+        # its refusal (a dead letter): `destra transfer` and the like.
+        *_reads(user, [*_topics(prefix, ("LedgerEntryPosted",)), prefix + _DEAD]),
         *_inbox_writes(user, prefix),
         *_reads(user, _topics(prefix, ("NodeRegistered", "TaskAssigned", "ResultCommitted",
                                        "ResultRevealed", "TaskVerified", "PriceUpdated",

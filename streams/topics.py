@@ -146,6 +146,10 @@ TOPICS: tuple[TopicSpec, ...] = (
               doc="signed account registrations binding an account id to its keys: inputs "
                   "of the ledger, which credits no account before it is registered; kept "
                   "for ever, not compacted, so the first binding of an id is never lost"),
+    TopicSpec("accounts.ops", "account", ("AccountOperation",), 3, broker_time=True,
+              doc="accounts' signed transfers, stakes, unstakes and withdrawals: inputs of "
+                  "the ledger; broker time, from which an unstake's unbonding period counts; "
+                  "kept for ever (a rebuild recalls the nonces of refused operations)"),
     TopicSpec("ledger.entries", "account", ("LedgerEntryPosted",), 6,
               doc="money movements the ledger processor decided; the Postgres ledger folds them"),
     TopicSpec("market.prices", "tier", ("PriceUpdated",), 1,

@@ -29,12 +29,13 @@ from destra.network import LocalNetwork
 from destra.settings import Settings
 from infra.postgres import create_database
 from ledger.book import TREASURY, escrow, stake, user
-from ledger.decider import DEFAULT_FEE_BPS, node_wallet
+from ledger.decider import node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.projection import LedgerProjection
 from ledger.service import project_to_now, replay
 from schemas import Event, decode
 from schemas.events import now_ms
+from streams.params import DEFAULTS
 from streams.reading import read_all
 from streams.topics import topic_for
 from tests.support import TEARDOWN_GRACE_S
@@ -137,7 +138,7 @@ def _expected(verdicts: list[Event], prices: dict[str, int], units: dict[str, in
         for c in v.fields["contributions"]:
             if c["agreed"]:
                 gross = prices[task] * c["compute_units"] // budget
-                fee = gross * DEFAULT_FEE_BPS // 10_000
+                fee = gross * DEFAULTS["fee_bps"] // 10_000
                 out[node_wallet(c["node_id"])] += gross - fee
                 out[TREASURY] += fee
                 paid += gross

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from destra.client import Client
-from destra.governance_client import ballot_event, propose, proposals, vote
+from destra.governance_client import ballot_event, proposals, propose, vote
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from governance.ballot import cast

@@ -17,7 +17,7 @@ from destra.client import Client
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from ledger.book import TREASURY, escrow, stake, user
-from ledger.decider import DEFAULT_FEE_BPS, node_wallet
+from ledger.decider import node_wallet
 from ledger.processor import wait_for_transactions
 from ledger.service import replay
 from schemas import Event, decode
@@ -101,7 +101,7 @@ def _expected(verdicts: list[Event], prices: dict[str, int], units: dict[str, in
         for c in v.fields["contributions"]:
             if c["agreed"]:
                 gross = price * c["compute_units"] // budget
-                fee = gross * DEFAULT_FEE_BPS // 10_000
+                fee = gross * DEFAULTS["fee_bps"] // 10_000
                 out[node_wallet(c["node_id"])] += gross - fee
                 out[TREASURY] += fee
                 paid += gross

@@ -22,7 +22,7 @@ EVENTS = {
     "LedgerEntryPosted", "TokensMinted", "PriceUpdated", "ProposalSubmitted", "VoteCast",
     "RevealOpened", "ReissueRequested", "AccountRegistered", "DataKeyRefused",
     "DeadLettered", "CheckpointRequested", "CheckpointProvided", "ProposalDecided",
-    "ParameterChanged",
+    "ParameterChanged", "AccountOperation",
 }
 
 
