@@ -22,7 +22,10 @@ nothing excludes p = q. From phe only keygen (primes from ``random.SystemRandom`
 ``gmpy2.next_prime``) and encryption are used; the proofs, tally and shares are
 arithmetic on plain ints through ``gmpy2.powmod``: 9.3 ms for c**n mod n**2 at 2048
 bits against 78 ms with Python's ``pow`` (8.4x), and a ballot takes four of them to cast,
-three to check. Per ballot, cast CAST_MS ms, check CHECK_MS ms, accumulate ACC_MS ms.
+three to check. 10,000 voters, measured whole (load average 4.5 on 2 cores): cast 56 ms
+a ballot (voters' own machines), check 28 ms (281 s for all), accumulate 0.21 ms (2.1 s
+for all), each trustee's partial decryption 17 ms, combine 0.06 ms; a ballot is 2,885
+bytes.
 
 Validity proof (Baudron, Fouque, Pointcheval, Poupard, Stern 2001; Damgard-Jurik
 2001, "1-out-of-L"): ``c`` encrypts ``m_j`` exactly when ``u_j = c * g**(-m_j)`` is an
