@@ -32,6 +32,9 @@ NODES = [("n0", "eu-west"), ("n1", "eu-central"), ("n2", "us-east"), ("n3", "us-
 DISHONEST = "n4"
 TURNCOAT = "n3"
 """Honest, but for long training runs (``--fault diverge``): caught in step 5."""
+DEMO_FEE_BPS = 300
+VOTING_MS = 15_000
+DEPOSIT = 1_000_000
 TRUSTED_AFTER = 5
 """Agreements before a node runs tasks alone (the network's default is 10; the demo's
 first rounds give each honest node about 11)."""
@@ -96,7 +99,12 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
                   min_insync_replicas=settings.min_insync_replicas)
     net = LocalNetwork(run, bootstrap, create_database(state.pg_dsn, "demo"), home / "logs",
                        env_extra={"DESTRA_COMMIT_WINDOW_MS": "60000",
-                                  "DESTRA_PARAM_TRUSTED_AFTER": str(TRUSTED_AFTER)})
+                                  "DESTRA_PARAM_TRUSTED_AFTER": str(TRUSTED_AFTER),
+                                  # Prices may move every 2 s; a ballot is open 15 s.
+                                  "DESTRA_PRICE_INTERVAL_MS": "2000",
+                                  "DESTRA_PRICE_TARGET_WAIT_MS": "2000",
+                                  "DESTRA_PARAM_GOV_VOTING_MS": str(VOTING_MS),
+                                  "DESTRA_PARAM_GOV_DEPOSIT_MICRO": str(DEPOSIT)})
     try:
         echo(f"2. network {prefix.rstrip('.')}: ledger processor, projector, allocator and "
              f"verifier shards (one processors worker), 5 node runners ({DISHONEST} returns "
@@ -167,7 +175,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         adaptive, turncoat_caught = _adaptive_trust(client, watch, bootstrap, prefix, echo)
         watch.close()
         broke.close()
-        problems = []
+        problems = _economy(net, echo)
 
         echo("6. confidentiality: what the network saw of alice's hash search, and her result")
         search = next(t for t, w in submitted.items() if w == "sha256-search"
@@ -330,6 +338,57 @@ def _adaptive_trust(client: Any, watch: Any, bootstrap: str, prefix: str,
         echo(f"   (the checks never drew {TURNCOAT} in {LONG_RUN_TRIES} tasks: about 1 chance "
              "in 600)")
     return done, caught
+
+
+def _economy(net: Any, echo: Callable[[str], None]) -> list[str]:
+    """Step 5b: the prices the market set under the rounds' load, and one governance round
+    with secret ballots (the operators lower the fee). Returns the problems seen."""
+    from destra.client import Client
+    from destra.governance_client import proposals, propose, vote
+
+    prices = [e.fields for e in net.events("PriceUpdated") if e.fields["tier"] == "consumer"]
+    path = " -> ".join(str(p["price_per_unit_micro"]) for p in prices[-12:])
+    echo(f"5b. the market: {len(prices)} consumer price changes under the rounds' load "
+         f"(default 100 micro-tokens a unit){': ... ' + path if path else ''}")
+    echo(f"   governance: op-n0 proposes fee_bps 500 -> {DEMO_FEE_BPS}, escrowing "
+         f"{DEPOSIT} micro-tokens; the operators vote by secret ballot, each weighed by "
+         "its bonded stake")
+    clients = {n: Client(net.settings, net.bootstrap, f"op-{n}", net.passphrase)
+               for n, _ in NODES}
+    try:
+        pid = propose(clients["n0"], "fee_bps", str(DEMO_FEE_BPS), "Lower the fee",
+                      deposit_micro=DEPOSIT)
+        opened = time.monotonic() + 60
+        while not any(e.fields["transaction_id"] == f"deposit/{pid}"
+                      for e in net.events("LedgerEntryPosted")):
+            if time.monotonic() > opened:
+                return [f"proposal {pid} was never escrowed"]
+            time.sleep(0.5)
+        time.sleep(2)  # the governance processor reads the deposit entry, opening the ballot
+        for n, choice in (("n0", "yes"), ("n1", "yes"), ("n2", "no"), ("n3", "abstain")):
+            vote(clients[n], pid, choice)
+        echo(f"   {pid}: 4 ballots sent (each a 2,885-byte Paillier ciphertext with its "
+             "proof of one valid choice); only their weighted sum will be decrypted")
+        deadline = time.monotonic() + VOTING_MS / 1000 + 60
+        decided = None
+        while decided is None or decided.get("state") == "open":
+            if time.monotonic() > deadline:
+                return [f"proposal {pid} was not decided"]
+            time.sleep(1)
+            decided = next((p for p in proposals(clients["n0"]) if p["proposal_id"] == pid),
+                           None)
+        echo(f"   {decided['state']}: yes {decided['yes_micro']}, no {decided['no_micro']}, "
+             f"abstain {decided['abstain_micro']} of {decided['bonded_micro']} bonded; "
+             f"deposit {decided['deposit']}; {decided['detail']}")
+        changes = [e.fields for e in net.events("ParameterChanged")]
+        if decided["state"] != "passed" or not changes:
+            return [f"the fee proposal {pid} did not pass: {decided['detail']}"]
+        echo(f"   ParameterChanged fee_bps = {changes[-1]['value']}, signed by governance: "
+             "settlements from now on pay it")
+        return []
+    finally:
+        for c in clients.values():
+            c.close()
 
 
 def _seed(workload: str, r: int) -> dict[str, str]:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from governance.ballot import (
+    SLOT,
     InvalidBallot,
     TallyKeyShare,
     TallyPublicKey,
@@ -218,6 +219,9 @@ class Governance:
         proposal.opened_at, proposal.weights = at, weights
         proposal.bonded = sum(weights.values())
         proposal.ends_at = max(proposal.asked_end, at + self.params.value("gov_voting_ms", at))
+        if proposal.bonded >= SLOT:  # the sums would carry between the tally's slots
+            return self._decide(proposal, at, "INVALID", "REFUND",
+                                f"{proposal.bonded} bonded does not fit a tally slot")
         return []
 
     def _on_VoteCast(self, e: Event, at: int) -> Outcome:  # noqa: N802
