@@ -164,11 +164,29 @@ def ensure_genesis(genesis_path: Path, key_dir: Path) -> Genesis:
     file made of them. An existing genesis file is never rewritten: it is the network's
     identity."""
     if genesis_path.exists():
+        _add_new_roles(genesis_path, key_dir)
         return Genesis.load(genesis_path)
     genesis = Genesis({role: KeyPair.load_or_create(key_path(key_dir, role)).signing_public
                        for role in ROLES})
     genesis.save(genesis_path)
     return genesis
+
+
+def _add_new_roles(genesis_path: Path, key_dir: Path) -> None:
+    """Give a genesis file made before a role existed (``governance`` came last) that
+    role's key, made here: the upgrade of a network this operator runs. The roles it
+    has keep their keys; nothing else is rewritten."""
+    try:
+        data = json.loads(Path(genesis_path).read_text())
+        keys = dict(data["keys"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a genesis file: Genesis.load says why
+    missing = [role for role in ROLES if role not in keys]
+    if data.get("format") != FORMAT or not missing or set(keys) - set(ROLES):
+        return
+    for role in missing:
+        keys[role] = KeyPair.load_or_create(key_path(key_dir, role)).signing_public.hex()
+    Genesis({role: bytes.fromhex(keys[role]) for role in ROLES}).save(genesis_path)
 
 
 def load_signer(key_dir: Path, role: str, genesis: Genesis) -> ServiceSigner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -134,3 +135,20 @@ def test_settings_name_the_genesis_and_the_service_keys(tmp_path: Path) -> None:
     s = Settings.from_env({"DESTRA_HOME": str(tmp_path)})
     assert s.genesis_path == tmp_path / "genesis.json"
     assert s.service_keys == tmp_path / "services"
+
+
+def test_a_genesis_made_before_a_role_existed_gains_that_role_once(settings: Settings) -> None:
+    genesis = ensure_genesis(settings.genesis_path, settings.service_keys)
+    older = json.loads(settings.genesis_path.read_text())
+    del older["keys"]["governance"]  # as the file was before governance
+    settings.genesis_path.write_text(json.dumps(older))
+    # The governance key is in the key folder: the genesis gains that same key.
+    assert ensure_genesis(settings.genesis_path, settings.service_keys) == genesis
+    # Not there either: a new one is made; every other role keeps its key.
+    key_path(settings.service_keys, "governance").unlink()
+    settings.genesis_path.write_text(json.dumps(older))
+    upgraded = ensure_genesis(settings.genesis_path, settings.service_keys)
+    assert upgraded.keys["governance"] != genesis.keys["governance"]
+    assert {r: k for r, k in upgraded.keys.items() if r != "governance"} == {
+        r: k for r, k in genesis.keys.items() if r != "governance"}
+    assert Genesis.load(settings.genesis_path) == upgraded
