@@ -206,10 +206,7 @@ class Market:
             if tier in self.prices and at >= self.prices[tier][0]:
                 self.prices[tier] = (at, f["price_per_unit_micro"])
         elif event.name == "ParameterChanged":
-            try:
-                self.params.apply(f["parameter"], f["value"], f["effective_at"])
-            except ValueError:
-                pass  # a parameter this version does not know, or a value out of its range
+            self.params.follow(event)  # the allocator in this unit dead-letters a bad one
         return Outcome()
 
     def tick(self, ctx: Context) -> Outcome:

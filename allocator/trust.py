@@ -158,13 +158,11 @@ def follow_parameter(params: ParamSchedule, rules: TrustRules, change: Event,
                      rejected: list[tuple[Event, Any, str]], where: Any = None) -> TrustRules:
     """Apply a ``ParameterChanged`` to ``params`` and return ``rules`` as they now stand (the
     allocator's and the verifier's, alike); a change out of range is refused."""
-    f = change.fields
-    try:
-        params.apply(f["parameter"], f["value"], f["effective_at"])
-    except ValueError as err:
-        rejected.append((change, where, f"invalid-parameter: {err}"))
+    refusal = params.follow(change)
+    if refusal is not None:
+        rejected.append((change, where, refusal))
         return rules
-    return rules.with_params(params.at(f["effective_at"]))
+    return rules.with_params(params.at(change.fields["effective_at"]))
 
 
 @dataclass

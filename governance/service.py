@@ -149,12 +149,8 @@ class Governance:
         return Outcome()
 
     def _on_ParameterChanged(self, e: Event, at: int) -> Outcome:  # noqa: N802
-        f = e.fields
-        try:
-            self.params.apply(f["parameter"], f["value"], f["effective_at"])
-        except ValueError as err:
-            return Outcome.refuse(e, f"invalid-parameter: {err}")
-        return Outcome()
+        refusal = self.params.follow(e)
+        return Outcome.refuse(e, refusal) if refusal else Outcome()
 
     def _signed_by_account(self, e: Event, account: str) -> str | None:
         key = self.account_keys.get(account)

@@ -759,12 +759,8 @@ class LedgerDecider:
         return Outcome.of(out)
 
     def _on_ParameterChanged(self, e: Event, at: int) -> Outcome:  # noqa: N802
-        f = e.fields
-        try:
-            self.params.apply(f["parameter"], f["value"], f["effective_at"])
-        except ValueError as err:
-            return Outcome.refuse(e, f"invalid-parameter: {err}")
-        return Outcome()
+        refusal = self.params.follow(e)
+        return Outcome.refuse(e, refusal) if refusal else Outcome()
 
     def restore(self, entry: Event) -> None:
         """Re-apply one of this ledger's own earlier entries (state rebuild on start).

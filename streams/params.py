@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from schemas.errors import ConfigError
+from schemas.events import Event
 
 MAX_LONG = 2**63 - 1
 TIERS = ("consumer", "prosumer", "datacenter")
@@ -164,6 +165,16 @@ class ParamSchedule:
     def apply(self, name: str, value: int, effective_at: int) -> None:
         """Take a change; ``ValueError`` for an unknown parameter or a value out of range."""
         self._schedule[param(name).name][max(0, effective_at)] = self._checked(name, value)
+
+    def follow(self, change: Event) -> str | None:
+        """Take a ``ParameterChanged``; why it changes nothing (a dead letter's reason: a
+        parameter this version does not know, a value out of range), or None."""
+        f = change.fields
+        try:
+            self.apply(f["parameter"], f["value"], f["effective_at"])
+        except ValueError as err:
+            return f"invalid-parameter: {err}"
+        return None
 
     def value(self, name: str, at_ms: int) -> int:
         """The value of ``name`` in force at ``at_ms``."""

@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from destra.crypto import KeyPair, sign_event
@@ -111,3 +112,38 @@ def network_balances(net: LocalNetwork, schema: str | None = None) -> dict[str, 
         return dict(projection.balances())
     finally:
         projection.close()
+
+
+@dataclass
+class Record:
+    """A consumed Kafka record as ``confluent_kafka.Message`` shows it, for unit tests of the
+    runners and the rebuilds: its value, topic, offset, key and timestamp
+    (``timestamp_type`` 1: the producer's time, 2: the broker's append time)."""
+
+    _value: bytes
+    _offset: int
+    _topic: str
+    at_ms: int
+    _key: bytes | None = None
+    timestamp_type: int = 1
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def timestamp(self) -> tuple[int, int]:
+        return (self.timestamp_type, self.at_ms)
+
+    def error(self) -> None:
+        return None

@@ -18,7 +18,7 @@ from schemas.signatures import KeyPair
 from streams.journal import ExpiringLog, full_state, restore_full
 from streams.kafka_runner import KafkaRunner, open_snapshot
 from streams.processing import Context, Outcome, Recovery
-from tests.unit.test_poison_records import _Consumer, _Msg
+from tests.unit.test_poison_records import _Consumer, _msg
 from tests.unit.test_poison_records import _Producer as _PoisonProducer
 from verifier.service import Verifier
 
@@ -180,7 +180,7 @@ def test_the_runner_journals_a_batchs_additions_without_the_poisoned_record() ->
     mints = [new_event("TokensMinted", "faucet", account="a", amount_micro=a, reason="r")
              for a in (1, 13, 2)]
     producer = _Producer()
-    runner._transaction(producer, _Consumer(), [_Msg(encode(e), i)  # type: ignore[arg-type]
+    runner._transaction(producer, _Consumer(), [_msg(encode(e), i)  # type: ignore[arg-type]
                                                 for i, e in enumerate(mints)], tick=False)
     journal = [v for topic, key, v in producer.raw if topic == "t.processors.journal"]
     assert len(journal) == 1
@@ -201,7 +201,7 @@ def test_a_batch_that_adds_nothing_writes_no_journal_record() -> None:
     runner._pickled[p.name] = pickle.dumps(p.count)
     producer = _Producer()
     other = new_event("TokensMinted", "faucet", account="a", amount_micro=13, reason="r")
-    runner._transaction(producer, _Consumer(), [_Msg(encode(other), 0)],  # type: ignore[list-item]
+    runner._transaction(producer, _Consumer(), [_msg(encode(other), 0)],  # type: ignore[list-item]
                         tick=False)
     assert [t for t, _, _ in producer.raw] == ["t.processors.state"], \
         "the poisoned record's addition was rewound: nothing to journal"

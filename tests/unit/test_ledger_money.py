@@ -18,7 +18,7 @@ from schemas.bindings import account_operation, sign_stake_consent
 from schemas.samples import sample_event, with_fields
 from streams.params import ParamSchedule
 from streams.processing import Outcome
-from tests.support import account_keys, registration, signed_submission
+from tests.support import Record, account_keys, registration, signed_submission
 
 T0 = 1_800_000_000_000
 HOUR = 3_600_000
@@ -431,25 +431,9 @@ def test_the_rebuild_recalls_the_nonces_of_the_operations_decided_and_only_those
     from schemas import encode
     from streams.topics import topic_for
 
-    class _Rec:
-        def __init__(self, event: Event, offset: int, at: int) -> None:
-            self._value, self._offset, self._at = encode(event), offset, at
-            self._topic = topic_for(event.name).name("t.")
-
-        def value(self) -> bytes:
-            return self._value
-
-        def topic(self) -> str:
-            return self._topic
-
-        def partition(self) -> int:
-            return 0
-
-        def offset(self) -> int:
-            return self._offset
-
-        def timestamp(self) -> tuple[int, int]:
-            return (2, self._at)  # LogAppendTime
+    def _rec(event: Event, offset: int, at: int) -> Record:
+        return Record(encode(event), offset, topic_for(event.name).name("t."), at,
+                      timestamp_type=2)  # LogAppendTime
 
     class _Genesis:
         @staticmethod
@@ -460,9 +444,9 @@ def test_the_rebuild_recalls_the_nonces_of_the_operations_decided_and_only_those
     forged = _op("bob", 9, "TRANSFER", "alice", 1, keys=account_keys("mallory"))
     early = _op("carol", 3, "TRANSFER", "bob", 1)  # decided before carol was bound: no nonce
     unread = _op("bob", 8, "TRANSFER", "alice", 1)  # past the last committed batch
-    records = [_Rec(registration("bob"), 0, T0), _Rec(registration("carol"), 1, T0),
-               _Rec(refused, 0, T0 + 1), _Rec(forged, 1, T0 + 2), _Rec(early, 2, T0 + 3),
-               _Rec(unread, 3, T0 + 4)]
+    records = [_rec(registration("bob"), 0, T0), _rec(registration("carol"), 1, T0),
+               _rec(refused, 0, T0 + 1), _rec(forged, 1, T0 + 2), _rec(early, 2, T0 + 3),
+               _rec(unread, 3, T0 + 4)]
     monkeypatch.setattr(processor, "read_all", lambda bootstrap, t, start=None: [
         r for r in records if r.topic() == t and r.offset() >= (start or {}).get((t, 0), 0)])
     registry = topic_for("AccountRegistered").name("t.")

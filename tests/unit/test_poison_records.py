@@ -22,6 +22,7 @@ from streams.kafka_runner import KafkaRunner
 from streams.processing import Context, Outcome, Recovery
 from streams.producer import EventProducer, RecordTooLarge
 from streams.topics import DEFAULT_MAX_MESSAGE_BYTES, topic_for
+from tests.support import Record
 from tests.unit.test_ledger_decider import _decider, _mint, _submit, _verified
 from tests.unit.test_verifier_service import NODES, _registered, account_keys
 from verifier.service import Verifier
@@ -135,32 +136,8 @@ def test_an_assignment_of_a_task_with_an_impossible_quorum_is_refused_and_fails_
 
 # -- the Kafka runner: a handler that raises refuses its event, its state rewound ------------
 
-@dataclass
-class _Msg:
-    _value: bytes
-    _offset: int
-    _topic: str = "t.ledger.mints"
-
-    def value(self) -> bytes:
-        return self._value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return b"alice"
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, T0)
-
-    def error(self) -> None:
-        return None
+def _msg(value: bytes, offset: int, topic: str = "t.ledger.mints") -> Record:
+    return Record(value, offset, topic, T0, b"alice")
 
 
 @dataclass
@@ -217,8 +194,8 @@ class _Consumer:
         return []
 
 
-def _batch(*amounts: int) -> list[_Msg]:
-    return [_Msg(encode(new_event("TokensMinted", "faucet", account="alice",
+def _batch(*amounts: int) -> list[Record]:
+    return [_msg(encode(new_event("TokensMinted", "faucet", account="alice",
                                   amount_micro=a, reason="r")), offset)
             for offset, a in enumerate(amounts)]
 
