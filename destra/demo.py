@@ -33,6 +33,7 @@ DISHONEST = "n4"
 TURNCOAT = "n3"
 """Honest, but for long training runs (``--fault diverge``): caught in step 5."""
 DEMO_FEE_BPS = 300
+BURST = 24
 VOTING_MS = 15_000
 DEPOSIT = 1_000_000
 TRUSTED_AFTER = 5
@@ -175,7 +176,7 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
         adaptive, turncoat_caught = _adaptive_trust(client, watch, bootstrap, prefix, echo)
         watch.close()
         broke.close()
-        problems = _economy(net, echo)
+        problems = _economy(net, client, echo)
 
         echo("6. confidentiality: what the network saw of alice's hash search, and her result")
         search = next(t for t, w in submitted.items() if w == "sha256-search"
@@ -340,16 +341,36 @@ def _adaptive_trust(client: Any, watch: Any, bootstrap: str, prefix: str,
     return done, caught
 
 
-def _economy(net: Any, echo: Callable[[str], None]) -> list[str]:
-    """Step 5b: the prices the market set under the rounds' load, and one governance round
-    with secret ballots (the operators lower the fee). Returns the problems seen."""
+def _consumer_prices(net: Any) -> list[int]:
+    return [e.fields["price_per_unit_micro"] for e in net.events("PriceUpdated")
+            if e.fields["tier"] == "consumer"]
+
+
+def _economy(net: Any, alice: Any, echo: Callable[[str], None]) -> list[str]:
+    """Step 5b: the market under a burst of demand, and one governance round with secret
+    ballots (the operators lower the fee). Returns the problems seen."""
     from destra.client import Client
     from destra.governance_client import proposals, propose, vote
 
-    prices = [e.fields for e in net.events("PriceUpdated") if e.fields["tier"] == "consumer"]
-    path = " -> ".join(str(p["price_per_unit_micro"]) for p in prices[-12:])
-    echo(f"5b. the market: {len(prices)} consumer price changes under the rounds' load "
-         f"(default 100 micro-tokens a unit){': ... ' + path if path else ''}")
+    before = _consumer_prices(net)
+    start = before[-1] if before else 100
+    echo(f"5b. the market: the consumer price moved {len(before)} times in the rounds "
+         f"({' -> '.join(map(str, [100, *before][-8:]))} micro-tokens a unit); now a burst "
+         f"of {BURST} tasks x 3 replicas on 10 slots:")
+    burst = [alice.submit(alice.quote("nbody", {"n": "256", "steps": "100",
+                                                "seed": str(100 + i)}), flush=False)
+             for i in range(BURST)]
+    alice.flush()
+    risen = time.monotonic() + 60
+    while not any(p > start for p in _consumer_prices(net)[len(before):]):
+        if time.monotonic() > risen:
+            break
+        time.sleep(1)
+    done = alice.wait(burst, timeout_s=600)
+    after = _consumer_prices(net)[len(before):]
+    echo(f"   the price followed the queue: {' -> '.join(map(str, [start, *after]))} "
+         f"({sum(p.state == 'verified' for p in done.values())} of {BURST} verified)")
+    problems = [] if any(p > start for p in after) else ["the price did not rise in the burst"]
     echo(f"   governance: op-n0 proposes fee_bps 500 -> {DEMO_FEE_BPS}, escrowing "
          f"{DEPOSIT} micro-tokens; the operators vote by secret ballot, each weighed by "
          "its bonded stake")
@@ -362,7 +383,7 @@ def _economy(net: Any, echo: Callable[[str], None]) -> list[str]:
         while not any(e.fields["transaction_id"] == f"deposit/{pid}"
                       for e in net.events("LedgerEntryPosted")):
             if time.monotonic() > opened:
-                return [f"proposal {pid} was never escrowed"]
+                return [*problems, f"proposal {pid} was never escrowed"]
             time.sleep(0.5)
         time.sleep(2)  # the governance processor reads the deposit entry, opening the ballot
         for n, choice in (("n0", "yes"), ("n1", "yes"), ("n2", "no"), ("n3", "abstain")):
@@ -373,7 +394,7 @@ def _economy(net: Any, echo: Callable[[str], None]) -> list[str]:
         decided = None
         while decided is None or decided.get("state") == "open":
             if time.monotonic() > deadline:
-                return [f"proposal {pid} was not decided"]
+                return [*problems, f"proposal {pid} was not decided"]
             time.sleep(1)
             decided = next((p for p in proposals(clients["n0"]) if p["proposal_id"] == pid),
                            None)
@@ -382,10 +403,10 @@ def _economy(net: Any, echo: Callable[[str], None]) -> list[str]:
              f"deposit {decided['deposit']}; {decided['detail']}")
         changes = [e.fields for e in net.events("ParameterChanged")]
         if decided["state"] != "passed" or not changes:
-            return [f"the fee proposal {pid} did not pass: {decided['detail']}"]
+            return [*problems, f"the fee proposal {pid} did not pass: {decided['detail']}"]
         echo(f"   ParameterChanged fee_bps = {changes[-1]['value']}, signed by governance: "
              "settlements from now on pay it")
-        return []
+        return problems
     finally:
         for c in clients.values():
             c.close()
