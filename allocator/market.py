@@ -6,7 +6,11 @@ processors worker's allocator unit (``destra.processors``), its outputs signed b
 
 * ``TaskSubmitted`` / ``TaskAssigned`` / ``TaskFailed`` / ``TaskVerified``: the queue of
   each tier (submitted, not yet placed) and the wait to placement (the first
-  ``TaskAssigned``'s time minus the submission's record time);
+  ``TaskAssigned``'s time minus the submission's record time). A submission counts as
+  demand only once the ledger has escrowed it (its ``escrow:<task>`` entry, as the
+  allocator waits for): a forged, unpaid or replayed submission, which the ledger
+  refuses or ignores without always saying so (a stale replay is dead-lettered), moves
+  no price;
 * ``NodeRegistered`` / ``NodeHeartbeat``: the capacity of each tier (the slots of the
   live nodes selling in it, ``effective_tier``) and how many are busy (the node's own
   count in its last heartbeat, plus what was assigned to it since). A registration must
@@ -164,7 +168,11 @@ class Market:
     """Per node: tier, slots, key, last (sign of life), free, seq, assigned (since its
     last heartbeat)."""
     queue: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """Tasks submitted and not yet placed: tier, submission record time."""
+    """Tasks submitted, escrowed and not yet placed: tier, submission record time."""
+    unpaid: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Tasks submitted whose escrow has not been read: tier, submission record time."""
+    paid_early: dict[str, int] = field(default_factory=dict)
+    """Tasks whose escrow entry was read before their submission (another topic)."""
     placed_early: dict[str, int] = field(default_factory=dict)
     """Tasks whose placement was read before their submission: the placement's time."""
     waits: dict[str, list[int]] = field(default_factory=dict)
@@ -184,8 +192,17 @@ class Market:
 
     name = "market"
     inputs = frozenset({"TaskSubmitted", "TaskAssigned", "TaskVerified", "TaskFailed",
-                        "NodeRegistered", "NodeHeartbeat", "PriceUpdated", "ParameterChanged"})
+                        "NodeRegistered", "NodeHeartbeat", "PriceUpdated", "ParameterChanged",
+                        "LedgerEntryPosted"})
     recovery = Recovery.SNAPSHOT
+
+    def wants(self, event: Event) -> bool:
+        """Of the ledger's entries only a task's escrow."""
+        if event.name != "LedgerEntryPosted":
+            return True
+        f = event.fields
+        return bool(f["kind"] == "escrow" and f["task_id"]
+                    and f["account"] == f"escrow:{f['task_id']}" and f["amount_micro"] > 0)
 
     def handle(self, event: Event, ctx: Context) -> Outcome:
         """One input event, at its record time."""
@@ -194,9 +211,11 @@ class Market:
             self._on_submitted(f["task_id"], f["tier"], now)
         elif event.name == "TaskAssigned":
             self._on_assigned(f["task_id"], f["node_id"], now)
+        elif event.name == "LedgerEntryPosted":
+            self._on_escrowed(f["task_id"], now)
         elif event.name in ("TaskVerified", "TaskFailed"):
-            self.queue.pop(f["task_id"], None)
-            self.placed_early.pop(f["task_id"], None)
+            for pending in (self.queue, self.unpaid, self.placed_early, self.paid_early):
+                pending.pop(f["task_id"], None)
         elif event.name == "NodeRegistered":
             return self._on_registered(event, now)
         elif event.name == "NodeHeartbeat":
@@ -228,6 +247,7 @@ class Market:
         """Plain data: prices, nodes, queue, the interval's waits, the parameters."""
         return {"prices": dict(self.prices), "nodes": {n: dict(v) for n, v in self.nodes.items()},
                 "queue": dict(self.queue), "placed_early": dict(self.placed_early),
+                "unpaid": dict(self.unpaid), "paid_early": dict(self.paid_early),
                 "waits": {t: list(w) for t, w in self.waits.items()},
                 "samples": {t: list(v) for t, v in self.samples.items()},
                 "trend": dict(self.trend), "queued": dict(self.queued),
@@ -240,6 +260,8 @@ class Market:
         self.nodes = {n: dict(v) for n, v in state["nodes"].items()}
         self.queue = dict(state["queue"])
         self.placed_early = dict(state["placed_early"])
+        self.unpaid = dict(state.get("unpaid", {}))
+        self.paid_early = dict(state.get("paid_early", {}))
         self.waits = {t: list(w) for t, w in state["waits"].items()}
         self.samples = {t: list(v) for t, v in state["samples"].items()}
         self.next_step_ms = state["next_step_ms"]
@@ -251,13 +273,27 @@ class Market:
     # -- demand -----------------------------------------------------------------------------
 
     def _on_submitted(self, task_id: str, tier: str, now: int) -> None:
-        if tier not in self.prices:
-            return  # the ledger refuses an unknown tier
+        if tier not in self.prices or task_id in self.queue:
+            return  # the ledger refuses an unknown tier; a copy changes nothing
+        if self.paid_early.pop(task_id, None) is not None:
+            self._demand(task_id, tier, now)
+        else:
+            self.unpaid.setdefault(task_id, (tier, now))
+
+    def _on_escrowed(self, task_id: str, now: int) -> None:
+        submitted = self.unpaid.pop(task_id, None)
+        if submitted is not None:
+            self._demand(task_id, *submitted)
+        elif task_id not in self.queue and len(self.paid_early) < 1_000_000:
+            self.paid_early[task_id] = now
+
+    def _demand(self, task_id: str, tier: str, since: int) -> None:
+        """A paid task waits from its submission's record time, or was placed already."""
         placed = self.placed_early.pop(task_id, None)
         if placed is not None:
-            self.waits.setdefault(tier, []).append(max(0, placed - now))
-        elif task_id not in self.queue:
-            self.queue[task_id] = (tier, now)
+            self.waits.setdefault(tier, []).append(max(0, placed - since))
+        else:
+            self.queue[task_id] = (tier, since)
 
     def _on_assigned(self, task_id: str, node_id: str, now: int) -> None:
         node = self.nodes.get(node_id)
@@ -307,10 +343,12 @@ class Market:
 
     def _forget(self, now: int) -> None:
         horizon = now - FORGET_AFTER_MS
-        for task_id in [t for t, (_, at) in self.queue.items() if at < horizon]:
-            del self.queue[task_id]
-        for task_id in [t for t, at in self.placed_early.items() if at < horizon]:
-            del self.placed_early[task_id]
+        for pending in (self.queue, self.unpaid):
+            for task_id in [t for t, (_, at) in pending.items() if at < horizon]:
+                del pending[task_id]
+        for early in (self.placed_early, self.paid_early):
+            for task_id in [t for t, at in early.items() if at < horizon]:
+                del early[task_id]
 
     def price(self, tier: str | Tier) -> int:
         """The latest price the market knows for ``tier`` (in force or announced)."""

@@ -173,6 +173,11 @@ class Cluster:
             self.queue.append(task)
             out.append(new_event("TaskSubmitted", "alice", occurred_at=now, task_id=task,
                                  tier=self.tier))
+            # The ledger's escrow: only paid demand moves a price (allocator.market).
+            out.append(new_event("LedgerEntryPosted", "ledger", occurred_at=now,
+                                 entry_id=f"escrow/{task}#1", transaction_id=f"escrow/{task}",
+                                 account=f"escrow:{task}", amount_micro=1, kind="escrow",
+                                 task_id=task, memo=""))
         return out
 
     def _place(self, now: int) -> list[Event]:

@@ -263,3 +263,34 @@ def test_the_markets_prices_are_quoted_escrowed_and_paid_on_the_production_servi
     assert submitted.fields["quoted_price_micro"] == units * 3 * 150
     assert before - sim.balance("user:alice") == units * 3 * 150
     assert sim.runner.dead_letters == []
+
+
+def test_only_escrowed_submissions_are_demand() -> None:
+    """A forged, unpaid or replayed submission (the ledger refuses or ignores it, a stale
+    replay without a verdict) never enters the queue; a paid one does, whichever of its
+    submission and its escrow entry is read first."""
+    market = Market(rules=RULES)
+
+    def submitted(task: str) -> Event:
+        return new_event("TaskSubmitted", "alice", task_id=task, tier="consumer")
+
+    def escrowed(task: str) -> Event:
+        return new_event("LedgerEntryPosted", "ledger", entry_id=f"escrow/{task}#1",
+                         transaction_id=f"escrow/{task}", account=f"escrow:{task}",
+                         amount_micro=100, kind="escrow", task_id=task, memo="")
+
+    for i in range(50):  # a flood nobody paid for
+        market.handle(submitted(f"forged-{i}"), Context(1_000 + i))
+    market.handle(submitted("paid"), Context(2_000))
+    market.handle(escrowed("paid"), Context(2_005))
+    market.handle(escrowed("paid-first"), Context(2_010))  # the entry read first
+    market.handle(submitted("paid-first"), Context(2_000))
+    assert sorted(market.queue) == ["paid", "paid-first"]
+    assert market.queue["paid"] == ("consumer", 2_000)  # waiting since its submission
+    restored = Market(rules=RULES)
+    restored.restore(pickle.loads(pickle.dumps(market.snapshot())))
+    restored.handle(escrowed("forged-3"), Context(3_000))  # paid late: now it is demand
+    assert sorted(restored.queue) == ["forged-3", "paid", "paid-first"]
+    assert not market.wants(new_event("LedgerEntryPosted", "ledger", entry_id="x#1",
+                                      transaction_id="settle/t", account="node:n1",
+                                      amount_micro=5, kind="payout", task_id="t", memo=""))
