@@ -67,18 +67,27 @@ def gov_propose(parameter: str, value: str, title: str, description: str,
 @settings_options
 @click.argument("proposal_id")
 @click.argument("choice", type=click.Choice(["yes", "no", "abstain"], case_sensitive=False))
+@click.option("--wait", "wait_s", type=float, default=10.0, show_default=True,
+              help="Seconds to watch for a refusal (0: do not wait).")
 @_account
 @_json
-def gov_vote(proposal_id: str, choice: str, account: str, as_json: bool, **flags: Any) -> None:
+def gov_vote(proposal_id: str, choice: str, wait_s: float, account: str, as_json: bool,
+             **flags: Any) -> None:
     """Cast a secret ballot: CHOICE is encrypted here to the network's tally key, with a
-    proof that it is one valid choice; only the stake-weighted sum is ever decrypted."""
+    proof that it is one valid choice; only the stake-weighted sum is ever decrypted.
+    Exits 1 if the ballot is refused (a second ballot, no stake, closed...)."""
     from destra.governance_client import vote
 
     with _client(account, flags) as client:
-        vote(client, proposal_id, choice)
-    emit({"proposal_id": proposal_id, "sent": True}, as_json,
-         lambda d: f"secret ballot sent on {proposal_id}; weighed by your bonded stake when "
-                   "it opened, counted at the close (`destra gov show`)")
+        refused = vote(client, proposal_id, choice, wait_s=wait_s)
+    emit({"proposal_id": proposal_id, "sent": True, "refused": refused}, as_json,
+         lambda d: f"secret ballot on {proposal_id} refused: {refused}" if refused else
+         f"secret ballot sent on {proposal_id}" + (f", no refusal in {wait_s:g} s"
+                                                   if wait_s > 0 else "")
+         + "; weighed by your bonded stake when it opened, counted at the close "
+           "(`destra gov show`)")
+    if refused:
+        raise SystemExit(1)
 
 
 def _tokens(micro: int) -> str:

@@ -68,9 +68,23 @@ def ballot_event(client: Client, proposal_id: str, choice: str) -> Event:
                      voter_id=client.account, choice="ABSTAIN", weight_micro=0, ballot=ballot)
 
 
-def vote(client: Client, proposal_id: str, choice: str) -> None:
-    """Cast this account's secret ballot on ``proposal_id``."""
-    client.send_signed(ballot_event(client, proposal_id, choice))
+def vote(client: Client, proposal_id: str, choice: str, *,
+         wait_s: float = 0.0) -> str | None:
+    """Cast this account's secret ballot on ``proposal_id``. With ``wait_s``, watch the
+    dead letters that long: the refusal's reason (a second ballot, no stake, a closed
+    ballot...), or None when none came (governance says nothing of a ballot it takes:
+    its weight is counted, secretly, at the close)."""
+    from ledger.processor import ledger_outcome, outcome_positions
+
+    since = outcome_positions(client.settings, client.bootstrap) if wait_s > 0 else {}
+    ballot = ballot_event(client, proposal_id, choice)
+    client.send_signed(ballot)  # signed as sent: the same event id
+    if wait_s <= 0:
+        return None
+    # No ledger transaction answers a ballot: only a dead letter can come back.
+    outcome, reason = ledger_outcome(client.settings, client.bootstrap, client.genesis, "",
+                                     "VoteCast", ballot.event_id, since, wait_s)
+    return reason if outcome == "refused" else None
 
 
 def proposals(client: Client) -> list[dict[str, Any]]:

@@ -95,7 +95,9 @@ def test_stakers_change_the_fee_by_secret_ballot_and_bad_ballots_are_refused(
         vote(clients["op-n1"], fee, "no")    # 3 tokens
         vote(clients["op-n2"], fee, "yes")   # 2 tokens
         vote(clients["op-n2"], idle, "yes")  # 2 of 10 tokens: no quorum
-        vote(clients["op-n0"], fee, "no")    # a second ballot: refused
+        # A second ballot: refused, and the voter told so.
+        refused = vote(clients["op-n0"], fee, "no", wait_s=30)
+        assert refused is not None and refused.startswith("double-vote"), refused
 
         _until(lambda: _decided(net, fee) and _decided(net, idle), VOTING_MS / 1000 + 60,
                "both decisions")
