@@ -55,6 +55,7 @@ from governance.ballot import (
     check_ballot,
     decrypt_sums,
 )
+from ledger.decider import MAX_SUBMISSION_AGE_MS, proposal_staleness
 from schemas import Event, new_event
 from schemas.bindings import ballot_context
 from schemas.signatures import verify_event
@@ -62,8 +63,9 @@ from streams.params import ParamSchedule, parse_value
 from streams.processing import Context, Outcome, Recovery
 
 PERMILLE = 1_000
-PENDING_MS = 600_000
-"""How long a proposal waits for its deposit before it is forgotten (the ledger refused it)."""
+PENDING_MS = MAX_SUBMISSION_AGE_MS
+"""How long a proposal waits for its deposit before it is forgotten (the ledger refused it):
+as long as the ledger would still take a copy of it (``proposal_staleness``)."""
 
 
 @dataclass
@@ -165,6 +167,9 @@ class Governance:
         pid = f["proposal_id"]
         if pid in self.proposals:
             return Outcome.refuse(e, f"duplicate-proposal: {pid} was submitted before")
+        stale = proposal_staleness(e, at)
+        if stale is not None:
+            return Outcome.refuse(e, stale)
         refusal = self._signed_by_account(e, f["proposer_id"])
         if refusal is not None:
             return Outcome.refuse(e, refusal)  # the ledger took no deposit either

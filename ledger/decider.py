@@ -181,6 +181,21 @@ MAX_TX_ID = 120
 add ``/<leg>`` and the schema holds both to 128 characters."""
 
 
+def proposal_staleness(e: Event, at: int) -> str | None:
+    """Why a ``ProposalSubmitted`` appended at broker time ``at`` is too old or too far
+    ahead to take (the ledger and governance judge alike), or None. A proposal refused
+    for want of funds leaves no id behind, so a copy replayed once its proposer is funded
+    would escrow a deposit the proposer was told was refused: by age, only within
+    ``MAX_SUBMISSION_AGE_MS`` of its making, as a task's submission."""
+    if at - e.occurred_at > MAX_SUBMISSION_AGE_MS:
+        return (f"stale-proposal: {e.fields['proposal_id']} made at {e.occurred_at}, "
+                f"appended at {at} (broker time), more than {MAX_SUBMISSION_AGE_MS} ms later")
+    if e.occurred_at - at > MAX_FUTURE_MS:
+        return (f"future-proposal: {e.fields['proposal_id']} made at {e.occurred_at}, "
+                f"appended at {at} (broker time)")
+    return None
+
+
 def node_wallet(node_id: str) -> str:
     """The account a node's earnings are paid into."""
     return f"node:{node_id}"
@@ -724,6 +739,9 @@ class LedgerDecider:
         if tx_id in self.book.applied:
             return Outcome.refuse(e, f"duplicate-proposal: proposal {pid}'s deposit is "
                                      "already taken")
+        stale = proposal_staleness(e, at)
+        if stale is not None:
+            return Outcome.refuse(e, stale)
         key = self.account_keys.get(proposer)
         if key is None:
             return Outcome.refuse(e, f"unregistered-account: proposer {proposer} is not "

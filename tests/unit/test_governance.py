@@ -52,7 +52,8 @@ class World:
 
     def propose(self, pid: str, parameter: str = "fee_bps", value: str = "200",
                 by: str = "op-a", deposit: bool = True) -> None:
-        proposal = new_event("ProposalSubmitted", by, proposal_id=pid, proposer_id=by,
+        proposal = new_event("ProposalSubmitted", by, occurred_at=self.now, proposal_id=pid,
+                             proposer_id=by,
                              title="Lower the fee", description="", parameter=parameter,
                              new_value=value, voting_ends_at=self.now,
                              deposit_micro=DEFAULTS["gov_deposit_micro"])
@@ -232,3 +233,14 @@ def test_a_restart_mid_vote_decides_the_same(world: World,
     [decided] = world.decisions()
     assert (decided["yes_micro"], decided["no_micro"]) == (5_000_000, 3_000_000)
     assert decided["outcome"] == "PASSED"
+
+
+def test_a_proposal_replayed_after_its_freshness_is_refused(world: World) -> None:
+    by = "op-a"
+    old = sign_event(new_event("ProposalSubmitted", by, occurred_at=world.now - 600_001,
+                               proposal_id="p-old", proposer_id=by, title="t", description="",
+                               parameter="fee_bps", new_value="200", voting_ends_at=0,
+                               deposit_micro=DEFAULTS["gov_deposit_micro"]), keys_for(by), by)
+    world.runner.publish(old)
+    assert world.refusals()[-1].startswith("stale-proposal")
+    assert "p-old" not in world.gov.proposals

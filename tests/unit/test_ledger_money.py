@@ -12,7 +12,7 @@ import pytest
 from allocator.pricing import PriceBook, Tier
 from destra.crypto import KeyPair, sign_event
 from ledger.book import BURNED, TREASURY, deposit, stake, unbonding, user
-from ledger.decider import LedgerDecider, node_wallet
+from ledger.decider import MAX_FUTURE_MS, MAX_SUBMISSION_AGE_MS, LedgerDecider, node_wallet
 from schemas import Event, new_event
 from schemas.bindings import account_operation, sign_stake_consent
 from schemas.samples import sample_event, with_fields
@@ -252,6 +252,11 @@ def test_a_proposal_escrows_its_deposit_and_the_decision_refunds_or_burns_it() -
     (lambda: sign_event(_proposal("p1", "alice", 2_000), account_keys("mallory"), "alice"),
      "bad-signature"),
     (lambda: _proposal("p1", "zed", 2_000), "unregistered-account"),
+    # A copy appended more than 10 minutes after it was made: a replay (once the proposer
+    # is funded, a proposal refused for want of funds would otherwise escrow after all).
+    (lambda: _proposal("p1", "alice", 2_000, at=T0 - MAX_SUBMISSION_AGE_MS - 1),
+     "stale-proposal"),
+    (lambda: _proposal("p1", "alice", 2_000, at=T0 + MAX_FUTURE_MS + 1), "future-proposal"),
 ])
 def test_a_proposal_without_its_deposit_is_dead_lettered(proposal, reason) -> None:  # type: ignore[no-untyped-def]
     d = _world()
