@@ -71,6 +71,7 @@ def infra_up(as_json: bool, insecure: bool | None, advertise: tuple[str, ...],
     `destra account create` give nodes and submitters theirs. Without --advertise it
     listens on loopback only.
     """
+    from destra.progress import Reporter
     from governance.keys import ensure_tally_key
     from infra import services
     from streams.security import INSECURE_WARNING
@@ -79,9 +80,11 @@ def infra_up(as_json: bool, insecure: bool | None, advertise: tuple[str, ...],
                                             kafka_advertise=advertise or None)
     if settings.kafka_insecure:
         click.echo(INSECURE_WARNING, err=True)
-    services.up(settings, say=lambda note: click.echo(note, err=True))
-    # The governance tally key (public half beside genesis.json, shares with the keys).
-    ensure_tally_key(settings.genesis_path, settings.service_keys)
+    # A spinner per step on a terminal, else a line per note (on stderr).
+    with Reporter.for_stream(sys.stderr, enabled=not as_json) as progress:
+        services.up(settings, say=progress.step)
+        # The governance tally key (public half beside genesis.json, shares with the keys).
+        ensure_tally_key(settings.genesis_path, settings.service_keys)
     emit(services.status(settings), as_json, _status_text)
 
 
@@ -785,6 +788,7 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
     """Quote and submit a task of WORKLOAD; with --wait, follow it to its verdict."""
 
     from destra.client import Client
+    from destra.progress import Reporter
     from infra import services
 
     settings = load_settings(**flags)
@@ -812,17 +816,12 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
             if as_json:
                 click.echo(json.dumps({"task_id": task_id, "quote": q.as_dict()}))
             return
-        last: list[str] = []
-
-        def show(p: Any) -> None:
-            line = (f"  {p.state}: {p.assigned} assigned, {p.granted} granted, "
-                    f"{p.committed} committed, {p.revealed} revealed")
-            if not as_json and [line] != last:
-                click.echo(line)
-                last[:] = [line]
-
+        # A live bar on a terminal, else a line per change; nothing with --json (stderr).
         try:
-            done = client.wait([task_id], watch=watch, timeout_s=timeout, on_progress=show)
+            with Reporter.for_stream(sys.stderr, enabled=not as_json) as progress:
+                progress.expect(task_id, q.replicas)
+                done = client.wait([task_id], watch=watch, timeout_s=timeout,
+                                   on_progress=lambda p: progress.task(p, q.replicas))
         finally:
             watch.close()
         result = done[task_id].as_dict()
@@ -847,13 +846,16 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
 def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags: Any) -> None:
     """Fetch, decrypt and check the verified result of TASK_ID (one of your tasks)."""
     from destra.client import Client
+    from destra.progress import Reporter
     from infra import services
 
     settings = load_settings(**flags)
     client = Client(settings, kafka_address(settings, services, account=account),
                     account, _passphrase())
     try:
-        r = client.result(task_id)
+        # A spinner per step (fetching, decrypting, checking) on a terminal (stderr).
+        with Reporter.for_stream(sys.stderr, enabled=not as_json) as progress:
+            r = client.result(task_id, say=progress.step)
     finally:
         client.close()
     if out is not None:

@@ -43,6 +43,7 @@ from destra.blobs import fetch as fetch_blob
 from destra.confidential import grant, open_result, seal_input
 from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
+from destra.progress import Step
 from destra.settings import Settings
 from ledger.decider import PRICE_GRACE_MS
 from schemas import Event, decode, new_event
@@ -427,12 +428,16 @@ class Client:
 
     # -- results ----------------------------------------------------------------------------
 
-    def result(self, task_id: str) -> TaskResult:
+    def result(self, task_id: str,
+               say: Callable[[str], None] = lambda _: None) -> TaskResult:
         """The verified output of ``task_id``, decrypted and checked against its digest.
 
         Tries each agreeing node's sealed copy; ``ResultRefused`` if none opens to the
-        verified digest, ``DestraError`` if the task has no verdict or failed.
+        verified digest, ``DestraError`` if the task has no verdict or failed. ``say``
+        hears each step as it begins (reading the verdict, the results, fetching,
+        decrypting, checking a copy), a ``destra.progress.Step`` note.
         """
+        say(Step(f"reading the verdict of {task_id}"))
         verdict = next((e for e in self._events("TaskVerified")
                         if e.fields["task_id"] == task_id), None)
         if verdict is None:
@@ -443,17 +448,22 @@ class Client:
         digest: bytes = verdict.fields["digest"]
         agreed = {c["node_id"] for c in verdict.fields["contributions"] if c["agreed"]}
         problems = []
+        say(Step("reading the revealed results"))
         for reveal in self._events("ResultRevealed"):
             f = reveal.fields
             if f["task_id"] != task_id or f["node_id"] not in agreed:
                 continue
             try:
+                say(Step(f"fetching {f['node_id']}'s sealed result " + (
+                    f"(blob {f['result_ref']})" if f["result"] is None else "(inline)")))
                 sealed = fetch_blob(self.blobs, f["result"], f["result_ref"])
+                say(Step(f"decrypting {f['node_id']}'s result ({len(sealed):,} bytes)"))
                 output = open_result(self.keyring.all(), task_id, f["node_id"],
                                      f["attempt"], sealed)
             except DestraError as err:
                 problems.append(f"{f['node_id']}: {err}")
                 continue
+            say(Step("checking it against the verified digest"))
             if crypto.digest(output) != digest:
                 problems.append(f"{f['node_id']}: its result's SHA-256 is not the verified "
                                 f"digest {digest.hex()[:16]}...")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from destra.errors import ConfigError, InfraError
+from destra.progress import Step
 from destra.settings import Settings
 from infra import kafka, postgres, quotas
 from infra.procs import pid_alive, stop_pids
@@ -151,7 +152,9 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Infra
     """Start (or reuse) Kafka and Postgres, create topics, apply migrations.
 
     ``say`` hears what the operator should know: a broker certificate reissued to name
-    an advertised address.
+    an advertised address; and each step as it begins, a ``destra.progress.Step`` note
+    (the Kafka jars, the Kafka and Postgres starts, the genesis, topics, ACLs, quotas,
+    migrations), for a progress display.
     """
     advertise = chosen_advertise(settings)
     if advertise and settings.kafka_bootstrap:
@@ -169,7 +172,7 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Infra
                 f"{', '.join(previous.kafka_advertised) or 'loopback only'}, not at "
                 f"{', '.join(map(str, advertise)) or 'loopback only'}: run `destra infra "
                 "down`, then `destra infra up` with the new --advertise")
-        _prepare(settings, previous)
+        _prepare(settings, previous, say)
         return previous
     if previous is not None:
         down(settings)  # half-dead leftovers from a crash: clear them first
@@ -179,9 +182,9 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Infra
     try:
         _start_kafka(settings, state, advertise, say)
         _record_advertise(settings, advertise)
-        _start_postgres(settings, state)
+        _start_postgres(settings, state, say)
         state_path(settings).write_text(state.to_json())
-        _prepare(settings, state)
+        _prepare(settings, state, say)
     except BaseException:
         state_path(settings).write_text(state.to_json())
         down(settings)
@@ -192,13 +195,17 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Infra
 def _start_kafka(settings: Settings, state: InfraState, advertise: list[kafka.Advertised],
                  say: Callable[[str], None]) -> None:
     if settings.kafka_bootstrap:
+        say(Step(f"Kafka: checking the external one at {settings.kafka_bootstrap}"))
         state.kafka_bootstrap, state.kafka_external = settings.kafka_bootstrap, True
         state.kafka_version = "external"
         if live_broker_count(settings.kafka_bootstrap, timeout_s=10,
                              access=admin_access(settings, state)) == 0:
             raise InfraError(f"external Kafka at {settings.kafka_bootstrap} does not answer")
         return
+    say(Step(f"Kafka {kafka.KAFKA_VERSION} jars (Maven, cached once per machine)"))
     libs = kafka.ensure_jars(settings.cache_dir)
+    brokers = settings.kafka_brokers
+    say(Step(f"Kafka: starting {brokers} broker{'s' if brokers > 1 else ''}"))
     # One data directory per cluster shape: a 1-broker log cannot join a 3-voter quorum;
     # and per security: a secured broker's log holds the admin's SCRAM credential.
     data = settings.home / f"kafka-{settings.kafka_brokers}"
@@ -240,34 +247,42 @@ def _admin_password(settings: Settings) -> str:
     return access.password
 
 
-def _start_postgres(settings: Settings, state: InfraState) -> None:
+def _start_postgres(settings: Settings, state: InfraState,
+                    say: Callable[[str], None]) -> None:
     if settings.pg_dsn:
+        say(Step("Postgres: checking the external one"))
         state.pg_dsn, state.pg_external = settings.pg_dsn, True
         postgres.server_version(settings.pg_dsn)  # fails clearly if it does not answer
         return
+    say(Step("Postgres: starting"))
     handle = postgres.start_embedded(settings.home / "postgres")
     state.pg_dsn, state.pg_pid = handle.dsn, handle.pid
     state.pg_data_dir, state.pg_system_user = str(handle.data_dir), handle.system_user
 
 
-def _prepare(settings: Settings, state: InfraState) -> None:
+def _prepare(settings: Settings, state: InfraState, say: Callable[[str], None]) -> None:
+    say(Step("genesis and service keys"))
     ensure_genesis(settings.genesis_path, settings.service_keys)
     access = admin_access(settings, state)
+    say(Step("topics"))
     ensure_topics(state.kafka_bootstrap, settings.topic_prefix,
                   replication_factor=settings.replication_factor,
                   min_insync_replicas=settings.min_insync_replicas, access=access)
     if access.secure:
         # The services' principals (credentials beside their keys) and every ACL.
+        say(Step("principals and ACLs"))
         security.setup_network(state.kafka_bootstrap, settings.topic_prefix,
                                settings.service_keys, access.ca_pem, access)
         # Client quotas: a default for every principal (each node and account), the
         # operator and this network's services exempt (infra.quotas); set once per broker.
+        say(Step("client quotas"))
         marker = (Path(state.brokers[0].data_dir).parent / "quotas.txt" if state.brokers
                   else settings.home / "kafka-external-quotas.txt")
         quotas.ensure_quotas(kafka.ensure_jars(settings.cache_dir), state.kafka_bootstrap,
                              access, [security.ADMIN, *(
                                  security.principal(settings.topic_prefix, role)
                                  for role in security.SERVICES)], marker)
+    say(Step("Postgres migrations"))
     apply_migrations(state.pg_dsn)
 
 
