@@ -43,8 +43,8 @@ from destra.blobs import fetch as fetch_blob
 from destra.confidential import grant, open_result, seal_input
 from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
-from destra.progress import Step
 from destra.settings import Settings
+from infra.notes import Step
 from ledger.decider import PRICE_GRACE_MS
 from schemas import Event, decode, new_event
 from schemas.bindings import account_operation, account_registration, data_key_commitment
@@ -435,7 +435,7 @@ class Client:
         Tries each agreeing node's sealed copy; ``ResultRefused`` if none opens to the
         verified digest, ``DestraError`` if the task has no verdict or failed. ``say``
         hears each step as it begins (reading the verdict, the results, fetching,
-        decrypting, checking a copy), a ``destra.progress.Step`` note.
+        decrypting, checking a copy), an ``infra.notes.Step`` note.
         """
         say(Step(f"reading the verdict of {task_id}"))
         verdict = next((e for e in self._events("TaskVerified")

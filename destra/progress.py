@@ -18,16 +18,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, TextIO
 
+from infra.notes import Step
+
 if TYPE_CHECKING:
     from types import TracebackType
 
     from destra.client import Progress
-
-
-class Step(str):
-    """A note that begins a step of a long operation (``infra up``'s Kafka start, its
-    migrations...); any other note is a message. A plain ``str`` subclass, so a ``say``
-    callback that only prints notes prints these as well."""
 
 
 def task_line(p: Progress) -> str:

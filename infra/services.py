@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from destra.errors import ConfigError, InfraError
-from destra.progress import Step
 from destra.settings import Settings
 from infra import kafka, postgres, quotas
+from infra.notes import Step
 from infra.procs import pid_alive, stop_pids
 from infra.tls import ensure_tls, missing_hosts, tls_files
 from ledger.migrate import apply_migrations
@@ -152,7 +152,7 @@ def up(settings: Settings, say: Callable[[str], None] = lambda _: None) -> Infra
     """Start (or reuse) Kafka and Postgres, create topics, apply migrations.
 
     ``say`` hears what the operator should know: a broker certificate reissued to name
-    an advertised address; and each step as it begins, a ``destra.progress.Step`` note
+    an advertised address; and each step as it begins, a ``Step`` note
     (the Kafka jars, the Kafka and Postgres starts, the genesis, topics, ACLs, quotas,
     migrations), for a progress display.
     """
