@@ -764,7 +764,8 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE",
               help="A workload parameter (repeatable).")
 @click.option("--replicas", type=click.IntRange(1, 15), default=None,
-              help="Replicas (default 3); with --trust adaptive, the fewest (default 1).")
+              help="Replicas (default: the network's default_replicas, 3 unless changed); "
+                   "with --trust adaptive, the fewest (default 1).")
 @click.option("--quorum", type=click.IntRange(1, 15), default=None,
               help="Agreeing replicas needed (default: a majority).")
 @click.option("--trust", type=click.Choice(["fixed", "adaptive"]), default="fixed",

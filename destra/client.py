@@ -52,6 +52,7 @@ from schemas.events import now_ms
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
 from streams.klog import KAFKA_LOG
+from streams.params import ParamSchedule
 from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.topics import topic_for
@@ -196,6 +197,8 @@ class Client:
         self._genesis: Genesis | None = None
         self._prices: PriceBook | None = None
         self._prices_read_ms = 0
+        self._params: ParamSchedule | None = None
+        self._params_read_ms = 0
         self._nonce = 0
 
     @property
@@ -223,20 +226,33 @@ class Client:
             self._prices = book
         return self._prices
 
+    def network_params(self) -> ParamSchedule:
+        """The live parameters (``streams.params``): defaults, then every governance-signed
+        ``ParameterChanged``, read afresh at most every ``PRICES_FRESH_MS``."""
+        if self._params is None or now_ms() - self._params_read_ms > PRICES_FRESH_MS:
+            self._params_read_ms = now_ms()
+            schedule = ParamSchedule()
+            for event in self._events("ParameterChanged"):
+                schedule.follow(event)
+            self._params = schedule
+        return self._params
+
     def quote(self, workload: str, params: Mapping[str, str], *, replicas: int | None = None,
               quorum: int | None = None, tier: str = "consumer",
               ttl_ms: int = QUOTE_TTL_MS, trust: str = "fixed") -> TaskQuote:
         """Validate the task and price it; raises a ``DestraError`` saying what is wrong.
 
-        ``trust="fixed"`` runs exactly ``replicas`` (default 3) replicas; ``"adaptive"``
-        lets the network's reputation decide (``allocator.trust``), ``replicas`` (default
-        1) and ``quorum`` being floors, for the price of the floor plus the trust premium.
+        ``trust="fixed"`` runs exactly ``replicas`` replicas (default: the network's
+        ``default_replicas``, 3 unless governance changed it); ``"adaptive"`` lets the
+        network's reputation decide (``allocator.trust``), ``replicas`` (default 1) and
+        ``quorum`` being floors, for the price of the floor plus the trust premium.
         """
         if not 1 <= ttl_ms <= PRICE_GRACE_MS:
             raise InvalidRequest(f"a quote lives 1..{PRICE_GRACE_MS} ms (the ledger's price "
                                  f"grace), not {ttl_ms}")
-        if replicas is None:
-            replicas = 1 if trust == "adaptive" else 3
+        if replicas is None:  # the network's default_replicas (a live parameter)
+            replicas = 1 if trust == "adaptive" else self.network_params().value(
+                "default_replicas", now_ms())
         w = get_workload(workload)
         parsed = w.validate(params)
         quorum = replicas // 2 + 1 if quorum is None else quorum

@@ -26,14 +26,7 @@ from streams.params import ParamSchedule, parse_value
 
 def network_params(client: Client) -> ParamSchedule:
     """The live parameters: defaults, then every governance-signed ``ParameterChanged``."""
-    schedule = ParamSchedule()
-    for event in client.read_events("ParameterChanged"):
-        f = event.fields
-        try:
-            schedule.apply(f["parameter"], f["value"], f["effective_at"])
-        except ValueError:
-            continue
-    return schedule
+    return client.network_params()
 
 
 def propose(client: Client, parameter: str, value: str, title: str, description: str = "",
