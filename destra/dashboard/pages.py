@@ -47,6 +47,11 @@ def when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z"
 
 
+def _t(ms: int) -> str:
+    """A time for a plot's date axis (UTC, as plotly reads dates)."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
 def _d(value: Any) -> str:
     return "-" if value is None else escape(str(value))
 
@@ -170,6 +175,7 @@ def operators_part(snap: Snapshot) -> dict[str, Any]:
                    "colorbar": {"title": {"text": "load %"}}}}],
         "layout": _layout("Nodes by region (colour: mean load)", geo={
             "projection": {"type": "natural earth"}, "showcountries": True,
+            "lonaxis": {"range": [-180, 180]}, "lataxis": {"range": [-58, 85]},
             "showland": True, "landcolor": "#e8e8e8", "countrycolor": "#9a9a9a"})}
     regions = {"data": [{"type": "bar", "x": sorted(by_region),
                          "y": [len(by_region[r]) for r in sorted(by_region)],
@@ -188,7 +194,7 @@ def operators_part(snap: Snapshot) -> dict[str, Any]:
         xs.append(bucket)
         ys.append((ys[-1] if ys else 0) + int(amount))
     earnings = {"data": [{"type": "scatter", "mode": "lines+markers", "name": node,
-                          "x": [when(x) for x in xs], "y": ys, "line": {"shape": "hv"}}
+                          "x": [_t(x) for x in xs], "y": ys, "line": {"shape": "hv"}}
                          for node, (xs, ys) in series.items()],
                 "layout": _layout("Earnings over time (micro-tokens, top 8 earners)")}
     rows = []
@@ -222,7 +228,7 @@ def network_part(snap: Snapshot) -> dict[str, Any]:
     verdicts = v.get("verdicts", [])
     now = v.get("now", 0)
     last_minute = sum(n for b, n in verdicts if b >= now - 60_000)
-    throughput = {"data": [{"type": "bar", "x": [when(b) for b, _ in verdicts],
+    throughput = {"data": [{"type": "bar", "x": [_t(b) for b, _ in verdicts],
                             "y": [n / 10 for _, n in verdicts], "name": "verdicts / s"}],
                   "layout": _layout("Tasks decided per second (10 s buckets, last 10 min)")}
     hops = v.get("hops") or {}
@@ -232,13 +238,13 @@ def network_part(snap: Snapshot) -> dict[str, Any]:
                 "layout": _layout("Latency of each hop (median ms, last 1000 verdicts)",
                                   margin={"l": 170, "r": 20, "t": 40, "b": 40})}
     queue = {"data": [{"type": "scatter", "mode": "lines",
-                       "x": [when(t) for t, _ in snap.queue], "y": [d for _, d in snap.queue],
+                       "x": [_t(t) for t, _ in snap.queue], "y": [d for _, d in snap.queue],
                        "name": "queued"}],
              "layout": _layout("Queue depth (tasks submitted or escrowed, not yet placed)")}
     tiers: dict[str, tuple[list[str], list[int]]] = {}
     for at, tier, price in snap.prices:
         xs, ys = tiers.setdefault(tier, ([], []))
-        xs.append(when(at))
+        xs.append(_t(at))
         ys.append(price)
     prices = {"data": [{"type": "scatter", "mode": "lines+markers", "name": tier, "x": xs,
                         "y": ys, "line": {"shape": "hv"}} for tier, (xs, ys) in tiers.items()],

@@ -5,7 +5,7 @@
   var main = document.getElementById("main");
   var part = main.getAttribute("data-part");
   var live = document.getElementById("live");
-  var config = {responsive: true, displaylogo: false, topojsonURL: "/static/topojson/"};
+  var config = {responsive: true, displayModeBar: false, topojsonURL: "/static/topojson/"};
   var updates = 0;
 
   function apply(p) {
