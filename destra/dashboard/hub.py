@@ -263,14 +263,15 @@ class Hub:
         self._sig: str | None = None
         self._follower_seen = -1
         self._conn: psycopg.Connection[Any] | None = None
-        self._changed: asyncio.Condition | None = None
+        self._changed: asyncio.Event | None = None
+        """Set (and replaced) at each new snapshot; its waiters are the open streams."""
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = None
 
     # -- lifecycle (in the server's event loop) -----------------------------------
 
     async def start(self) -> None:
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
         if self.follower is not None:
             self.follower.start()
         self._task = asyncio.create_task(self._loop())
@@ -299,17 +300,17 @@ class Hub:
                     self._conn = None
             if changed:
                 assert self._changed is not None
-                async with self._changed:
-                    self._changed.notify_all()
+                fired, self._changed = self._changed, asyncio.Event()
+                fired.set()
             await asyncio.sleep(max(0.0, self.tick_s - (time.monotonic() - began)))
 
     async def wait_change(self, version: int, timeout_s: float) -> int:
         """The snapshot's version once it passes ``version`` (or after ``timeout_s``)."""
-        assert self._changed is not None
-        with contextlib.suppress(TimeoutError):
-            async with self._changed:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.snapshot.version > version), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.snapshot.version <= version and time.monotonic() < deadline:
+            assert self._changed is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
         return self.snapshot.version
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
