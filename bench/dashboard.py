@@ -186,6 +186,11 @@ def main() -> None:
         print(f"  first view of an old task (not in memory: read at the next tick): "
               f"{1000 * (time.monotonic() - t):.0f} ms")
 
+        st = stats(port)
+        print(f"  the poller's statement when the views moved: {st['statement_ms']:.0f} ms; "
+              f"rendering every page's parts: {st['render_ms']:.0f} ms (once per change, "
+              "shared by every browser)")
+
         stream = Stream(port)
         stream.start()
         stream.ready.wait(10)

@@ -252,6 +252,10 @@ class Hub:
         """Statements sent to Postgres since the start: at most one per tick."""
         self.ticks = 0
         self.streams = 0
+        self.statement_ms = 0.0
+        """How long the last statement that read the views took (with its fetch)."""
+        self.render_ms = 0.0
+        """How long rendering the last snapshot's pages took."""
         """Event streams open now (the app counts them)."""
         self.started = time.monotonic()
         self.snapshot = Snapshot()
@@ -340,7 +344,9 @@ class Hub:
         return {"queries": self.queries, "ticks": self.ticks, "version": self.snapshot.version,
                 "uptime_s": round(elapsed, 3),
                 "queries_per_s": round(self.queries / elapsed, 3) if elapsed else 0.0,
-                "pinned": len(self._pinned), "streams": self.streams, "error": self.error,
+                "pinned": len(self._pinned), "streams": self.streams,
+                "statement_ms": round(self.statement_ms, 1),
+                "render_ms": round(self.render_ms, 1), "error": self.error,
                 "kafka_error": self.follower.error if self.follower else None}
 
     # -- one tick (in a worker thread) --------------------------------------------
@@ -357,11 +363,14 @@ class Hub:
         self._pinned = {t: at for t, at in self._pinned.items() if now - at < PIN_S}
         conn = self._connect()
         self.queries += 1
+        began = time.perf_counter()
         row = conn.execute(_STATEMENT, {  # type: ignore[call-overload]
             "recent": self.recent, "pinned": list(self._pinned), "last": self._sig,
             "force": self._sig is None}).fetchone()
         assert row is not None
         sig, data = row
+        if data is not None:
+            self.statement_ms = 1000 * (time.perf_counter() - began)
         views_moved = data is not None
         follower_moved = False
         kafka: dict[str, Any] = {}
@@ -402,9 +411,11 @@ class Hub:
 
             snap.proposals = fold_proposals(kafka["governance"])
         if self._render is not None:
+            began = time.perf_counter()
             fragments = self._render(snap, self.pinned)
             self.fragments = fragments
             self.parts = {name: json.dumps(part, separators=(",", ":"), default=str)
                           for name, part in fragments.items()}
+            self.render_ms = 1000 * (time.perf_counter() - began)
         self.snapshot = snap
         return True
