@@ -20,7 +20,7 @@ def serve(dsn: str, bootstrap: str | None, *, prefix: str, genesis: Any, schema:
 
     follower = Follower(bootstrap, prefix, genesis) if bootstrap else None
     hub = Hub(dsn, schema=schema, follower=follower, render=pages.render)
-    uvicorn.run(create_app(hub), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(hub), host=host, port=port, log_level="warning", ws="none")
 
 
 @click.command("dashboard")
