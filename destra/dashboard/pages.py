@@ -240,7 +240,7 @@ def network_part(snap: Snapshot) -> dict[str, Any]:
     queue = {"data": [{"type": "scatter", "mode": "lines",
                        "x": [_t(t) for t, _ in snap.queue], "y": [d for _, d in snap.queue],
                        "name": "queued"}],
-             "layout": _layout("Queue depth (tasks submitted or escrowed, not yet placed)")}
+             "layout": _layout("Queue depth since this dashboard started (not yet placed)")}
     tiers: dict[str, tuple[list[str], list[int]]] = {}
     for at, tier, price in snap.prices:
         xs, ys = tiers.setdefault(tier, ([], []))
