@@ -18,6 +18,7 @@ from destra.cli_common import (
     settings_options,
 )
 from destra.cli_common import passphrase as _passphrase
+from destra.dashboard.cli import dashboard
 from destra.errors import DestraError
 from destra.gov_cli import gov
 from destra.keys_cli import keys
@@ -1033,6 +1034,7 @@ cli.add_command(gov)
 cli.add_command(status)
 cli.add_command(tasks)
 cli.add_command(nodes)
+cli.add_command(dashboard)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ drawn at random, and a check that catches the turncoat, settled by bisecting the
 runs' checkpoints and re-executing one epoch; shows a result decrypted by its
 submitter (private parameters and results travel encrypted) and prints a summary:
 tasks verified, earnings per node, the dishonest nodes penalized, the ledger summing
-to zero, the replay matching. Then it stops everything.
+to zero, the replay matching. Then it stops everything; with ``--keep`` it leaves the
+network, Kafka and Postgres up and prints how to watch it with ``destra dashboard``.
 Each run uses its own topic prefix and database, so runs never mix.
 """
 
@@ -253,14 +254,34 @@ def run_demo(settings: Settings, *, keep: bool, echo: Callable[[str], None],
             raise DestraError("demo failed: " + "; ".join(problems) + f" (logs in {home})")
         echo("demo: OK")
     finally:
-        codes = net.stop()
-        echo(f"8. stopped the network ({sum(c == 0 for c in codes.values())} of "
-             f"{len(codes)} processes exited cleanly)")
         if keep:
-            echo("Kafka and Postgres left running; stop them with `destra infra down`")
+            _leave_up(settings, run, net, echo)
         else:
+            codes = net.stop()
+            echo(f"8. stopped the network ({sum(c == 0 for c in codes.values())} of "
+                 f"{len(codes)} processes exited cleanly)")
             for line in services.down(settings):
                 echo(f"   stopped {line}")
+
+
+def _leave_up(settings: Settings, run: Settings, net: Any,
+              echo: Callable[[str], None]) -> None:
+    """``--keep``: the network's processes stay up, with Kafka and Postgres; says how to
+    watch it (``destra dashboard``) and how to stop it."""
+    import shlex
+
+    pids = {name: proc.pid for name, proc in net.procs.items() if proc.poll() is None}
+    pid_file = run.home / "network.pids"
+    pid_file.write_text("".join(f"{pid} {name}\n" for name, pid in pids.items()))
+    env = {"DESTRA_HOME": str(settings.home), "DESTRA_TOPIC_PREFIX": run.topic_prefix,
+           "DESTRA_PG_DSN": net.pg_dsn, "DESTRA_GENESIS": str(run.genesis_path)}
+    if settings.kafka_bootstrap:
+        env["DESTRA_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    echo(f"8. the network is left up: {len(pids)} processes (pids in {pid_file}, logs in "
+         f"{net.workdir}), Kafka and Postgres")
+    echo(f"   watch it:  {command} destra dashboard --port 8050   (http://127.0.0.1:8050/)")
+    echo(f"   stop it:   kill {' '.join(str(p) for p in pids.values())} && destra infra down")
 
 
 def _adaptive_trust(client: Any, watch: Any, bootstrap: str, prefix: str,

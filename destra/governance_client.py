@@ -12,6 +12,7 @@ ballot.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from destra.client import Client
@@ -83,9 +84,15 @@ def vote(client: Client, proposal_id: str, choice: str, *,
 def proposals(client: Client) -> list[dict[str, Any]]:
     """Every proposal on the network with its ballots sent and, once closed, its decision
     (the governance-signed ``ProposalDecided``), oldest first."""
+    return fold_proposals(client.read_events("ProposalSubmitted"))
+
+
+def fold_proposals(events: Iterable[Event]) -> list[dict[str, Any]]:
+    """``proposals`` from the ``governance`` topic's events already read (and checked
+    against the genesis), in log order: the dashboard folds what it follows live."""
     out: dict[str, dict[str, Any]] = {}
     ballots: dict[str, set[str]] = {}
-    for event in client.read_events("ProposalSubmitted"):
+    for event in events:
         f = event.fields
         if event.name == "ProposalSubmitted" and f["proposal_id"] not in out:
             out[f["proposal_id"]] = {

@@ -1,0 +1,40 @@
+"""``destra dashboard``: serve the dashboard of the network the settings reach."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from destra.cli_common import load_settings, service_addresses, settings_options
+
+
+def serve(dsn: str, bootstrap: str | None, *, prefix: str, genesis: Any, schema: str,
+          host: str, port: int) -> None:
+    """Run the dashboard over ``dsn`` (and Kafka at ``bootstrap``, if any) until stopped."""
+    import uvicorn
+
+    from destra.dashboard import pages
+    from destra.dashboard.app import create_app
+    from destra.dashboard.hub import Follower, Hub
+
+    follower = Follower(bootstrap, prefix, genesis) if bootstrap else None
+    hub = Hub(dsn, schema=schema, follower=follower, render=pages.render)
+    uvicorn.run(create_app(hub), host=host, port=port, log_level="warning", ws="none")
+
+
+@click.command("dashboard")
+@settings_options
+@click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (the default: this machine only).")
+@click.option("--schema", default="public", show_default=True,
+              help="Postgres schema the projector writes the views to.")
+def dashboard(port: int, host: str, schema: str, **flags: Any) -> None:
+    """Serve the web dashboard: tasks, operators, the network, governance; live."""
+    settings = load_settings(**flags)
+    bootstrap, dsn = service_addresses(settings)
+    click.echo(f"dashboard of network {settings.topic_prefix.rstrip('.') or '(no prefix)'} "
+               f"on http://{host}:{port}/ (Ctrl-C stops it)")
+    serve(dsn, bootstrap, prefix=settings.topic_prefix, genesis=settings.genesis_path,
+          schema=schema, host=host, port=port)
