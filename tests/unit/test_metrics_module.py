@@ -26,8 +26,9 @@ def test_instruments_count_by_processor_and_event() -> None:
     for _ in range(3):
         inst.handled("unit-p", "TaskSubmitted", 0.0001)
     inst.emitted("UnitEvent")
-    assert REGISTRY.get_sample_value("destra_events_handled_total",
-                                     {"processor": "unit-p", "event": "TaskSubmitted"}) == before + 3
+    after = REGISTRY.get_sample_value("destra_events_handled_total",
+                                      {"processor": "unit-p", "event": "TaskSubmitted"})
+    assert after == before + 3
     assert REGISTRY.get_sample_value("destra_handler_seconds_count",
                                      {"processor": "unit-p"}) == 3
     assert REGISTRY.get_sample_value("destra_events_emitted_total", {"event": "UnitEvent"}) == 1
