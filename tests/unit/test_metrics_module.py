@@ -55,3 +55,12 @@ def test_registered_skips_dead_processes(tmp_path: Path) -> None:
         json.dumps({"name": "gone", "pid": 2**22 + 12345, "url": "http://x"}))
     (tmp_path / "metrics" / "junk.json").write_text("not json")
     assert metrics.registered(tmp_path) == []
+
+
+def test_infra_status_text_lists_the_metrics_endpoints() -> None:
+    from destra.cli import _status_text
+
+    endpoint = {"name": "processors", "pid": 42, "url": "http://127.0.0.1:9/metrics"}
+    text = _status_text({"state_file": "/x/infra.json", "metrics": [endpoint]})
+    assert text.splitlines() == ["not running (no /x/infra.json)",
+                                 "metrics   processors  pid 42  http://127.0.0.1:9/metrics"]
