@@ -497,6 +497,7 @@ class KafkaRunner:
         try:
             for letter in letters:
                 producer.send(letter)
+                dead_lettered(_letter_code(letter))
             for outcome, source in outcomes:
                 self._publish(producer, outcome, source)
             producer.send_raw(self.state_topic, self.group.encode(), record, partition=0)
@@ -580,7 +581,6 @@ class KafkaRunner:
             event = decode(msg.value() or b"")
         except Exception as err:  # EventError, or anything else a decoder let escape
             letters.append(dead_letter(msg, err, self.settings.producer_id or self.group))
-            dead_lettered("undecodable")
             return []
         if self.shard is not None:
             task_id = event.fields.get("task_id")
@@ -591,7 +591,6 @@ class KafkaRunner:
                         f"misrouted: task {task_id} belongs on partition {right} of "
                         f"{msg.topic()}, not {msg.partition()}; nobody judges it here"),
                         self.settings.producer_id or self.group))
-                    dead_lettered("misrouted")
                 return []  # another shard's task
         readers = [p for p in self._by_name.get(event.name, ())
                    if not hasattr(p, "wants") or p.wants(event)]
@@ -638,7 +637,6 @@ class KafkaRunner:
             log.rollback()
 
     def _failure_letter(self, msg: Message, error: BaseException) -> Event:
-        dead_lettered("too-large" if isinstance(error, RecordTooLarge) else "handler-error")
         topic, partition, offset = where(msg)
         return letter(topic, partition, offset, msg.key(), msg.value() or b"",
                       _failure_reason(error), type(error).__name__,
@@ -654,6 +652,7 @@ class KafkaRunner:
                 log.error("%s not emitted: %s", e.name, err)
                 if msg is not None:
                     producer.send(self._failure_letter(msg, err))
+                    dead_lettered("too-large")
                 continue
             self._metrics.emitted(e.name)
             self.stats.emitted += 1
@@ -682,6 +681,17 @@ class HandlerFailed(Exception):
         super().__init__(f"{type(error).__name__}: {error}")
         self.msg = msg
         self.error = error
+
+
+def _letter_code(letter: Event) -> str:
+    """The ``destra_dead_letters_total`` code of a letter the runner made itself: a record
+    that did not decode, one on another shard's partition, or one a handler raised on."""
+    reason = str(letter.fields.get("reason", ""))
+    if reason.startswith("handler-error"):
+        return "handler-error"
+    if reason.startswith("misrouted"):
+        return "misrouted"
+    return "undecodable"
 
 
 def _failure_reason(error: BaseException) -> str:

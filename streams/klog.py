@@ -86,8 +86,12 @@ def setup_logging(level: int | str | None = None, stream: IO[str] | None = None,
     for old in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level if level is not None else
-                  os.environ.get(LEVEL_ENV, "INFO").upper())
+    wanted = level if level is not None else os.environ.get(LEVEL_ENV, "INFO").upper()
+    try:
+        root.setLevel(wanted)
+    except ValueError:  # a level name logging does not know: say so, in the lines it sets up
+        root.setLevel(logging.INFO)
+        logging.getLogger(__name__).warning("unknown log level %r: INFO", wanted)
     KAFKA_LOG.setLevel(logging.WARNING)
     return handler
 

@@ -11,8 +11,10 @@ processor and event type names, topics, reason codes, workloads; never a task):
 
 * ``destra_events_handled_total{processor,event}``: events handed to a processor's handler;
 * ``destra_handler_seconds{processor}``: the handler's latency, a histogram;
-* ``destra_events_emitted_total{event}``: events a runner produced (committed or not:
-  a batch that aborts is counted again when it runs again);
+* ``destra_events_emitted_total{event}``: events a runner produced (counted as sent: a
+  transaction that fails kills the process, and its counts with it). Handling is counted
+  as it happens: a batch rewound after a handler raised (a poison record) counts the
+  events before it twice;
 * ``destra_dead_letters_total{reason}``: records dead-lettered, by a short code;
 * ``destra_consumer_lag{group,topic}``: records not read yet of an input topic, summed over
   its partitions (high watermark - position, refreshed every ``LAG_EVERY_S``);

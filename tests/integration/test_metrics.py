@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from destra.client import Client
 from destra.network import LocalNetwork
@@ -24,7 +22,7 @@ from destra.settings import Settings
 from infra import services
 from ledger.processor import wait_for_transactions
 from streams.metrics import registered
-from tests.support import running_network
+from tests.support import running_network, scrape, total
 
 pytestmark = pytest.mark.integration
 
@@ -33,27 +31,12 @@ REPLICAS = 2
 NODES = ("m0", "m1")
 SERVICES = {"ledger-processor", "projector", "processors", "node-m0", "node-m1"}
 
-Samples = list[tuple[str, dict[str, str], float]]
-
 
 @pytest.fixture
 def net(network: Settings, kafka: str, pg_dsn: str, tmp_path: Path) -> Iterator[LocalNetwork]:
     with running_network(network.with_(home=tmp_path / "home"), kafka, pg_dsn, tmp_path,
                          {"DESTRA_METRICS_PORT": "0"}) as net:
         yield net
-
-
-def scrape(url: str) -> Samples:
-    """Every sample of one endpoint: (name, labels, value)."""
-    body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - ours
-    return [(s.name, dict(s.labels), s.value)
-            for family in text_string_to_metric_families(body) for s in family.samples]
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    return sum(v for n, ls, v in samples
-               if n == name and all(ls.get(k) == want for k, want in labels.items()))
 
 
 def until(check: Callable[[], bool], timeout_s: float = 60.0) -> None:

@@ -69,3 +69,17 @@ def test_setup_picks_json_off_a_terminal_and_text_on_request(
         for h in [h for h in root.handlers if getattr(h, "_destra_handler", False)]:
             root.removeHandler(h)
         root.setLevel(level)
+
+
+def test_an_unknown_level_falls_back_to_info() -> None:
+    root = logging.getLogger()
+    level = root.level
+    out = io.StringIO()
+    try:
+        setup_logging("VERBOSE", stream=out, json_lines=True)
+        assert root.level == logging.INFO
+        assert "unknown log level" in json.loads(out.getvalue().splitlines()[-1])["message"]
+    finally:
+        for h in [h for h in root.handlers if getattr(h, "_destra_handler", False)]:
+            root.removeHandler(h)
+        root.setLevel(level)
