@@ -9,12 +9,12 @@ status`` lists while the pid is alive (``registered``).
 The metrics (all in prometheus_client's default registry, labels from small fixed sets:
 processor and event type names, topics, reason codes, workloads; never a task):
 
-* ``destra_events_handled_total{processor,event}``: events handed to a processor's handler;
+* ``destra_events_handled_total{processor,event}``: events handed to a processor's handler
+  (counted as handled: a batch rewound after a handler raised on a poison record counts
+  the events before it twice);
 * ``destra_handler_seconds{processor}``: the handler's latency, a histogram;
 * ``destra_events_emitted_total{event}``: events a runner produced (counted as sent: a
-  transaction that fails kills the process, and its counts with it). Handling is counted
-  as it happens: a batch rewound after a handler raised (a poison record) counts the
-  events before it twice;
+  transaction that fails kills the process, and its counts with it);
 * ``destra_dead_letters_total{reason}``: records dead-lettered, by a short code;
 * ``destra_consumer_lag{group,topic}``: records not read yet of an input topic, summed over
   its partitions (high watermark - position, refreshed every ``LAG_EVERY_S``);
