@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from destra.errors import DestraError
 from destra.gov_cli import gov
 from destra.keys_cli import keys
 from destra.views_cli import nodes, status, tasks
+from streams.klog import setup_logging
 
 if TYPE_CHECKING:
     from schemas.bindings import StakeConsent
@@ -43,6 +45,9 @@ class _Cli(click.Group):
 @click.version_option(package_name="destra")
 def cli() -> None:
     """Destra: a decentralized GPU compute network over Apache Kafka."""
+    # Warnings and errors only for a person's commands (DESTRA_LOG_LEVEL for more);
+    # `node run`, a service, logs at INFO.
+    setup_logging(os.environ.get("DESTRA_LOG_LEVEL", "WARNING").upper())
 
 
 @cli.group()
@@ -110,8 +115,9 @@ def infra_status(as_json: bool, **flags: Any) -> None:
 
 
 def _status_text(s: dict[str, Any]) -> str:
+    metrics = [f"metrics   {m['name']}  pid {m['pid']}  {m['url']}" for m in s.get("metrics", [])]
     if "kafka" not in s:
-        return f"not running (no {s['state_file']})"
+        return "\n".join([f"not running (no {s['state_file']})", *metrics])
     k, p = s["kafka"], s["postgres"]
     lines = [
         f"kafka     {'up' if k['live_brokers'] else 'DOWN'}  {k['bootstrap']}  "
@@ -125,7 +131,7 @@ def _status_text(s: dict[str, Any]) -> str:
     lines.append(f"postgres  {'up' if p['version'] else 'DOWN'}  {p['dsn']}  "
                  f"version {p['version']}  pid {p['pid']}  data {p['data_dir']}")
     lines.append(f"genesis   {s.get('genesis')}")
-    return "\n".join(lines)
+    return "\n".join(lines + metrics)
 
 
 @cli.group()
@@ -580,8 +586,9 @@ def node_run(name: str | None, operator: str | None, region: str, tier: str,
     config = NodeConfig(node_id, operator, region, tier, stake_micro, slots,
                         Fault(fault) if fault else Fault.NONE, threads, force_cpu,
                         operator_keys=operator_keys, consent=consent)
+    setup_logging()  # a service: INFO, JSON lines unless at a terminal
     runner = NodeRunner(settings, kafka_address(settings, services, node=node_id), config,
-                        passphrase=passphrase)
+                        passphrase=passphrase, serve_metrics=True)
     runner.stake_consent()  # a consent for another node, key, amount or network: refused now
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())

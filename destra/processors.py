@@ -50,8 +50,10 @@ from destra.settings import Settings
 from governance.keys import load_tally_key, load_tally_shares
 from governance.service import Governance
 from schemas import Event
+from streams import metrics
 from streams.authority import Genesis, held_signers, signers_by_event
 from streams.kafka_runner import KafkaRunner
+from streams.klog import setup_logging
 from streams.leases import ALLOCATOR_UNIT, SESSION_MS, LeasedWorker, Shard, unit_name
 from streams.params import DEFAULTS, ParamSchedule, params_from
 from verifier.service import Verifier
@@ -151,12 +153,14 @@ def main() -> None:
     """Run the worker until SIGTERM."""
     from infra import services
 
+    setup_logging()
     settings = Settings.from_env()
     settings = settings.with_(producer_id=settings.producer_id or "processors")
     state = services.read_state(settings)
     bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
     if not bootstrap:
         raise SystemExit("processors: no Kafka; run `destra infra up` or set DESTRA_*")
+    metrics.serve(settings.producer_id or "processors", settings.home)
     services.use_service_access(settings, "processors")
     leased = worker(settings, bootstrap)
     stop = False

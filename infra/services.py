@@ -314,10 +314,14 @@ def down(settings: Settings) -> list[str]:
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    """Addresses, pids, versions, data directories and liveness of both services."""
+    """Addresses, pids, versions, data directories and liveness of both services, and the
+    metrics endpoints of the network's live processes (``streams.metrics``)."""
+    from streams.metrics import registered
+
     state = read_state(settings)
     if state is None:
-        return {"running": False, "state_file": str(state_path(settings))}
+        return {"running": False, "state_file": str(state_path(settings)),
+                "metrics": registered(settings.home)}
     try:
         live = live_broker_count(state.kafka_bootstrap, timeout_s=3,
                                  access=admin_access(settings, state))
@@ -350,4 +354,5 @@ def status(settings: Settings) -> dict[str, Any]:
             "alive": state.pg_external or (state.pg_pid is not None and pid_alive(state.pg_pid)),
             "data_dir": state.pg_data_dir,
         },
+        "metrics": registered(settings.home),
     }

@@ -23,10 +23,13 @@ from typing import Any
 
 from destra.errors import DestraError, EventError
 from destra.settings import Settings
+from ledger.book import TREASURY
 from ledger.decider import LedgerDecider
 from schemas import Event, decode
+from streams import metrics
 from streams.authority import Genesis, load_signer
 from streams.kafka_runner import KafkaRunner, latest_record, open_snapshot
+from streams.klog import setup_logging
 from streams.params import ParamSchedule, params_from
 from streams.reading import end_offsets, read_all
 from streams.topics import DEAD_LETTER, STATE, topic_for
@@ -37,6 +40,29 @@ INPUTS = ("TaskSubmitted", "TaskVerified", "NodePenalized", "TokensMinted", "Nod
           "PriceUpdated", "AccountRegistered", "AccountOperation", "ProposalSubmitted",
           "ProposalDecided", "ParameterChanged")
 BATCH = 200
+
+_deciders: list[LedgerDecider] = []
+"""The decider ``run`` is running (the last one), whose book ``balances`` reads."""
+
+
+def balances() -> dict[tuple[str, ...], float]:
+    """``destra_ledger_micro{account}``, read when scraped: the treasury's balance and the
+    total held in ``escrow:*`` as the decider's book has them now (its in-memory state: a
+    batch being decided may show before its commit), and the escrowed tasks' count."""
+    if not _deciders:
+        return {}
+    # One C-level copy under the GIL: the runner's thread may be changing the book.
+    held = list(_deciders[-1].book.balances.items())
+    treasury = sum(b for a, b in held if a == TREASURY)
+    escrows = [b for a, b in held if a.startswith("escrow:") and b != 0]
+    return {("treasury",): float(treasury), ("escrow",): float(sum(escrows)),
+            ("escrow-tasks",): float(len(escrows))}
+
+
+metrics.register(metrics.Collected(
+    "destra_ledger_micro", "The ledger decider's treasury balance and total escrow in "
+    "micro-tokens (account=treasury|escrow), and the tasks escrowed (account=escrow-tasks)",
+    ["account"], balances))
 
 
 def _topic(settings: Settings, event: str) -> str:
@@ -184,6 +210,7 @@ def run(settings: Settings, bootstrap: str, *, idle_exit_s: float | None = None,
     # environment every service of the network gets); changes follow from governance.
     decider = LedgerDecider(settings.producer_id or "ledger", network=settings.topic_prefix,
                             params=ParamSchedule(params_from(os.environ)))
+    _deciders[:] = [decider]
     genesis = Genesis.load(settings.genesis_path)
     signer = load_signer(settings.service_keys, "ledger", genesis)
 
@@ -218,11 +245,13 @@ def main() -> None:
     parser.add_argument("--idle-exit", type=float, default=None)
     parser.add_argument("--crash-before-commit", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    setup_logging()
     settings = Settings.from_env()
     state = services.read_state(settings)
     bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
     if not bootstrap:
         raise SystemExit("ledger processor: no Kafka; run `destra infra up` or set DESTRA_*")
+    metrics.serve(settings.producer_id or "ledger-processor", settings.home)
     services.use_service_access(settings, "ledger")
     stop = False
 

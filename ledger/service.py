@@ -22,13 +22,48 @@ from typing import Any
 
 from destra.settings import Settings
 from ledger.projection import LedgerProjection, OffsetProjection
-from ledger.views import ViewProjection, view_topics
+from ledger.views import TASK_STATUSES, ViewProjection, view_topics
+from streams import metrics
 from streams.authority import Genesis
 from streams.consumer import Delivery, EventConsumer
+from streams.klog import setup_logging
 from streams.reading import end_offsets
 from streams.topics import topic_for
 
 BATCH = 500
+TASKS_CACHE_S = 2.0
+"""A scrape within this long of the last one reuses its task counts."""
+
+
+class TaskCounts:
+    """``destra_tasks{status}``: the tasks of the task view by status, counted in Postgres
+    when scraped (at most every ``TASKS_CACHE_S``), on a connection of its own. The
+    projector, not the allocator or the verifier, because it alone holds every task's
+    status for ever (the processors forget closed tasks, and the verifier is sharded
+    across workers), and counting on a scrape costs the hot path nothing."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn, self.schema = dsn, schema
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._counts: dict[tuple[str, ...], float] = {}
+
+    def read(self) -> dict[tuple[str, ...], float]:
+        import psycopg
+        from psycopg import sql
+
+        with self._lock:
+            if time.monotonic() - self._at < TASKS_CACHE_S:
+                return self._counts
+            counts = dict.fromkeys(TASK_STATUSES, 0)
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                rows = conn.execute(sql.SQL("SELECT status, count(*) FROM {}.task_view "
+                                            "GROUP BY status").format(
+                    sql.Identifier(self.schema))).fetchall()
+            counts.update({str(status): int(n) for status, n in rows})
+            self._counts = {(status,): float(n) for status, n in counts.items()}
+            self._at = time.monotonic()
+            return self._counts
 
 
 def ledger_topic(settings: Settings) -> str:
@@ -56,6 +91,7 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
     )
     applied = 0
     last = time.monotonic()
+    projected = metrics.PROJECTED.labels(projection.name or type(projection).__name__)
     try:
         while running is None or running():
             batch: list[Delivery] = []
@@ -69,6 +105,7 @@ def project(settings: Settings, bootstrap: str, projection: OffsetProjection, *,
             if batch or passed:
                 # Past what the consumer dead-lettered too: a restart does not read it again.
                 applied += projection.apply(batch, consumer.refuse, passed)
+                projected.inc(len(batch))
                 positions.update({(d.topic, d.partition): d.offset + 1 for d in batch})
             if batch:
                 last = time.monotonic()
@@ -178,6 +215,7 @@ def main() -> None:
     parser.add_argument("--idle-exit", type=float, default=None)
     parser.add_argument("--schema", default="public")
     args = parser.parse_args()
+    setup_logging()
     settings = Settings.from_env()
     state = services.read_state(settings)
     bootstrap = settings.kafka_bootstrap or (state.kafka_bootstrap if state else None)
@@ -185,6 +223,9 @@ def main() -> None:
     if not bootstrap or not dsn:
         raise SystemExit("ledger: no Kafka or Postgres; run `destra infra up` or set DESTRA_*")
     services.use_service_access(settings, "projector")
+    metrics.register(metrics.Collected("destra_tasks", "Tasks of the task view by status",
+                                       ["status"], TaskCounts(dsn, args.schema).read))
+    metrics.serve(settings.producer_id or "projector", settings.home)
     stop = threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:

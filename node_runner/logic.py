@@ -362,7 +362,8 @@ class NodeLogic:
         self.completed += 1
         if isinstance(result, BaseException):
             # The verifier times the replica out; the node goes on.
-            log.error("task %s failed on %s: %r", task_id, self.node_id, result)
+            log.error("task %s failed on %s: %r", task_id, self.node_id, result,
+                      extra={"task_id": task_id})
             return Outcome()
         salt = ctx.rng.randbytes(32)
         if self.fault == Fault.COPY:

@@ -72,13 +72,14 @@ from node_runner.logic import Computed, Fault, NodeLogic, run_assignment
 from schemas import Event, decode, new_event
 from schemas.bindings import StakeConsent, sign_stake_consent
 from schemas.events import now_ms
+from streams import metrics
 from streams.authority import Genesis
 from streams.consumer import consumer_config, fetch
-from streams.klog import KAFKA_LOG
+from streams.klog import KAFKA_LOG, task_extra
 from streams.processing import Context, Outcome, Work
 from streams.producer import EventProducer
 from streams.topics import inbox_topic, partition_for, topic_for
-from workloads import get_workload
+from workloads import WORKLOADS, get_workload
 from workloads.canonical import canonical_json
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ class NodeRunner:
     capability: Capability | None = None
     passphrase: bytes | None = None
     """The keystore's passphrase; from the environment when not given."""
+    serve_metrics: bool = False
+    """Serve ``/metrics`` (``streams.metrics``) as ``node-<name>`` from ``run`` (the CLI's
+    node does; a node run inside a test process need not)."""
 
     def __post_init__(self) -> None:
         self.node_id = self.config.name
@@ -196,6 +200,8 @@ class NodeRunner:
         # Its inbox is found first: a node that cannot read its work must not register
         # and be assigned any.
         consumer = self._consumer()
+        if self.serve_metrics:
+            metrics.serve(f"node-{self.node_id}", self.settings.home)
         try:
             self.register()
         except BaseException:
@@ -284,14 +290,15 @@ class NodeRunner:
 
     def _handle(self, event: Event, accept_work: bool) -> None:
         if (refusal := self.genesis.check(event)) is not None:
-            log.warning("%s refused: %s", event.name, refusal)
+            log.warning("%s refused: %s", event.name, refusal, extra=task_extra(event))
             return
         with self._lock:
             self.logic.accept_work = accept_work
             try:
                 outcome = self.logic.handle(event, self._ctx())
             except Exception as err:  # one event the logic cannot take must not stop the node
-                log.warning("%s refused: %s: %s", event.name, type(err).__name__, err)
+                log.warning("%s refused: %s: %s", event.name, type(err).__name__, err,
+                            extra=task_extra(event))
                 return
         self._apply(outcome)
 
@@ -300,17 +307,30 @@ class NodeRunner:
         for event in outcome.emit:
             self._producer.send(event)
         for r in outcome.rejected:
-            log.warning("%s refused: %s", r.event.name, r.reason)
+            log.warning("%s refused: %s", r.event.name, r.reason, extra=task_extra(r.event))
         for work in outcome.work:
             self._pool.submit(self._run, work)
 
     def _run(self, work: Work) -> None:
         if work.not_before_ms is not None:  # a faulty node's delay
             self._stop.wait(max(0.0, (work.not_before_ms - now_ms()) / 1000))
+        assignment = work.key[2] if work.key[0] != "reveal" else None
+        started = time.perf_counter()
         try:
             result: Any = work.run()
         except Exception as err:  # a failing task must not kill the node
             result = err
+        if assignment is not None:  # a replica computed (not a late reveal's wait)
+            seconds = time.perf_counter() - started
+            named = str(assignment.fields.get("workload", ""))
+            workload = named if named in WORKLOADS else "unknown"  # a label set stays small
+            metrics.node_ran(workload, seconds)
+            log.info("ran %s replica %s (attempt %s) in %.3f s%s", named,
+                     assignment.fields.get("replica_index", "?"),
+                     assignment.fields.get("attempt", "?"), seconds,
+                     f": {type(result).__name__}: {result}"
+                     if isinstance(result, BaseException) else "",
+                     extra=task_extra(assignment))
         with self._lock:
             outcome = self.logic.finished(work.key, result, self._ctx())
         self._apply(outcome)

@@ -54,8 +54,16 @@ from schemas.events import now_ms
 from schemas.signatures import KeyPair, verify
 from streams.consumer import consumer_config, dead_letter, fetch, letter, where
 from streams.journal import ExpiringLog, Journaled
-from streams.klog import KAFKA_LOG
+from streams.klog import KAFKA_LOG, task_extra
 from streams.leases import Shard, task_topics
+from streams.metrics import (
+    BATCHES,
+    CONSUMER_LAG,
+    LAG_EVERY_S,
+    Instruments,
+    dead_lettered,
+    reason_code,
+)
 from streams.processing import Context, Origin, Outcome, Processor, Recovery
 from streams.producer import EventProducer, RecordTooLarge
 from streams.topics import (
@@ -68,6 +76,18 @@ from streams.topics import (
 )
 
 log = logging.getLogger(__name__)
+task_log = logging.getLogger("destra.tasks")
+"""One line per decision about a task a runner emits (placements, verdicts, reissues,
+penalties), with its ``task_id``: logged here, once, as the outputs are produced, not in
+the pure handlers (which a rewind runs again)."""
+
+_TASK_LINES: dict[str, tuple[str, ...]] = {
+    "TaskAssigned": ("node_id", "replica_index", "attempt"),
+    "TaskVerified": ("quorum",),
+    "TaskFailed": ("reason", "detail"),
+    "ReissueRequested": ("replica_index", "attempt"),
+    "NodePenalized": ("node_id", "reason", "slash_micro"),
+}
 
 SNAPSHOT_MAGIC = b"DSNP2"
 """``DSNP2``: the pickle as it is, compressed on the way by the producer (lz4, in
@@ -219,6 +239,9 @@ class KafkaRunner:
         self._checkpointed = time.monotonic()
         self._fetched, self._fetched_ms = time.perf_counter(), now_ms()
         self._task_topics = task_topics(self.settings.topic_prefix)
+        self._metrics = Instruments()
+        self._batches = BATCHES.labels(self.group)
+        self._lag_at = 0.0
         self.ready = threading.Event()
         """Set once ``run`` has fenced its predecessor, restored its state and is reading."""
 
@@ -388,11 +411,30 @@ class KafkaRunner:
                 self._transaction(producer, consumer, batch, tick_due)
                 if tick_due:
                     last_tick = time.monotonic()
+                    if last_tick - self._lag_at >= LAG_EVERY_S:
+                        self._lag_at = last_tick
+                        self._measure_lag(consumer)
         finally:
             consumer.close()
+            for topic in self.inputs:  # a unit leased away: its lag is another worker's
+                try:
+                    CONSUMER_LAG.remove(self.group, topic)
+                except KeyError:
+                    pass
             if self.timings:
                 self._write_timings()
         return self.stats
+
+    def _measure_lag(self, consumer: Consumer) -> None:
+        """``destra_consumer_lag`` of each input topic: the high watermarks the consumer
+        last heard of (cached: no broker request) minus its positions."""
+        lag: dict[str, int] = dict.fromkeys(self.inputs, 0)
+        for tp in consumer.position(self._assigned):
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - tp.offset)
+        for topic, behind in lag.items():
+            CONSUMER_LAG.labels(self.group, topic).set(behind)
 
     def _write_timings(self) -> None:
         assert self.timings is not None
@@ -455,6 +497,7 @@ class KafkaRunner:
         try:
             for letter in letters:
                 producer.send(letter)
+                dead_lettered(_letter_code(letter))
             for outcome, source in outcomes:
                 self._publish(producer, outcome, source)
             producer.send_raw(self.state_topic, self.group.encode(), record, partition=0)
@@ -483,6 +526,7 @@ class KafkaRunner:
             raise
         for log in self._logs().values():
             log.commit()
+        self._batches.inc()
         self.stats.batches += 1
         self.stats.records += len(batch)
         if self.timings and len(self.stats.phases) < MAX_PHASES:  # a bench asked for them
@@ -562,8 +606,10 @@ class KafkaRunner:
         for index, p in enumerate(self.processors):
             if p in readers:
                 touched.add(index)
+                started = time.perf_counter()
                 try:
                     out.append((p.handle(event, ctx), msg))
+                    self._metrics.handled(p.name, event.name, time.perf_counter() - started)
                 except Exception as err:
                     if self._rewindable:
                         raise HandlerFailed(msg, err) from err
@@ -572,7 +618,7 @@ class KafkaRunner:
                     # state as it was: the event is refused, the others stand.
                     log.warning("%s refused %s at %s/%s/%s: %s: %s", p.name, event.name,
                                 msg.topic(), msg.partition(), msg.offset(),
-                                type(err).__name__, err)
+                                type(err).__name__, err, extra=task_extra(event))
                     out.append((Outcome.refuse(event, _failure_reason(err)), msg))
         return out
 
@@ -606,8 +652,14 @@ class KafkaRunner:
                 log.error("%s not emitted: %s", e.name, err)
                 if msg is not None:
                     producer.send(self._failure_letter(msg, err))
+                    dead_lettered("too-large")
                 continue
+            self._metrics.emitted(e.name)
             self.stats.emitted += 1
+            shown = _TASK_LINES.get(e.name)
+            if shown is not None and task_log.isEnabledFor(logging.INFO):
+                task_log.info("%s %s", e.name, " ".join(
+                    f"{k}={str(e.fields.get(k))[:200]}" for k in shown), extra=task_extra(e))
         for r in outcome.rejected:
             origin = r.origin
             producer.send(letter(
@@ -617,6 +669,8 @@ class KafkaRunner:
                 origin.key if origin else (msg.key() if msg else None),
                 r.event.raw or encode_unchecked(r.event),
                 r.reason, "Rejected", self.settings.producer_id or self.group))
+            dead_lettered(reason_code(r.reason))
+            log.info("%s refused: %s", r.event.name, r.reason, extra=task_extra(r.event))
             self.stats.rejected += 1
 
 
@@ -627,6 +681,17 @@ class HandlerFailed(Exception):
         super().__init__(f"{type(error).__name__}: {error}")
         self.msg = msg
         self.error = error
+
+
+def _letter_code(letter: Event) -> str:
+    """The ``destra_dead_letters_total`` code of a letter the runner made itself: a record
+    that did not decode, one on another shard's partition, or one a handler raised on."""
+    reason = str(letter.fields.get("reason", ""))
+    if reason.startswith("handler-error"):
+        return "handler-error"
+    if reason.startswith("misrouted"):
+        return "misrouted"
+    return "undecodable"
 
 
 def _failure_reason(error: BaseException) -> str:

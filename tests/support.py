@@ -61,6 +61,26 @@ def eventually(check: Callable[[], bool], timeout: float = 30.0, interval: float
         time.sleep(interval)
 
 
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a service's ``/metrics``: (name, labels, value)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - ours
+    return [(s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(body) for s in family.samples]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for n, ls, v in samples
+               if n == name and all(ls.get(k) == want for k, want in labels.items()))
+
+
 def account_keys(name: str) -> KeyPair:
     """Deterministic keys for a test account or node (never use such keys for real)."""
     return KeyPair(hashlib.sha256(f"{name} signing".encode()).digest(),

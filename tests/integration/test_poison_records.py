@@ -35,9 +35,11 @@ from ledger.processor import wait_for_transactions
 from schemas import Event, decode, encode
 from schemas.events import now_ms
 from schemas.samples import sample_event, with_fields
+from streams.metrics import registered
 from streams.reading import read_all
 from streams.security import client_config
 from streams.topics import TASK_PARTITIONS, partition_for, topic_for
+from tests.support import eventually, scrape, total
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +161,21 @@ def test_poison_records_are_dead_lettered_and_the_network_goes_on(net: LocalNetw
     # ... and its task failed, so its escrow comes back.
     wait_for_transactions(net.settings, net.bootstrap, [f"refund/{impossible}"])
     net.check_alive()
+
+    # The runners counted each letter they wrote, by a short code (destra_dead_letters_total).
+    urls = {e["name"]: e["url"] for e in registered(net.settings.home)}
+    runners = ("ledger-processor", "processors")
+
+    def counted() -> bool:
+        written = Counter(x.fields["envelope"]["producer_id"] for x in _letters(net))
+        return all(total(scrape(urls[name]), "destra_dead_letters_total") == written[name]
+                   for name in runners)
+
+    eventually(counted, timeout=30, interval=0.5)
+    ledger, processors = (scrape(urls[name]) for name in runners)
+    assert total(ledger, "destra_dead_letters_total", reason="undecodable") == 1  # 5 MB
+    assert total(ledger, "destra_dead_letters_total", reason="unpayable-verdict") == 1
+    assert total(processors, "destra_dead_letters_total", reason="invalid-quorum") == 1
 
     # A restart does not replay any of them into a crash, nor read them again.
     seen = Counter(_source(x) for x in _letters(net))
