@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from destra.errors import InvalidParams
+from destra.errors import DestraError, InvalidParams
 from workloads.canonical import sha256
 from workloads.lazy import torch
 
@@ -103,6 +103,19 @@ class WorkloadResult:
     """Wall-clock time of the run; never hashed."""
 
 
+class WorkRefused(DestraError):
+    """The task itself cannot be run, and any honest node would say so identically: a
+    user program that fails its checks, or one stopped at the runtime bound its quote
+    stated. ``run()`` raises it; the replicas then reveal the refusal (its ``code``) in
+    place of a result, and a quorum agreeing on it fails the task with a refund, nobody
+    penalized. ``code`` is a short ``word-like-this``; ``detail`` is for people."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
 class Workload(ABC):
     """A seeded, deterministic PyTorch computation that nodes run for submitters."""
 
@@ -131,6 +144,11 @@ class Workload(ABC):
                   for name, spec in known.items()}
         self.check(parsed)
         return parsed
+
+    def homogeneous(self, params: dict[str, Any]) -> bool:
+        """Whether a task with these (validated) parameters must run on one device class
+        to agree. Default: ``bit_exact``; a user program decides by its precision rule."""
+        return self.bit_exact
 
     def public_names(self) -> frozenset[str]:
         """Parameters sent in the clear: those ``compute_units`` and ``memory_mb`` read."""
