@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -10,16 +11,19 @@ from destra.cli_common import load_settings, service_addresses, settings_options
 
 
 def serve(dsn: str, bootstrap: str | None, *, prefix: str, genesis: Any, schema: str,
-          host: str, port: int) -> None:
-    """Run the dashboard over ``dsn`` (and Kafka at ``bootstrap``, if any) until stopped."""
+          host: str, port: int, home: Path | None = None) -> None:
+    """Run the dashboard over ``dsn`` (and Kafka at ``bootstrap``, if any; the services
+    whose metrics ``home`` lists) until stopped."""
     import uvicorn
 
     from destra.dashboard import pages
     from destra.dashboard.app import create_app
     from destra.dashboard.hub import Follower, Hub
+    from destra.dashboard.services import Scraper
 
     follower = Follower(bootstrap, prefix, genesis) if bootstrap else None
-    hub = Hub(dsn, schema=schema, follower=follower, render=pages.render)
+    hub = Hub(dsn, schema=schema, follower=follower, render=pages.render,
+              scraper=Scraper(home) if home is not None else None)
     uvicorn.run(create_app(hub), host=host, port=port, log_level="warning", ws="none")
 
 
@@ -37,4 +41,4 @@ def dashboard(port: int, host: str, schema: str, **flags: Any) -> None:
     click.echo(f"dashboard of network {settings.topic_prefix.rstrip('.') or '(no prefix)'} "
                f"on http://{host}:{port}/ (Ctrl-C stops it)")
     serve(dsn, bootstrap, prefix=settings.topic_prefix, genesis=settings.genesis_path,
-          schema=schema, host=host, port=port)
+          schema=schema, host=host, port=port, home=settings.home)

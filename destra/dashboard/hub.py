@@ -11,6 +11,10 @@ One Kafka consumer, assigned (no consumer group) to the prices, governance, dead
 assignment and reveal topics from their start, folds what the views do not hold: prices
 per tier over time, proposals, dead letters with their reasons, and the allocator's
 predicted runtime of each replica against the runtime its node reported.
+
+The services' own figures (events handled per second, handler latency, consumer lag, dead
+letters by reason, the ledger's balances) come from their Prometheus ``/metrics``, scraped
+by a ``Scraper`` over HTTP: the dashboard plots the same numbers Prometheus would.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import psycopg
 
+from destra.dashboard.services import Scraper
 from destra.errors import DestraError
 
 TICK_S = 1.0
@@ -126,6 +131,8 @@ class Snapshot:
     runtimes: list[dict[str, Any]] = field(default_factory=list)
     proposals: list[dict[str, Any]] = field(default_factory=list)
     disputes: int = 0
+    services: dict[str, Any] = field(default_factory=dict)
+    """The services' own ``/metrics``, scraped (``destra.dashboard.services``)."""
     read_at: float = 0.0
 
 
@@ -245,8 +252,8 @@ class Hub:
 
     def __init__(self, dsn: str, *, schema: str = "public", follower: Follower | None = None,
                  tick_s: float = TICK_S, recent: int = RECENT,
-                 render: Renderer | None = None) -> None:
-        self.dsn, self.schema, self.follower = dsn, schema, follower
+                 render: Renderer | None = None, scraper: Scraper | None = None) -> None:
+        self.dsn, self.schema, self.follower, self.scraper = dsn, schema, follower, scraper
         self.tick_s, self.recent = tick_s, recent
         self.queries = 0
         """Statements sent to Postgres since the start: at most one per tick."""
@@ -378,11 +385,15 @@ class Hub:
             seen, kafka = self.follower.state()
             follower_moved = seen != self._follower_seen
             self._follower_seen = seen
-        if not views_moved and not follower_moved and self.snapshot.version > 0:
+        scraped = self.scraper is not None and self.scraper.poll()
+        if (not views_moved and not follower_moved and not scraped
+                and self.snapshot.version > 0):
             return False
         self._sig = sig
         old = self.snapshot
-        snap = Snapshot(version=old.version + 1, queue=old.queue, read_at=time.time())
+        snap = Snapshot(version=old.version + 1, queue=old.queue, read_at=time.time(),
+                        services=self.scraper.view() if scraped and self.scraper
+                        else old.services)
         if views_moved:
             snap.views = data
             replicas: dict[str, list[dict[str, Any]]] = {}

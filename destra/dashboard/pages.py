@@ -229,7 +229,8 @@ def network_part(snap: Snapshot) -> dict[str, Any]:
     now = v.get("now", 0)
     last_minute = sum(n for b, n in verdicts if b >= now - 60_000)
     throughput = {"data": [{"type": "bar", "x": [_t(b) for b, _ in verdicts],
-                            "y": [n / 10 for _, n in verdicts], "name": "verdicts / s"}],
+                            "y": [n / 10 for _, n in verdicts], "name": "verdicts / s",
+                            "width": [9_000] * len(verdicts)}],
                   "layout": _layout("Tasks decided per second (10 s buckets, last 10 min)")}
     hops = v.get("hops") or {}
     hop_names = [h for h in hops if not h.startswith("p90") and h != "submission to verdict"]
@@ -272,17 +273,63 @@ def network_part(snap: Snapshot) -> dict[str, Any]:
     e2e = hops.get("submission to verdict")
     p90 = hops.get("p90 submission to verdict")
     counts = v.get("status_counts", {})
+    services, service_plots, money = services_part(snap.services)
     summary = (
         f"<ul class='counts'><li>verdicts in the last minute: <strong>{last_minute}</strong> "
         f"({last_minute / 60:.2f}/s)</li>"
         f"<li>queue depth: <strong>{counts.get('submitted', 0) + counts.get('escrowed', 0)}"
         "</strong></li>"
         f"<li>submission to verdict: median <strong>{_ms(e2e)}</strong>, p90 {_ms(p90)}</li>"
-        f"<li>dead letters: <strong>{len(snap.dead)}</strong></li></ul>")
-    return {"html": {"network-summary": summary, "dead-table": dead},
+        f"<li>dead letters: <strong>{len(snap.dead)}</strong></li>{money}</ul>")
+    return {"html": {"network-summary": summary, "dead-table": dead,
+                     "services-table": services},
             "plots": {"plot-throughput": throughput, "plot-hops": hop_plot,
                       "plot-queue": queue, "plot-prices": prices, "plot-outcomes": outcomes,
-                      "plot-runtimes": runtimes}}
+                      "plot-runtimes": runtimes, **service_plots}}
+
+
+def services_part(scraped: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """The services' own ``/metrics`` (``destra.dashboard.services``): their table, their
+    plots (events handled per second; handler latency) and the ledger's balances."""
+    rows = scraped.get("services", [])
+
+    def rate(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    table = _table(
+        "Services, from their /metrics (scraped every 2 s)",
+        ["service", "pid", "up", "events handled", "per second", "handler p50",
+         "handler p99", "consumer lag", "dead letters", "metrics"],
+        [[_d(r["name"]), str(r["pid"]), "yes" if r["up"] else f"no: {_d(r['error'])}",
+          f"{r['handled']:,.0f}", rate(r["handled_per_s"]), _ms3(r["p50_ms"]),
+          _ms3(r["p99_ms"]), f"{r['lag']:,.0f}", f"{r['dead_letters']:,.0f}",
+          f"<a href='{escape(r['url'], quote=True)}'>/metrics</a>"] for r in rows],
+        "No service has recorded a metrics endpoint in this DESTRA_HOME.")
+    busy = [r for r in rows if r["handled"]]
+    plots = {
+        "plot-service-rates": {
+            "data": [{"type": "scatter", "mode": "lines", "name": r["name"],
+                      "x": [_t(int(1000 * at)) for at, _ in r["rates"]],
+                      "y": [x for _, x in r["rates"]]} for r in busy],
+            "layout": _layout("Events handled per second, by service (/metrics)")},
+        "plot-service-latency": {
+            "data": [{"type": "bar", "name": q, "x": [r["name"] for r in busy],
+                      "y": [r[key] for r in busy]}
+                     for q, key in (("p50", "p50_ms"), ("p99", "p99_ms"))],
+            "layout": _layout("Handler latency by service, last 2 s window (ms, /metrics)",
+                              barmode="group")}}
+    dead = scraped.get("dead_by_reason", {})
+    if dead:
+        money_dead = ", ".join(f"{escape(reason)} {n:,.0f}" for reason, n in sorted(dead.items()))
+        table += f"<p>Dead letters counted by the services, by reason: {money_dead}.</p>"
+    money = "".join(f"<li>{escape(account)}: <strong>{amount:,}</strong> micro-tokens "
+                    "(ledger /metrics)</li>"
+                    for account, amount in sorted(scraped.get("ledger_micro", {}).items()))
+    return table, plots, money
+
+
+def _ms3(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g} ms"
 
 
 def _ms(value: float | None) -> str:
@@ -337,7 +384,10 @@ _BODIES = {
                "<div class='plot' id='plot-hops'></div><div class='plot' id='plot-queue'></div>"
                "<div class='plot' id='plot-prices'></div>"
                "<div class='plot' id='plot-outcomes'></div>"
-               "<div class='plot' id='plot-runtimes'></div></div>"
+               "<div class='plot' id='plot-runtimes'></div>"
+               "<div class='plot' id='plot-service-rates'></div>"
+               "<div class='plot' id='plot-service-latency'></div></div>"
+               "<h2>Services</h2><section id='services-table'></section>"
                "<h2>Dead letters</h2><section id='dead-table'></section>",
     "governance": "<h1>Governance</h1><section id='proposals-table'></section>",
 }

@@ -51,10 +51,12 @@ def dashboard(live_net: LocalNetwork) -> Iterator[tuple[str, Any]]:
     from destra.dashboard import pages
     from destra.dashboard.app import create_app
     from destra.dashboard.hub import Follower, Hub
+    from destra.dashboard.services import Scraper
 
     net = live_net
     hub = Hub(net.pg_dsn, render=pages.render, follower=Follower(
-        net.bootstrap, net.settings.topic_prefix, net.settings.genesis_path))
+        net.bootstrap, net.settings.topic_prefix, net.settings.genesis_path),
+        scraper=Scraper(net.settings.home))
     port = free_port_block(1)
     server = uvicorn.Server(uvicorn.Config(create_app(hub), host="127.0.0.1", port=port,
                                            log_level="warning", ws="none", lifespan="on"))
@@ -198,6 +200,14 @@ def test_every_page_loads_and_a_task_reaches_its_verdict_live(
         if name == "network":
             _wait(lambda: "verdicts in the last minute" in driver.find_element(
                 By.ID, "network-summary").text, 10, "the network summary")
+            # The services' own /metrics, scraped: every service and node is listed up,
+            # and the ledger processor handled the task's events.
+            services = _wait(lambda: (lambda t: t if "node-d1" in t else "")(
+                driver.find_element(By.ID, "services-table").text), 20, "the services panel")
+            for service in ("ledger-processor", "projector", "processors", "node-d0"):
+                assert service in services, services
+            assert "no:" not in services, services
+            assert "treasury" in driver.find_element(By.ID, "network-summary").text
         time.sleep(1.5)  # let the plots settle (and any late error surface)
         driver.save_screenshot(str(artifacts / f"{name}.png"))
         assert not _errors(driver), (name, _errors(driver))
