@@ -280,7 +280,8 @@ def _leave_up(settings: Settings, run: Settings, net: Any,
     command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     echo(f"8. the network is left up: {len(pids)} processes (pids in {pid_file}, logs in "
          f"{net.workdir}), Kafka and Postgres")
-    echo(f"   watch it:  {command} destra dashboard --port 8050   (http://127.0.0.1:8050/)")
+    echo(f"   watch it:  {command} destra dashboard --port 8050 "
+         f"--metrics-home {shlex.quote(str(run.home))}   (http://127.0.0.1:8050/)")
     echo(f"   stop it:   kill {' '.join(str(p) for p in pids.values())} && destra infra down")
 
 

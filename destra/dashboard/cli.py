@@ -34,11 +34,15 @@ def serve(dsn: str, bootstrap: str | None, *, prefix: str, genesis: Any, schema:
               help="Interface to listen on (the default: this machine only).")
 @click.option("--schema", default="public", show_default=True,
               help="Postgres schema the projector writes the views to.")
-def dashboard(port: int, host: str, schema: str, **flags: Any) -> None:
+@click.option("--metrics-home", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="The DESTRA_HOME whose metrics/ lists the services to "
+              "scrape (default: the settings' home).")
+def dashboard(port: int, host: str, schema: str, metrics_home: Path | None,
+              **flags: Any) -> None:
     """Serve the web dashboard: tasks, operators, the network, governance; live."""
     settings = load_settings(**flags)
     bootstrap, dsn = service_addresses(settings)
     click.echo(f"dashboard of network {settings.topic_prefix.rstrip('.') or '(no prefix)'} "
                f"on http://{host}:{port}/ (Ctrl-C stops it)")
     serve(dsn, bootstrap, prefix=settings.topic_prefix, genesis=settings.genesis_path,
-          schema=schema, host=host, port=port, home=settings.home)
+          schema=schema, host=host, port=port, home=metrics_home or settings.home)
