@@ -146,6 +146,10 @@ class NodeRunner:
         """Whose assignments and reveal calls to believe: the network's service keys."""
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._metrics = metrics.Instruments()
+        """Events handled and emitted, as every runner counts them (``streams.metrics``);
+        added to under ``_lock`` only, since the poll thread and the task threads both
+        emit."""
         self._producer = EventProducer(self.settings, self.bootstrap)
         self._seq = 0
         self._pool = ThreadPoolExecutor(self.config.slots, thread_name_prefix="task")
@@ -294,16 +298,22 @@ class NodeRunner:
             return
         with self._lock:
             self.logic.accept_work = accept_work
+            started = time.perf_counter()
             try:
                 outcome = self.logic.handle(event, self._ctx())
             except Exception as err:  # one event the logic cannot take must not stop the node
                 log.warning("%s refused: %s: %s", event.name, type(err).__name__, err,
                             extra=task_extra(event))
                 return
+            self._metrics.handled("node", event.name, time.perf_counter() - started)
         self._apply(outcome)
 
     def _apply(self, outcome: Outcome) -> None:
         """Send what the logic emitted; run the work it asked for on the task threads."""
+        if outcome.emit:
+            with self._lock:
+                for event in outcome.emit:
+                    self._metrics.emitted(event.name)
         for event in outcome.emit:
             self._producer.send(event)
         for r in outcome.rejected:

@@ -4,7 +4,10 @@ The network page's per-process panel reads exactly what Prometheus would (``stre
 the services listed in ``$DESTRA_HOME/metrics`` are scraped at most every ``SCRAPE_EVERY_S``
 (over HTTP, never Postgres), and between two scrapes of a service its counters give
 
-* events handled per second, by service (and a time series of it);
+* events handled per second, by service (and a time series of it): a runner's
+  ``destra_events_handled_total``, and the projector's records applied
+  (``destra_projected_records_total``: its projections are its handlers, applied a batch
+  per transaction, so it has no per-event latency);
 * the handler's latency, median and p99, from the histogram's buckets counted in that
   window (``histogram_quantile``'s linear interpolation inside a bucket);
 * consumer lag, summed over the service's groups and topics;
@@ -48,6 +51,15 @@ def total(samples: Iterable[Sample], name: str, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels``."""
     return sum(v for n, ls, v in samples
                if n == name and all(ls.get(k) == want for k, want in labels.items()))
+
+
+HANDLED = ("destra_events_handled_total", "destra_projected_records_total")
+
+
+def handled(samples: Iterable[Sample]) -> float:
+    """Events a service handled: its runners' and its projections' counts."""
+    listed = list(samples)
+    return sum(total(listed, name) for name in HANDLED)
 
 
 def buckets(samples: Iterable[Sample], name: str) -> dict[float, float]:
@@ -133,9 +145,7 @@ class Scraper:
         service.up, service.error, service.samples, service.at = True, "", samples, now
         if not before or now <= then:
             return
-        handled = (total(samples, "destra_events_handled_total")
-                   - total(before, "destra_events_handled_total"))
-        service.handled_per_s = max(0.0, handled) / (now - then)
+        service.handled_per_s = max(0.0, handled(samples) - handled(before)) / (now - then)
         service.rates.append((now, service.handled_per_s))
         new, old = buckets(samples, "destra_handler_seconds"), buckets(
             before, "destra_handler_seconds")
@@ -160,7 +170,7 @@ class Scraper:
                 money[labels["account"]] = int(value)
             rows.append({"name": s.name, "pid": s.pid, "url": s.url, "up": s.up,
                          "error": s.error, "handled_per_s": s.handled_per_s,
-                         "handled": total(s.samples, "destra_events_handled_total"),
+                         "handled": handled(s.samples),
                          "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "lag": lag,
                          "dead_letters": dl, "rates": list(s.rates)})
         return {"services": rows, "dead_by_reason": dead, "ledger_micro": money}

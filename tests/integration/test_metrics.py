@@ -100,6 +100,14 @@ def test_every_service_scrape_matches_the_tasks_run(net: LocalNetwork) -> None:
     assert sum(total(s, "destra_node_tasks_run_total", workload="nbody")
                for s in nodes) == TASKS * REPLICAS
     assert sum(total(s, "destra_node_compute_seconds_total") for s in nodes) > 0
+    # Each replica's assignment and its reveal call reached a node's handler; each
+    # replica's commit and reveal left it.
+    assert sum(total(s, "destra_events_handled_total", processor="node",
+                     event="TaskAssigned") for s in nodes) == TASKS * REPLICAS
+    assert sum(total(s, "destra_events_emitted_total", event="ResultCommitted")
+               for s in nodes) == TASKS * REPLICAS
+    assert sum(total(s, "destra_events_emitted_total", event="ResultRevealed")
+               for s in nodes) == TASKS * REPLICAS
 
     def projected() -> bool:
         projector = scrape(found["projector"]["url"])

@@ -97,12 +97,14 @@ def test_a_service_that_stopped_leaves_the_panel(tmp_path: Path) -> None:
 
     def get(url: str) -> list[tuple[str, dict[str, str], float]]:
         calls.append(url)
-        return [("destra_events_handled_total", {"processor": "p", "event": "E"}, 1.0)]
+        return [("destra_events_handled_total", {"processor": "p", "event": "E"}, 1.0),
+                ("destra_projected_records_total", {"projection": "ledger"}, 4.0)]
 
     _record(tmp_path, "projector", "http://127.0.0.1:1/metrics")
     scraper = Scraper(tmp_path, get=get)
     scraper.poll(now=0.0)
-    assert [r["name"] for r in scraper.view()["services"]] == ["projector"]
+    assert [(r["name"], r["handled"]) for r in scraper.view()["services"]] == [
+        ("projector", 5.0)], "a projection's records applied count as handled"
     (metrics_dir(tmp_path) / "projector.json").unlink()
     scraper.poll(now=10.0)
     assert scraper.view()["services"] == [] and calls == ["http://127.0.0.1:1/metrics"]
