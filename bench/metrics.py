@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from bench.runner_hop import Echo
@@ -29,36 +28,7 @@ from schemas.codec import encode
 from schemas.signatures import KeyPair
 from streams.kafka_runner import KafkaRunner
 from streams.metrics import Instruments
-
-
-@dataclass
-class Record:
-    """A consumed record as ``confluent_kafka.Message`` shows it (what the runner reads)."""
-
-    _value: bytes
-    _offset: int
-    _topic: str
-
-    def value(self) -> bytes:
-        return self._value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1_700_000_000_000 + self._offset)
-
-    def error(self) -> None:
-        return None
+from tests.support import Record
 
 
 class Bare(Instruments):
@@ -108,7 +78,8 @@ def main() -> None:
                          snapshot_keys=KeyPair.generate())
     topic = runner.inputs[0]
     records = [Record(encode(new_event("TokensMinted", "treasury", account=f"a{i}",
-                                       amount_micro=1, reason="bench")), i, topic)
+                                       amount_micro=1, reason="bench")), i, topic,
+                      1_700_000_000_000 + i)
                for i in range(args.events)]
     instrumented, bare = Instruments(), Bare()
     best = {"instrumented": float("inf"), "bare": float("inf")}
