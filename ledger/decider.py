@@ -187,12 +187,19 @@ def proposal_staleness(e: Event, at: int) -> str | None:
     for want of funds leaves no id behind, so a copy replayed once its proposer is funded
     would escrow a deposit the proposer was told was refused: by age, only within
     ``MAX_SUBMISSION_AGE_MS`` of its making, as a task's submission."""
-    if at - e.occurred_at > MAX_SUBMISSION_AGE_MS:
-        return (f"stale-proposal: {e.fields['proposal_id']} made at {e.occurred_at}, "
-                f"appended at {at} (broker time), more than {MAX_SUBMISSION_AGE_MS} ms later")
+    return age_refusal(e, at, MAX_SUBMISSION_AGE_MS, e.fields["proposal_id"],
+                       "stale-proposal", "future-proposal")
+
+
+def age_refusal(e: Event, at: int, max_age_ms: int, what: str, stale: str,
+                future: str) -> str | None:
+    """``stale: ...`` when ``e`` was made more than ``max_age_ms`` before broker time
+    ``at``, ``future: ...`` when more than ``MAX_FUTURE_MS`` after it, else None."""
+    if at - e.occurred_at > max_age_ms:
+        return (f"{stale}: {what} made at {e.occurred_at}, appended at {at} (broker time), "
+                f"more than {max_age_ms} ms later")
     if e.occurred_at - at > MAX_FUTURE_MS:
-        return (f"future-proposal: {e.fields['proposal_id']} made at {e.occurred_at}, "
-                f"appended at {at} (broker time)")
+        return f"{future}: {what} made at {e.occurred_at}, appended at {at} (broker time)"
     return None
 
 
@@ -296,13 +303,8 @@ class LedgerDecider:
 
     def _stale_authority(self, e: Event, at: int) -> str | None:
         """Why a mint or penalty is too old or too far ahead of broker time ``at``, or None."""
-        if at - e.occurred_at > MAX_AUTHORITY_AGE_MS:
-            return (f"stale: {e.name} {e.event_id} made at {e.occurred_at}, appended at {at}, "
-                    f"more than {MAX_AUTHORITY_AGE_MS} ms later (a replay?)")
-        if e.occurred_at - at > MAX_FUTURE_MS:
-            return (f"future-dated: {e.name} {e.event_id} made at {e.occurred_at}, "
-                    f"appended at {at}")
-        return None
+        return age_refusal(e, at, MAX_AUTHORITY_AGE_MS, f"{e.name} {e.event_id}", "stale",
+                           "future-dated")
 
     def registration_refusal(self, e: Event) -> str | None:
         """Why an ``AccountRegistered`` binds nothing, or None (it binds, or is a repeat)."""
