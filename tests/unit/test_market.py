@@ -7,14 +7,11 @@ scenario runs the production allocator, ledger and verifier (``destra.sim``).
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-import sys
-from pathlib import Path
-from types import ModuleType
 
 from allocator.market import Market, Rules, next_price, p90
 from allocator.pricing import PriceBook, PriceUpdate, Tier
+from bench import market as bench
 from ledger.book import escrow
 from ledger.decider import PRICE_GRACE_MS, LedgerDecider
 from schemas import Event, new_event
@@ -29,17 +26,6 @@ CEILING = DEFAULTS["price_ceiling_micro.consumer"]
 FLOOR = DEFAULTS["price_floor_micro.consumer"]
 
 
-def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "market.py"
-    spec = importlib.util.spec_from_file_location("bench_market", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_market"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
 
 
 def _network(nodes: int, rate: float, elastic: bool = False,

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from bench import trust
 
-def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "trust.py"
-    spec = importlib.util.spec_from_file_location("bench_trust", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_trust"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-trust = _bench()
 FIXED = trust.NETWORK_POLICIES["fixed-3/2"]
 
 
