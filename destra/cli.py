@@ -552,7 +552,8 @@ def node() -> None:
               help="torch threads per task.")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Ignore CUDA even when present.")
 @click.option("--fault", type=click.Choice(["wrong-result", "no-show", "late", "late-reveal",
-                                            "copy", "bad-checkpoint", "diverge"]),
+                                            "copy", "bad-checkpoint", "diverge",
+                                            "tamper-input"]),
               default=None, help="Misbehave on purpose (tests and demos).")
 def node_run(name: str | None, operator: str | None, region: str, tier: str,
              stake_micro: int | None, consent_file: Path | None, slots: int, threads: int,

@@ -261,7 +261,7 @@ class Client:
                                  "1..15 and the quorum a majority of them")
         quote = self.prices().quote(workload, w.compute_units(parsed), replicas, tier_of(tier),
                                     now_ms(), ttl_ms, trust)
-        return TaskQuote(workload, dict(params), replicas, quorum, quote, w.bit_exact)
+        return TaskQuote(workload, dict(params), replicas, quorum, quote, w.homogeneous(parsed))
 
     def submit(self, q: TaskQuote, *, max_price_micro: int | None = None,
                region: str | None = None, deadline_ms: int = DEFAULT_DEADLINE_MS,

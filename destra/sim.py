@@ -171,7 +171,8 @@ class Submitter:
         """A signed ``TaskSubmitted`` at the network's price; ``units_delta`` misdeclares
         its compute (the allocator then fails it)."""
         w = get_workload(workload)
-        units = w.compute_units(w.validate(params)) + units_delta
+        parsed = w.validate(params)
+        units = w.compute_units(parsed) + units_delta
         q = self.prices.quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
         public, private = w.split(params)
         payload = None
@@ -185,7 +186,7 @@ class Submitter:
             quorum=quorum, compute_units=units, max_price_micro=q.price_micro,
             quote_id=q.quote_id, quoted_price_micro=q.price_micro,
             quote_expires_at=q.expires_at, tier="consumer", region=None,
-            homogeneous=w.bit_exact, deadline_ms=deadline_ms,
+            homogeneous=w.homogeneous(parsed), deadline_ms=deadline_ms,
             result_key=self.keys.encryption_public, payload_ref=None, payload=payload,
             signing_key=self.keys.signing_public, data_key_commitment=commitment,
             trust=trust),
