@@ -307,3 +307,28 @@ def test_a_task_homogeneous_by_its_parameters_is_placed_on_one_device_class(
     submitted = {e.fields["task_id"]: e.fields["homogeneous"]
                  for e in sim.runner.events("TaskSubmitted")}
     assert submitted == {"exact": True, "waived": False}  # the client's default: the rule's
+
+
+def test_an_adaptive_task_whose_later_round_refuses_judges_the_earlier_computer(
+        refuser: Refuser) -> None:
+    honest = Sim().nodes[0].compute  # the production computation of the simulation
+
+    def compute(a: Event, data_key: bytes | None) -> Computed:
+        # Round 0's first replica computes; every other replica refuses.
+        if a.fields["round"] == 0 and a.fields["replica_index"] == 0:
+            return honest(a, data_key)
+        return _lying(a, data_key)
+
+    sim = Sim(nodes=7, compute=compute)
+    before = sim.balance("user:alice")
+    sim.submit("t1", "refuser", {"units": "5"}, trust="adaptive", replicas=1, quorum=1)
+    sim.runner.run_until(lambda: _settled(sim, "t1"), max_ms=300_000)
+    verdict = sim.verdict("t1")
+    assert verdict is not None and verdict.fields["reason"] == "refused", verdict
+    rounds = {e.fields["round"] for e in sim.runner.events("TaskAssigned")}
+    assert rounds == {0, 1}  # the disagreement escalated; the next round refused
+    computer = next(e.fields["node_id"] for e in sim.runner.events("TaskAssigned")
+                    if e.fields["round"] == 0 and e.fields["replica_index"] == 0)
+    assert _penalties(sim) == [(computer, str(Reason.DISSENT))]
+    assert sim.balance("user:alice") == before
+    assert all(sim.balance(node_wallet(n.node_id)) == 0 for n in sim.nodes)
