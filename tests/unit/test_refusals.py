@@ -3,8 +3,9 @@ honest node fails ``refused``, refunded in full, nobody penalized but dissenters
 refuser is a dissenter; a refusal that does not hash to its digest is refused; a tamperer
 is caught; a task homogeneous by its parameters runs on one device class.
 
-The workloads here are test-only: registered for one test by patching the registry
-(``workloads.WORKLOADS``, which ``get_workload`` reads), never in the production one.
+The workload here is test-only (``tests.refusing.Refuser``): registered for one test by
+patching the registry (``workloads.WORKLOADS``, which ``get_workload`` reads), never in
+the production one.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterator
-from types import MappingProxyType
-from typing import Any
 
 import pytest
 
@@ -25,60 +24,20 @@ from ledger.decider import node_wallet
 from node_runner.logic import Computed, Fault, refused, run_assignment, tampered
 from schemas import Event, new_event
 from streams.params import DEFAULTS
+from tests.refusing import Refuser, with_refuser
 from verifier.commitments import commitment, refusal_code, refusal_digest
 from verifier.proof_of_sync import Failed, Penalize, Reason, Rejected, RejectReason, TaskTally
 from verifier.service import slash_parameter
-from workloads.base import ParamSpec, Workload, WorkloadResult, WorkRefused, finish, seed_spec
+from workloads.base import WorkRefused
 from workloads.canonical import canonical_json, sha256
 
 STAKE = 5_000_000
 
 
-class Refuser(Workload):
-    """Test-only: refuses when its private ``refuse`` says so, or when its private
-    ``program`` misses the public ``program_sha256``; else outputs its seed. ``exact``
-    (public) makes a task homogeneous."""
-
-    name = "refuser"
-    doc = "test-only workload that refuses deterministically"
-    params = (
-        ParamSpec(name="units", kind="int", default=1, min=1, max=1000, public=True),
-        ParamSpec(name="exact", kind="int", default=0, min=0, max=1, public=True),
-        ParamSpec(name="program_sha256", kind="str", default="", public=True),
-        ParamSpec(name="refuse", kind="str", default="no", choices=("no", "disallowed-op")),
-        ParamSpec(name="program", kind="str", default=""),
-        seed_spec(),
-    )
-    bit_exact = False
-    digest_bits = 0
-    uses_accelerator = False
-
-    def homogeneous(self, params: dict[str, Any]) -> bool:
-        return bool(params["exact"])
-
-    def compute_units(self, params: dict[str, Any]) -> int:
-        return int(params["units"])
-
-    def memory_mb(self, params: dict[str, Any]) -> int:
-        return 1
-
-    def run(self, params: dict[str, Any], device: Any) -> WorkloadResult:
-        started = 0
-        if params["refuse"] != "no":
-            raise WorkRefused(params["refuse"], "op aten.foo is not on the allowed list")
-        if params["program_sha256"]:
-            program = base64.b64decode(params["program"])
-            if hashlib.sha256(program).hexdigest() != params["program_sha256"]:
-                raise WorkRefused("bad-hash", "the program's SHA-256 is not the one submitted")
-        return finish(canonical_json({"seed": params["seed"], "units": params["units"]}), {},
-                      started, device)
-
-
 @pytest.fixture
 def refuser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Refuser]:
     w = Refuser()
-    monkeypatch.setattr(workloads, "WORKLOADS",
-                        MappingProxyType({**workloads.WORKLOADS, w.name: w}))
+    monkeypatch.setattr(workloads, "WORKLOADS", with_refuser(workloads.WORKLOADS))
     yield w
 
 
