@@ -849,7 +849,8 @@ def submit(workload: str | None, pairs: tuple[str, ...], program_file: Path | No
                 click.echo(f"  its private parameters are encrypted: keep `destra grant-agent "
                            f"--account {account}` running until it is placed, so the "
                            "assigned nodes get the data key")
-        shown = q.as_dict(private=program_file is None)  # not a program's whole bytes
+        # A program's private parameters are its whole bytes: not for the terminal.
+        shown = q.as_dict() if program_file is None else q.as_dict(private=False)
         if watch is None:
             if as_json:
                 click.echo(json.dumps({"task_id": task_id, "quote": shown}))
