@@ -291,3 +291,30 @@ def test_an_adaptive_task_whose_later_round_refuses_judges_the_earlier_computer(
     assert _penalties(sim) == [(computer, str(Reason.DISSENT))]
     assert sim.balance("user:alice") == before
     assert all(sim.balance(node_wallet(n.node_id)) == 0 for n in sim.nodes)
+
+
+def test_destra_audit_rederives_a_refused_task_and_a_waived_homogeneity_without_discrepancy(
+        refuser: Refuser) -> None:
+    from ledger.audit import audit
+    from tests.unit.test_audit import GENESIS, records
+
+    classes = {"n0": "cuda-sm80", "n1": "cuda-sm90", "n2": "cuda-sm90", "n3": "cuda-sm90",
+               "n4": "cuda-sm80"}
+    sim = Sim(nodes=5, device_classes=classes)
+    sim.submit("refused", "refuser", {"refuse": "disallowed-op"})
+    sim.submit("waived", "refuser", {"exact": "1", "seed": "1"}, homogeneous=False)
+    sim.runner.run_until(lambda: _settled(sim, "refused") and _settled(sim, "waived"),
+                         max_ms=120_000)
+    sim.runner.advance(5_000)  # let the ledger settle, the penalties post
+    assert sim.verdict("refused").fields["reason"] == "refused"  # type: ignore[union-attr]
+    log = records(sim)
+    report = audit(log, GENESIS)
+    assert report.ok, [str(d) for d in report.discrepancies]
+    assert report.checked["verdicts"] == report.checked["verdicts_rederived"] == 1
+    # The refusal is re-derived, not taken on trust: without it, it is named missing.
+    cut = [r for r in log if not (r.event.name == "TaskFailed"
+                                  and r.event.fields["task_id"] == "refused")]
+    missing = audit(cut, GENESIS)
+    assert not missing.ok
+    assert any("refused" in str(d) for d in missing.discrepancies), [
+        str(d) for d in missing.discrepancies]
