@@ -91,6 +91,9 @@ class _Task:
     queued_since: int | None = None
     plan: str = ""
     """How an adaptive task's first round was placed (``allocator.trust.Plan.kind``)."""
+    homogeneous: bool = False
+    """The workload's precision rule for these parameters (``Workload.homogeneous``): one
+    device class, whatever the submission's ``homogeneous`` says."""
     checked: bool | None = None
     """Whether its spot check was drawn, once: a task that waits for capacity keeps the
     draw (drawing again at each try would turn checks that find no free checker into
@@ -424,6 +427,9 @@ class Allocator:
                 raise DestraError(f"declared compute {f['compute_units']} units, the workload "
                                   f"needs {units} for these parameters")
             task.memory_mb = workload.memory_mb(params)
+            # The precision rule is the workload's, not the submitter's to waive: a task
+            # spread over device classes that cannot agree would frame honest nodes.
+            task.homogeneous = workload.homogeneous(params)
         except DestraError as err:
             self.tasks.pop(task_id, None)
             return [new_event("TaskFailed", self.producer_id, task_id=task_id,
@@ -468,7 +474,8 @@ class Allocator:
     def _request(self, task: _Task, replicas: int, exclude: frozenset[str]) -> PlacementRequest:
         f = self._submission(task).fields
         return PlacementRequest(
-            f["task_id"], replicas, task.memory_mb, f["tier"], f["region"], f["homogeneous"],
+            f["task_id"], replicas, task.memory_mb, f["tier"], f["region"],
+            f["homogeneous"] or getattr(task, "homogeneous", False),
             exclude, workload=f["workload"], compute_units=f["compute_units"],
             # No price limit per node: a task pays its quoted tier price whichever node
             # runs it (the ledger enforces the max price), and better tiers may serve.

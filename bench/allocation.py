@@ -334,7 +334,7 @@ def draw_task(rng: random.Random, index: int) -> Task:
     request = PlacementRequest(
         task_id=f"task-{index:05d}", replicas=3, memory_mb=workload.memory_mb(params),
         tier=Tier.CONSUMER.value, submitter_region=rng.choices(regions, weights=weights)[0],
-        homogeneous=bool(getattr(workload, "bit_exact", False)),
+        homogeneous=workload.homogeneous(params),
         workload=name, compute_units=workload.compute_units(params),
         payload_bytes=_log_int(rng, 1024, 50 * 2**20),
         max_unit_price_micro=DEFAULT_PRICES[Tier.PROSUMER] if rng.random() < 0.10 else None)
@@ -813,7 +813,7 @@ def main() -> None:
     print(f"   runtime on the reference CPU: median {_fmt_ms(statistics.median(cpu_ms))}, max "
           f"{_fmt_ms(max(cpu_ms))}; on the best node, idle: median "
           f"{_fmt_ms(statistics.median(best_ms))}, max {_fmt_ms(max(best_ms))}")
-    print(f"   homogeneous (workload.bit_exact): {sum(t.request.homogeneous for t in tasks)}; "
+    print(f"   homogeneous (workload.homogeneous): {sum(t.request.homogeneous for t in tasks)}; "
           f"price limit {DEFAULT_PRICES[Tier.PROSUMER]} micro/unit (prosumer): "
           f"{sum(t.request.max_unit_price_micro is not None for t in tasks)}; payloads 1 KiB.."
           "50 MiB log-uniform; tier consumer")

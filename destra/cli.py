@@ -552,7 +552,8 @@ def node() -> None:
               help="torch threads per task.")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Ignore CUDA even when present.")
 @click.option("--fault", type=click.Choice(["wrong-result", "no-show", "late", "late-reveal",
-                                            "copy", "bad-checkpoint", "diverge"]),
+                                            "copy", "bad-checkpoint", "diverge",
+                                            "tamper-input"]),
               default=None, help="Misbehave on purpose (tests and demos).")
 def node_run(name: str | None, operator: str | None, region: str, tier: str,
              stake_micro: int | None, consent_file: Path | None, slots: int, threads: int,
@@ -768,9 +769,24 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 
 @cli.command("submit")
 @settings_options
-@click.argument("workload")
+@click.argument("workload", required=False)
 @click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE",
               help="A workload parameter (repeatable).")
+@click.option("--program", "program_file", type=click.Path(exists=True, dir_okay=False,
+                                                           path_type=Path), default=None,
+              help="Your own torch.export program (a .pt2 archive), run as a `program` task "
+                   "instead of WORKLOAD; with --input.")
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path), default=None,
+              help="The program's inputs (a .safetensors file).")
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --program: times the program runs, each on the last one's outputs.")
+@click.option("--carry", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --program: how many outputs feed the next step's inputs.")
+@click.option("--mantissa-bits", "mantissa_bits", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="With --program: float mantissa bits kept before hashing (0: bit-exact, "
+                   "which places the replicas on one device class).")
 @click.option("--replicas", type=click.IntRange(1, 15), default=None,
               help="Replicas (default: the network's default_replicas, 3 unless changed); "
                    "with --trust adaptive, the fewest (default 1).")
@@ -791,25 +807,37 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds --wait waits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: int | None,
+def submit(workload: str | None, pairs: tuple[str, ...], program_file: Path | None,
+           input_file: Path | None, steps: int, carry: int, mantissa_bits: int,
+           replicas: int | None, quorum: int | None,
            trust: str, tier: str, max_price: int | None, region: str | None, account: str,
            wait: bool, timeout: float, as_json: bool, **flags: Any) -> None:
-    """Quote and submit a task of WORKLOAD; with --wait, follow it to its verdict."""
+    """Quote and submit a task of WORKLOAD, or your own program (--program FILE.pt2 --input
+    FILE.safetensors); with --wait, follow it to its verdict."""
 
     from destra.client import Client
     from destra.progress import Reporter
     from infra import services
 
+    _check_submit_form(workload, pairs, program_file, input_file)
     settings = load_settings(**flags)
     client = Client(settings, kafka_address(settings, services, account=account),
                     account, _passphrase())
     try:
-        q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum, tier=tier,
-                         trust=trust)
+        if program_file is not None and input_file is not None:
+            q = client.quote_program(program_file.read_bytes(), input_file.read_bytes(),
+                                     steps=steps, carry=carry, mantissa_bits=mantissa_bits,
+                                     replicas=replicas, quorum=quorum, tier=tier, trust=trust)
+        else:
+            assert workload is not None
+            q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum,
+                             tier=tier, trust=trust)
         if not as_json:
             how = (f"{q.replicas} replicas" if trust == "fixed" else
                    f"at least {q.replicas} replica{'s' if q.replicas > 1 else ''}, adaptive "
                    "trust")
+            if program_file is not None:
+                click.echo(_program_summary(q.params, q.quote.compute_units))
             click.echo(f"quote {q.quote.quote_id}: {q.quote.compute_units} units x {how} "
                        f"in {q.quote.tier} = {q.quote.price_micro} micro-tokens "
                        f"(valid until {q.quote.expires_at})")
@@ -821,9 +849,11 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
                 click.echo(f"  its private parameters are encrypted: keep `destra grant-agent "
                            f"--account {account}` running until it is placed, so the "
                            "assigned nodes get the data key")
+        # A program's private parameters are its whole bytes: not for the terminal.
+        shown = q.as_dict() if program_file is None else q.as_dict(private=False)
         if watch is None:
             if as_json:
-                click.echo(json.dumps({"task_id": task_id, "quote": q.as_dict()}))
+                click.echo(json.dumps({"task_id": task_id, "quote": shown}))
             return
         # A live bar on a terminal, else a line per change; nothing with --json (stderr).
         try:
@@ -835,7 +865,7 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
             watch.close()
         result = done[task_id].as_dict()
         if as_json:
-            click.echo(json.dumps({"task_id": task_id, "quote": q.as_dict(), **result}))
+            click.echo(json.dumps({"task_id": task_id, "quote": shown, **result}))
         elif result["state"] == "verified":
             click.echo(f"verified: digest {result['digest']}")
         else:
@@ -844,13 +874,40 @@ def submit(workload: str, pairs: tuple[str, ...], replicas: int | None, quorum: 
         client.close()
 
 
+def _check_submit_form(workload: str | None, pairs: tuple[str, ...], program_file: Path | None,
+                       input_file: Path | None) -> None:
+    """Either WORKLOAD (with its --param) or --program with --input, not both."""
+    if program_file is None:
+        if workload is None:
+            raise click.UsageError("give a WORKLOAD, or your own program with --program "
+                                   "FILE.pt2 --input FILE.safetensors")
+        if input_file is not None:
+            raise click.UsageError("--input goes with --program")
+        return
+    if workload is not None or pairs:
+        raise click.UsageError("--program runs your own program: give no WORKLOAD and no "
+                               "--param with it")
+    if input_file is None:
+        raise click.UsageError("--program needs its inputs: --input FILE.safetensors")
+
+
+def _program_summary(params: dict[str, str], units: int) -> str:
+    """What a program task will cost, from its public parameters, before paying."""
+    return (f"program {params.get('program_sha256', '?')[:16]} on inputs "
+            f"{params.get('input_sha256', '?')[:16]}: {units:,} compute units, peak memory "
+            f"{params.get('memory_mb', '?')} MiB, runtime bound "
+            f"{params.get('max_runtime_ms', '?')} ms per replica "
+            f"({params.get('steps', '1')} step(s))")
+
+
 @cli.command("result")
 @settings_options
 @click.argument("task_id")
 @click.option("--account", envvar="DESTRA_ACCOUNT", default="default", show_default=True,
               help="The submitting account (env DESTRA_ACCOUNT).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the output here instead of printing it.")
+              help="Write the output here instead of printing it (a program's output, a "
+                   "safetensors file, is only written).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags: Any) -> None:
     """Fetch, decrypt and check the verified result of TASK_ID (one of your tasks)."""
@@ -867,15 +924,23 @@ def result(task_id: str, account: str, out: Path | None, as_json: bool, **flags:
             r = client.result(task_id, say=progress.step)
     finally:
         client.close()
+    program = r.workload == "program"
+    if program and out is None:
+        raise DestraError(f"task {task_id} ran a program: its output is a safetensors file, "
+                          "not text; give --out FILE.safetensors")
     if out is not None:
         out.write_bytes(r.output)
     if as_json:
         click.echo(json.dumps({"task_id": task_id, "digest": r.digest.hex(), "node_id": r.node_id,
                                "bytes": len(r.output), "out": str(out) if out else None,
+                               "format": "safetensors" if program else None,
                                "output": None if out else r.output.decode("utf-8", "replace")}))
         return
     click.echo(f"# {task_id}: {len(r.output)} bytes from {r.node_id}, SHA-256 {r.digest.hex()} "
                "= the verified digest", err=True)
+    if program:
+        click.echo(f"# wrote {out}: a safetensors file, the program's outputs (load it with "
+                   "safetensors.torch.load_file)", err=True)
     if out is None:
         click.echo(r.output.decode("utf-8", "replace"))
 

@@ -28,6 +28,7 @@ the quorum verified.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -56,6 +57,7 @@ from streams.params import ParamSchedule
 from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.topics import topic_for
+from verifier.commitments import refusal_digest
 from workloads import get_workload
 
 QUOTE_TTL_MS = 60_000
@@ -104,6 +106,8 @@ class TaskResult:
     digest: bytes
     node_id: str
     """The agreeing node whose sealed copy was opened."""
+    workload: str = ""
+    """The task's workload (``program``: the output is a safetensors file)."""
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,15 @@ class TaskQuote:
     quote: Quote
     homogeneous: bool
 
-    def as_dict(self) -> dict[str, Any]:
-        """For ``--json`` output."""
+    def as_dict(self, *, private: bool = True) -> dict[str, Any]:
+        """For ``--json`` output; without ``private``, the public parameters only (a
+        program's private ones are the whole program and its inputs)."""
         q = self.quote
-        return {"workload": self.workload, "params": self.params, "replicas": self.replicas,
+        params = self.params
+        if not private:
+            public = get_workload(self.workload).public_names()
+            params = {k: v for k, v in params.items() if k in public}
+        return {"workload": self.workload, "params": params, "replicas": self.replicas,
                 "quorum": self.quorum, "trust": q.trust, "tier": str(q.tier),
                 "compute_units": q.compute_units,
                 "price_micro": q.price_micro, "quote_id": q.quote_id,
@@ -261,7 +270,23 @@ class Client:
                                  "1..15 and the quorum a majority of them")
         quote = self.prices().quote(workload, w.compute_units(parsed), replicas, tier_of(tier),
                                     now_ms(), ttl_ms, trust)
-        return TaskQuote(workload, dict(params), replicas, quorum, quote, w.bit_exact)
+        return TaskQuote(workload, dict(params), replicas, quorum, quote, w.homogeneous(parsed))
+
+    def quote_program(self, program: bytes, inputs: bytes, *, steps: int = 1, carry: int = 0,
+                      mantissa_bits: int = 0, replicas: int | None = None,
+                      quorum: int | None = None, tier: str = "consumer",
+                      ttl_ms: int = QUOTE_TTL_MS, trust: str = "fixed") -> TaskQuote:
+        """Quote a user's own ``torch.export`` program (``program``: a ``.pt2`` archive) on
+        ``inputs`` (a safetensors file) as a ``program`` task: its parameters
+        (``workloads.program.program_params``: the hashes, compute units, peak memory and
+        runtime bound in the clear, the program and inputs sealed) priced by ``quote``."""
+        from workloads.program import program_params  # the program workload (issue 15)
+
+        params = program_params(program, inputs, steps=steps, carry=carry,
+                                mantissa_bits=mantissa_bits)
+        return self.quote("program", {k: str(v) for k, v in params.items()},
+                          replicas=replicas, quorum=quorum, tier=tier, ttl_ms=ttl_ms,
+                          trust=trust)
 
     def submit(self, q: TaskQuote, *, max_price_micro: int | None = None,
                region: str | None = None, deadline_ms: int = DEFAULT_DEADLINE_MS,
@@ -459,8 +484,13 @@ class Client:
         if verdict is None:
             raise DestraError(f"task {task_id} has no verdict yet")
         if verdict.name == "TaskFailed":
+            why = ""
+            if verdict.fields["reason"] == "refused":
+                say(Step("opening the refusal sealed to you"))
+                document = self.refusal(task_id)
+                why = f" ({document['detail']})" if document and document["detail"] else ""
             raise DestraError(f"task {task_id} failed: {verdict.fields['reason']}: "
-                              f"{verdict.fields['detail']}")
+                              f"{verdict.fields['detail']}{why}")
         digest: bytes = verdict.fields["digest"]
         agreed = {c["node_id"] for c in verdict.fields["contributions"] if c["agreed"]}
         problems = []
@@ -484,10 +514,41 @@ class Client:
                 problems.append(f"{f['node_id']}: its result's SHA-256 is not the verified "
                                 f"digest {digest.hex()[:16]}...")
                 continue
-            return TaskResult(task_id, output, digest, f["node_id"])
+            # The workload, from its assignments (an account may not read the submissions).
+            assigned = next((e for e in self._events("TaskAssigned")
+                             if e.name == "TaskAssigned" and e.fields["task_id"] == task_id),
+                            None)
+            return TaskResult(task_id, output, digest, f["node_id"],
+                              assigned.fields["workload"] if assigned is not None else "")
         raise ResultRefused(f"no result of {task_id} matches the verified digest "
                             f"{digest.hex()[:16]}...: " + ("; ".join(problems) or
                                                            "no agreeing node delivered one"))
+
+    def refusal(self, task_id: str) -> dict[str, Any] | None:
+        """Why a task failed ``refused``: the refusal document (``refused``: the code,
+        ``detail``, and the ``node_id`` whose copy was opened) an agreeing refuser sealed to
+        this account; None when the task was not refused or no copy opens."""
+        verdict = next((e for e in self._events("TaskVerified")
+                        if e.fields["task_id"] == task_id), None)
+        if verdict is None or verdict.name != "TaskFailed" or \
+                verdict.fields["reason"] != "refused":
+            return None
+        code = verdict.fields["detail"].split(":", 1)[0]
+        for reveal in self._events("ResultRevealed"):
+            f = reveal.fields
+            if f["task_id"] != task_id or f.get("refusal") != code or \
+                    f["digest"] != refusal_digest(code):
+                continue
+            try:
+                sealed = fetch_blob(self.blobs, f["result"], f["result_ref"])
+                document = json.loads(open_result(self.keyring.all(), task_id, f["node_id"],
+                                                  f["attempt"], sealed))
+            except (DestraError, ValueError):
+                continue
+            if isinstance(document, dict) and document.get("refused") == code:
+                return {"refused": code, "detail": str(document.get("detail", "")),
+                        "node_id": f["node_id"]}
+        return None
 
     # -- progress ---------------------------------------------------------------------------
 

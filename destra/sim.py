@@ -11,7 +11,7 @@ The keys here are derived from names, for repeatable runs: never use them for re
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -46,10 +46,13 @@ def keys_for(name: str) -> KeyPair:
 class Compute:
     """What ``NodeRunner`` computes, sealed inputs travelling inline; with ``reuse``, a
     workload runs once per distinct input and its output is handed back for the same
-    input again (for long simulations: say so where figures are printed)."""
+    input again (for long simulations: say so where figures are printed). ``faults``: the
+    nodes whose computation misbehaves (``run_assignment``'s faults, as ``NodeRunner``
+    passes its own), never reused."""
 
-    def __init__(self, reuse: bool = False) -> None:
+    def __init__(self, reuse: bool = False, faults: Mapping[str, Fault] | None = None) -> None:
         self.reuse, self.runs, self.reused, self.segment_runs = reuse, 0, 0, 0
+        self.faults = dict(faults or {})
         self._done: dict[tuple[str, str], Computed] = {}
 
     def __call__(self, assignment: Event, data_key: bytes | None) -> Computed:
@@ -62,9 +65,13 @@ class Compute:
             parsed = workload.validate(params)
         except (DecryptionFailed, InvalidParams) as err:
             return Computed(canonical_json({"error": "invalid-input", "detail": str(err)}), 0)
+        fault = self.faults.get(f["node_id"], Fault.NONE)
         if f.get("segment", -1) >= 0:  # a referee: one segment, never reused
             self.segment_runs += 1
-            return run_assignment(assignment, workload, parsed, CPU)
+            return run_assignment(assignment, workload, parsed, CPU, fault)
+        if fault != Fault.NONE:
+            self.runs += 1
+            return run_assignment(assignment, workload, parsed, CPU, fault)
         key = (f["workload"], repr(sorted(parsed.items())))
         if self.reuse and key in self._done:
             self.reused += 1
@@ -88,7 +95,7 @@ def node(name: str, compute: Callable[[Event, bytes | None], Computed] | None = 
 
 
 def registration(n: NodeLogic, stake: int = 0, operator: str | None = None,
-                 consent_by: KeyPair | None = None) -> Event:
+                 consent_by: KeyPair | None = None, device_class: str = "cpu") -> Event:
     """The node's signed ``NodeRegistered``; a stake carries the operator's consent, signed
     with ``consent_by`` (the operator's ``keys_for`` keys unless given)."""
     operator = operator or f"op-{n.node_id}"
@@ -98,7 +105,7 @@ def registration(n: NodeLogic, stake: int = 0, operator: str | None = None,
         "NodeRegistered", n.node_id, node_id=n.node_id, operator_id=operator,
         region="eu-west", signing_key=n.keys.signing_public,
         encryption_key=n.keys.encryption_public, device_name="simulated cpu",
-        device_class="cpu", tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots,
+        device_class=device_class, tier="consumer", tflops_milli=100, memory_mb=4096, slots=n.slots,
         stake_micro=stake, software="simulation", operator_consent=consent), n.keys, n.node_id)
 
 
@@ -167,11 +174,14 @@ class Submitter:
 
     def submission(self, task_id: str, workload: str, params: dict[str, str], now_ms: int,
                    replicas: int = 3, quorum: int = 2, deadline_ms: int = 600_000,
-                   units_delta: int = 0, trust: str = "fixed") -> Event:
+                   units_delta: int = 0, trust: str = "fixed",
+                   homogeneous: bool | None = None) -> Event:
         """A signed ``TaskSubmitted`` at the network's price; ``units_delta`` misdeclares
-        its compute (the allocator then fails it)."""
+        its compute (the allocator then fails it); ``homogeneous`` overrides the workload's
+        precision rule (``Workload.homogeneous``) in the submission."""
         w = get_workload(workload)
-        units = w.compute_units(w.validate(params)) + units_delta
+        parsed = w.validate(params)
+        units = w.compute_units(parsed) + units_delta
         q = self.prices.quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
         public, private = w.split(params)
         payload = None
@@ -185,7 +195,8 @@ class Submitter:
             quorum=quorum, compute_units=units, max_price_micro=q.price_micro,
             quote_id=q.quote_id, quoted_price_micro=q.price_micro,
             quote_expires_at=q.expires_at, tier="consumer", region=None,
-            homogeneous=w.bit_exact, deadline_ms=deadline_ms,
+            homogeneous=w.homogeneous(parsed) if homogeneous is None else homogeneous,
+            deadline_ms=deadline_ms,
             result_key=self.keys.encryption_public, payload_ref=None, payload=payload,
             signing_key=self.keys.signing_public, data_key_commitment=commitment,
             trust=trust),
@@ -258,9 +269,10 @@ class Sim:
                  grants: bool = True, commit_ms: int = 30_000, reveal_ms: int = 15_000,
                  reissue_grace_ms: int = 60_000, stake: int = 5_000_000,
                  frame: tuple[str, ...] = (), rules: TrustRules = DEFAULT_RULES,
-                 compute: Callable[[Event, bytes | None], Computed] | None = None) -> None:
+                 compute: Callable[[Event, bytes | None], Computed] | None = None,
+                 device_classes: dict[str, str] | None = None) -> None:
         faults = faults or {}
-        compute = compute or Compute()
+        compute = compute or Compute(faults=faults)
         self.nodes = [node(f"n{i}", compute, faults.get(f"n{i}", Fault.NONE))
                       for i in range(nodes)]
         self.ledger = LedgerDecider("ledger")
@@ -284,7 +296,8 @@ class Sim:
             self.runner.publish(new_event("TokensMinted", "treasury", occurred_at=t,
                                           account=f"op-{n.node_id}", amount_micro=stake,
                                           reason="sim"))
-            self.runner.publish(registration(n, stake=stake))
+            self.runner.publish(registration(
+                n, stake=stake, device_class=(device_classes or {}).get(n.node_id, "cpu")))
         self.runner.advance(HEARTBEAT_MS)
 
     def _copied_digest(self, node_id: str) -> Callable[[str], bytes | None]:

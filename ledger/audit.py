@@ -29,7 +29,8 @@ What is re-derived, and how:
   copies faithfully, a registered node, a replica index within the task's
   replicas, attempt 0 or one the verifier asked to reissue, never a node or an
   operator the task already used, the node's tier and memory enough for the task,
-  one device class for a homogeneous task's first placement, and never more
+  one device class for a homogeneous task's first placement (the submission asked, or
+  the workload's rule for its parameters, ``Workload.homogeneous``), and never more
   replicas outstanding on a node than its slots. The allocator's ``TaskFailed``
   are checked too (``invalid-task`` only when the workload refuses the task,
   ``no-capacity`` only for a task never placed), and an escrowed task that was
@@ -74,7 +75,8 @@ CAUSAL_RANK: dict[str, int] = {name: rank for rank, name in enumerate((
     "TaskFailed", "ProposalDecided"))}
 """Within one millisecond, the order in which events of these types can cause each other."""
 
-VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key", "bad_data_key"})
+VERIFIER_FAILURES = frozenset({"no_quorum", "deadline_passed", "no_data_key", "bad_data_key",
+                               "refused"})
 ALLOCATOR_FAILURES = frozenset({"invalid-task", "no-capacity"})
 
 
@@ -529,14 +531,17 @@ def _check_assignment(r: Record, submissions: dict[str, Record], escrowed: dict[
             bad(r, f"node {node_id}'s tier {node.tier} is below the task's {wanted}")
     except DestraError:
         pass
+    homogeneous = s["homogeneous"]
     try:
         workload = get_workload(s["workload"])
-        memory = workload.memory_mb(workload.validate(s["params"]))
+        params = workload.validate(s["params"])
+        memory = workload.memory_mb(params)
+        homogeneous = homogeneous or workload.homogeneous(params)  # the workload's rule too
         if node.memory_mb < memory:
             bad(r, f"node {node_id} has {node.memory_mb} MB, the task needs {memory}")
     except DestraError:
         bad(r, f"task {task_id} is invalid for its workload: it should have failed invalid-task")
-    if attempt == 0 and s["homogeneous"]:
+    if attempt == 0 and homogeneous:
         first_classes[task_id].add(node.device_class)
         if len(first_classes[task_id]) > 1:
             bad(r, f"homogeneous task {task_id} placed on device classes "

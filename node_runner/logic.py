@@ -31,11 +31,18 @@ for: the runner calls ``compute`` and hands the result back to ``finished``.
 * An assignment with ``segment >= 0`` makes the node a dispute's referee: it runs that
   one segment from ``pre_state`` (``run_segment``; the initial state for segment 0) and
   commits to and reveals the post-state's leaf as its digest.
+* A workload that refuses the task (``workloads.base.WorkRefused``: a user program failing
+  its checks, identically on every honest node) is not a crash: the node commits to the
+  refusal's digest (``verifier.commitments.refusal_digest`` of its code) and reveals it with
+  the code in the clear (``ResultRevealed.refusal``) and the detail sealed to the submitter,
+  like a result. A quorum agreeing on it fails the task ``refused``, refunded.
 * ``fault`` makes it misbehave for tests and the demo (``Fault``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 import time
@@ -52,9 +59,9 @@ from schemas import Event, new_event
 from schemas.bindings import data_key_commitment
 from schemas.errors import InvalidParams
 from streams.processing import Context, Outcome, Recovery, Work
-from verifier.commitments import commitment
-from workloads.base import Workload
-from workloads.canonical import sha256
+from verifier.commitments import commitment, refusal_code, refusal_digest
+from workloads.base import Workload, WorkRefused
+from workloads.canonical import canonical_json, sha256
 from workloads.checkpoints import (
     Checkpointed,
     checkpointed,
@@ -97,6 +104,10 @@ class Fault(StrEnum):
     ``DIVERGE_MIN_SEGMENTS`` segments, in a task's first round, it perturbs its state after
     the middle segment and carries on, so its checkpoints diverge there and its result is
     wrong; everything else it computes honestly (a node that earned trust, then turned)."""
+    TAMPER_INPUT = "tamper-input"
+    """Alters the task's input before running it: a user program's bytes (one byte flipped,
+    which the program's own hash check refuses), else its seed or first private number
+    (so its digest differs from the honest replicas' and it is outvoted)."""
 
 
 DIVERGE_MIN_SEGMENTS = 4
@@ -114,7 +125,47 @@ class Computed:
     """The exact state after each segment (``b""`` if too large to give), kept for a
     dispute's checkpoint request."""
     digest: bytes | None = None
-    """A referee's digest: the post-state leaf of its segment (else ``sha256(output)``)."""
+    """A referee's digest: the post-state leaf of its segment, or a refusal's
+    (``refusal_digest``); else ``sha256(output)``."""
+    refusal: str | None = None
+    """The workload refused the task with this code (``WorkRefused``); ``output`` is then
+    the refusal document (code and detail) sealed to the submitter."""
+
+
+def refused(err: WorkRefused, runtime_ms: int = 0) -> Computed:
+    """What a replica reveals for a task its workload refused: the refusal's digest, its
+    code in the clear, and a document with the detail for the submitter."""
+    code = refusal_code(err.code)
+    return Computed(canonical_json({"refused": code, "detail": err.detail}), runtime_ms,
+                    digest=refusal_digest(code), refusal=code)
+
+
+def tampered(workload: Workload, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` altered the way a ``tamper-input`` node alters them: one byte of a user
+    program flipped, else the seed or the first private integer moved by one within its
+    bounds (the public ones are seen by everyone, so a tamperer leaves them)."""
+    out = dict(params)
+    program = out.get("program")
+    if isinstance(program, bytes | str) and program:
+        try:
+            raw = program if isinstance(program, bytes) else base64.b64decode(program)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if raw:
+            flipped = bytearray(raw)
+            flipped[len(flipped) // 2] ^= 0x01
+            out["program"] = (bytes(flipped) if isinstance(program, bytes)
+                              else base64.b64encode(bytes(flipped)).decode("ascii"))
+            return out
+    specs = sorted((s for s in workload.params if not s.public and s.kind == "int"),
+                   key=lambda s: s.name != "seed")
+    for spec in specs:
+        value = out.get(spec.name)
+        if isinstance(value, int):
+            up = spec.max is None or value + 1 <= spec.max
+            out[spec.name] = value + 1 if up else value - 1
+            return out
+    return out
 
 
 def run_assignment(assignment: Event, workload: Workload, params: dict[str, Any],
@@ -122,7 +173,19 @@ def run_assignment(assignment: Event, workload: Workload, params: dict[str, Any]
     """One replica's work on validated ``params``: the whole task (a checkpointed
     workload segment by segment, keeping leaves and states), or, for a referee
     (``segment >= 0``), that one segment from ``pre_state``. ``InvalidParams`` for a
-    referee assignment the workload or its pre-state cannot serve."""
+    referee assignment the workload or its pre-state cannot serve. A ``WorkRefused`` from
+    the workload is a result too (``refused``)."""
+    if fault == Fault.TAMPER_INPUT:
+        params = tampered(workload, params)
+    started = time.perf_counter_ns()
+    try:
+        return _run_assignment(assignment, workload, params, device, fault)
+    except WorkRefused as err:
+        return refused(err, (time.perf_counter_ns() - started) // 1_000_000)
+
+
+def _run_assignment(assignment: Event, workload: Workload, params: dict[str, Any],
+                    device: torch.device, fault: Fault) -> Computed:
     f = assignment.fields
     segment = f.get("segment", -1)
     if segment is not None and segment >= 0:
@@ -165,6 +228,8 @@ class _Result:
     reveal, and a reveal after the second is refused (``pending``)."""
     leaves: tuple[bytes, ...] = ()
     """Checkpoint leaves, revealed with the digest."""
+    refusal: str | None = None
+    """The refusal code revealed with the digest, when the workload refused the task."""
 
     def callable_at(self, now_ms: int) -> bool:
         """Whether a reveal call for it may still come and be worth answering."""
@@ -360,18 +425,22 @@ class NodeLogic:
         task_id, attempt, assignment = key
         self.busy -= 1
         self.completed += 1
+        if isinstance(result, WorkRefused):  # raised by a compute of its own
+            result = refused(result)
         if isinstance(result, BaseException):
             # The verifier times the replica out; the node goes on.
             log.error("task %s failed on %s: %r", task_id, self.node_id, result,
                       extra={"task_id": task_id})
             return Outcome()
         salt = ctx.rng.randbytes(32)
+        refusal = getattr(result, "refusal", None)
         if self.fault == Fault.COPY:
-            digest, sealed, sealed_ref = ctx.rng.randbytes(32), None, None
+            digest, sealed, sealed_ref, refusal = ctx.rng.randbytes(32), None, None, None
         else:
             digest = result.digest if result.digest is not None else sha256(result.output)
             if self.fault == Fault.WRONG_RESULT:
                 digest = hashlib.sha256(b"not the output" + digest).digest()
+                refusal = None
             referee = assignment.fields.get("segment", -1) >= 0  # its leaf is no result
             sealed, sealed_ref = (self.seal(assignment, result.output)
                                   if assignment.fields["result_key"] and not referee
@@ -380,7 +449,7 @@ class NodeLogic:
         self.results[(task_id, attempt)] = _Result(
             attempt, salt, digest, result.runtime_ms, ctx.now_ms, sealed, sealed_ref,
             assignment.fields["commit_deadline"], assignment.fields["reveal_deadline"],
-            leaves)
+            leaves, refusal)
         states = tuple(getattr(result, "states", ()))
         if states:
             self.checkpoints.pop((task_id, attempt), None)
@@ -410,12 +479,15 @@ class NodeLogic:
         digest = result.digest
         if self.fault == Fault.COPY:
             digest = self.copy_digest(f["task_id"]) or digest
+        if result.refusal is not None:
+            log.info("refusing task %s on %s: %s", f["task_id"], self.node_id, result.refusal,
+                     extra={"task_id": f["task_id"]})
         return Outcome.of([self._signed(new_event(
             "ResultRevealed", self.producer_id, occurred_at=ctx.now_ms, task_id=f["task_id"],
             node_id=self.node_id,
             attempt=f["attempt"], salt=result.salt, digest=digest,
             runtime_ms=result.runtime_ms, result_ref=result.sealed_ref, result=result.sealed,
-            checkpoints=list(result.leaves)))])
+            checkpoints=list(result.leaves), refusal=result.refusal))])
 
     def heartbeat_load(self) -> tuple[int, int]:
         """(load in permille, free slots) for the next heartbeat."""

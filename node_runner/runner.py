@@ -25,6 +25,8 @@ claim proves possession of it), and then:
   (``H(salt, digest)`` bound to task, node and attempt);
 * on ``RevealOpened`` publishes the signed ``ResultRevealed`` (salt, digest and
   the output sealed to the submitter's X25519 key, inline or in the blob store);
+  a task its workload refuses (``workloads.base.WorkRefused``) is committed and
+  revealed the same way, as its refusal (``node_runner.logic.refused``);
 * sends a signed ``NodeHeartbeat`` (load, free slots) every few seconds;
 * sends without waiting for each acknowledgement (the producer is idempotent and
   delivers in the background; ``run`` flushes on the way out, and a lost commit
@@ -43,7 +45,8 @@ commits to random bytes, then reveals a digest copied from other replicas'
 reveals: the commitment does not open, so the copy is refused), ``late-reveal``
 (reveals after its reveal deadline), ``bad-checkpoint`` (answers a dispute's
 checkpoint request with another state), ``diverge`` (honest, but for long mlp-digits
-training runs, whose state it perturbs from the middle segment on).
+training runs, whose state it perturbs from the middle segment on), ``tamper-input``
+(alters the task's input before running it: a program's bytes, else its seed).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 DOMAIN = b"destra/commit/v1"
@@ -45,6 +46,39 @@ def matches(expected: bytes, task_id: str, node_id: str, attempt: int,
             salt: bytes, digest: bytes) -> bool:
     """Whether a reveal opens ``expected``; compared in constant time."""
     return hmac.compare_digest(expected, commitment(task_id, node_id, attempt, salt, digest))
+
+
+REFUSAL_DOMAIN = b"destra-refusal\0"
+"""Prefix of a refusal's digest: no workload output hashes to ``sha256(prefix + code)``
+unless it begins with these bytes, and a canonical output never does."""
+
+REFUSAL_CODE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+"""A refusal code (``workloads.base.WorkRefused.code``): a short ``word-like-this``."""
+
+
+def refusal_digest(code: str) -> bytes:
+    """The digest a replica commits to and reveals when the workload refuses the task with
+    ``code`` (``ResultRevealed.refusal``): the same on every honest node, so a quorum can
+    agree on it, and public, so the verifier can tell a refusal from a result."""
+    return hashlib.sha256(REFUSAL_DOMAIN + code.encode("utf-8")).digest()
+
+
+def refusal_code(code: str) -> str:
+    """``code`` as a well-formed refusal code: itself when it is one, else a stable
+    stand-in (``invalid-code-`` and a hash of it), so even a workload that names its
+    refusal badly is refused identically on every node."""
+    if REFUSAL_CODE.fullmatch(code):
+        return code
+    return "invalid-code-" + hashlib.sha256(code.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def matches_refusal(refusal: str | None, digest: bytes) -> bool:
+    """Whether a reveal's ``refusal`` field agrees with its digest: none claimed, or a
+    well-formed code that hashes to it."""
+    if refusal is None:
+        return True
+    return REFUSAL_CODE.fullmatch(refusal) is not None and hmac.compare_digest(
+        refusal_digest(refusal), bytes(digest))
 
 
 def new_salt() -> bytes:

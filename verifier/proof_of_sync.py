@@ -26,7 +26,13 @@ Rules:
   since a node committing now could copy the digests already revealed.
 * Verdict once no voter is pending and ``quorum`` reveals agree: ``Verified``
   paying ``compute_units`` to each agreeing replica, 0 to dissenters, then
-  ``Penalize(dissent)`` for each dissenter. As soon as no digest can reach the
+  ``Penalize(dissent)`` for each dissenter. When the agreed digest is a refusal
+  (``verifier.commitments.refusal_digest``, proven by an agreeing reveal's
+  ``refusal`` code): ``Failed(refused)`` instead, nobody paid, the task refunded,
+  and still ``Penalize(dissent)`` for each dissenter (a node that computed what a
+  quorum refused, or refused what a quorum computed, is judged the same). A
+  reveal whose ``refusal`` does not hash to its digest is rejected
+  (``refusal_mismatch``). As soon as no digest can reach the
   quorum: ``Failed(no_quorum)``, no one judged a dissenter. Past
   ``expires_at``: ``Failed(deadline_passed)``.
 * ``Rejected`` answers an event that must be ignored (dead-letter material);
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from destra.errors import InvalidQuorum
-from verifier.commitments import matches
+from verifier.commitments import matches, matches_refusal
 
 MAX_REPLICAS = 15  # TaskSubmitted.replicas
 
@@ -57,6 +63,10 @@ class Reason(StrEnum):
     NO_DATA_KEY = "no_data_key"
     BAD_DATA_KEY = "bad_data_key"
     """A node proved its grant's key misses the submitter's commitment (``DataKeyRefused``)."""
+    REFUSED = "refused"
+    """A quorum agreed on a refusal (``ResultRevealed.refusal``): the task itself cannot be
+    run (a user program failing its checks on every node); refunded, nobody penalized
+    but dissenters."""
 
 
 class RejectReason(StrEnum):
@@ -77,6 +87,7 @@ class RejectReason(StrEnum):
     LATE_REVEAL = "late_reveal"
     REVEAL_MISMATCH = "reveal_mismatch"
     CONFLICTING_REVEAL = "conflicting_reveal"
+    REFUSAL_MISMATCH = "refusal_mismatch"
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,9 @@ class Failed:
     task_id: str
     reason: Reason
     detail: str
+    digest: bytes = b""
+    """For ``refused``: the refusal digest the quorum agreed on (an earlier round's
+    replicas that revealed another are dissenters)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,8 @@ class _Slot:
     result_ref: str | None = None
     leaves: tuple[bytes, ...] = ()
     """The checkpoint leaves revealed with the digest (signed, not committed to)."""
+    refusal: str | None = None
+    """The refusal code revealed with the digest (it hashes to the digest), if any."""
 
 
 class TaskTally:
@@ -291,9 +307,11 @@ class TaskTally:
     def on_revealed(self, node_id: str, attempt: int, salt: bytes, digest: bytes,
                     runtime_ms: int, now_ms: int,
                     result_ref: str | None = None,
-                    checkpoints: Sequence[bytes] = ()) -> list[Decision]:
+                    checkpoints: Sequence[bytes] = (),
+                    refusal: str | None = None) -> list[Decision]:
         """A ``ResultRevealed`` whose signature the adapter has checked; its
-        ``checkpoints`` are kept for a dispute (``Disputed.checkpoints``)."""
+        ``checkpoints`` are kept for a dispute (``Disputed.checkpoints``); a ``refusal``
+        must hash to its digest (``verifier.commitments.refusal_digest``)."""
         out = self.on_tick(now_ms)
         slot = self._slot_of(node_id, attempt)
         if isinstance(slot, RejectReason):
@@ -315,12 +333,16 @@ class TaskTally:
                                       "commit phase still open")
         if len(digest) != 32 or not 16 <= len(salt) <= 64 or runtime_ms < 0:
             return out + self._reject(node_id, RejectReason.MALFORMED, "digest, salt or runtime")
+        if not matches_refusal(refusal, digest):
+            return out + self._reject(node_id, RejectReason.REFUSAL_MISMATCH,
+                                      f"refusal {refusal!r} does not hash to the digest")
         if not matches(slot.commitment, self.task_id, node_id, attempt, salt, digest):
             return out + self._reject(node_id, RejectReason.REVEAL_MISMATCH,
                                       "does not open the commitment")
         slot.status, slot.salt, slot.digest = Status.REVEALED, bytes(salt), bytes(digest)
         slot.result_ref = result_ref
         slot.leaves = tuple(bytes(leaf) for leaf in checkpoints)
+        slot.refusal = refusal
         return out + self._judge()
 
     @property
@@ -414,10 +436,18 @@ class TaskTally:
         contributions = tuple(
             Contribution(self._node(s), self.compute_units if s.digest == digest else 0,
                          s.digest == digest) for s in revealed)
-        ref = next((s.result_ref for s in revealed if s.digest == digest and s.result_ref), None)
-        self.outcome = Verified(self.task_id, digest, self.quorum, contributions, ref)
         dissent: list[Decision] = [Penalize(c.node_id, self.task_id, Reason.DISSENT)
                                    for c in contributions if not c.agreed]
+        # An agreeing reveal's code proves the digest a refusal (no output hashes to it).
+        refusal = next((s.refusal for s in revealed
+                        if s.digest == digest and getattr(s, "refusal", None)), None)
+        if refusal is not None:
+            self.outcome = Failed(self.task_id, Reason.REFUSED,
+                                  f"{refusal}: {count} replicas refused the task identically; "
+                                  "no node is at fault", digest)
+            return [self.outcome, *dissent]
+        ref = next((s.result_ref for s in revealed if s.digest == digest and s.result_ref), None)
+        self.outcome = Verified(self.task_id, digest, self.quorum, contributions, ref)
         return [self.outcome, *dissent]
 
     def abort(self, reason: Reason, detail: str) -> list[Decision]:

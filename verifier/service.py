@@ -20,6 +20,10 @@ so a node cannot backdate them) and publish what it returns. It
 * turns the tally's decisions into events: ``RevealOpened`` to each voter,
   ``TaskVerified``, ``TaskFailed``, ``ReissueRequested``, ``NodePenalized``;
   rejected events go to the dead-letter topic with their reason;
+* fails a task ``refused`` when a quorum agrees on a refusal (``ResultRevealed.refusal``,
+  whose digest is ``verifier.commitments.refusal_digest`` of its code): the task
+  itself cannot be run, any honest node says so, so the escrow is refunded (the
+  ledger refunds every ``TaskFailed``), nobody is paid and only dissenters are judged;
 * runs the rounds of a task submitted with ``trust="adaptive"`` (``allocator.trust``):
   its first round is as large as the allocator's plan (one replica on a trusted node,
   two for a spot check, three while few are trusted), and any disagreement escalates
@@ -587,6 +591,15 @@ class Verifier:
         return Verified(d.task_id, d.digest, d.quorum, prior + d.contributions,
                         d.result_ref), dissent
 
+    def _refused_dissent(self, d: Failed) -> list[Penalize]:
+        """A quorum of the task's last round refused it: the earlier rounds' replicas that
+        revealed anything else dissented, as they would from a verified digest."""
+        rounds = self.rounds.get(d.task_id)
+        if rounds is None:
+            return []
+        return [Penalize(node, d.task_id, Reason.DISSENT)
+                for node, digest, _ in rounds.prior if digest != d.digest]
+
     def on_granted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A submitter's signed ``DataKeyGranted``: the replica may now run."""
         f = e.fields
@@ -678,7 +691,7 @@ class Verifier:
             return []
         decisions = tally.on_revealed(f["node_id"], f["attempt"], f["salt"], f["digest"],
                                       f["runtime_ms"], now_ms, f["result_ref"],
-                                      f["checkpoints"])
+                                      f["checkpoints"], f.get("refusal"))
         if self._not_yet_assigned(tally, decisions, f["node_id"]):
             return self._park(e, where, now_ms)
         if not _refused(decisions):  # a refused event is not spent: its copy may still count
@@ -817,11 +830,14 @@ class Verifier:
                     out += self._fall_back(d.task_id, self._clock_of(d.task_id))
                 else:
                     expanded += [ruled[0], *ruled[1]]
-            elif isinstance(d, Failed) and dispute is not None and d.reason == Reason.NO_QUORUM:
-                out += self._fall_back(d.task_id, self._clock_of(d.task_id))  # referee lost
+            elif isinstance(d, Failed) and dispute is not None and d.reason in (
+                    Reason.NO_QUORUM, Reason.REFUSED):  # the referee lost, or refused
+                out += self._fall_back(d.task_id, self._clock_of(d.task_id))
             elif isinstance(d, Verified):  # with the earlier rounds' replicas, if any
                 verdict, dissent = self._verdict(d)
                 expanded += [verdict, *dissent]
+            elif isinstance(d, Failed) and d.reason == Reason.REFUSED:
+                expanded += [d, *self._refused_dissent(d)]
             else:
                 expanded.append(d)
         for d in expanded:

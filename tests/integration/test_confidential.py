@@ -4,32 +4,39 @@ topics or in the blob store, keys only for assigned nodes, results only for the 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import torch
 from confluent_kafka.admin import AdminClient
 
+import workloads
 from destra import crypto, keystore
+from destra import network as network_module
 from destra.blobs import BlobStore
 from destra.client import Client, ResultRefused, Watch
 from destra.confidential import open_grant, open_input, seal_result
-from destra.errors import DecryptionFailed
+from destra.errors import DecryptionFailed, DestraError
 from destra.network import LocalNetwork
 from destra.settings import Settings
 from ledger.book import escrow, user
+from ledger.decider import node_wallet
 from ledger.processor import wait_for_transactions
 from schemas import Event, new_event
 from schemas.samples import with_fields
 from streams.producer import EventProducer
 from streams.reading import read_all
 from streams.security import client_config
+from tests import refusing
 from tests.integration.test_lifecycle import FUNDS, _events, _mint
-from tests.support import network_balances, running_network, service_signed
+from tests.refusing import with_refuser
+from tests.support import eventually, network_balances, running_network, service_signed
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -252,3 +259,63 @@ def test_result_refuses_a_delivery_whose_digest_differs_from_the_verified_one(
     got = client.result(task_id)
     assert (got.output, got.node_id) == (honest, "n1")
     client.close()
+
+
+def test_a_task_every_node_refuses_fails_refused_and_is_refunded_in_the_postgres_ledger(
+    network: Settings, kafka: str, pg_dsn: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A test-only workload that refuses (tests.refusing), in this process and, through a
+    # sitecustomize on their PYTHONPATH, in every process of the network; never in the
+    # production registry.
+    monkeypatch.setattr(workloads, "WORKLOADS", with_refuser(workloads.WORKLOADS))
+    root = Path(network_module.__file__).resolve().parents[1]
+    path = os.pathsep.join([str(refusing.site_dir(tmp_path / "site")), str(root),
+                            os.environ.get("PYTHONPATH", "")])
+    settings = network.with_(home=tmp_path / "home", inline_max_bytes=INLINE_MAX)
+    with running_network(settings, kafka, pg_dsn, tmp_path, {
+            "DESTRA_COMMIT_WINDOW_MS": "30000", "DESTRA_REVEAL_WINDOW_MS": "10000",
+            "DESTRA_INLINE_MAX_BYTES": str(INLINE_MAX), "PYTHONPATH": path}) as net:
+        nodes = ["r0", "r1", "r2"]
+        _mint(net, "alice")
+        net.start_services()
+        for n in nodes:
+            net.start_node(n, operator=f"op-{n}")
+        net.wait_registered(nodes)
+
+        client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
+        try:
+            watch = client.watch()  # grants the data key: the refusal is a private input
+            task_id = client.submit(client.quote("refuser", {"units": "3",
+                                                             "refuse": "disallowed-op"}))
+            progress = client.wait([task_id], watch=watch, timeout_s=180)[task_id]
+            watch.close()
+            # The submitter reads why, in the clear and sealed to it.
+            with pytest.raises(DestraError, match="refused: disallowed-op"):
+                client.result(task_id)
+            refusal = client.refusal(task_id)
+        finally:
+            client.close()
+        assert progress.state == "failed", progress.as_dict()
+        assert progress.verdict.fields["reason"] == "refused"  # type: ignore[union-attr]
+        assert refusal is not None and refusal["refused"] == "disallowed-op"
+        assert refusal["detail"] == "op aten.foo is not on the allowed list"
+        reveals = [e for e in _events(net.settings, net.bootstrap, "ResultRevealed")
+                   if e.fields["task_id"] == task_id]
+        assert len(reveals) >= 2 and {e.fields["refusal"] for e in reveals} == {"disallowed-op"}
+        assert _events(net.settings, net.bootstrap, "NodePenalized") == []
+        # Refunded in full through the refund every failed task takes, nobody paid.
+        wait_for_transactions(net.settings, net.bootstrap, [f"refund/{task_id}"])
+        balances = network_balances(net, "public")
+        assert balances[user("alice")] == FUNDS and balances.get(escrow(task_id), 0) == 0
+        assert all(balances.get(node_wallet(n), 0) == 0 for n in nodes)
+
+        def viewed() -> bool:  # the projector's task view says why
+            with psycopg.connect(net.pg_dsn) as conn:
+                row = conn.execute("SELECT status, failure_reason, failure_detail, "
+                                   "refunded_micro, paid_micro FROM task_view "
+                                   "WHERE task_id = %s", (task_id,)).fetchone()
+            return (row is not None and row[:2] == ("failed", "refused")
+                    and row[2].startswith("disallowed-op: ") and row[3] > 0 and row[4] == 0)
+
+        eventually(viewed, timeout=60)
