@@ -10,6 +10,7 @@ import base64
 import json
 import shutil
 import subprocess  # noqa: S404 - runs node on the test's own script
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,9 @@ def test_the_task_page_carries_the_form_and_its_scripts() -> None:
     assert "decrypt.js" not in pages.page("tasks", "tasks", {"html": {}})
     assert (STATIC / "scrypt-js" / "scrypt.js").is_file()
     assert (STATIC / "scrypt-js" / "LICENSE.txt").is_file()
+    pyproject = tomllib.loads((STATIC.parents[2] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["destra"]
+    assert {"dashboard/static/*.js", "dashboard/static/scrypt-js/*"} <= set(shipped)
 
 
 NODE = shutil.which("node")

@@ -285,12 +285,14 @@
       say("Reading the keystore…");
       var text = await readFile(file);
       var shown = -1;
-      var pairs = await openKeystore(text, passInput.value, function (done) {
+      var passphrase = passInput.value;
+      passInput.value = "";  // tried once, not kept in the page
+      var pairs = await openKeystore(text, passphrase, function (done) {
         var pct = Math.floor(done * 10) * 10;
         if (pct !== shown) { shown = pct; say("Deriving the key from the passphrase " +
                                               "(scrypt)… " + pct + " %"); }
       });
-      passInput.value = "";
+      passphrase = null;
       say("Keystore open (" + pairs.length + " key" + (pairs.length > 1 ? "s" : "") +
           "). Fetching the sealed result…");
       var body = await sealedCopies();
@@ -312,6 +314,7 @@
     } catch (e) {
       say(e instanceof DecryptError ? capital(e.message) + "."
         : "Decryption failed: " + (e && e.message ? e.message : String(e)), "error");
+      if (!passInput.value) { passInput.focus(); }
     } finally {
       button.disabled = false;
       form.removeAttribute("aria-busy");
