@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from destra.dashboard import pages
 from destra.dashboard.hub import Hub
-from destra.dashboard.sealed import NoSealedResult, SealedReader
+from destra.dashboard.sealed import NoSealedResult, SealedSource
 
 STATIC = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
@@ -46,7 +46,7 @@ def plotly_js() -> Path:
     return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
-def create_app(hub: Hub, sealed: SealedReader | None = None) -> Starlette:
+def create_app(hub: Hub, sealed: SealedSource | None = None) -> Starlette:
     """The app over ``hub``; starting the app starts the hub's poller (its lifespan).
     ``sealed`` reads the sealed result copies a task page decrypts (none: no Kafka)."""
 

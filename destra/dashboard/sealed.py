@@ -17,7 +17,7 @@ import base64
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from destra.blobs import BlobStore
 from destra.blobs import fetch as fetch_blob
@@ -70,6 +70,12 @@ def sealed_copies(task_id: str, verdicts: Iterable[Event], reveals: Iterable[Eve
     return {"task_id": task_id, "status": "verified",
             "digest": bytes(verdict.fields["digest"]).hex(), "copies": copies,
             "problems": problems}
+
+
+class SealedSource(Protocol):
+    """What the endpoint asks: ``sealed_copies`` of a task (``SealedReader`` reads Kafka)."""
+
+    def read(self, task_id: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

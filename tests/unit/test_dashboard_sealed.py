@@ -22,7 +22,7 @@ from destra.confidential import open_result, seal_result
 from destra.dashboard import pages
 from destra.dashboard.app import STATIC, create_app
 from destra.dashboard.hub import Hub
-from destra.dashboard.sealed import NoSealedResult, SealedReader, sealed_copies
+from destra.dashboard.sealed import NoSealedResult, sealed_copies
 from destra.errors import DestraError
 from schemas import Event, new_event
 
@@ -90,19 +90,17 @@ def test_a_task_without_a_verdict_or_that_failed_has_no_sealed_result() -> None:
     assert e.value.status == 409
 
 
-class _Reader(SealedReader):
-    """The endpoint's reader over given events rather than Kafka."""
+class _Reader:
+    """The endpoint's source over given events rather than Kafka (none: Kafka is down)."""
 
     def __init__(self, events: list[Event], store: BlobStore) -> None:
-        super().__init__("unused:9092", "", None, store.root)
-        object.__setattr__(self, "events", events)
+        self.events, self.store = events, store
 
     def read(self, task_id: str) -> dict[str, Any]:
-        events: list[Event] = getattr(self, "events")  # noqa: B009
-        if not events:
+        if not self.events:
             raise DestraError("broker down")
-        return sealed_copies(task_id, [e for e in events if e.name != "ResultRevealed"],
-                             events, BlobStore(self.blobs or Path()))
+        return sealed_copies(task_id, [e for e in self.events if e.name != "ResultRevealed"],
+                             self.events, self.store)
 
 
 def _get(app: Any, path: str) -> tuple[int, dict[str, str], Any]:
