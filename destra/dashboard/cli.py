@@ -11,20 +11,24 @@ from destra.cli_common import load_settings, service_addresses, settings_options
 
 
 def serve(dsn: str, bootstrap: str | None, *, prefix: str, genesis: Any, schema: str,
-          host: str, port: int, home: Path | None = None) -> None:
+          host: str, port: int, home: Path | None = None, blobs: Path | None = None) -> None:
     """Run the dashboard over ``dsn`` (and Kafka at ``bootstrap``, if any; the services
-    whose metrics ``home`` lists) until stopped."""
+    whose metrics ``home`` lists; the blob store at ``blobs`` for large sealed results)
+    until stopped."""
     import uvicorn
 
     from destra.dashboard import pages
     from destra.dashboard.app import create_app
     from destra.dashboard.hub import Follower, Hub
+    from destra.dashboard.sealed import SealedReader
     from destra.dashboard.services import Scraper
 
     follower = Follower(bootstrap, prefix, genesis) if bootstrap else None
     hub = Hub(dsn, schema=schema, follower=follower, render=pages.render,
               scraper=Scraper(home) if home is not None else None)
-    uvicorn.run(create_app(hub), host=host, port=port, log_level="warning", ws="none")
+    sealed = (SealedReader(bootstrap, prefix, genesis, blobs)
+              if bootstrap else None)
+    uvicorn.run(create_app(hub, sealed), host=host, port=port, log_level="warning", ws="none")
 
 
 @click.command("dashboard")
@@ -45,4 +49,5 @@ def dashboard(port: int, host: str, schema: str, metrics_home: Path | None,
     click.echo(f"dashboard of network {settings.topic_prefix.rstrip('.') or '(no prefix)'} "
                f"on http://{host}:{port}/ (Ctrl-C stops it)")
     serve(dsn, bootstrap, prefix=settings.topic_prefix, genesis=settings.genesis_path,
-          schema=schema, host=host, port=port, home=metrics_home or settings.home)
+          schema=schema, host=host, port=port, home=metrics_home or settings.home,
+          blobs=settings.blobs)

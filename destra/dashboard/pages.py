@@ -139,9 +139,10 @@ def task_part(t: dict[str, Any]) -> dict[str, Any]:
                       rows, "No replica placed yet.")
     command = (f"destra result {t['task_id']} --account {t['submitter_id'] or 'ACCOUNT'}"
                " --out result.bin")
-    result = ("<p>The result is sealed to the submitter's key, which lives in the keystore "
-              "on the submitter's machine; this server never holds it and never sees the "
-              "plaintext. Decrypt it there with:</p>"
+    result = ("<p>The result is sealed to the submitter's X25519 key, which lives in the "
+              "keystore on the submitter's machine; this server never holds it and never "
+              "sees the plaintext. Decrypt it below, in this browser tab, or on that machine "
+              "with:</p>"
               f"<pre><code id='result-command'>{escape(command)}</code></pre>"
               if t["status"] == "verified" else
               "<p>The result can be fetched once the task is verified.</p>")
@@ -366,13 +367,34 @@ def render(snap: Snapshot, pinned: list[str] | None = None) -> dict[str, dict[st
 
 # -- the frame ------------------------------------------------------------------------
 
+# Outside the live parts (whose HTML the stream swaps in), so an update never clears the
+# chosen file or the typed passphrase; ``decrypt.js`` shows it once the task is verified.
+_DECRYPT = (
+    "<section id='task-decrypt' data-task='{task_id}' aria-labelledby='decrypt-title' hidden>"
+    "<h3 id='decrypt-title'>Decrypt and download</h3>"
+    "<p>Decryption happens in this browser tab: the keystore file is read by the browser "
+    "and never uploaded, the passphrase is never sent, and the server only hands out the "
+    "sealed copies (ciphertext) the agreeing nodes revealed. The tab derives the keystore's "
+    "key (scrypt), opens it (AES-256-GCM), opens the result with the account's current or "
+    "retired X25519 key (X25519, HKDF-SHA256, AES-256-GCM) and checks its SHA-256 against "
+    "the verified digest before saving it.</p>"
+    "<form id='decrypt-form' class='decrypt'>"
+    "<label for='decrypt-keystore'>Keystore file (<code>$DESTRA_HOME/accounts/"
+    "ACCOUNT.json</code>)</label>"
+    "<input type='file' id='decrypt-keystore' accept='.json,application/json'>"
+    "<label for='decrypt-passphrase'>Passphrase</label>"
+    "<input type='password' id='decrypt-passphrase' autocomplete='current-password'>"
+    "<button type='submit' id='decrypt-button'>Decrypt and download</button></form>"
+    "<p id='decrypt-status' role='status' aria-live='polite'></p>"
+    "<p id='decrypt-saved'></p></section>")
+
 _BODIES = {
     "tasks": "<h1>Tasks</h1><section aria-label='Counts by status' id='task-counts'></section>"
              "<section id='tasks-table'></section>",
     "task": "<h1>Task <code>{task_id}</code></h1><p><a href='/tasks'>All tasks</a></p>"
             "<section id='task-facts'></section><h2>Replicas</h2>"
             "<section id='task-replicas'></section><h2>Result</h2>"
-            "<section id='task-result'></section>",
+            "<section id='task-result'></section>" + _DECRYPT,
     "operators": "<h1>Operators</h1><section id='nodes-summary'></section>"
                  "<div class='plots'><div class='plot' id='plot-map'></div>"
                  "<div class='plot' id='plot-regions'></div>"
@@ -406,6 +428,9 @@ def page(kind: str, part_name: str, part: dict[str, Any], *, task_id: str = "",
                             f"<section id='{region}'>{html}</section>")
     title = PAGES.get(kind, "Task")
     scripts = ("<script src='/static/plotly.min.js'></script>" if plots else "")
+    if kind == "task":
+        scripts += ("<script src='/static/scrypt-js/scrypt.js'></script>"
+                    "<script src='/static/decrypt.js'></script>")
     initial = json.dumps({"plots": part.get("plots", {})}, separators=(",", ":"),
                          default=str).replace("</", "<\\/")
     return (

@@ -2,8 +2,11 @@
 live network (ledger, projector, processors, a node runner): every page loads with no
 console error, a task submitted during the test appears on the tasks page and reaches its
 verdict there without a reload (server-sent events), and the server's Postgres
-statements stay at one per tick however many pages are open. Screenshots are saved to
-``$DESTRA_ARTIFACTS`` (else a directory under the test's tmp_path), printed below."""
+statements stay at one per tick however many pages are open. On the task's page the
+result is decrypted in the browser from the account's keystore file and passphrase and
+downloaded: the same bytes as ``Client.result``; a wrong passphrase is refused.
+Screenshots are saved to ``$DESTRA_ARTIFACTS`` (else a directory under the test's
+tmp_path), printed below."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from destra import keystore
 from destra.client import Client
 from destra.network import LocalNetwork
 from destra.settings import Settings
@@ -51,6 +55,7 @@ def dashboard(live_net: LocalNetwork) -> Iterator[tuple[str, Any]]:
     from destra.dashboard import pages
     from destra.dashboard.app import create_app
     from destra.dashboard.hub import Follower, Hub
+    from destra.dashboard.sealed import SealedReader
     from destra.dashboard.services import Scraper
 
     net = live_net
@@ -58,7 +63,9 @@ def dashboard(live_net: LocalNetwork) -> Iterator[tuple[str, Any]]:
         net.bootstrap, net.settings.topic_prefix, net.settings.genesis_path),
         scraper=Scraper(net.settings.home))
     port = free_port_block(1)
-    server = uvicorn.Server(uvicorn.Config(create_app(hub), host="127.0.0.1", port=port,
+    sealed = SealedReader(net.bootstrap, net.settings.topic_prefix, net.settings.genesis_path,
+                          net.settings.blobs)
+    server = uvicorn.Server(uvicorn.Config(create_app(hub, sealed), host="127.0.0.1", port=port,
                                            log_level="warning", ws="none", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -74,7 +81,14 @@ def dashboard(live_net: LocalNetwork) -> Iterator[tuple[str, Any]]:
 
 
 @pytest.fixture
-def browser() -> Iterator[Any]:
+def downloads(tmp_path: Path) -> Path:
+    where = tmp_path / "downloads"
+    where.mkdir()
+    return where
+
+
+@pytest.fixture
+def browser(downloads: Path) -> Iterator[Any]:
     if NO_BROWSER:
         pytest.skip(f"no chromium at {CHROMIUM} or no chromedriver at {CHROMEDRIVER} "
                     "(apt-get install chromium chromium-driver; .ci/run does when root)")
@@ -87,7 +101,11 @@ def browser() -> Iterator[Any]:
                 "--disable-gpu", "--window-size=1280,1000"):
         options.add_argument(arg)
     options.set_capability("goog:loggingOptions", {"browser": "ALL"})
+    options.add_experimental_option("prefs", {
+        "download.default_directory": str(downloads), "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {
+        "behavior": "allow", "downloadPath": str(downloads), "eventsEnabled": False})
     driver.set_page_load_timeout(60)
     try:
         yield driver
@@ -121,7 +139,7 @@ def _wait(check: Any, timeout_s: float, what: str, why: Any = None) -> Any:
 
 def test_every_page_loads_and_a_task_reaches_its_verdict_live(
         live_net: LocalNetwork, dashboard: tuple[str, Any], browser: Any,
-        artifacts: Path) -> None:
+        artifacts: Path, downloads: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -160,6 +178,7 @@ def test_every_page_loads_and_a_task_reaches_its_verdict_live(
     assert row is not None
     waiter.join(30)
     watch.close()
+    expected = client.result(task_id).output  # what `destra result` writes
     client.close()
     driver.save_screenshot(str(artifacts / "tasks.png"))
     assert not _errors(driver), _errors(driver)
@@ -178,6 +197,38 @@ def test_every_page_loads_and_a_task_reaches_its_verdict_live(
     assert f"destra result {task_id} --account alice" in driver.find_element(
         By.ID, "result-command").text
     assert len(driver.find_elements(By.CSS_SELECTOR, "#task-replicas tbody tr")) >= 2
+    assert not _errors(driver), _errors(driver)
+
+    # Decrypt in the browser: the keystore file is read by the page, never uploaded. A
+    # wrong passphrase is refused, saying so, and nothing is downloaded.
+    section = driver.find_element(By.ID, "task-decrypt")
+    assert section.is_displayed()
+    keystore_file = keystore.account_path(net.settings, "alice")
+    assert keystore_file.is_file()
+    status = driver.find_element(By.ID, "decrypt-status")
+    driver.find_element(By.ID, "decrypt-keystore").send_keys(str(keystore_file))
+    driver.find_element(By.ID, "decrypt-passphrase").send_keys("not the passphrase")
+    driver.find_element(By.ID, "decrypt-button").click()
+    _wait(lambda: "Wrong passphrase" in status.text, 60, "the wrong passphrase refused",
+          lambda: status.text)
+    assert "error" in (status.get_attribute("class") or "")
+    time.sleep(1)
+    assert list(downloads.iterdir()) == [], list(downloads.iterdir())
+    assert driver.find_element(By.ID, "decrypt-passphrase").get_attribute("value") == ""
+    # The right one: the result opens, matches the verified digest and is downloaded,
+    # byte for byte what the CLI's client decrypts.
+    driver.find_element(By.ID, "decrypt-passphrase").send_keys(net.passphrase.decode())
+    driver.find_element(By.ID, "decrypt-button").click()
+    saved = _wait(lambda: [p for p in downloads.iterdir()
+                           if not p.name.endswith(".crdownload")], 90, "the download",
+                  lambda: (status.text, list(downloads.iterdir())))
+    assert [p.name for p in saved] in ([f"{task_id}.json"], [f"{task_id}.out"]), saved
+    _wait(lambda: saved[0].read_bytes() == expected, 10, "the whole download",
+          lambda: (len(saved[0].read_bytes()), len(expected)))
+    assert "is the verified digest" in status.text, status.text
+    assert driver.find_element(By.ID, "decrypt-passphrase").get_attribute("value") == ""
+    print(f"\nbrowser-decrypted {saved[0].name}: {len(expected)} bytes, equal to "
+          "Client.result's output")
     driver.save_screenshot(str(artifacts / "task.png"))
     assert not _errors(driver), _errors(driver)
 

@@ -20,6 +20,7 @@
         if (el) { window.Plotly.react(el, plots[id].data, plots[id].layout, config); }
       });
     }
+    document.dispatchEvent(new CustomEvent("dashboard:update"));
   }
 
   apply(JSON.parse(document.getElementById("initial").textContent));
