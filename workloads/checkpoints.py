@@ -387,7 +387,7 @@ def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.d
             if not run:
                 continue
             advanced = workload.advance_many(params, state, run, device)
-            for segment, state in zip(run, advanced, strict=True):  # noqa: B020 (evaluated)
+            for segment, state in zip(run, advanced, strict=True):
                 if segment == tamper_from:
                     state = _tampered(workload, params, state, device)
                 leaves.append(leaf_of(workload, state))
