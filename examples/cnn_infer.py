@@ -9,7 +9,6 @@ different device classes agree (``mantissa_bits`` > 0 lets the task run anywhere
 from __future__ import annotations
 
 import torch
-
 from example_common import Example, arguments, main
 
 

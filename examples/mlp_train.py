@@ -12,9 +12,8 @@ ops by ``make_fx`` (forward and backward in one graph), then exported.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
-
 from example_common import Example, arguments, main
+from torch.fx.experimental.proxy_tensor import make_fx
 
 LR = 0.1
 MOMENTUM = 0.9

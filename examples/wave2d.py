@@ -12,7 +12,6 @@ replicas must then share a device class.
 from __future__ import annotations
 
 import torch
-
 from example_common import Example, arguments, main
 
 
