@@ -72,8 +72,11 @@ MAX_GRAPH_NODES = 100_000
 
 # ATen operator packets (``torch.ops.aten.<name>``) a program may call, any overload; an
 # in-place variant (``add_``) of an allowed op is allowed too. No randomness (dropout,
-# rand*: a replica's draws would differ), no I/O, no custom ops, no higher-order ops
-# (``while_loop``, ``cond``, ``map``, callbacks): iteration is the task's ``steps``, which
+# rand*: a replica's draws would differ), no uninitialized memory (``empty*``: its
+# contents differ between replicas; leaving it out lets the run skip torch's NaN-filling
+# of every new tensor in deterministic mode, a full extra memory pass), no I/O, no
+# custom ops, no higher-order ops (``while_loop``, ``cond``, ``map``, callbacks): iteration
+# is the task's ``steps``, which
 # the runtime bound covers, so there is no unbounded loop inside a step.
 _ELEMENTWISE = """
 abs acos acosh add addcdiv addcmul alias asin asinh atan atan2 atanh bitwise_and
@@ -142,9 +145,8 @@ transpose_copy unsqueeze_copy squeeze_copy slice_copy select_copy split_copy
 diagonal_copy _assert_tensor_metadata
 """
 _CREATION = """
-arange empty empty_like empty_strided eye full full_like linspace new_empty
-new_empty_strided new_full new_ones new_zeros ones ones_like scalar_tensor zeros
-zeros_like zero
+arange eye full full_like linspace new_full new_ones new_zeros ones ones_like
+scalar_tensor zeros zeros_like zero
 """
 ALLOWED_OPS: frozenset[str] = frozenset(" ".join(
     (_ELEMENTWISE, _ACTIVATIONS, _LINALG, _NN, _LOSSES, _BACKWARD, _REDUCTIONS, _SHAPE,

@@ -5,11 +5,14 @@ Compute (per step, then times ``steps``):
 - the floating-point operations of matrix products and convolutions, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` while the program runs on fake tensors
   (``FakeTensorMode``: shapes only, no arithmetic, no memory);
-- plus ``BYTE_FLOPS`` per byte that every other non-view operator reads and writes:
-  element-wise work, reductions and copies are bound by memory bandwidth, not by the
-  arithmetic the node's speed (a float32 matmul) measures; a byte moved costs about as
-  long as 15-30 FLOPs of matmul on CPUs and GPUs alike (measured here: 45 GFLOP/s vs 1.4
-  GB/s; an H100: 50 TFLOP/s vs 3 TB/s);
+- plus, per byte that every other non-view operator reads and writes, ``BYTE_FLOPS``
+  when the operator's operands total more than ``CACHE_BYTES`` and ``CACHED_BYTE_FLOPS``
+  otherwise: element-wise work, reductions and copies are bound by memory bandwidth, not
+  by the arithmetic the node's speed (a float32 matmul) measures. A byte from main
+  memory costs about as long as 15-30 FLOPs of matmul on CPUs and GPUs alike (measured
+  here: 45 GFLOP/s vs 1.4 GB/s on 64 MiB operands; an H100: 50 TFLOP/s vs 3 TB/s);
+  operands that stay in cache stream some 20 times faster (measured here: a 512x512
+  float64 stencil step, about 25 GB/s);
 - plus ``OP_FLOPS`` per operator call: the dispatch overhead of an eager call (about
   10 us on a CPU). On a fast GPU a unit is far less than 10 us, so a program of many
   tiny ops is underpriced there; programs of real size are dominated by the first two.
@@ -40,7 +43,12 @@ from workloads.base import OPS_PER_UNIT, WorkRefused, mebibytes, units
 from workloads.lazy import torch
 
 BYTE_FLOPS = 24
-"""Operations charged per byte read or written by a memory-bound operator."""
+"""Operations charged per byte read or written by a memory-bound operator on operands
+larger than ``CACHE_BYTES``."""
+CACHED_BYTE_FLOPS = 1
+"""The same, on operands that fit in ``CACHE_BYTES``."""
+CACHE_BYTES = 8 * 2**20
+"""Operands up to this total are taken to stay in cache (a last-level cache's order)."""
 OP_FLOPS = 500_000
 """Operations charged per operator call (dispatch overhead)."""
 RUNTIME_FLOOR_MS = 10_000
@@ -101,7 +109,8 @@ def _opname(node: torch.fx.Node) -> str:
 
 
 def graph_costs(ep: torch.export.ExportedProgram) -> tuple[int, int, int]:
-    """``(traffic bytes of uncounted ops, op calls, peak live bytes)`` of one step."""
+    """``(traffic charge of uncounted ops in operations, op calls, peak live bytes)`` of
+    one step."""
     nodes = list(ep.graph.nodes)
     last_use: dict[torch.fx.Node, int] = {}
     for i, node in enumerate(nodes):
@@ -116,7 +125,8 @@ def graph_costs(ep: torch.export.ExportedProgram) -> tuple[int, int, int]:
                 calls += 1
             size = 0 if (not name or name in _VIEWS) else _nbytes(node.meta.get("val"))
             if name and name not in _VIEWS and name not in _COUNTED:
-                traffic += size + sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+                moved = size + sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+                traffic += moved * (CACHED_BYTE_FLOPS if moved <= CACHE_BYTES else BYTE_FLOPS)
             sizes[node] = size
             live += size
             peak = max(peak, live)
@@ -149,7 +159,7 @@ def estimate_loaded(ep: torch.export.ExportedProgram, inputs: list[torch.Tensor]
                     steps: int) -> Estimate:
     """The estimate of a loaded, checked program on ``inputs`` (module docstring)."""
     traffic, calls, peak = graph_costs(ep)
-    per_step = counted_flops(ep, inputs) + BYTE_FLOPS * traffic + OP_FLOPS * calls
+    per_step = counted_flops(ep, inputs) + traffic + OP_FLOPS * calls
     flops = per_step * steps
     state = sum(_nbytes(t) for t in ep.state_dict.values()) + sum(
         _nbytes(t) for t in ep.constants.values())
