@@ -16,11 +16,13 @@ from workloads.heat2d import Heat2d
 from workloads.matmul import Matmul
 from workloads.mlp_digits import MlpDigits
 from workloads.nbody import NBody
+from workloads.program import PROGRAM
 from workloads.sha256_search import Sha256Search
 from workloads.sweep import Sweep
 
 WORKLOADS: Mapping[str, Workload] = MappingProxyType({
-    w.name: w for w in (MlpDigits(), NBody(), Heat2d(), Matmul(), Sha256Search(), Sweep())
+    w.name: w for w in (MlpDigits(), NBody(), Heat2d(), Matmul(), Sha256Search(), Sweep(),
+                        PROGRAM)
 })
 
 

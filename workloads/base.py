@@ -44,6 +44,8 @@ class ParamSpec:
     """Allowed values of a ``str`` parameter; empty means the workload checks it itself."""
     doc: str = ""
     """One line for `destra workloads` and the submitter."""
+    max_len: int = _MAX_STR_LEN
+    """Longest value of a ``str`` parameter (a user program travels base64 in one)."""
     public: bool = False
     """Sent in the clear: the task's cost and memory depend on it, so the ledger and the
     allocator must read it. Every other parameter travels in the encrypted payload."""
@@ -80,8 +82,8 @@ class ParamSpec:
         else:
             if self.choices and raw not in self.choices:
                 raise bad("is not allowed")
-            if len(raw) > _MAX_STR_LEN:
-                raise bad(f"is longer than {_MAX_STR_LEN} characters")
+            if len(raw) > self.max_len:
+                raise bad(f"is longer than {self.max_len} characters")
             return raw
         if (self.min is not None and value < self.min) or (
                 self.max is not None and value > self.max):

@@ -189,13 +189,30 @@ class Checkpointed(ABC):
         """The result of ``run(params)`` from the state after the last segment; its runtime
         counted from ``started_ns`` when given (``run_whole``), else from now."""
 
+    def advance_many(self, params: dict[str, Any], state: Any, segments: range,
+                     device: torch.device) -> list[Any]:
+        """The state after each of ``segments`` (consecutive, the first continuing from
+        ``state``). Default: ``advance`` one by one; a workload whose segments are costly
+        to start (a user program's child process) runs them in one go."""
+        states = []
+        for segment in segments:
+            state = self.advance(params, state, segment, device)
+            states.append(state)
+        return states
+
+    def leaf_bits(self, fields: Mapping[str, Any]) -> int | None:
+        """Mantissa bits a leaf keeps for a state with these fields (None: exact).
+        Default: the workload's ``digest_bits``; a user program's state names its own."""
+        return self.digest_bits
+
     def state_bytes(self, state: Any) -> bytes:
         """Exact encoding of ``state`` (float bits kept): what a segment resumes from."""
         return _encode(self.state_fields(state), None)
 
     def leaf_bytes(self, state: Any) -> bytes:
-        """Encoding with floats rounded to ``digest_bits``: what a leaf hashes."""
-        return _encode(self.state_fields(state), self.digest_bits)
+        """Encoding with floats rounded to ``leaf_bits``: what a leaf hashes."""
+        fields = self.state_fields(state)
+        return _encode(fields, self.leaf_bits(fields))
 
     def state_from_bytes(self, params: dict[str, Any], data: bytes,
                          device: torch.device) -> Any:
@@ -299,11 +316,9 @@ def checkpoint_leaves(workload: Checkpointed, params: dict[str, Any], device: to
     """
     with deterministic(device):
         state = workload.initial_state(params, device)
-        leaves = []
-        for segment in range(workload.segments(params)):
-            state = workload.advance(params, state, segment, device)
-            leaves.append(leaf_of(workload, state))
-    return leaves, state
+        states = workload.advance_many(params, state, range(workload.segments(params)), device)
+        leaves = [leaf_of(workload, s) for s in states]
+    return leaves, states[-1]
 
 
 def run_whole(workload: Checkpointed, params: dict[str, Any], device: torch.device
@@ -314,8 +329,8 @@ def run_whole(workload: Checkpointed, params: dict[str, Any], device: torch.devi
     started = time.perf_counter_ns()
     with deterministic(device):
         state = workload.initial_state(params, device)
-        for segment in range(workload.segments(params)):
-            state = workload.advance(params, state, segment, device)
+        n = workload.segments(params)
+        state = workload.advance_many(params, state, range(n), device)[-1]
         return workload.final_result(params, state, device, started)
 
 
@@ -365,13 +380,19 @@ def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.d
     with deterministic(device):
         state = workload.initial_state(params, device)
         leaves, states = [], []
-        for segment in range(workload.segments(params)):
-            state = workload.advance(params, state, segment, device)
-            if segment == tamper_from:
-                state = _tampered(workload, params, state, device)
-            leaves.append(leaf_of(workload, state))
-            exact = workload.state_bytes(state)
-            states.append(exact if len(exact) <= MAX_INLINE_STATE_BYTES else b"")
+        n = workload.segments(params)
+        # Runs of segments between tamperings: one advance_many each.
+        cut = n if tamper_from is None or not 0 <= tamper_from < n else tamper_from + 1
+        for run in (range(0, cut), range(cut, n)):
+            if not run:
+                continue
+            advanced = workload.advance_many(params, state, run, device)
+            for segment, state in zip(run, advanced, strict=True):
+                if segment == tamper_from:
+                    state = _tampered(workload, params, state, device)
+                leaves.append(leaf_of(workload, state))
+                exact = workload.state_bytes(state)
+                states.append(exact if len(exact) <= MAX_INLINE_STATE_BYTES else b"")
         return leaves, states, workload.final_result(params, state, device)
 
 
@@ -392,7 +413,8 @@ def state_leaf(workload: Checkpointed, data: bytes) -> bytes:
     ``InvalidParams`` for bytes that are no checkpoint, or hold NaN."""
     fields = _decode(data)
     try:
-        return hashlib.sha256(CHECKPOINT_DOMAIN + _encode(fields, workload.digest_bits)).digest()
+        bits = workload.leaf_bits(fields)
+        return hashlib.sha256(CHECKPOINT_DOMAIN + _encode(fields, bits)).digest()
     except WorkloadFailed as e:
         raise InvalidParams(f"the state has no leaf: {e}") from None
     except TypeError as e:

@@ -1,0 +1,255 @@
+"""User programs (workload ``program``): checked, bounded, run in a child, digested."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from destra.errors import InvalidParams
+from workloads import get_workload
+from workloads.base import WorkRefused
+from workloads.checkpoints import run_recorded, run_segment, state_leaf
+from workloads.program import estimate, program_params, read_outputs, save_inputs, save_program
+from workloads.program_check import MAX_PROGRAM_BYTES, check_archive, load_program
+from workloads.program_run import local_run
+from workloads.program_tensors import read_tensors, write_tensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import cnn_infer  # noqa: E402
+import mlp_train  # noqa: E402
+import wave2d  # noqa: E402
+from example_common import Example  # noqa: E402
+
+CPU = torch.device("cpu")
+PROGRAM = get_workload("program")
+
+EXAMPLES: dict[str, Callable[[], Example]] = {
+    "cnn_infer": lambda: cnn_infer.build(batch=2, width=4, size=16),
+    "mlp_train": lambda: mlp_train.build(n=32, n_in=8, hidden=16, steps=12),
+    "wave2d": lambda: wave2d.build(grid=16, steps=20),
+}
+
+
+def files(example: Example) -> tuple[bytes, bytes]:
+    return save_program(example.ep), save_inputs(example.inputs)
+
+
+def params_of(example: Example, **overrides: str) -> dict[str, Any]:
+    program, inputs = files(example)
+    raw = program_params(program, inputs, steps=example.steps, carry=example.carry,
+                         mantissa_bits=example.mantissa_bits)
+    return PROGRAM.validate({**raw, **overrides})
+
+
+def with_program(params: dict[str, Any], program: bytes) -> dict[str, Any]:
+    """The params with another program, its hash updated (the submitter signed it)."""
+    return {**params, "program": base64.b64encode(program).decode(),
+            "program_sha256": hashlib.sha256(program).hexdigest()}
+
+
+def refused(code: str, fn: Callable[[], object]) -> WorkRefused:
+    with pytest.raises(WorkRefused) as e:
+        fn()
+    assert e.value.code == code, e.value
+    return e.value
+
+
+class Runaway(torch.nn.Module):
+    """A heavy step: 256^3 matmuls, repeated."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        for _ in range(8):
+            a = torch.tanh(a @ a)
+        return a
+
+
+# ------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_each_example_runs_in_a_child_with_a_stable_digest_equal_to_a_local_run(
+        name: str) -> None:
+    example = EXAMPLES[name]()
+    params = params_of(example)
+    est = estimate(*files(example), example.steps, example.carry)
+    assert est.units == params["units"] >= 1 and est.memory_mb == params["memory_mb"]
+    one, two = PROGRAM.run(params, CPU), PROGRAM.run(params, CPU)
+    assert one.digest == two.digest == hashlib.sha256(one.output).digest()
+    local = local_run(*files(example), steps=example.steps, carry=example.carry)
+    outs = read_outputs(one.output)
+    assert len(outs) == len(local)
+    for got, want in zip(outs, local, strict=True):
+        if example.mantissa_bits == 0:
+            assert torch.equal(got, want)
+        else:
+            assert torch.allclose(got, want, rtol=2.0 ** -example.mantissa_bits)
+
+
+def test_the_output_file_is_safetensors_that_the_library_reads() -> None:
+    example = EXAMPLES["wave2d"]()
+    result = PROGRAM.run(params_of(example), CPU)
+    loaded = safetensors.torch.load(result.output)
+    assert sorted(loaded) == ["out0", "out1"]
+    assert torch.equal(loaded["out0"], read_outputs(result.output)[0])
+
+
+def test_training_lowers_the_loss() -> None:
+    example = mlp_train.build(n=32, n_in=8, hidden=16, steps=1)
+    program, inputs = files(example)
+    first = local_run(program, inputs, steps=1, carry=8)[-1]
+    later = local_run(program, inputs, steps=30, carry=8)[-1]
+    assert float(later) < 0.5 * float(first)
+
+
+def test_checkpointed_segments_give_the_run_and_a_referee_reproduces_one() -> None:
+    example = EXAMPLES["mlp_train"]()
+    params = params_of(example)
+    leaves, states, result = run_recorded(PROGRAM, params, CPU)
+    assert len(leaves) == PROGRAM.segments(params) == 12
+    assert result.digest == PROGRAM.run(params, CPU).digest
+    pre_leaf, post_leaf, _ = run_segment(PROGRAM, params, 5, states[4], CPU,
+                                         expected_pre_leaf=leaves[4])
+    assert post_leaf == leaves[5] and state_leaf(PROGRAM, states[4]) == leaves[4]
+    tampered, _, bad = run_recorded(PROGRAM, params, CPU, tamper_from=3)
+    assert tampered[:3] == leaves[:3] and tampered[3] != leaves[3]
+    assert bad.digest != result.digest
+
+
+def test_mantissa_rounding_makes_tiny_float_noise_agree() -> None:
+    example = EXAMPLES["cnn_infer"]()
+    program, _ = files(example)
+    noisy = example.inputs[0] * (1 + 1e-6)  # about 16 ulps: device-like noise
+    base = {**params_of(example), "mantissa_bits": 10}
+    exact = {**base, "mantissa_bits": 0}
+
+    def digest(p: dict[str, Any], images: torch.Tensor) -> bytes:
+        inputs = save_inputs((images,))
+        p = {**p, "input": base64.b64encode(inputs).decode(),
+             "input_sha256": hashlib.sha256(inputs).hexdigest()}
+        return PROGRAM.run(p, CPU).digest
+
+    assert digest(base, example.inputs[0]) == digest(base, noisy)
+    assert digest(exact, example.inputs[0]) != digest(exact, noisy)
+
+
+def test_precision_decides_homogeneity_and_cost_is_the_declared_one() -> None:
+    params = params_of(EXAMPLES["wave2d"]())
+    assert PROGRAM.homogeneous(params) and not PROGRAM.homogeneous(
+        {**params, "mantissa_bits": 20})
+    assert PROGRAM.compute_units(params) == params["units"]
+    assert PROGRAM.memory_mb(params) == params["memory_mb"]
+    assert {"program", "input"}.isdisjoint(PROGRAM.public_names())
+
+
+def test_tensor_files_are_canonical_and_read_strictly() -> None:
+    tensors = {"out0": torch.arange(6.0).reshape(2, 3), "out1": torch.tensor([True, False]),
+               "out10": torch.zeros(0, dtype=torch.int64)}
+    data = write_tensors(tensors)
+    assert data == write_tensors(dict(reversed(list(tensors.items()))))
+    assert {k: v.tolist() for k, v in read_tensors(data).items()} == {
+        k: v.tolist() for k, v in tensors.items()}
+    library = safetensors.torch.save({"in0": torch.ones(3)})
+    assert torch.equal(read_tensors(library)["in0"], torch.ones(3))
+    refused("bad-input", lambda: read_tensors(data + b"x"))
+    refused("bad-input", lambda: read_tensors(b"\xff" * 16))
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_a_wrong_hash_is_refused() -> None:
+    params = params_of(EXAMPLES["wave2d"]())
+    refused("bad-hash", lambda: PROGRAM.run({**params, "program_sha256": "0" * 64}, CPU))
+    refused("bad-hash", lambda: PROGRAM.run({**params, "input_sha256": "1" * 64}, CPU))
+
+
+def test_a_disallowed_op_is_refused_by_name() -> None:
+    class Noisy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.dropout(x, 0.5, training=True)
+
+    ep = torch.export.export(Noisy(), (torch.ones(4),))
+    e = refused("disallowed-op", lambda: save_program(ep))
+    assert "dropout" in e.detail
+
+
+def test_a_pickle_member_is_refused_before_torch_reads_the_archive() -> None:
+    program, _ = files(EXAMPLES["wave2d"]())
+    src = zipfile.ZipFile(io.BytesIO(program))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("sample_inputs/model.pt"):
+                data = b"\x80\x04\x95" + b"cos\nsystem\n"  # a pickle where inputs go
+            z.writestr(info, data)
+        z.writestr("archive/data/evil.pkl", b"\x80\x04N.")
+    refused("pickle-in-program", lambda: check_archive(out.getvalue()))
+    params = with_program(params_of(EXAMPLES["wave2d"]()), out.getvalue())
+    refused("pickle-in-program", lambda: PROGRAM.run(params, CPU))
+
+
+def test_a_pickled_weight_config_is_refused() -> None:
+    program, _ = files(EXAMPLES["cnn_infer"]())
+    src = zipfile.ZipFile(io.BytesIO(program))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("model_weights_config.json"):
+                data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+            z.writestr(info, data)
+    refused("pickle-in-program", lambda: check_archive(out.getvalue()))
+
+
+def test_an_accepted_archive_loads_without_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    program, _ = files(EXAMPLES["cnn_infer"]())
+    import pickle
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "Unpickler", boom)
+    assert load_program(program).graph is not None
+
+
+def test_an_oversized_program_is_refused() -> None:
+    params = params_of(EXAMPLES["wave2d"]())
+    big = b"\0" * (MAX_PROGRAM_BYTES + 1)
+    refused("program-too-large", lambda: PROGRAM.run(with_program(params, big), CPU))
+
+
+def test_inputs_of_the_wrong_shape_are_refused() -> None:
+    example = EXAMPLES["wave2d"]()
+    program, _ = files(example)
+    wrong = save_inputs((torch.zeros(3, 3, dtype=torch.float64),) * 2 + (example.inputs[2],))
+    e = refused("shape-mismatch", lambda: estimate(program, wrong, 1, 2))
+    assert "in0" in e.detail
+    refused("shape-mismatch", lambda: estimate(program, save_inputs(example.inputs), 1, 3))
+
+
+def test_a_runaway_program_is_stopped_at_its_stated_bound() -> None:
+    a = torch.rand(256, 256) / 256
+    program = save_program(torch.export.export(Runaway(), (a,)))
+    raw = program_params(program, save_inputs((a,)), steps=1_000_000)
+    params = PROGRAM.validate({**raw, "max_runtime_ms": "1500"})
+    started = time.monotonic()
+    refused("runtime-bound", lambda: PROGRAM.run(params, CPU))
+    assert time.monotonic() - started < 5
+
+
+def test_a_bound_looser_than_the_rule_is_invalid() -> None:
+    raw = {k: str(v) for k, v in params_of(EXAMPLES["wave2d"]()).items()}
+    with pytest.raises(InvalidParams, match="max_runtime_ms"):
+        PROGRAM.validate({**raw, "max_runtime_ms": str(10**9)})

@@ -1,0 +1,352 @@
+"""``program``: a submitter's own PyTorch program ("bring your own model", issue 15).
+
+The submitter exports a program with ``torch.export`` and saves it with
+``save_program`` (a pt2 archive holding no pickle), writes its inputs with
+``save_inputs`` (safetensors, named ``in0..``), and asks for a quote with
+``program_params``, which checks the program exactly as the nodes will, measures its
+cost from the graph (``workloads.program_cost``) and returns the task's parameters.
+
+Parameters (strings, as in every task):
+
+- public, read by the ledger and the allocator: ``program_sha256`` and ``input_sha256``
+  (64 lower-case hex: the signed submission binds every replica to these bytes),
+  ``units`` (compute units of the whole run), ``memory_mb`` (peak), ``steps``,
+  ``carry`` (leading outputs fed back as leading inputs: training state),
+  ``mantissa_bits`` (0: the digest is over exact bits, so the replicas must share a
+  device class, ``homogeneous``; else floats are rounded to that many explicit mantissa
+  bits before hashing, ``workloads.canonical.round_tensor``), ``max_runtime_ms`` (the
+  wall-clock bound; 0 means ``runtime_bound_ms(units)``, and a stated one may not exceed
+  it: ``workloads.program_cost``).
+- private, sealed to the assigned nodes: ``program`` and ``input``, standard padded
+  base64 of the archive and of the tensor file.
+
+A node runs ``check_hashes``, ``check_sizes`` and the archive checks in its own process
+(pure Python), then everything that touches torch in a fresh child process
+(``workloads.program_sandbox``, ``workloads.program_run``). Any failure is
+``workloads.base.WorkRefused(code, detail)``, the same on every honest node.
+
+Output: the final step's outputs as a canonical safetensors file (``out0..``, floats
+rounded when ``mantissa_bits`` > 0); the digest is its SHA-256. Runs of more than one
+step commit Merkle checkpoints (``workloads.checkpoints``): segments of steps, the state
+being the last step's outputs (``workloads.program_run``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.errors import InvalidParams, WorkloadFailed
+from workloads.base import ParamSpec, Workload, WorkloadResult, WorkRefused, finish
+from workloads.canonical import round_tensor
+from workloads.checkpoints import Checkpointed, split_evenly, want_int
+from workloads.lazy import torch
+from workloads.program_check import (
+    MAX_INPUT_BYTES,
+    MAX_PROGRAM_BYTES,
+    check_archive,
+    check_hashes,
+    check_shapes,
+    check_sizes,
+    load_program,
+    no_unpickling,
+    sha256_hex,
+    signature_specs,
+)
+from workloads.program_cost import MAX_RUNTIME_MS, Estimate, estimate_loaded, runtime_bound_ms
+from workloads.program_run import Job, run_job
+from workloads.program_sandbox import run_in_child
+from workloads.program_tensors import (
+    MAX_TENSORS,
+    numbered,
+    positional,
+    read_tensors,
+    write_tensors,
+)
+
+MAX_STEPS = 1_000_000
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_B64_MAX = 4 * math.ceil(max(MAX_PROGRAM_BYTES, MAX_INPUT_BYTES) / 3)
+_MANTISSA = {"float32": 23, "float64": 52, "float16": 10, "bfloat16": 7}
+
+
+def save_program(ep: torch.export.ExportedProgram) -> bytes:
+    """The pt2 archive of ``ep`` without its example inputs (which torch pickles), checked
+    as a node will check it. ``WorkRefused`` when the archive would be refused."""
+    saved = ep._example_inputs
+    ep._example_inputs = None
+    try:
+        buffer = io.BytesIO()
+        torch.export.save(ep, buffer)
+    finally:
+        ep._example_inputs = saved
+    data = buffer.getvalue()
+    check_archive(data)
+    return data
+
+
+def save_inputs(tensors: Sequence[torch.Tensor]) -> bytes:
+    """The input file of a program taking ``tensors`` positionally (``in0..``)."""
+    return write_tensors(numbered("in", list(tensors)))
+
+
+def read_outputs(data: bytes) -> list[torch.Tensor]:
+    """The outputs in a result file (what ``destra result`` writes), in order."""
+    return positional("out", read_tensors(data))
+
+
+def estimate(program: bytes, inputs: bytes, steps: int = 1, carry: int = 0) -> Estimate:
+    """Check the program as a node will and estimate its cost (``workloads.program_cost``).
+
+    Loads the program in this process (the submitter's own program). ``WorkRefused``
+    for any check failure; ``InvalidParams`` for steps or carry out of range."""
+    if not 1 <= steps <= MAX_STEPS or not 0 <= carry <= MAX_TENSORS:
+        raise InvalidParams(f"program: steps {steps} must be in [1, {MAX_STEPS}] and "
+                            f"carry {carry} in [0, {MAX_TENSORS}]")
+    check_sizes(program, inputs)
+    ep = load_program(program)
+    ins, outs = signature_specs(ep)
+    given = positional("in", read_tensors(inputs))
+    check_shapes(ins, outs, given, carry)
+    with no_unpickling():
+        return estimate_loaded(ep, given, steps)
+
+
+def program_params(program: bytes, inputs: bytes, *, steps: int = 1, carry: int = 0,
+                   mantissa_bits: int = 0) -> dict[str, str]:
+    """The full parameter map (public and private) of a task running ``program``."""
+    if not 0 <= mantissa_bits <= 52:
+        raise InvalidParams(f"program: mantissa_bits {mantissa_bits} must be in [0, 52]")
+    est = estimate(program, inputs, steps, carry)
+    params = {
+        "program_sha256": sha256_hex(program), "input_sha256": sha256_hex(inputs),
+        "units": str(est.units), "memory_mb": str(est.memory_mb), "steps": str(steps),
+        "carry": str(carry), "mantissa_bits": str(mantissa_bits),
+        "max_runtime_ms": str(est.max_runtime_ms),
+        "program": base64.b64encode(program).decode("ascii"),
+        "input": base64.b64encode(inputs).decode("ascii"),
+    }
+    PROGRAM.validate(params)
+    return params
+
+
+def _decode(params: Mapping[str, Any], name: str) -> bytes:
+    try:
+        return base64.b64decode(params[name], validate=True)
+    except (binascii.Error, ValueError) as e:
+        code = "bad-input" if name == "input" else "bad-program"
+        raise WorkRefused(code, f"parameter {name!r} is not base64: {e}") from None
+
+
+def _round(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """``t`` with floats rounded to ``bits`` mantissa bits (capped at the dtype's);
+    half-precision floats are rounded through float32, which holds them exactly."""
+    name = str(t.dtype).removeprefix("torch.")
+    if bits == 0 or name not in _MANTISSA:
+        return t
+    keep = min(bits, _MANTISSA[name])
+    try:
+        if t.dtype in (torch.float32, torch.float64):
+            return round_tensor(t, keep)
+        return round_tensor(t.to(torch.float32), keep).to(t.dtype)
+    except WorkloadFailed as e:
+        raise WorkRefused("program-failed", f"an output holds NaN: {e}") from None
+
+
+@dataclass(frozen=True)
+class ProgramState:
+    """After ``step`` steps: the outputs of that step (``out``), or, at step 0, the
+    carried inputs (``in``); ``bits`` = the task's mantissa_bits (leaves round by it)."""
+
+    step: int
+    tensors: tuple[torch.Tensor, ...]
+    bits: int
+
+    @property
+    def prefix(self) -> str:
+        """Name prefix of the tensors: ``in`` at step 0, else ``out``."""
+        return "in" if self.step == 0 else "out"
+
+
+class Program(Workload, Checkpointed):
+    """A user's exported PyTorch program, checked, bounded and run in a child process."""
+
+    name = "program"
+    doc = ("A submitter's own torch.export program (pt2, no pickle, allowlisted ATen ops) "
+           "on a safetensors input, iterated `steps` times with the first `carry` outputs "
+           "fed back; output = the last step's outputs as safetensors. Exact digest "
+           "(same device class) unless `mantissa_bits` > 0.")
+    params = (
+        ParamSpec(name="program_sha256", kind="str", default="0" * 64, public=True,
+                  doc="SHA-256 (hex) of the .pt2 archive"),
+        ParamSpec(name="input_sha256", kind="str", default="0" * 64, public=True,
+                  doc="SHA-256 (hex) of the input .safetensors"),
+        ParamSpec(name="units", kind="int", default=1, min=1, max=10**13, public=True,
+                  doc="compute units of the whole run (from the graph, by the client)"),
+        ParamSpec(name="memory_mb", kind="int", default=1, min=1, max=2**20, public=True,
+                  doc="peak memory in MiB (from the shapes, by the client)"),
+        ParamSpec(name="steps", kind="int", default=1, min=1, max=MAX_STEPS, public=True,
+                  doc="times the program runs"),
+        ParamSpec(name="carry", kind="int", default=0, min=0, max=MAX_TENSORS, public=True,
+                  doc="leading outputs fed back as the leading inputs of the next step"),
+        ParamSpec(name="mantissa_bits", kind="int", default=0, min=0, max=52, public=True,
+                  doc="0: exact digest; else floats rounded to this many mantissa bits"),
+        ParamSpec(name="max_runtime_ms", kind="int", default=0, min=0, max=MAX_RUNTIME_MS,
+                  public=True, doc="wall-clock bound; 0: the rule's for `units`"),
+        ParamSpec(name="program", kind="str", default="", max_len=_B64_MAX,
+                  doc="base64 of the .pt2 archive (sealed)"),
+        ParamSpec(name="input", kind="str", default="", max_len=_B64_MAX,
+                  doc="base64 of the input .safetensors (sealed)"),
+    )
+    bit_exact = False
+    digest_bits = 0
+
+    def check(self, params: dict[str, Any]) -> None:
+        """Hashes are 64 lower-case hex; a stated bound is within the rule's."""
+        for name in ("program_sha256", "input_sha256"):
+            if not _HEX64.fullmatch(params[name]):
+                raise InvalidParams(f"{self.name}: parameter {name!r} must be 64 lower-case "
+                                    "hex digits")
+        rule = runtime_bound_ms(params["units"])
+        if params["max_runtime_ms"] > rule:
+            raise InvalidParams(f"{self.name}: max_runtime_ms {params['max_runtime_ms']} "
+                                f"exceeds {rule}, the bound for {params['units']} units")
+
+    def homogeneous(self, params: dict[str, Any]) -> bool:
+        """Exact digests (``mantissa_bits`` = 0) need replicas of one device class."""
+        return bool(params["mantissa_bits"] == 0)
+
+    def compute_units(self, params: dict[str, Any]) -> int:
+        """The declared ``units`` (measured from the graph by the submitter's client)."""
+        return int(params["units"])
+
+    def memory_mb(self, params: dict[str, Any]) -> int:
+        """The declared ``memory_mb``."""
+        return int(params["memory_mb"])
+
+    @staticmethod
+    def bound_ms(params: dict[str, Any]) -> int:
+        """The wall-clock bound the task states: ``max_runtime_ms``, or the rule's."""
+        return int(params["max_runtime_ms"]) or runtime_bound_ms(params["units"])
+
+    def payload(self, params: dict[str, Any]) -> tuple[bytes, bytes]:
+        """The program and input bytes, after every check done outside torch."""
+        program, inputs = _decode(params, "program"), _decode(params, "input")
+        check_hashes(program, inputs, params["program_sha256"], params["input_sha256"])
+        check_sizes(program, inputs)
+        check_archive(program)
+        read_tensors(inputs)
+        return program, inputs
+
+    def _child(self, params: dict[str, Any], device: torch.device, start: ProgramState,
+               boundaries: tuple[int, ...]) -> dict[int, list[torch.Tensor]]:
+        """Run from ``start`` to each boundary in a child; the outputs at each."""
+        program, inputs = self.payload(params)
+        state = (None if start.step == 0 and start.tensors == ()
+                 else write_tensors(numbered(start.prefix, list(start.tensors))))
+        job = Job(program=program, inputs=inputs, device=str(device), carry=params["carry"],
+                  start_step=start.step, start_state=state, boundaries=boundaries)
+        reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
+                             bound_ms=self.bound_ms(params))
+        return {b: positional("out", read_tensors(reply.blobs[f"s{b}"])) for b in boundaries}
+
+    def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
+        """All steps in one child; the final outputs, canonical and digested."""
+        started = time.perf_counter_ns()
+        outs = self._child(params, device, ProgramState(0, (), params["mantissa_bits"]),
+                           (params["steps"],))
+        final = ProgramState(params["steps"], tuple(outs[params["steps"]]),
+                             params["mantissa_bits"])
+        return self.final_result(params, final, device, started)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def segments(self, params: dict[str, Any]) -> int:
+        """ceil(steps / k) segments of k = ceil(steps / 64) steps."""
+        return split_evenly(params["steps"])[1]
+
+    def segment_units(self, params: dict[str, Any]) -> int:
+        """The declared units pro rata for k steps."""
+        k = split_evenly(params["steps"])[0]
+        return max(1, math.ceil(params["units"] * k / params["steps"]))
+
+    def _end(self, params: dict[str, Any], segment: int) -> int:
+        k = split_evenly(params["steps"])[0]
+        return min((segment + 1) * k, params["steps"])
+
+    def initial_state(self, params: dict[str, Any], device: torch.device) -> ProgramState:
+        """The first ``carry`` inputs, read (not run) from the checked input file."""
+        _, inputs = self.payload(params)
+        given = positional("in", read_tensors(inputs))
+        return ProgramState(0, tuple(given[:params["carry"]]), params["mantissa_bits"])
+
+    def advance(self, params: dict[str, Any], state: ProgramState, segment: int,
+                device: torch.device) -> ProgramState:
+        """One segment in a child."""
+        return self.advance_many(params, state, range(segment, segment + 1), device)[0]
+
+    def advance_many(self, params: dict[str, Any], state: ProgramState, segments: range,
+                     device: torch.device) -> list[ProgramState]:
+        """Consecutive segments in one child, the state at each segment's end."""
+        k = split_evenly(params["steps"])[0]
+        if not segments or state.step != segments[0] * k:
+            raise InvalidParams(f"{self.name}: the state after step {state.step} is not "
+                                f"the pre-state of segment {segments.start}")
+        ends = tuple(self._end(params, s) for s in segments)
+        outs = self._child(params, device, state, ends)
+        return [ProgramState(end, tuple(outs[end]), state.bits) for end in ends]
+
+    def state_fields(self, state: ProgramState) -> dict[str, int | torch.Tensor]:
+        """``step``, ``bits`` and the tensors by name."""
+        fields: dict[str, int | torch.Tensor] = {"step": state.step, "bits": state.bits}
+        fields.update(numbered(state.prefix, list(state.tensors)))
+        return fields
+
+    def leaf_bits(self, fields: Mapping[str, Any]) -> int | None:
+        """The task's mantissa_bits, which the state carries (0: exact leaves)."""
+        bits = fields.get("bits")
+        return bits if isinstance(bits, int) and 0 < bits <= 52 else None
+
+    def state_from_fields(self, params: dict[str, Any], fields: dict[str, Any],
+                          device: torch.device) -> ProgramState:
+        """Check names and counts; shapes are checked by the child that resumes it."""
+        step = want_int(fields, "step", 0, params["steps"])
+        bits = want_int(fields, "bits", 0, 52)
+        if bits != params["mantissa_bits"]:
+            raise InvalidParams(f"{self.name}: state rounds to {bits} bits, the task to "
+                                f"{params['mantissa_bits']}")
+        named = {k: v for k, v in fields.items() if k not in ("step", "bits")}
+        if not all(isinstance(v, torch.Tensor) for v in named.values()):
+            raise InvalidParams(f"{self.name}: checkpoint fields must be tensors")
+        try:
+            tensors = positional("in" if step == 0 else "out", named)
+        except WorkRefused as e:
+            raise InvalidParams(f"{self.name}: {e.detail}") from None
+        if (step == 0 and len(tensors) != params["carry"]) or len(tensors) < params["carry"]:
+            raise InvalidParams(f"{self.name}: a state holds {len(tensors)} tensors, "
+                                f"carry is {params['carry']}")
+        return ProgramState(step, tuple(t.to(device) for t in tensors), bits)
+
+    def final_result(self, params: dict[str, Any], state: ProgramState,
+                     device: torch.device, started_ns: int | None = None) -> WorkloadResult:
+        """The last step's outputs, rounded per ``mantissa_bits``, as canonical safetensors."""
+        started = time.perf_counter_ns() if started_ns is None else started_ns
+        if state.step != params["steps"]:
+            raise InvalidParams(f"{self.name}: the state after step {state.step} is not final")
+        bits = params["mantissa_bits"]
+        outs = [_round(t.detach().to("cpu"), bits) for t in state.tensors]
+        output = write_tensors(numbered("out", outs))
+        summary = {"steps": state.step, "outputs": [f"{str(t.dtype)[6:]}{list(t.shape)}"
+                                                    for t in outs]}
+        return finish(output, summary, started, device)
+
+
+PROGRAM = Program()
+"""The registered instance."""

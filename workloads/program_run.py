@@ -1,0 +1,112 @@
+"""What runs inside the child: load and check a user program, iterate its steps.
+
+One step calls the program on its inputs. With ``carry = k``, the first ``k`` outputs
+of step ``s`` replace the first ``k`` inputs of step ``s + 1`` (a training step maps
+``(params, optimizer state, batch) -> (params', state', loss)``); the other inputs
+stay. The task's result is the outputs of the last step.
+
+A *state* is what a checkpoint holds after step ``s``: all the outputs of step ``s``
+(``out0..``), or for ``s = 0`` the first ``k`` inputs (``in0..``). Running segments one
+after another from these states gives the same bits as one uninterrupted run: the
+carried tensors are exactly the next step's inputs.
+
+These functions also run in-process (``local_run``, for submitters and tests): the
+child is only there for the limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workloads.base import WorkRefused, deterministic
+from workloads.lazy import torch
+from workloads.program_check import check_shapes, load_program, signature_specs
+from workloads.program_sandbox import Reply
+from workloads.program_tensors import numbered, positional, read_tensors, write_tensors
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of steps in a child: from state ``start`` to each of ``boundaries``."""
+
+    program: bytes
+    inputs: bytes
+    device: str
+    carry: int
+    start_step: int
+    """Steps already done; 0 starts from the input file."""
+    start_state: bytes | None
+    """The state after ``start_step`` (``write_tensors`` bytes); None when 0."""
+    boundaries: tuple[int, ...]
+    """Ascending step counts after which to return the state; the last is where to stop."""
+
+
+def _state_tensors(state: bytes, prefix: str, count: int) -> list[torch.Tensor]:
+    named = read_tensors(state)
+    tensors = positional(prefix, named)
+    if len(tensors) < count:
+        raise WorkRefused("shape-mismatch", f"a state holds {len(tensors)} tensors, "
+                          f"{count} are carried")
+    return tensors
+
+
+def run_job(job: Job) -> Reply:
+    """Load, check, and run ``job``; the states at its boundaries as blobs ``s<step>``."""
+    device = torch.device(job.device)
+    ep = load_program(job.program)
+    ins, outs = signature_specs(ep)
+    given = positional("in", read_tensors(job.inputs))
+    check_shapes(ins, outs, given, job.carry)
+    if job.start_state is not None:
+        prefix = "out" if job.start_step > 0 else "in"
+        carried = _state_tensors(job.start_state, prefix, job.carry)[:job.carry]
+        check_shapes(ins, outs, carried + given[job.carry:], job.carry)
+        given = carried + given[job.carry:]
+    # No allowed op exposes uninitialized memory (no ``empty*``: program_check), so the
+    # NaN-filling of every new tensor that deterministic mode does is a wasted memory
+    # pass here (it doubled the time of memory-bound steps); restored after the run.
+    settings = torch.utils.deterministic
+    filling = settings.fill_uninitialized_memory  # type: ignore[attr-defined]
+    settings.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    try:
+        blobs = _iterate(ep, given, job, device)
+    finally:
+        settings.fill_uninitialized_memory = filling  # type: ignore[attr-defined]
+    return Reply(facts={"steps": job.boundaries[-1]}, blobs=blobs)
+
+
+def _iterate(ep: torch.export.ExportedProgram, given: list[torch.Tensor], job: Job,
+             device: torch.device) -> dict[str, bytes]:
+    """The step loop of ``run_job``: the state at each boundary, as tensor files."""
+    blobs: dict[str, bytes] = {}
+    with deterministic(device), torch.no_grad():
+        module = ep.module().to(device)
+        args = [t.to(device) for t in given]
+        step = job.start_step
+        for boundary in job.boundaries:
+            if boundary <= step:
+                raise WorkRefused("program-failed", f"boundary {boundary} is not after "
+                                  f"step {step}")
+            outputs: list[torch.Tensor] = []
+            while step < boundary:
+                outputs = _call(module, args)
+                args = outputs[:job.carry] + args[job.carry:]
+                step += 1
+            blobs[f"s{boundary}"] = write_tensors(numbered("out", outputs))
+    return blobs
+
+
+def _call(module: torch.nn.Module, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    result = module(*args)
+    leaves = torch.utils._pytree.tree_leaves(result)
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise WorkRefused("bad-program", "the program returned something other than tensors")
+    return [t.detach() for t in leaves]
+
+
+def local_run(program: bytes, inputs: bytes, *, steps: int, carry: int,
+              device: str = "cpu") -> list[torch.Tensor]:
+    """The final outputs of ``steps`` steps, computed in this process (no limits)."""
+    reply = run_job(Job(program=program, inputs=inputs, device=device, carry=carry,
+                        start_step=0, start_state=None, boundaries=(steps,)))
+    return positional("out", read_tensors(reply.blobs[f"s{steps}"]))

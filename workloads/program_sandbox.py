@@ -1,0 +1,256 @@
+"""Running a user program in a child process, with a wall-clock bound and a memory limit.
+
+Why a child: a program that runs past its bound must be stopped, and a thread cannot be
+stopped inside an ATen kernel; a process can be killed. A crash in a kernel (or a
+memory blow-up) takes down the child, not the node.
+
+Warm children: a fresh interpreter pays about 2-3 s to import torch. The children come
+from a ``multiprocessing`` forkserver whose server process has torch and the program
+loader imported (``PRELOAD``); each task gets a *fresh* child forked from it (about
+20 ms here), so no state leaks from one task's program to the next. The server starts on
+the first task (that one pays the import once), or earlier with ``warm_up()``.
+
+Limits in the child:
+
+- CPU: ``RLIMIT_AS`` = the child's address space at start + ``MEMORY_FACTOR`` x the
+  declared ``memory_mb`` + ``MEMORY_SLACK_MB``. (Address space, not resident memory:
+  torch maps far more than it touches, hence the measured start and the slack.) An
+  allocation past it fails; the child reports ``memory-limit``.
+- CUDA: ``RLIMIT_AS`` would break the driver, which maps huge virtual ranges, so it is
+  not set; instead ``torch.cuda.set_per_process_memory_fraction`` caps the caching
+  allocator at ``MEMORY_FACTOR`` x ``memory_mb`` + ``MEMORY_SLACK_MB`` of the card. The
+  host side is then unbounded by us (the node's own cgroup, if any, still applies). A
+  CUDA child also pays the CUDA context's creation once per task (not measured here: no
+  GPU on the development machine).
+- Wall clock: the parent waits ``bound_ms`` from the moment the child says it has
+  started (so the forkserver's one-time start is not charged to a task), then kills it:
+  ``WorkRefused("runtime-bound")``.
+
+What the child sends back is parsed, not unpickled (``_decode_reply``): a child whose
+program broke it cannot attack the parent through the reply.
+
+This is isolation from accidents and runaway programs, not a security sandbox: the
+child is an ordinary process of the node's user, with the node's files and network. A
+memory-safety bug in an ATen kernel reachable from an allowed op could be exploited by
+a crafted program; the allowlist and the absence of pickle and Python code narrow what a
+submitter controls to tensor values, shapes and the choice of listed ops.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import context, popen_forkserver, spawn
+from multiprocessing.connection import Connection
+from typing import Any
+
+from workloads.base import WorkRefused
+
+MEMORY_FACTOR = 2
+"""Declared memory is multiplied by this for the limit: the declaration is an estimate."""
+MEMORY_SLACK_MB = 1024
+"""Added to the limit: allocator caches, thread stacks and arenas, kernels' workspaces."""
+MAX_REPLY_BYTES = 1 << 31
+"""Largest reply read from a child."""
+PRELOAD = ("torch", "torch.export", "torch._export.serde.serialize",
+           "torch.export.pt2_archive._package", "workloads.program_run")
+"""Imported once by the forkserver, so every child starts with them."""
+
+_context: Any = None
+_launching = threading.Lock()
+
+
+def _ctx() -> Any:
+    global _context
+    if _context is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
+        _context = ctx
+    return _context
+
+
+class _MainlessPopen(popen_forkserver.Popen):
+    """A forkserver launch that does not re-run the parent's ``__main__`` in the child.
+
+    ``multiprocessing`` re-imports the main script (or ``-m`` module) in every child so
+    that functions defined there unpickle; ours live in ``workloads``, and re-running a
+    node's or a benchmark's main module would cost time per task (or start processes).
+    The launch drops those two entries from the preparation data (the stdlib reads it
+    through ``spawn.get_preparation_data``, replaced for the launch, under a lock)."""
+
+    def _launch(self, process_obj: Any) -> None:
+        original = spawn.get_preparation_data
+
+        def mainless(name: str) -> dict[str, Any]:
+            data = original(name)
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+            return data
+
+        with _launching:
+            spawn.get_preparation_data = mainless
+            try:
+                super()._launch(process_obj)  # type: ignore[misc]
+            finally:
+                spawn.get_preparation_data = original
+
+
+class _Process(context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _MainlessPopen(process_obj)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A child's answer: named byte blobs and small JSON facts."""
+
+    facts: dict[str, Any]
+    blobs: dict[str, bytes]
+
+
+def encode_reply(facts: dict[str, Any], blobs: dict[str, bytes]) -> bytes:
+    """``u32 json length, JSON {facts, sizes}, blobs in sizes' order`` (child side)."""
+    head = json.dumps({"facts": facts, "sizes": [[k, len(v)] for k, v in blobs.items()]},
+                      sort_keys=True).encode("utf-8")
+    return struct.pack("<I", len(head)) + head + b"".join(blobs.values())
+
+
+def _decode_reply(data: bytes) -> Reply:
+    """Parse what ``encode_reply`` wrote; ``program-failed`` for anything else."""
+    try:
+        (n,) = struct.unpack_from("<I", data, 0)
+        head = json.loads(data[4:4 + n].decode("utf-8"))
+        pos, blobs = 4 + n, {}
+        for name, size in head["sizes"]:
+            if not isinstance(name, str) or type(size) is not int or size < 0:
+                raise ValueError("bad blob entry")
+            blobs[name] = data[pos:pos + size]
+            pos += size
+        if pos != len(data) or not isinstance(head["facts"], dict):
+            raise ValueError("length mismatch")
+        return Reply(facts=head["facts"], blobs=blobs)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise WorkRefused("program-failed", f"the child's reply is malformed: {e}") from None
+
+
+def _vm_bytes() -> int:
+    """This process's current address-space size (``VmSize``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0  # not Linux: no measurement, the slack must do
+
+
+def _limit_memory(device: str, memory_mb: int) -> None:
+    budget = (MEMORY_FACTOR * memory_mb + MEMORY_SLACK_MB) * 2**20
+    if device.startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
+        return
+    limit = _vm_bytes() + budget
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed tensors' memory instead of unmapping it: a fresh child has
+    not yet raised malloc's dynamic mmap threshold, so every tensor over 128 KiB would be
+    a fresh ``mmap`` with a page fault per 4 KiB, each step (no-op off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: glibc's maximum
+        libc.mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return
+
+
+def _is_memory_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate" in text \
+        or "cannot allocate" in text
+
+
+def _child_main(conn: Connection, fn: Callable[..., Reply], job: Any, device: str,
+                memory_mb: int) -> None:
+    """Entry point in the child: limit memory, say "started", run, reply, exit."""
+    try:
+        _limit_memory(device, memory_mb)
+        _keep_freed_memory()
+        conn.send_bytes(b"started")
+        reply = fn(job)
+        data = encode_reply(reply.facts, reply.blobs)
+    except WorkRefused as e:
+        data = encode_reply({"refused": e.code, "detail": e.detail}, {})
+    except BaseException as e:  # the program's failure, reported whatever it is
+        code = "memory-limit" if _is_memory_error(e) else "program-failed"
+        last = traceback.format_exception_only(type(e), e)[-1].strip()
+        data = encode_reply({"refused": code, "detail": last[:500]}, {})
+    try:
+        conn.send_bytes(data)
+    finally:
+        conn.close()
+        os._exit(0)  # skip atexit and finalizers of whatever the program loaded
+
+
+def warm_up() -> None:
+    """Start the forkserver (torch imported once) before the first task."""
+    run_in_child(_nothing, None, device="cpu", memory_mb=1, bound_ms=60_000)
+
+
+def _nothing(_job: Any) -> Reply:
+    return Reply(facts={}, blobs={})
+
+
+def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb: int,
+                 bound_ms: int) -> Reply:
+    """Run ``fn(job)`` in a fresh forkserver child under the limits above.
+
+    ``fn`` must be a module-level function of a module the child can import. Returns
+    its ``Reply``; raises ``WorkRefused``: the child's own refusal, ``runtime-bound``
+    when ``bound_ms`` passes, ``memory-limit``, or ``program-failed`` when it dies.
+    """
+    ctx = _ctx()
+    ours, theirs = ctx.Pipe(duplex=False)
+    proc = _Process(target=_child_main, args=(theirs, fn, job, device, memory_mb),
+                    daemon=True)
+    proc.start()
+    theirs.close()
+    try:
+        if not ours.poll(120) or ours.recv_bytes(16) != b"started":
+            raise WorkRefused("program-failed", "the child did not start")
+        deadline = time.monotonic() + bound_ms / 1000
+        if not ours.poll(max(0.0, deadline - time.monotonic())):
+            raise WorkRefused("runtime-bound", f"stopped after the {bound_ms} ms bound the "
+                              "task states (max_runtime_ms)")
+        data = ours.recv_bytes(MAX_REPLY_BYTES)
+    except (EOFError, OSError):
+        proc.join(5)
+        raise WorkRefused("program-failed", f"the child died (exit code {proc.exitcode})"
+                          ) from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        ours.close()
+    reply = _decode_reply(data)
+    if "refused" in reply.facts:
+        raise WorkRefused(str(reply.facts["refused"]), str(reply.facts.get("detail", "")))
+    return reply
