@@ -24,14 +24,14 @@ from destra.confidential import grant, merge_params, open_input, seal_input, sea
 from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, InvalidParams
 from ledger.decider import LedgerDecider
-from node_runner.logic import Computed, Fault, NodeLogic, run_assignment
+from node_runner.logic import Computed, Fault, NodeLogic, refused, run_assignment
 from schemas import Event, new_event
 from schemas.bindings import data_key_commitment, sign_stake_consent
 from streams.memory import MemoryRunner
 from streams.processing import Context, Outcome, Recovery
 from verifier.service import Verifier
 from workloads import get_workload
-from workloads.canonical import canonical_json
+from workloads.base import WorkRefused
 
 CPU = torch.device("cpu")
 HEARTBEAT_MS = 2_000
@@ -64,7 +64,7 @@ class Compute:
                 params = merge_params(params, open_input(data_key, f["task_id"], f["payload"]))
             parsed = workload.validate(params)
         except (DecryptionFailed, InvalidParams) as err:
-            return Computed(canonical_json({"error": "invalid-input", "detail": str(err)}), 0)
+            return refused(WorkRefused("invalid-input", str(err)))
         fault = self.faults.get(f["node_id"], Fault.NONE)
         if f.get("segment", -1) >= 0:  # a referee: one segment, never reused
             self.segment_runs += 1
@@ -180,10 +180,10 @@ class Submitter:
         its compute (the allocator then fails it); ``homogeneous`` overrides the workload's
         precision rule (``Workload.homogeneous``) in the submission."""
         w = get_workload(workload)
-        parsed = w.validate(params)
-        units = w.compute_units(parsed) + units_delta
-        q = self.prices.quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
         public, private = w.split(params)
+        parsed = w.validate(public)  # as the ledger and the allocator: the sealed part
+        units = w.compute_units(parsed) + units_delta  # is only the nodes' to check
+        q = self.prices.quote(workload, units, replicas, "consumer", now_ms, 60_000, trust)
         payload = None
         commitment = b""
         if private:

@@ -71,7 +71,7 @@ from destra.crypto import KeyPair, sign_event
 from destra.errors import DecryptionFailed, DestraError, InvalidParams
 from destra.settings import Settings
 from node_runner.capability import Capability, measure, pick_device
-from node_runner.logic import Computed, Fault, NodeLogic, run_assignment
+from node_runner.logic import Computed, Fault, NodeLogic, refused, run_assignment
 from schemas import Event, decode, new_event
 from schemas.bindings import StakeConsent, sign_stake_consent
 from schemas.events import now_ms
@@ -83,7 +83,7 @@ from streams.processing import Context, Outcome, Work
 from streams.producer import EventProducer
 from streams.topics import inbox_topic, partition_for, topic_for
 from workloads import WORKLOADS, get_workload
-from workloads.canonical import canonical_json
+from workloads.base import WorkRefused
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +354,9 @@ class NodeRunner:
         """The canonical output and runtime of one replica.
 
         An input the submitter got wrong (unreadable with the key it granted, or
-        parameters out of bounds) gives an error document instead: deterministic,
-        so every honest replica agrees on it and the submitter learns why.
+        parameters out of bounds) is refused ``invalid-input`` (``logic.refused``): every
+        honest replica refuses it alike, the task fails ``refused`` and is refunded, and
+        the sealed detail tells the submitter why.
         """
         f = assignment.fields
         workload = get_workload(f["workload"])
@@ -366,8 +367,7 @@ class NodeRunner:
                 params = merge_params(params, open_input(data_key, f["task_id"], sealed))
             parsed = workload.validate(params)
         except (DecryptionFailed, InvalidParams) as err:
-            return Computed(canonical_json({"task_id": f["task_id"], "error": "invalid-input",
-                                            "detail": str(err)}), 0)
+            return refused(WorkRefused("invalid-input", str(err)))
         return run_assignment(assignment, workload, parsed, self.device, self.config.fault)
 
     def _seal(self, assignment: Event, output: bytes) -> tuple[bytes | None, str | None]:

@@ -318,3 +318,24 @@ def test_destra_audit_rederives_a_refused_task_and_a_waived_homogeneity_without_
     assert not missing.ok
     assert any("refused" in str(d) for d in missing.discrepancies), [
         str(d) for d in missing.discrepancies]
+
+
+def test_a_private_input_out_of_bounds_is_refused_invalid_input_and_refunded() -> None:
+    # The public parameters passed the ledger and the allocator; the sealed seed only the
+    # nodes see is out of its bounds: every replica refuses it alike, nobody is paid.
+    sim = Sim()
+    before = sim.balance("user:alice")
+    sim.submit("t1", "matmul", {"n": "16", "seed": "-3"})
+    sim.runner.run_until(lambda: _settled(sim, "t1"), max_ms=60_000)
+    verdict = sim.verdict("t1")
+    assert verdict is not None and verdict.name == "TaskFailed", verdict
+    assert verdict.fields["reason"] == "refused"
+    assert verdict.fields["detail"].startswith("invalid-input")
+    assert {e.fields["refusal"] for e in sim.runner.events("ResultRevealed")} == {
+        "invalid-input"}
+    reveal = sim.runner.events("ResultRevealed")[0].fields
+    document = open_result((keys_for("alice"),), "t1", reveal["node_id"], reveal["attempt"],
+                           reveal["result"])
+    assert b"'seed'" in document and b"out of range" in document
+    assert sim.balance("user:alice") == before
+    assert _penalties(sim) == []
