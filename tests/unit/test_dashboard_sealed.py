@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from destra import crypto, keystore
 from destra.blobs import BlobStore
@@ -25,6 +26,7 @@ from destra.dashboard.hub import Hub
 from destra.dashboard.sealed import NoSealedResult, sealed_copies
 from destra.errors import DestraError
 from schemas import Event, new_event
+from workloads.program_tensors import write_tensors
 
 OUTPUT = b'{"c":[[1.5,2.0],[3.0,4.25]],"n":2}'
 DIGEST = crypto.digest(OUTPUT)
@@ -181,7 +183,10 @@ const run = async (passphrase, b) => {
     right: await run(JSON.parse(process.argv[5]), body),
     wrong: await run("not it", body),
     tampered: await run(JSON.parse(process.argv[5]), tampered),
-    digest: await run(JSON.parse(process.argv[5]), {...body, digest: "00".repeat(32)})}));
+    digest: await run(JSON.parse(process.argv[5]), {...body, digest: "00".repeat(32)}),
+    names: [D.fileFor("t", Buffer.from(process.argv[6], "base64")),
+            D.fileFor("t", Buffer.from('{"a": 1}')), D.fileFor("t", Buffer.from([1, 2, 3]))]
+      .map((f) => f.name)}));
 })();
 """
 
@@ -197,7 +202,8 @@ def test_decrypt_js_opens_what_the_client_opens_with_a_retired_key(tmp_path: Pat
     (tmp_path / "run.js").write_text(_NODE_SCRIPT)
     assert NODE is not None
     done = subprocess.run([NODE, str(tmp_path / "run.js"), str(STATIC), str(path),  # noqa: S603
-                           str(tmp_path / "body.json"), json.dumps(PASSPHRASE)],
+                           str(tmp_path / "body.json"), json.dumps(PASSPHRASE),
+                           base64.b64encode(write_tensors({"out0": torch.ones(2)})).decode()],
                           capture_output=True, text=True, timeout=60, check=True)
     out = json.loads(done.stdout)
     assert out["right"] == {"keys": 2, "node": "d0",
@@ -205,3 +211,5 @@ def test_decrypt_js_opens_what_the_client_opens_with_a_retired_key(tmp_path: Pat
     assert out["wrong"]["error"].startswith("wrong passphrase"), out
     assert "d9: no key of this keystore opens it" in out["tampered"]["error"], out
     assert "is not the verified digest 0000000000000000" in out["digest"]["error"], out
+    # A user program's output tensors download as safetensors; JSON as .json.
+    assert out["names"] == ["t.safetensors", "t.json", "t.out"], out

@@ -207,8 +207,27 @@
                            (problems.join("; ") || "no agreeing node's copy is available"));
   }
 
+  // The download's name: <task>.safetensors for a user program's output tensors (an
+  // 8-byte little-endian header length, then the JSON header), <task>.json when the
+  // output is JSON text, <task>.out otherwise.
+  function fileFor(taskId, output) {
+    if (output.length > 9 && output[8] === 0x7b) {
+      var header = 0;
+      for (var i = 7; i >= 0; i--) { header = header * 256 + output[i]; }
+      if (header > 1 && 8 + header <= output.length) {
+        return {name: taskId + ".safetensors", type: "application/octet-stream"};
+      }
+    }
+    try {
+      JSON.parse(new TextDecoder("utf-8", {fatal: true}).decode(output));
+      return {name: taskId + ".json", type: "application/json"};
+    } catch (e) {
+      return {name: taskId + ".out", type: "application/octet-stream"};
+    }
+  }
+
   root.DestraDecrypt = {openKeystore: openKeystore, openResult: openResult,
-                        DecryptError: DecryptError};
+                        fileFor: fileFor, DecryptError: DecryptError};
 
   // -- the page ---------------------------------------------------------------------------
 
@@ -262,16 +281,6 @@
     return body;
   }
 
-  // The download's name: <task>.json when the output is JSON text, <task>.out otherwise.
-  function named(output) {
-    try {
-      JSON.parse(new TextDecoder("utf-8", {fatal: true}).decode(output));
-      return {name: taskId + ".json", type: "application/json"};
-    } catch (e) {
-      return {name: taskId + ".out", type: "application/octet-stream"};
-    }
-  }
-
   form.addEventListener("submit", async function (event) {
     event.preventDefault();
     var file = fileInput.files && fileInput.files[0];
@@ -298,7 +307,7 @@
       var body = await sealedCopies();
       say("Decrypting and checking against the verified digest…");
       var result = await openResult(pairs, body);
-      var kind = named(result.output);
+      var kind = fileFor(taskId, result.output);
       if (url) { root.URL.revokeObjectURL(url); }
       url = root.URL.createObjectURL(new root.Blob([result.output], {type: kind.type}));
       var link = doc.createElement("a");
