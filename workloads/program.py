@@ -274,7 +274,7 @@ class Program(Workload, Checkpointed):
         job = Job(program=program, inputs=inputs, device=str(device), carry=params["carry"],
                   start_step=start.step, start_state=state, boundaries=boundaries)
         reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
-                             bound_ms=self.bound_ms(params))
+                             bound_ms=self.bound_ms(params), threads=torch.get_num_threads())
         return {b: positional("out", read_tensors(reply.blobs[f"s{b}"])) for b in boundaries}
 
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:

@@ -30,7 +30,7 @@ from workloads.program import (
 )
 from workloads.program_check import MAX_PROGRAM_BYTES, check_archive, load_program
 from workloads.program_run import local_run
-from workloads.program_sandbox import warm_up
+from workloads.program_sandbox import Reply, run_in_child, warm_up
 from workloads.program_tensors import read_tensors, write_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -272,3 +272,31 @@ def test_a_bound_looser_than_the_rule_is_invalid() -> None:
                        max_runtime_ms=rule + 1)
     assert program_params(*files(example), steps=example.steps, carry=example.carry,
                           max_runtime_ms=rule)["max_runtime_ms"] == str(rule)
+
+
+def child_threads(_job: object) -> Reply:
+    """Run in a child: its torch thread count."""
+    return Reply(facts={"threads": torch.get_num_threads()}, blobs={})
+
+
+def test_a_program_runs_on_the_callers_torch_threads_not_every_core(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import workloads.program as program_module
+
+    asked: list[int] = []
+
+    def spy(fn: Callable[[Any], Reply], job: Any, **limits: Any) -> Reply:
+        asked.append(limits["threads"])
+        return run_in_child(fn, job, **limits)
+
+    monkeypatch.setattr(program_module, "run_in_child", spy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as a node with --threads 1 runs its tasks
+        PROGRAM.run(params_of(EXAMPLES["wave2d"]()), CPU)
+        reply = run_in_child(child_threads, None, device="cpu", memory_mb=16, bound_ms=60_000,
+                             threads=torch.get_num_threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert asked == [1]
+    assert reply.facts == {"threads": 1}  # not the forkserver's default (every core)
