@@ -787,6 +787,10 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
               show_default=True,
               help="With --program: float mantissa bits kept before hashing (0: bit-exact, "
                    "which places the replicas on one device class).")
+@click.option("--max-runtime-ms", "max_runtime_ms", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="With --program: stop it after this many milliseconds on each node, "
+                   "tighter than the bound its units allow (0: that bound).")
 @click.option("--replicas", type=click.IntRange(1, 15), default=None,
               help="Replicas (default: the network's default_replicas, 3 unless changed); "
                    "with --trust adaptive, the fewest (default 1).")
@@ -809,7 +813,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def submit(workload: str | None, pairs: tuple[str, ...], program_file: Path | None,
            input_file: Path | None, steps: int, carry: int, mantissa_bits: int,
-           replicas: int | None, quorum: int | None,
+           max_runtime_ms: int, replicas: int | None, quorum: int | None,
            trust: str, tier: str, max_price: int | None, region: str | None, account: str,
            wait: bool, timeout: float, as_json: bool, **flags: Any) -> None:
     """Quote and submit a task of WORKLOAD, or your own program (--program FILE.pt2 --input
@@ -827,7 +831,8 @@ def submit(workload: str | None, pairs: tuple[str, ...], program_file: Path | No
         if program_file is not None and input_file is not None:
             q = client.quote_program(program_file.read_bytes(), input_file.read_bytes(),
                                      steps=steps, carry=carry, mantissa_bits=mantissa_bits,
-                                     replicas=replicas, quorum=quorum, tier=tier, trust=trust)
+                                     max_runtime_ms=max_runtime_ms, replicas=replicas,
+                                     quorum=quorum, tier=tier, trust=trust)
         else:
             assert workload is not None
             q = client.quote(workload, _params(pairs), replicas=replicas, quorum=quorum,

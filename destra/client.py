@@ -273,17 +273,19 @@ class Client:
         return TaskQuote(workload, dict(params), replicas, quorum, quote, w.homogeneous(parsed))
 
     def quote_program(self, program: bytes, inputs: bytes, *, steps: int = 1, carry: int = 0,
-                      mantissa_bits: int = 0, replicas: int | None = None,
+                      mantissa_bits: int = 0, max_runtime_ms: int = 0,
+                      replicas: int | None = None,
                       quorum: int | None = None, tier: str = "consumer",
                       ttl_ms: int = QUOTE_TTL_MS, trust: str = "fixed") -> TaskQuote:
         """Quote a user's own ``torch.export`` program (``program``: a ``.pt2`` archive) on
         ``inputs`` (a safetensors file) as a ``program`` task: its parameters
         (``workloads.program.program_params``: the hashes, compute units, peak memory and
-        runtime bound in the clear, the program and inputs sealed) priced by ``quote``."""
+        runtime bound in the clear, the program and inputs sealed) priced by ``quote``.
+        ``max_runtime_ms`` states a tighter runtime bound than the rule's (0: the rule's)."""
         from workloads.program import program_params  # the program workload (issue 15)
 
         params = program_params(program, inputs, steps=steps, carry=carry,
-                                mantissa_bits=mantissa_bits)
+                                mantissa_bits=mantissa_bits, max_runtime_ms=max_runtime_ms)
         return self.quote("program", {k: str(v) for k, v in params.items()},
                           replicas=replicas, quorum=quorum, tier=tier, ttl_ms=ttl_ms,
                           trust=trust)

@@ -3,7 +3,8 @@
 Each example builds an ExportedProgram and its inputs (``build``), writes ``<name>.pt2``
 and ``<name>.safetensors`` with ``workloads.program.save_program`` / ``save_inputs``,
 prints the quote's estimate, and with ``--submit`` sends the task through
-``destra.client.Client.quote_program`` then ``Client.submit``.
+``destra.client.Client.quote_program`` then ``Client.submit``, follows it to its verdict
+and writes the verified outputs to ``<name>.out.safetensors``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("out_dir", nargs="?", default=".", type=Path,
                         help="where to write <name>.pt2 and <name>.safetensors")
     parser.add_argument("--submit", action="store_true",
-                        help="submit it through destra.client.Client (a running network)")
+                        help="submit it through destra.client.Client (a running network), "
+                             "wait for its verdict, write <name>.out.safetensors")
     parser.add_argument("--account", default="alice", help="the submitting account")
     parser.add_argument("--replicas", type=int, default=None)
     parser.add_argument("--tier", default="consumer")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for the verdict")
     return parser
 
 
@@ -58,13 +62,17 @@ def main(name: str, example: Example, args: argparse.Namespace) -> None:
           f"{est.units} units, {est.memory_mb} MiB, bound {est.max_runtime_ms} ms, "
           f"{est.ops} ops per step")
     if args.submit:
-        submit(program, inputs, example, args)
+        submit(name, program, inputs, example, args)
 
 
-def submit(program: bytes, inputs: bytes, example: Example, args: argparse.Namespace) -> None:
-    """Quote and submit through the client (``Client.quote_program``, then ``submit``)."""
+def submit(name: str, program: bytes, inputs: bytes, example: Example,
+           args: argparse.Namespace) -> None:
+    """Quote and submit through the client (``Client.quote_program``, then ``submit``),
+    follow the task to its verdict (the watch grants the assigned nodes the data key that
+    opens the sealed program and inputs), and write the verified outputs."""
     from destra.cli_common import kafka_address, load_settings, passphrase
     from destra.client import Client
+    from destra.errors import DestraError
     from infra import services
 
     settings = load_settings()
@@ -75,7 +83,19 @@ def submit(program: bytes, inputs: bytes, example: Example, args: argparse.Names
                                      carry=example.carry,
                                      mantissa_bits=example.mantissa_bits,
                                      replicas=args.replicas, tier=args.tier)
-        print(quote)
-        print("submitted:", client.submit(quote))
+        # The public parameters only: the private ones are the program's whole bytes.
+        print("quote:", quote.as_dict(private=False))
+        watch = client.watch()
+        try:
+            task_id = client.submit(quote)
+            print("submitted:", task_id, flush=True)
+            progress = client.wait([task_id], watch=watch, timeout_s=args.timeout)[task_id]
+        finally:
+            watch.close()
+        if progress.state != "verified":
+            raise DestraError(f"task {task_id} {progress.state}: {progress.as_dict()}")
+        out = args.out_dir / f"{name}.out.safetensors"
+        out.write_bytes(client.result(task_id).output)
+        print(f"verified: wrote {out}")
     finally:
         client.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from destra.network import LocalNetwork
 from destra.settings import Settings
 from streams import security
 from streams.security import KafkaAccess
-from tests.support import free_port_block, running_network
+from tests.support import free_port_block, network_settings, running_network
 
 # Unit tests build clients they never connect; the kafka fixture switches this process to
 # the session broker's super user, and every network's processes run as their own.
@@ -86,27 +85,7 @@ def network(kafka: str, request: pytest.FixtureRequest,
     """Settings for a fresh network on the session broker: its own topic prefix, and its
     own genesis and service keys in a temporary directory (``tests.support.service_signed``
     signs as its services)."""
-    from governance.keys import ensure_tally_key
-    from streams.admin import ensure_topics
-    from streams.authority import ensure_genesis
-
-    prefix = f"t{random.randint(0, 1 << 30):x}."
-    keys = tmp_path_factory.mktemp("genesis")
-    settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix,
-                        producer_id=request.node.name[:60],
-                        genesis_file=keys / "genesis.json", service_key_dir=keys / "services")
-    ensure_genesis(settings.genesis_path, settings.service_keys)
-    ensure_tally_key(settings.genesis_path, settings.service_keys)
-    ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
-    admin = security.current()
-    if admin.secure:
-        # As `destra infra up` leaves them: the operator's credentials and the services'
-        # principals, beside the services' keys.
-        admin.save(security.service_credentials(settings.service_keys, security.ADMIN))
-        security.setup_network(kafka, prefix, settings.service_keys, admin.ca_pem, admin)
-    else:
-        settings = settings.with_(kafka_insecure=True)
-    return settings
+    return network_settings(kafka, request.node.name[:60], tmp_path_factory.mktemp("genesis"))
 
 
 @pytest.fixture

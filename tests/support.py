@@ -37,6 +37,31 @@ def running_network(settings: Settings, kafka: str, pg_dsn: str, workdir: Path,
         net.stop(timeout_s=TEARDOWN_GRACE_S)
 
 
+def network_settings(kafka: str, producer_id: str, keys: Path) -> Settings:
+    """Settings for a fresh network on the session broker: its own topic prefix (its topics
+    made), and its own genesis and service keys under ``keys`` (``service_signed`` signs
+    as its services); on a secure broker, the operator's credentials and the services'
+    principals as ``destra infra up`` leaves them."""
+    from governance.keys import ensure_tally_key
+    from streams import security
+    from streams.admin import ensure_topics
+    from streams.authority import ensure_genesis
+
+    prefix = f"t{random.randint(0, 1 << 30):x}."
+    settings = Settings(kafka_bootstrap=kafka, topic_prefix=prefix, producer_id=producer_id,
+                        genesis_file=keys / "genesis.json", service_key_dir=keys / "services")
+    ensure_genesis(settings.genesis_path, settings.service_keys)
+    ensure_tally_key(settings.genesis_path, settings.service_keys)
+    ensure_topics(kafka, prefix, replication_factor=1, min_insync_replicas=1)
+    admin = security.current()
+    if admin.secure:
+        admin.save(security.service_credentials(settings.service_keys, security.ADMIN))
+        security.setup_network(kafka, prefix, settings.service_keys, admin.ca_pem, admin)
+    else:
+        settings = settings.with_(kafka_insecure=True)
+    return settings
+
+
 def free_port_block(count: int, *, spread: int = 100) -> int:
     """A base port p such that p..p+count-1 and p+spread..p+spread+count-1 are all free."""
     for _ in range(200):

@@ -61,7 +61,7 @@ from workloads.program_check import (
     signature_specs,
 )
 from workloads.program_cost import MAX_RUNTIME_MS, Estimate, estimate_loaded, runtime_bound_ms
-from workloads.program_run import Job, run_job
+from workloads.program_run import Job, local_run, run_job
 from workloads.program_sandbox import run_in_child
 from workloads.program_tensors import (
     MAX_TENSORS,
@@ -102,6 +102,15 @@ def read_outputs(data: bytes) -> list[torch.Tensor]:
     return positional("out", read_tensors(data))
 
 
+def local_output(program: bytes, inputs: bytes, *, steps: int = 1, carry: int = 0,
+                 mantissa_bits: int = 0, device: str = "cpu") -> bytes:
+    """The result file the nodes return for this task (``read_outputs`` reads it), computed
+    in this process without the child's limits: what a submitter compares a result with.
+    Bit-equal to a node's only on the same device class (exact) or to ``mantissa_bits``."""
+    outs = local_run(program, inputs, steps=steps, carry=carry, device=device)
+    return _result_file(outs, mantissa_bits)
+
+
 def estimate(program: bytes, inputs: bytes, steps: int = 1, carry: int = 0) -> Estimate:
     """Check the program as a node will and estimate its cost (``workloads.program_cost``).
 
@@ -120,16 +129,22 @@ def estimate(program: bytes, inputs: bytes, steps: int = 1, carry: int = 0) -> E
 
 
 def program_params(program: bytes, inputs: bytes, *, steps: int = 1, carry: int = 0,
-                   mantissa_bits: int = 0) -> dict[str, str]:
-    """The full parameter map (public and private) of a task running ``program``."""
+                   mantissa_bits: int = 0, max_runtime_ms: int = 0) -> dict[str, str]:
+    """The full parameter map (public and private) of a task running ``program``.
+
+    ``max_runtime_ms``: a wall-clock bound tighter than the rule's for the measured units
+    (0: the rule's); ``InvalidParams`` when looser."""
     if not 0 <= mantissa_bits <= 52:
         raise InvalidParams(f"program: mantissa_bits {mantissa_bits} must be in [0, 52]")
     est = estimate(program, inputs, steps, carry)
+    if not 0 <= max_runtime_ms <= est.max_runtime_ms:
+        raise InvalidParams(f"program: max_runtime_ms {max_runtime_ms} must be in [0, "
+                            f"{est.max_runtime_ms}], the bound for its {est.units} units")
     params = {
         "program_sha256": sha256_hex(program), "input_sha256": sha256_hex(inputs),
         "units": str(est.units), "memory_mb": str(est.memory_mb), "steps": str(steps),
         "carry": str(carry), "mantissa_bits": str(mantissa_bits),
-        "max_runtime_ms": str(est.max_runtime_ms),
+        "max_runtime_ms": str(max_runtime_ms or est.max_runtime_ms),
         "program": base64.b64encode(program).decode("ascii"),
         "input": base64.b64encode(inputs).decode("ascii"),
     }
@@ -158,6 +173,11 @@ def _round(t: torch.Tensor, bits: int) -> torch.Tensor:
         return round_tensor(t.to(torch.float32), keep).to(t.dtype)
     except WorkloadFailed as e:
         raise WorkRefused("program-failed", f"an output holds NaN: {e}") from None
+
+
+def _result_file(tensors: Sequence[torch.Tensor], bits: int) -> bytes:
+    """The canonical output file: the tensors on the CPU, floats rounded to ``bits``."""
+    return write_tensors(numbered("out", [_round(t.detach().to("cpu"), bits) for t in tensors]))
 
 
 @dataclass(frozen=True)
@@ -254,7 +274,7 @@ class Program(Workload, Checkpointed):
         job = Job(program=program, inputs=inputs, device=str(device), carry=params["carry"],
                   start_step=start.step, start_state=state, boundaries=boundaries)
         reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
-                             bound_ms=self.bound_ms(params))
+                             bound_ms=self.bound_ms(params), threads=torch.get_num_threads())
         return {b: positional("out", read_tensors(reply.blobs[f"s{b}"])) for b in boundaries}
 
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
@@ -340,11 +360,9 @@ class Program(Workload, Checkpointed):
         started = time.perf_counter_ns() if started_ns is None else started_ns
         if state.step != params["steps"]:
             raise InvalidParams(f"{self.name}: the state after step {state.step} is not final")
-        bits = params["mantissa_bits"]
-        outs = [_round(t.detach().to("cpu"), bits) for t in state.tensors]
-        output = write_tensors(numbered("out", outs))
+        output = _result_file(state.tensors, params["mantissa_bits"])
         summary = {"steps": state.step, "outputs": [f"{str(t.dtype)[6:]}{list(t.shape)}"
-                                                    for t in outs]}
+                                                    for t in state.tensors]}
         return finish(output, summary, started, device)
 
 

@@ -22,6 +22,8 @@ Limits in the child:
   host side is then unbounded by us (the node's own cgroup, if any, still applies). A
   CUDA child also pays the CUDA context's creation once per task (not measured here: no
   GPU on the development machine).
+- Threads: the calling thread's torch thread count (a node's ``--threads``), which the
+  forkserver, started with torch's default, would not pass on.
 - Wall clock: the parent waits ``bound_ms`` from the moment the child says it has
   started (so the forkserver's one-time start is not charged to a task), then kills it:
   ``WorkRefused("runtime-bound")``.
@@ -188,11 +190,22 @@ def _is_memory_error(e: BaseException) -> bool:
         or "cannot allocate" in text
 
 
+def _limit_threads(threads: int) -> None:
+    """The parent's torch thread count in the child: the forkserver started with torch's
+    default (every core), not the node's ``--threads``."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _child_main(conn: Connection, fn: Callable[..., Reply], job: Any, device: str,
-                memory_mb: int) -> None:
-    """Entry point in the child: limit memory, say "started", run, reply, exit."""
+                memory_mb: int, threads: int = 0) -> None:
+    """Entry point in the child: limit memory and threads, say "started", run, reply,
+    exit."""
     try:
         _limit_memory(device, memory_mb)
+        _limit_threads(threads)
         _keep_freed_memory()
         conn.send_bytes(b"started")
         reply = fn(job)
@@ -220,8 +233,9 @@ def _nothing(_job: Any) -> Reply:
 
 
 def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb: int,
-                 bound_ms: int) -> Reply:
-    """Run ``fn(job)`` in a fresh forkserver child under the limits above.
+                 bound_ms: int, threads: int = 0) -> Reply:
+    """Run ``fn(job)`` in a fresh forkserver child under the limits above, on ``threads``
+    torch threads (0: torch's default, every core).
 
     ``fn`` must be a module-level function of a module the child can import. Returns
     its ``Reply``; raises ``WorkRefused``: the child's own refusal, ``runtime-bound``
@@ -229,7 +243,7 @@ def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb
     """
     ctx = _ctx()
     ours, theirs = ctx.Pipe(duplex=False)
-    proc = _Process(target=_child_main, args=(theirs, fn, job, device, memory_mb),
+    proc = _Process(target=_child_main, args=(theirs, fn, job, device, memory_mb, threads),
                     daemon=True)
     proc.start()
     theirs.close()

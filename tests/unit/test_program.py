@@ -20,9 +20,17 @@ from destra.errors import InvalidParams
 from workloads import get_workload
 from workloads.base import WorkRefused
 from workloads.checkpoints import run_recorded, run_segment, state_leaf
-from workloads.program import estimate, program_params, read_outputs, save_inputs, save_program
+from workloads.program import (
+    estimate,
+    local_output,
+    program_params,
+    read_outputs,
+    save_inputs,
+    save_program,
+)
 from workloads.program_check import MAX_PROGRAM_BYTES, check_archive, load_program
 from workloads.program_run import local_run
+from workloads.program_sandbox import Reply, run_in_child, warm_up
 from workloads.program_tensors import read_tensors, write_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -87,6 +95,8 @@ def test_each_example_runs_in_a_child_with_a_stable_digest_equal_to_a_local_run(
     one, two = PROGRAM.run(params, CPU), PROGRAM.run(params, CPU)
     assert one.digest == two.digest == hashlib.sha256(one.output).digest()
     local = local_run(*files(example), steps=example.steps, carry=example.carry)
+    assert one.output == local_output(*files(example), steps=example.steps,
+                                      carry=example.carry, mantissa_bits=example.mantissa_bits)
     outs = read_outputs(one.output)
     assert len(outs) == len(local)
     for got, want in zip(outs, local, strict=True):
@@ -242,14 +252,51 @@ def test_inputs_of_the_wrong_shape_are_refused() -> None:
 def test_a_runaway_program_is_stopped_at_its_stated_bound() -> None:
     a = torch.rand(256, 256) / 256
     program = save_program(torch.export.export(Runaway(), (a,)))
-    raw = program_params(program, save_inputs((a,)), steps=1_000_000)
-    params = PROGRAM.validate({**raw, "max_runtime_ms": "1500"})
+    raw = program_params(program, save_inputs((a,)), steps=1_000_000, max_runtime_ms=1500)
+    params = PROGRAM.validate(raw)
+    assert params["max_runtime_ms"] == 1500
+    warm_up()  # the forkserver's one-time start (torch's import) is not the task's
     started = time.monotonic()
     refused("runtime-bound", lambda: PROGRAM.run(params, CPU))
     assert time.monotonic() - started < 5
 
 
 def test_a_bound_looser_than_the_rule_is_invalid() -> None:
-    raw = {k: str(v) for k, v in params_of(EXAMPLES["wave2d"]()).items()}
+    example = EXAMPLES["wave2d"]()
+    raw = {k: str(v) for k, v in params_of(example).items()}
     with pytest.raises(InvalidParams, match="max_runtime_ms"):
         PROGRAM.validate({**raw, "max_runtime_ms": str(10**9)})
+    rule = int(raw["max_runtime_ms"])
+    with pytest.raises(InvalidParams, match="max_runtime_ms"):
+        program_params(*files(example), steps=example.steps, carry=example.carry,
+                       max_runtime_ms=rule + 1)
+    assert program_params(*files(example), steps=example.steps, carry=example.carry,
+                          max_runtime_ms=rule)["max_runtime_ms"] == str(rule)
+
+
+def child_threads(_job: object) -> Reply:
+    """Run in a child: its torch thread count."""
+    return Reply(facts={"threads": torch.get_num_threads()}, blobs={})
+
+
+def test_a_program_runs_on_the_callers_torch_threads_not_every_core(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import workloads.program as program_module
+
+    asked: list[int] = []
+
+    def spy(fn: Callable[[Any], Reply], job: Any, **limits: Any) -> Reply:
+        asked.append(limits["threads"])
+        return run_in_child(fn, job, **limits)
+
+    monkeypatch.setattr(program_module, "run_in_child", spy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as a node with --threads 1 runs its tasks
+        PROGRAM.run(params_of(EXAMPLES["wave2d"]()), CPU)
+        reply = run_in_child(child_threads, None, device="cpu", memory_mb=16, bound_ms=60_000,
+                             threads=torch.get_num_threads())
+    finally:
+        torch.set_num_threads(threads)
+    assert asked == [1]
+    assert reply.facts == {"threads": 1}  # not the forkserver's default (every core)

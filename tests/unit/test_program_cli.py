@@ -98,6 +98,18 @@ def test_submit_program_shows_units_memory_and_the_runtime_bound_before_paying(
     assert name == "quote_program" and sent_program == program.read_bytes()
     assert sent_inputs == inputs.read_bytes()
     assert options["steps"] == 2 and options["carry"] == 1 and options["mantissa_bits"] == 0
+    assert options["max_runtime_ms"] == 0  # the rule's bound unless stated
+
+
+def test_submit_program_passes_a_stated_runtime_bound(
+        fake_client: type[_FakeClient], tmp_path: Path) -> None:
+    program, inputs = _files(tmp_path)
+    run = CliRunner().invoke(cli, ["submit", "--program", str(program), "--input",
+                                   str(inputs), "--max-runtime-ms", "1500",
+                                   "--home", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    (_, (_, _, options)), = fake_client.calls
+    assert options["max_runtime_ms"] == 1500
 
 
 def test_submit_program_json_is_one_document_without_the_programs_bytes(
@@ -156,7 +168,7 @@ def test_quote_program_prices_the_program_workloads_params(
     program_module = pytest.importorskip("workloads.program")
     # The call this client makes fits the function the program workload defines ...
     signature = inspect.signature(program_module.program_params)
-    assert {"steps", "carry", "mantissa_bits"} <= set(signature.parameters)
+    assert {"steps", "carry", "mantissa_bits", "max_runtime_ms"} <= set(signature.parameters)
     seen: dict[str, Any] = {}
 
     def program_params(program: bytes, inputs: bytes, **kw: Any) -> dict[str, str]:
@@ -173,8 +185,8 @@ def test_quote_program_prices_the_program_workloads_params(
 
     monkeypatch.setattr(client, "quote", quote)
     assert client.quote_program(b"pt2", b"st", steps=3, carry=1, mantissa_bits=10,
-                                replicas=5, trust="adaptive") == "a quote"
+                                max_runtime_ms=2000, replicas=5, trust="adaptive") == "a quote"
     assert (seen["program"], seen["inputs"]) == (b"pt2", b"st")
-    assert seen["kw"] == {"steps": 3, "carry": 1, "mantissa_bits": 10}
+    assert seen["kw"] == {"steps": 3, "carry": 1, "mantissa_bits": 10, "max_runtime_ms": 2000}
     assert seen["workload"] == "program" and seen["params"] == PROGRAM_PARAMS
     assert seen["options"]["replicas"] == 5 and seen["options"]["trust"] == "adaptive"
