@@ -192,3 +192,12 @@ class Record:
 
     def error(self) -> None:
         return None
+
+
+def start_with_nodes(net: LocalNetwork, nodes: list[str]) -> None:
+    """Start the network's services and one node per name, each its own operator
+    (``op-<name>``), and wait until every node is registered."""
+    net.start_services()
+    for n in nodes:
+        net.start_node(n, operator=f"op-{n}")
+    net.wait_registered(nodes)

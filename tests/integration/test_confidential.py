@@ -36,7 +36,13 @@ from streams.security import client_config
 from tests import refusing
 from tests.integration.test_lifecycle import FUNDS, _events, _mint
 from tests.refusing import with_refuser
-from tests.support import eventually, network_balances, running_network, service_signed
+from tests.support import (
+    eventually,
+    network_balances,
+    running_network,
+    service_signed,
+    start_with_nodes,
+)
 from workloads import get_workload
 
 pytestmark = pytest.mark.integration
@@ -206,10 +212,7 @@ def test_a_task_whose_key_is_never_granted_fails_no_data_key_refunded_nobody_pen
     net = short_deadlines
     nodes = ["g0", "g1", "g2"]
     _mint(net, "alice")
-    net.start_services()
-    for n in nodes:
-        net.start_node(n, operator=f"op-{n}")
-    net.wait_registered(nodes)
+    start_with_nodes(net, nodes)
 
     # Submitted, then the client goes away: nobody is left to grant the data key.
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
@@ -278,10 +281,7 @@ def test_a_task_every_node_refuses_fails_refused_and_is_refunded_in_the_postgres
             "DESTRA_INLINE_MAX_BYTES": str(INLINE_MAX), "PYTHONPATH": path}) as net:
         nodes = ["r0", "r1", "r2"]
         _mint(net, "alice")
-        net.start_services()
-        for n in nodes:
-            net.start_node(n, operator=f"op-{n}")
-        net.wait_registered(nodes)
+        start_with_nodes(net, nodes)
 
         client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
         try:

@@ -24,7 +24,7 @@ from schemas import Event, decode
 from streams.params import DEFAULTS
 from streams.reading import read_all
 from streams.topics import topic_for
-from tests.support import network_balances, running_network
+from tests.support import network_balances, running_network, start_with_nodes
 from verifier.proof_of_sync import Reason
 from verifier.service import slash_parameter
 from workloads import get_workload
@@ -180,10 +180,7 @@ def test_a_node_killed_mid_task_is_replaced_and_the_task_paid_once(
     net = short_deadlines
     nodes = ["k0", "k1", "k2", "k3"]
     _mint(net, "alice")
-    net.start_services()
-    for n in nodes:
-        net.start_node(n, operator=f"op-{n}")
-    net.wait_registered(nodes)
+    start_with_nodes(net, nodes)
 
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
