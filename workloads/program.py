@@ -45,8 +45,13 @@ from typing import Any
 
 from schemas.errors import InvalidParams, WorkloadFailed
 from workloads.base import ParamSpec, Workload, WorkloadResult, WorkRefused, finish
-from workloads.canonical import round_tensor
-from workloads.checkpoints import Checkpointed, split_evenly, want_int
+from workloads.canonical import canonical_json, round_tensor
+from workloads.checkpoints import (
+    MAX_INLINE_STATE_BYTES,
+    Checkpointed,
+    split_evenly,
+    want_int,
+)
 from workloads.lazy import torch
 from workloads.program_check import (
     MAX_INPUT_BYTES,
@@ -180,14 +185,39 @@ def _result_file(tensors: Sequence[torch.Tensor], bits: int) -> bytes:
     return write_tensors(numbered("out", [_round(t.detach().to("cpu"), bits) for t in tensors]))
 
 
+RECORDED_STATE_BYTES = MAX_INLINE_STATE_BYTES // 2
+"""A state whose tensors hold more bytes than this is not recorded (``ProgramState``): its
+exact encoding (base64 in JSON, a third larger) could not travel inline in a dispute."""
+
+
+def _size(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass(frozen=True)
 class ProgramState:
     """After ``step`` steps: the outputs of that step (``out``), or, at step 0, the
-    carried inputs (``in``); ``bits`` = the task's mantissa_bits (leaves round by it)."""
+    carried inputs (``in``); ``bits`` = the task's mantissa_bits (leaves round by it);
+    ``size`` = the bytes of those tensors.
+
+    A state of more than ``RECORDED_STATE_BYTES`` is *unrecorded*: no dispute can carry
+    it to a referee (``MAX_INLINE_STATE_BYTES``), so a replica's leaf for it names only
+    its step and size (``leaf_bytes``), the same on every replica whatever the values,
+    and a disagreement on such a task goes to full rounds (the verifier finds no
+    divergent leaf). Recording it would only cost time: hashing 64 states of 16 MiB took
+    longer than the task's own 2.5 s of steps. The child then does not even send it
+    back (``tensors`` is empty), except the last state of a run, which the next run or
+    the result continues from."""
 
     step: int
     tensors: tuple[torch.Tensor, ...]
     bits: int
+    size: int
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the state is small enough to be recorded (and a dispute to carry it)."""
+        return self.size <= RECORDED_STATE_BYTES
 
     @property
     def prefix(self) -> str:
@@ -266,24 +296,37 @@ class Program(Workload, Checkpointed):
         return program, inputs
 
     def _child(self, params: dict[str, Any], device: torch.device, start: ProgramState,
-               boundaries: tuple[int, ...]) -> dict[int, list[torch.Tensor]]:
-        """Run from ``start`` to each boundary in a child; the outputs at each."""
+               boundaries: tuple[int, ...]) -> list[ProgramState]:
+        """Run from ``start`` to each boundary in a child; the state at each, unrecorded
+        states without their tensors except the last (``ProgramState``)."""
+        if start.step > 0 and len(start.tensors) < params["carry"]:
+            raise InvalidParams(f"{self.name}: the state after step {start.step} was not "
+                                "kept: a run cannot continue from it")
         program, inputs = self.payload(params)
         state = (None if start.step == 0 and start.tensors == ()
                  else write_tensors(numbered(start.prefix, list(start.tensors))))
         job = Job(program=program, inputs=inputs, device=str(device), carry=params["carry"],
-                  start_step=start.step, start_state=state, boundaries=boundaries)
+                  start_step=start.step, start_state=state, boundaries=boundaries,
+                  record_bytes=RECORDED_STATE_BYTES)
         reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
                              bound_ms=self.bound_ms(params), threads=torch.get_num_threads())
-        return {b: positional("out", read_tensors(reply.blobs[f"s{b}"])) for b in boundaries}
+        sizes = reply.facts.get("sizes")
+        states = []
+        for b in boundaries:
+            size = sizes.get(f"s{b}") if isinstance(sizes, dict) else None
+            blob = reply.blobs.get(f"s{b}")
+            if type(size) is not int or (blob is None and (b == boundaries[-1]
+                                                           or size <= RECORDED_STATE_BYTES)):
+                raise WorkRefused("program-failed", f"the child's reply lacks step {b}")
+            tensors = () if blob is None else tuple(positional("out", read_tensors(blob)))
+            states.append(ProgramState(b, tensors, params["mantissa_bits"], size))
+        return states
 
     def run(self, params: dict[str, Any], device: torch.device) -> WorkloadResult:
         """All steps in one child; the final outputs, canonical and digested."""
         started = time.perf_counter_ns()
-        outs = self._child(params, device, ProgramState(0, (), params["mantissa_bits"]),
-                           (params["steps"],))
-        final = ProgramState(params["steps"], tuple(outs[params["steps"]]),
-                             params["mantissa_bits"])
+        start = ProgramState(0, (), params["mantissa_bits"], 0)
+        final = self._child(params, device, start, (params["steps"],))[-1]
         return self.final_result(params, final, device, started)
 
     # ------------------------------------------------------------------ checkpoints
@@ -305,7 +348,8 @@ class Program(Workload, Checkpointed):
         """The first ``carry`` inputs, read (not run) from the checked input file."""
         _, inputs = self.payload(params)
         given = positional("in", read_tensors(inputs))
-        return ProgramState(0, tuple(given[:params["carry"]]), params["mantissa_bits"])
+        carried = given[:params["carry"]]
+        return ProgramState(0, tuple(carried), params["mantissa_bits"], _size(carried))
 
     def advance(self, params: dict[str, Any], state: ProgramState, segment: int,
                 device: torch.device) -> ProgramState:
@@ -319,15 +363,27 @@ class Program(Workload, Checkpointed):
         if not segments or state.step != segments[0] * k:
             raise InvalidParams(f"{self.name}: the state after step {state.step} is not "
                                 f"the pre-state of segment {segments.start}")
-        ends = tuple(self._end(params, s) for s in segments)
-        outs = self._child(params, device, state, ends)
-        return [ProgramState(end, tuple(outs[end]), state.bits) for end in ends]
+        return self._child(params, device, state, tuple(self._end(params, s) for s in segments))
 
     def state_fields(self, state: ProgramState) -> dict[str, int | torch.Tensor]:
-        """``step``, ``bits`` and the tensors by name."""
+        """``step``, ``bits`` and the tensors by name; ``InvalidParams`` for a state whose
+        tensors were not kept."""
+        if state.step > 0 and not state.tensors:
+            raise InvalidParams(f"{self.name}: the state after step {state.step} was not kept")
         fields: dict[str, int | torch.Tensor] = {"step": state.step, "bits": state.bits}
         fields.update(numbered(state.prefix, list(state.tensors)))
         return fields
+
+    def state_bytes(self, state: ProgramState) -> bytes:
+        """The exact encoding; empty for an unrecorded state (``ProgramState``)."""
+        return super().state_bytes(state) if state.recorded else b""
+
+    def leaf_bytes(self, state: ProgramState) -> bytes:
+        """The rounded encoding; for an unrecorded state, its step and size only."""
+        if state.recorded:
+            return super().leaf_bytes(state)
+        return canonical_json({"checkpoint": 1, "unrecorded": {"size": state.size,
+                                                               "step": state.step}})
 
     def leaf_bits(self, fields: Mapping[str, Any]) -> int | None:
         """The task's mantissa_bits, which the state carries (0: exact leaves)."""
@@ -352,7 +408,7 @@ class Program(Workload, Checkpointed):
         if (step == 0 and len(tensors) != params["carry"]) or len(tensors) < params["carry"]:
             raise InvalidParams(f"{self.name}: a state holds {len(tensors)} tensors, "
                                 f"carry is {params['carry']}")
-        return ProgramState(step, tuple(t.to(device) for t in tensors), bits)
+        return ProgramState(step, tuple(t.to(device) for t in tensors), bits, _size(tensors))
 
     def final_result(self, params: dict[str, Any], state: ProgramState,
                      device: torch.device, started_ns: int | None = None) -> WorkloadResult:

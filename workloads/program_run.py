@@ -39,6 +39,9 @@ class Job:
     """The state after ``start_step`` (``write_tensors`` bytes); None when 0."""
     boundaries: tuple[int, ...]
     """Ascending step counts after which to return the state; the last is where to stop."""
+    record_bytes: int = -1
+    """The states of boundaries before the last are returned only when their tensors hold
+    at most this many bytes (-1: always); their sizes always are (facts ``sizes``)."""
 
 
 def _state_tensors(state: bytes, prefix: str, count: int) -> list[torch.Tensor]:
@@ -69,16 +72,18 @@ def run_job(job: Job) -> Reply:
     filling = settings.fill_uninitialized_memory  # type: ignore[attr-defined]
     settings.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     try:
-        blobs = _iterate(ep, given, job, device)
+        blobs, sizes = _iterate(ep, given, job, device)
     finally:
         settings.fill_uninitialized_memory = filling  # type: ignore[attr-defined]
-    return Reply(facts={"steps": job.boundaries[-1]}, blobs=blobs)
+    return Reply(facts={"steps": job.boundaries[-1], "sizes": sizes}, blobs=blobs)
 
 
 def _iterate(ep: torch.export.ExportedProgram, given: list[torch.Tensor], job: Job,
-             device: torch.device) -> dict[str, bytes]:
-    """The step loop of ``run_job``: the state at each boundary, as tensor files."""
+             device: torch.device) -> tuple[dict[str, bytes], dict[str, int]]:
+    """The step loop of ``run_job``: the state at each boundary as a tensor file (those
+    ``job.record_bytes`` allows), and every state's size in bytes, by ``s<step>``."""
     blobs: dict[str, bytes] = {}
+    sizes: dict[str, int] = {}
     with deterministic(device), torch.no_grad():
         module = ep.module().to(device)
         args = [t.to(device) for t in given]
@@ -92,8 +97,11 @@ def _iterate(ep: torch.export.ExportedProgram, given: list[torch.Tensor], job: J
                 outputs = _call(module, args)
                 args = outputs[:job.carry] + args[job.carry:]
                 step += 1
-            blobs[f"s{boundary}"] = write_tensors(numbered("out", outputs))
-    return blobs
+            size = sum(t.numel() * t.element_size() for t in outputs)
+            sizes[f"s{boundary}"] = size
+            if boundary == job.boundaries[-1] or not 0 <= job.record_bytes < size:
+                blobs[f"s{boundary}"] = write_tensors(numbered("out", outputs))
+    return blobs, sizes
 
 
 def _call(module: torch.nn.Module, args: list[torch.Tensor]) -> list[torch.Tensor]:

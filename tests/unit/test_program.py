@@ -21,6 +21,7 @@ from workloads import get_workload
 from workloads.base import WorkRefused
 from workloads.checkpoints import run_recorded, run_segment, state_leaf
 from workloads.program import (
+    RECORDED_STATE_BYTES,
     estimate,
     local_output,
     program_params,
@@ -29,7 +30,7 @@ from workloads.program import (
     save_program,
 )
 from workloads.program_check import MAX_PROGRAM_BYTES, check_archive, load_program
-from workloads.program_run import local_run
+from workloads.program_run import Job, local_run, run_job
 from workloads.program_sandbox import Reply, run_in_child, warm_up
 from workloads.program_tensors import read_tensors, write_tensors
 
@@ -134,6 +135,33 @@ def test_checkpointed_segments_give_the_run_and_a_referee_reproduces_one() -> No
     tampered, _, bad = run_recorded(PROGRAM, params, CPU, tamper_from=3)
     assert tampered[:3] == leaves[:3] and tampered[3] != leaves[3]
     assert bad.digest != result.digest
+
+
+def test_states_too_large_to_referee_are_not_recorded_nor_sent_back_by_the_child() -> None:
+    # 128 x 128 float64, two carried grids: 256 KiB a state, past RECORDED_STATE_BYTES.
+    example = wave2d.build(grid=128, steps=8)
+    params = params_of(example)
+    program, inputs = files(example)
+    leaves, states, result = run_recorded(PROGRAM, params, CPU)
+    assert result.digest == PROGRAM.run(params, CPU).digest
+    assert states == [b""] * 8 and len(set(leaves)) == 8  # one leaf per step, no values
+    # Another program's states of the same sizes commit the same leaves: nothing in them
+    # depends on the values, so no dispute can pick a segment on such a task.
+    doubled = save_inputs((example.inputs[0] * 2, *example.inputs[1:]))
+    other = PROGRAM.validate(program_params(program, doubled, steps=8, carry=2))
+    other_leaves, _, other_result = run_recorded(PROGRAM, other, CPU)
+    assert other_leaves == leaves and other_result.digest != result.digest
+    # The child sends back the tensors of the last boundary only.
+    reply = run_job(Job(program=program, inputs=inputs, device="cpu", carry=2, start_step=0,
+                        start_state=None, boundaries=(2, 4, 8),
+                        record_bytes=RECORDED_STATE_BYTES))
+    assert set(reply.blobs) == {"s8"}
+    assert reply.facts["sizes"] == {"s2": 2 * 128 * 128 * 8, "s4": 2 * 128 * 128 * 8,
+                                    "s8": 2 * 128 * 128 * 8}
+    # A small state is still recorded: its exact bytes kept, its leaf of its values.
+    small = params_of(wave2d.build(grid=16, steps=8))
+    small_leaves, small_states, _ = run_recorded(PROGRAM, small, CPU)
+    assert all(small_states) and state_leaf(PROGRAM, small_states[3]) == small_leaves[3]
 
 
 def test_mantissa_rounding_makes_tiny_float_noise_agree() -> None:
