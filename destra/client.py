@@ -147,6 +147,10 @@ class Progress:
     committed: int = 0
     revealed: int = 0
     verdict: Event | None = None
+    workload: str = ""
+    """From its assignments."""
+    reveals: list[Event] = field(default_factory=list)
+    """The replicas' ``ResultRevealed`` seen so far (``Client.result`` opens them)."""
 
     @property
     def state(self) -> str:
@@ -471,15 +475,25 @@ class Client:
 
     # -- results ----------------------------------------------------------------------------
 
-    def result(self, task_id: str,
-               say: Callable[[str], None] = lambda _: None) -> TaskResult:
+    def result(self, task_id: str, say: Callable[[str], None] = lambda _: None,
+               progress: Progress | None = None) -> TaskResult:
         """The verified output of ``task_id``, decrypted and checked against its digest.
 
         Tries each agreeing node's sealed copy; ``ResultRefused`` if none opens to the
         verified digest, ``DestraError`` if the task has no verdict or failed. ``say``
         hears each step as it begins (reading the verdict, the results, fetching,
-        decrypting, checking a copy), an ``infra.notes.Step`` note.
+        decrypting, checking a copy), an ``infra.notes.Step`` note. ``progress``: what a
+        ``Watch`` saw of the task; when it holds the verdict, the verdict and the reveals
+        it saw are used instead of reading their topics from the start (a few hundred
+        milliseconds saved), the topics being read only if no reveal it saw opens.
         """
+        if (progress is not None and progress.task_id == task_id
+                and progress.verdict is not None and progress.verdict.name == "TaskVerified"):
+            try:
+                return self._open_result(task_id, progress.verdict, progress.reveals,
+                                         progress.workload, say)
+            except ResultRefused:
+                pass  # a reveal it did not see yet: read the topics below
         say(Step(f"reading the verdict of {task_id}"))
         verdict = next((e for e in self._events("TaskVerified")
                         if e.fields["task_id"] == task_id), None)
@@ -493,11 +507,21 @@ class Client:
                 why = f" ({document['detail']})" if document and document["detail"] else ""
             raise DestraError(f"task {task_id} failed: {verdict.fields['reason']}: "
                               f"{verdict.fields['detail']}{why}")
+        say(Step("reading the revealed results"))
+        reveals = [e for e in self._events("ResultRevealed") if e.fields["task_id"] == task_id]
+        # The workload, from its assignments (an account may not read the submissions).
+        assigned = next((e for e in self._events("TaskAssigned")
+                         if e.name == "TaskAssigned" and e.fields["task_id"] == task_id), None)
+        return self._open_result(task_id, verdict, reveals, assigned.fields["workload"]
+                                 if assigned is not None else "", say)
+
+    def _open_result(self, task_id: str, verdict: Event, reveals: Iterable[Event],
+                     workload: str, say: Callable[[str], None]) -> TaskResult:
+        """The first of ``reveals`` by an agreeing node that opens to the verdict's digest."""
         digest: bytes = verdict.fields["digest"]
         agreed = {c["node_id"] for c in verdict.fields["contributions"] if c["agreed"]}
         problems = []
-        say(Step("reading the revealed results"))
-        for reveal in self._events("ResultRevealed"):
+        for reveal in reveals:
             f = reveal.fields
             if f["task_id"] != task_id or f["node_id"] not in agreed:
                 continue
@@ -516,12 +540,7 @@ class Client:
                 problems.append(f"{f['node_id']}: its result's SHA-256 is not the verified "
                                 f"digest {digest.hex()[:16]}...")
                 continue
-            # The workload, from its assignments (an account may not read the submissions).
-            assigned = next((e for e in self._events("TaskAssigned")
-                             if e.name == "TaskAssigned" and e.fields["task_id"] == task_id),
-                            None)
-            return TaskResult(task_id, output, digest, f["node_id"],
-                              assigned.fields["workload"] if assigned is not None else "")
+            return TaskResult(task_id, output, digest, f["node_id"], workload)
         raise ResultRefused(f"no result of {task_id} matches the verified digest "
                             f"{digest.hex()[:16]}...: " + ("; ".join(problems) or
                                                            "no agreeing node delivered one"))
@@ -626,6 +645,7 @@ class Watch:
         p = self.progress.setdefault(task_id, Progress(task_id))
         if event.name == "TaskAssigned":
             p.assigned += 1
+            p.workload = event.fields["workload"]
             p.encrypted = (event.fields["payload"] is not None
                            or event.fields["payload_ref"] is not None)
         elif event.name == "DataKeyGranted":
@@ -634,6 +654,7 @@ class Watch:
             p.committed += 1
         elif event.name == "ResultRevealed":
             p.revealed += 1
+            p.reveals.append(event)
         elif event.name in ("TaskVerified", "TaskFailed") and p.verdict is None:
             p.verdict = event
         return p

@@ -210,15 +210,15 @@ class LocalNetwork:
 
     def start_node(self, name: str, *, operator: str | None = None, region: str = "eu-west",
                    stake_micro: int = 0, slots: int = 1, fault: str | None = None,
-                   tier: str = "consumer") -> None:
-        """One node runner process; a stake is consented to with the operator's keystore
-        under this network's home (made here if missing: then the operator is not
-        registered and the ledger locks nothing)."""
+                   tier: str = "consumer", threads: int = 1) -> None:
+        """One node runner process on ``threads`` torch threads; a stake is consented to
+        with the operator's keystore under this network's home (made here if missing:
+        then the operator is not registered and the ledger locks nothing)."""
         if stake_micro > 0:
             self.account_keys(operator or name)
         args = ["-m", "destra", "node", "run", "--name", name, "--operator", operator or name,
                 "--region", region, "--stake", str(stake_micro), "--slots", str(slots),
-                "--tier", tier, "--threads", "1"]
+                "--tier", tier, "--threads", str(threads)]
         if fault:
             args += ["--fault", fault]
         self.join_node(name)

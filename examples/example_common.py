@@ -95,7 +95,7 @@ def submit(name: str, program: bytes, inputs: bytes, example: Example,
         if progress.state != "verified":
             raise DestraError(f"task {task_id} {progress.state}: {progress.as_dict()}")
         out = args.out_dir / f"{name}.out.safetensors"
-        out.write_bytes(client.result(task_id).output)
+        out.write_bytes(client.result(task_id, progress=progress).output)
         print(f"verified: wrote {out}")
     finally:
         client.close()

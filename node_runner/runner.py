@@ -363,8 +363,11 @@ class NodeRunner:
         try:
             params = dict(f["params"])
             if data_key is not None:
+                started = time.perf_counter()
                 sealed = fetch_blob(self.blobs, f["payload"], f["payload_ref"])
                 params = merge_params(params, open_input(data_key, f["task_id"], sealed))
+                log.info("fetched and opened the sealed input (%d bytes) in %.3f s",
+                         len(sealed), time.perf_counter() - started, extra=task_extra(assignment))
             parsed = workload.validate(params)
         except (DecryptionFailed, InvalidParams) as err:
             return refused(WorkRefused("invalid-input", str(err)))

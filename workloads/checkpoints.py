@@ -337,9 +337,10 @@ def run_whole(workload: Checkpointed, params: dict[str, Any], device: torch.devi
 def run_checkpointed(workload: Checkpointed, params: dict[str, Any], device: torch.device
                      ) -> tuple[list[bytes], WorkloadResult]:
     """``checkpoint_leaves`` plus the final result (what a replica runs and commits)."""
+    started = time.perf_counter_ns()
     leaves, state = checkpoint_leaves(workload, params, device)
     with deterministic(device):
-        return leaves, workload.final_result(params, state, device)
+        return leaves, workload.final_result(params, state, device, started)
 
 
 def run_segment(workload: Checkpointed, params: dict[str, Any], segment: int,
@@ -377,6 +378,7 @@ def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.d
     node keeps to answer a dispute's checkpoint request. ``tamper_from`` (a node's
     ``diverge`` fault, for tests and the demo) perturbs the state after that segment: the
     leaves from there on, and the result, are consistently wrong."""
+    started = time.perf_counter_ns()
     with deterministic(device):
         state = workload.initial_state(params, device)
         leaves, states = [], []
@@ -393,7 +395,7 @@ def run_recorded(workload: Checkpointed, params: dict[str, Any], device: torch.d
                 leaves.append(leaf_of(workload, state))
                 exact = workload.state_bytes(state)
                 states.append(exact if len(exact) <= MAX_INLINE_STATE_BYTES else b"")
-        return leaves, states, workload.final_result(params, state, device)
+        return leaves, states, workload.final_result(params, state, device, started)
 
 
 def _tampered(workload: Checkpointed, params: dict[str, Any], state: Any,

@@ -181,7 +181,7 @@ def test_the_three_examples_are_verified_and_equal_a_local_run(
                 watch.close()
             for task, (example, program, inputs) in tasks.items():
                 verified(done[task])
-                got = client.result(task)
+                got = client.result(task, progress=done[task])  # what its watch saw
                 assert got.workload == "program"
                 assert got.output == one_thread_output(
                     program, inputs, steps=example.steps, carry=example.carry,
