@@ -322,7 +322,8 @@ class Program(Workload, Checkpointed):
                  else write_tensors(numbered(start.prefix, list(start.tensors))))
         job = Job(program=program, inputs=inputs, device=str(device), carry=params["carry"],
                   start_step=start.step, start_state=state, boundaries=boundaries,
-                  record_bytes=RECORDED_STATE_BYTES)
+                  record_bytes=RECORDED_STATE_BYTES,
+                  declared=(params["units"], params["memory_mb"], params["steps"]))
         reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
                              bound_ms=self.bound_ms(params), threads=torch.get_num_threads())
         sizes = reply.facts.get("sizes")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from workloads.base import WorkRefused, deterministic
 from workloads.lazy import torch
-from workloads.program_check import check_shapes, load_program, signature_specs
+from workloads.program_check import check_shapes, load_program, no_unpickling, signature_specs
+from workloads.program_cost import estimate_loaded
 from workloads.program_sandbox import Reply
 from workloads.program_tensors import numbered, positional, read_tensors, write_tensors
 
@@ -42,6 +43,31 @@ class Job:
     record_bytes: int = -1
     """The states of boundaries before the last are returned only when their tensors hold
     at most this many bytes (-1: always); their sizes always are (facts ``sizes``)."""
+    declared: tuple[int, int, int] | None = None
+    """``(units, memory_mb, steps)`` the task declares: checked against the program's own
+    estimate before the first step (``check_declared``); None: not checked."""
+
+
+UNDERSTATED_TOLERANCE = 1.1
+"""A declared cost may be this much under the node's own estimate before it is refused:
+the estimate is exact for one torch version, and a node on another may decompose an
+operator differently and count a few percent more."""
+
+
+def check_declared(ep: torch.export.ExportedProgram, given: list[torch.Tensor],
+                   declared: tuple[int, int, int]) -> None:
+    """``WorkRefused("understated-cost")`` when the task declares fewer compute units or
+    less memory than the program's estimate (``workloads.program_cost``), beyond
+    ``UNDERSTATED_TOLERANCE``: a submitter who wrote a smaller number than their client
+    computed would be paying for less than the nodes run."""
+    units, memory_mb, steps = declared
+    with no_unpickling():
+        est = estimate_loaded(ep, given, steps)
+    if est.units > units * UNDERSTATED_TOLERANCE or est.memory_mb > memory_mb * \
+            UNDERSTATED_TOLERANCE:
+        raise WorkRefused("understated-cost", f"the task declares {units} compute units and "
+                          f"{memory_mb} MiB; the program's graph costs {est.units} units and "
+                          f"{est.memory_mb} MiB")
 
 
 def _state_tensors(state: bytes, prefix: str, count: int) -> list[torch.Tensor]:
@@ -60,6 +86,8 @@ def run_job(job: Job) -> Reply:
     ins, outs = signature_specs(ep)
     given = positional("in", read_tensors(job.inputs))
     check_shapes(ins, outs, given, job.carry)
+    if job.declared is not None:
+        check_declared(ep, given, job.declared)
     if job.start_state is not None:
         prefix = "out" if job.start_step > 0 else "in"
         carried = _state_tensors(job.start_state, prefix, job.carry)[:job.carry]

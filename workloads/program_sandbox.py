@@ -63,7 +63,8 @@ MEMORY_SLACK_MB = 1024
 MAX_REPLY_BYTES = 1 << 31
 """Largest reply read from a child."""
 PRELOAD = ("torch", "torch.export", "torch._export.serde.serialize",
-           "torch.export.pt2_archive._package", "workloads.program_run")
+           "torch.export.pt2_archive._package", "torch._subclasses.fake_tensor",
+           "torch.utils.flop_counter", "workloads.program_run")
 """Imported once by the forkserver, so every child starts with them."""
 
 _context: Any = None

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import pickle
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from allocator.trust import TrustRules
 from destra.crypto import sign_event
@@ -372,3 +374,40 @@ def test_the_diverge_fault_perturbs_long_training_runs_from_the_middle_only() ->
     s = MLP.validate(dict(short))
     assert run_assignment(assignment("mlp-digits", short), MLP, dict(s), CPU,
                           Fault.DIVERGE).output == MLP.run(dict(s), CPU).output
+
+
+def test_a_program_whose_states_are_too_large_to_record_is_disputed_by_full_rounds() -> None:
+    # wave2d on 128 x 128 float64: 256 KiB a state, past RECORDED_STATE_BYTES. Every
+    # replica commits the same leaves (step and size only), so bisection finds no segment
+    # to re-execute and the dispute goes to a full round, as for a task without checkpoints.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import wave2d
+
+    from workloads.program import program_params, save_inputs, save_program
+
+    example = wave2d.build(grid=128, steps=8)
+    params = program_params(save_program(example.ep), save_inputs(example.inputs), steps=8,
+                            carry=2)
+
+    class Forged(Compute):
+        def __call__(self, a: Event, key: bytes | None) -> Computed:
+            out = super().__call__(a, key)
+            if (a.fields["round"], a.fields["replica_index"]) == (0, 0):
+                return Computed(out.output + b"forged", out.runtime_ms, out.leaves, out.states)
+            return out
+
+    sim = Sim(nodes=6, rules=FAST, compute=Forged(reuse=True))
+    sim.submit("t0", workload="program", params={k: str(v) for k, v in params.items()},
+               trust="adaptive", replicas=1, quorum=1)
+    sim.runner.advance(150_000)
+    verdict = sim.verdict("t0")
+    assert verdict is not None and verdict.name == "TaskVerified"
+    reveals = sim.runner.events("ResultRevealed")
+    leaves = {tuple(e.fields["checkpoints"]) for e in reveals}
+    assert len(leaves) == 1 and len(next(iter(leaves))) == 8, "one list of leaves for all"
+    assert not sim.runner.events("CheckpointRequested")
+    assert all(e.fields["segment"] == -1 for e in assigned(sim))
+    assert Counter(e.fields["round"] for e in assigned(sim)) == {0: 3, 1: 3}
+    forger = next(e.fields["node_id"] for e in assigned(sim)
+                  if (e.fields["round"], e.fields["replica_index"]) == (0, 0))
+    assert penalties(sim) == {(forger, "dissent"): 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import math
 import sys
 import time
 import zipfile
@@ -275,6 +276,19 @@ def test_inputs_of_the_wrong_shape_are_refused() -> None:
     e = refused("shape-mismatch", lambda: estimate(program, wrong, 1, 2))
     assert "in0" in e.detail
     refused("shape-mismatch", lambda: estimate(program, save_inputs(example.inputs), 1, 3))
+
+
+def test_a_task_declaring_less_than_its_graph_costs_is_refused_by_the_node() -> None:
+    example = mlp_train.build(n=1024, n_in=64, hidden=256, steps=12)
+    params = params_of(example)
+    assert params["units"] >= 20 and params["memory_mb"] >= 2
+    e = refused("understated-cost",
+                lambda: PROGRAM.run({**params, "units": params["units"] // 2}, CPU))
+    assert f"costs {params['units']} units" in e.detail
+    refused("understated-cost", lambda: PROGRAM.run({**params, "memory_mb": 1}, CPU))
+    # Within the tolerance (another torch version may count a few percent more), it runs.
+    near = {**params, "units": math.ceil(params["units"] / 1.05)}
+    assert PROGRAM.run(near, CPU).digest == PROGRAM.run(params, CPU).digest
 
 
 def test_a_runaway_program_is_stopped_at_its_stated_bound() -> None:
