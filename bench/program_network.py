@@ -196,7 +196,8 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
         warm = client.quote_program(save_program(small.ep), save_inputs(small.inputs),
                                     steps=2, carry=2, replicas=1, quorum=1)
         through_network(client, net, warm)
-        cases = {k: v for k, v in CASES.items() if not args.quick or k in QUICK}
+        cases = {k: v for k, v in CASES.items()
+                 if (not args.quick or k in QUICK) and args.only in k}
         for name, build in cases.items():
             ex = build()
             program, inputs = save_program(ex.ep), save_inputs(ex.inputs)
@@ -249,6 +250,7 @@ def main() -> None:
                         "2-core machine the other core runs the broker, the services and "
                         "the client, which a contributor's machine would not host)")
     parser.add_argument("--quick", action="store_true", help="one case, for a quick look")
+    parser.add_argument("--only", default="", help="the cases whose name holds this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="destra-bench-"))
@@ -256,8 +258,8 @@ def main() -> None:
         lines = run(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out = ROOT / "bench" / "results" / ("program-network-quick.txt" if args.quick
-                                        else "program-network.txt")
+    out = ROOT / "bench" / "results" / ("program-network-quick.txt"
+                                        if args.quick or args.only else "program-network.txt")
     out.write_text("\n".join(lines) + "\n")
     print(f"written to {out}")
 

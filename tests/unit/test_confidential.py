@@ -91,6 +91,30 @@ def test_an_input_that_opens_but_is_not_a_task_input_is_invalid_params() -> None
             open_input(key, "t1", crypto.seal(key, plaintext, payload_ad("t1")))
 
 
+
+def test_large_values_travel_beside_the_json_and_older_json_inputs_still_open() -> None:
+    from destra.confidential import FRAMED_MAGIC, RAW_VALUE_BYTES, payload_ad
+
+    big = "QUJD" * (RAW_VALUE_BYTES // 2)  # base64 over the limit
+    private = {"program": big, "input": big[:-4] + "RUY=", "seed": "7"}
+    key, sealed = seal_input("t1", private)
+    plaintext = crypto.open_sealed(key, sealed, payload_ad("t1"))
+    assert plaintext.startswith(FRAMED_MAGIC) and big.encode() in plaintext
+    assert open_input(key, "t1", sealed) == private
+    # Small inputs stay plain JSON; a JSON input written by an older client still opens.
+    small_key, small = seal_input("t1", {"seed": "7"})
+    assert crypto.open_sealed(small_key, small, payload_ad("t1")).startswith(b"{")
+    old = (b'{"params":{"input":"' + big.encode() + b'"},"schema":"destra.task-input/1",'
+           b'"task_id":"t1"}')
+    assert open_input(key, "t1", crypto.seal(key, old, payload_ad("t1"))) == {"input": big}
+    # A frame whose lengths do not add up, or that names a value twice, is refused.
+    head = plaintext[8:8 + int.from_bytes(plaintext[4:8], "little")]
+    for bad in (plaintext[:-1], plaintext + b"x",
+                FRAMED_MAGIC + len(head).to_bytes(4, "little") + head.replace(b'"seed"',
+                                                                            b'"input"')):
+        with pytest.raises(InvalidParams, match="not a destra.task-input/1 document"):
+            open_input(key, "t1", crypto.seal(key, bad, payload_ad("t1")))
+
 def test_a_parameter_both_public_and_private_is_refused() -> None:
     assert merge_params({"n": "1"}, {"seed": "2"}) == {"n": "1", "seed": "2"}
     with pytest.raises(InvalidParams, match="'n' is both public and private"):
