@@ -1,6 +1,6 @@
 """A user program through the whole network against bare torch on the same machine.
 
-    python bench/program_network.py [--repeats 3] [--quick]
+    python bench/program_network.py [--repeats 5] [--quick] [--only TEXT] [--threads 1]
 
 Starts its own Kafka broker (TLS) and Postgres, the network's services and one node
 runner on as many torch threads as this process (``--threads``), and funds an account.
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of bare torch and of the node (default 1: on a "
                         "2-core machine the other core runs the broker, the services and "

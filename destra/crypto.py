@@ -86,7 +86,8 @@ def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
     if len(key) != DATA_KEY_BYTES:
         raise DecryptionFailed(f"key must be {DATA_KEY_BYTES} bytes")
     try:
-        return AESGCM(key).decrypt(sealed[1:1 + NONCE_BYTES], sealed[1 + NONCE_BYTES:],
+        view = memoryview(sealed)  # no copy of the ciphertext (tens of MB for a program)
+        return AESGCM(key).decrypt(view[1:1 + NONCE_BYTES], view[1 + NONCE_BYTES:],
                                    associated)
     except InvalidTag:
         raise DecryptionFailed(
