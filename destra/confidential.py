@@ -81,11 +81,11 @@ def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str]:
         if plaintext[:4] == FRAMED_MAGIC:
             (n,) = struct.unpack_from("<I", plaintext, 4)
             doc = json.loads(plaintext[8:8 + n])
-            pos = 8 + n
+            pos, view = 8 + n, memoryview(plaintext)
             for name, size in doc["raw"]:
                 if not isinstance(name, str) or type(size) is not int or size < 0:
                     raise ValueError("bad raw entry")
-                values.append((name, plaintext[pos:pos + size].decode("utf-8")))
+                values.append((name, str(view[pos:pos + size], "utf-8")))  # no copy first
                 pos += size
             if pos != len(plaintext):
                 raise ValueError("length mismatch")
