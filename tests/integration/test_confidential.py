@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -147,6 +148,13 @@ def test_tasks_of_every_workload_leave_no_plaintext_on_the_topics_or_in_the_blob
         got = client.result(task_id)
         assert got.output == expected, task_id
         assert got.digest == done[task_id].verdict.fields["digest"]  # type: ignore[union-attr]
+        # From what the watch saw (no topic read), and from a watch that missed every
+        # reveal (it reads the topics instead): the same checked plaintext.
+        seen = done[task_id]
+        assert seen.reveals and seen.workload == workload
+        assert client.result(task_id, progress=seen).output == expected
+        blind = replace(seen, reveals=[])
+        assert client.result(task_id, progress=blind).output == expected
         markers += _markers(workload, params, expected)
     client.close()
 
