@@ -30,7 +30,14 @@ Rules:
   (``verifier.commitments.refusal_digest``, proven by an agreeing reveal's
   ``refusal`` code): ``Failed(refused)`` instead, nobody paid, the task refunded,
   and still ``Penalize(dissent)`` for each dissenter (a node that computed what a
-  quorum refused, or refused what a quorum computed, is judged the same). A
+  quorum refused, or refused what a quorum computed, is judged the same), with one
+  exception. A task with a wall-clock bound (``runtime_bound_ms``: a user program's) may
+  be finished by a fast node and stopped at the bound on a slow one, both honest: a
+  ``runtime-bound`` refusal and a result do not contradict each other. So a replica
+  that revealed ``runtime-bound`` at least the bound after it was assigned (it could
+  have run that long) is not judged when a result is verified (nor paid), and a
+  replica that revealed a result is not judged when a quorum was stopped at the bound.
+  A ``runtime-bound`` committed sooner is a claim no honest node makes: dissent. A
   reveal whose ``refusal`` does not hash to its digest is rejected
   (``refusal_mismatch``). As soon as no digest can reach the
   quorum: ``Failed(no_quorum)``, no one judged a dissenter. Past
@@ -207,6 +214,14 @@ class _Slot:
     """The checkpoint leaves revealed with the digest (signed, not committed to)."""
     refusal: str | None = None
     """The refusal code revealed with the digest (it hashes to the digest), if any."""
+    assigned_at: int = 0
+    """The tally's clock when this attempt was assigned."""
+    committed_at: int = 0
+    """The tally's clock when it committed."""
+
+
+STOPPED_AT_BOUND = "runtime-bound"
+"""The refusal of a node that stopped a task at its wall-clock bound (module docstring)."""
 
 
 class TaskTally:
@@ -219,10 +234,13 @@ class TaskTally:
 
     escalate = False
     """Class default: tallies pickled before rounds existed never escalate."""
+    runtime_bound_ms = 0
+    """The task's wall-clock bound (0: none; class default for older snapshots)."""
 
     def __init__(self, task_id: str, compute_units: int, replicas: int = 3, quorum: int = 2,
                  *, max_attempts: int = 3, reissue_grace_ms: int = 60_000,
-                 expires_at: int | None = None, escalate: bool = False) -> None:
+                 expires_at: int | None = None, escalate: bool = False,
+                 runtime_bound_ms: int = 0) -> None:
         if not 1 <= replicas <= MAX_REPLICAS:
             raise InvalidQuorum(f"task {task_id}: replicas {replicas} out of 1..{MAX_REPLICAS}")
         if not replicas >= quorum > replicas / 2:
@@ -235,6 +253,7 @@ class TaskTally:
         self.max_attempts, self.reissue_grace_ms = max_attempts, reissue_grace_ms
         self.expires_at = expires_at
         self.escalate = escalate
+        self.runtime_bound_ms = runtime_bound_ms
         self.reissues = 0
         self.opened_at: int | None = None
         self.outcome: Verified | Failed | Disputed | None = None
@@ -278,6 +297,7 @@ class TaskTally:
             return self._reject(node_id, RejectReason.BAD_DEADLINES, "reveal before commit")
         slot.status, slot.node_id = Status.ASSIGNED, node_id
         slot.commit_deadline, slot.reveal_deadline = commit_deadline, reveal_deadline
+        slot.assigned_at = self._clock
         self._used[node_id] = (replica_index, attempt)
         return []
 
@@ -302,6 +322,7 @@ class TaskTally:
         if len(commitment) != 32:
             return out + self._reject(node_id, RejectReason.MALFORMED, "commitment not 32 bytes")
         slot.status, slot.commitment = Status.COMMITTED, bytes(commitment)
+        slot.committed_at = self._clock
         return out + self._maybe_open()
 
     def on_revealed(self, node_id: str, attempt: int, salt: bytes, digest: bytes,
@@ -436,11 +457,12 @@ class TaskTally:
         contributions = tuple(
             Contribution(self._node(s), self.compute_units if s.digest == digest else 0,
                          s.digest == digest) for s in revealed)
-        dissent: list[Decision] = [Penalize(c.node_id, self.task_id, Reason.DISSENT)
-                                   for c in contributions if not c.agreed]
         # An agreeing reveal's code proves the digest a refusal (no output hashes to it).
         refusal = next((s.refusal for s in revealed
                         if s.digest == digest and getattr(s, "refusal", None)), None)
+        dissent: list[Decision] = [Penalize(c.node_id, self.task_id, Reason.DISSENT)
+                                   for c, s in zip(contributions, revealed, strict=True)
+                                   if not c.agreed and not self._excused(s, refusal)]
         if refusal is not None:
             self.outcome = Failed(self.task_id, Reason.REFUSED,
                                   f"{refusal}: {count} replicas refused the task identically; "
@@ -449,6 +471,30 @@ class TaskTally:
         ref = next((s.result_ref for s in revealed if s.digest == digest and s.result_ref), None)
         self.outcome = Verified(self.task_id, digest, self.quorum, contributions, ref)
         return [self.outcome, *dissent]
+
+    def stopped_at_bound(self) -> tuple[set[str], set[str]]:
+        """``(credibly stopped, computed)``: the nodes whose reveal was a ``runtime-bound``
+        committed at least the bound after their assignment, and those whose reveal was a
+        result, on a task with a bound (else both empty): what a later round's verdict
+        excuses (``verifier.service``)."""
+        if not self.runtime_bound_ms:
+            return set(), set()
+        revealed = [s for s in self._slots if s.status == Status.REVEALED]
+        return ({self._node(s) for s in revealed if self._excused(s, None)},
+                {self._node(s) for s in revealed if getattr(s, "refusal", None) is None})
+
+    def _excused(self, slot: _Slot, verdict_refusal: str | None) -> bool:
+        """Whether a replica that disagreed with the verdict is not judged for it: one
+        stopped at the task's bound (credibly) against a result, or one with a result
+        against a quorum stopped at the bound (module docstring)."""
+        if not self.runtime_bound_ms:
+            return False
+        refusal = getattr(slot, "refusal", None)
+        if verdict_refusal is None:
+            return refusal == STOPPED_AT_BOUND and (
+                getattr(slot, "committed_at", 0) - getattr(slot, "assigned_at", 0)
+                >= self.runtime_bound_ms)
+        return verdict_refusal == STOPPED_AT_BOUND and refusal is None
 
     def abort(self, reason: Reason, detail: str) -> list[Decision]:
         """Fail the task for a reason outside the tally (no node is judged); once."""

@@ -63,7 +63,9 @@ from streams.journal import ExpiringLog
 from streams.params import ParamSchedule
 from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.bisection import first_divergence
+from verifier.commitments import refusal_digest
 from verifier.proof_of_sync import (
+    STOPPED_AT_BOUND,
     Contribution,
     Decision,
     Disputed,
@@ -88,6 +90,15 @@ from workloads.checkpoints import (
 MIN_DISPUTE_SEGMENTS = 2
 """A checkpointed task of fewer segments is disputed by full rounds: with one segment the
 referee would rerun the whole task, and decide it alone."""
+
+def _keep_bound_outcomes(rounds: _Rounds, tally: TaskTally) -> None:
+    """Note which of a finished round's replicas were credibly stopped at the task's
+    bound, and which computed a result (``TaskTally.stopped_at_bound``)."""
+    stopped, computed = tally.stopped_at_bound()
+    if stopped or computed:
+        rounds.stopped = getattr(rounds, "stopped", set()) | stopped
+        rounds.computed = getattr(rounds, "computed", set()) | computed
+
 
 def slash_parameter(reason: Reason) -> str:
     """The live parameter (``streams.params``) that sizes the slash for a fault: stake
@@ -131,6 +142,12 @@ class _Rounds:
     round."""
     used: set[str] = field(default_factory=set)
     """Every node an earlier round used: no later round may use it again."""
+    stopped: set[str] = field(default_factory=set)
+    """Earlier rounds' nodes credibly stopped at the task's wall-clock bound: not judged
+    when a result is verified (``TaskTally.stopped_at_bound``)."""
+    computed: set[str] = field(default_factory=set)
+    """Earlier rounds' nodes that revealed a result on a task with a bound: not judged when
+    a quorum is stopped at it."""
     asked_at: int = 0
     """When the round now being placed was asked for."""
     referees: int = 0
@@ -338,7 +355,8 @@ class Verifier:
                     reissue_grace_ms=self.reissue_grace_ms,
                     expires_at=terms.expires_at,
                     escalate=terms.trust == "adaptive" and not referee and (
-                        rounds.full if rounds is not None else 0) < self.rules.max_rounds)
+                        rounds.full if rounds is not None else 0) < self.rules.max_rounds,
+                    runtime_bound_ms=0 if referee else self._wall_bound(terms))
             except InvalidQuorum as err:
                 # Terms no tally can judge (a quorum that is not a majority of the
                 # replicas): the assignment is refused, the task fails so its escrow is
@@ -399,6 +417,7 @@ class Verifier:
         rounds = self.rounds.setdefault(d.task_id, _Rounds())
         rounds.prior += d.revealed
         rounds.used |= set(tally.nodes_used)
+        _keep_bound_outcomes(rounds, tally)
         return self._next_round(d.task_id, rounds, tally.clock)
 
     def _next_round(self, task_id: str, rounds: _Rounds, now_ms: int) -> list[Event]:
@@ -425,6 +444,17 @@ class Verifier:
         if not isinstance(workload, Checkpointed):
             return None
         return workload, params
+
+    def _wall_bound(self, terms: _Terms) -> int:
+        """The wall-clock bound nodes stop the task at (``Workload.wall_bound_ms``, from
+        its public parameters); 0 when it has none or they do not validate."""
+        if not getattr(terms, "workload", ""):
+            return 0
+        try:
+            workload = get_workload(terms.workload)
+            return workload.wall_bound_ms(workload.validate(dict(terms.params)))
+        except (DestraError, KeyError):
+            return 0
 
     def _segment_units(self, terms: _Terms) -> int:
         found = self._checkpointed(terms)
@@ -462,6 +492,7 @@ class Verifier:
         rounds = self.rounds.setdefault(d.task_id, _Rounds())
         rounds.prior += d.revealed
         rounds.used |= set(tally.nodes_used)
+        _keep_bound_outcomes(rounds, tally)
         rounds.number += 1
         rounds.referees += 1
         rounds.asked_at = tally.clock
@@ -586,19 +617,24 @@ class Verifier:
         units = terms.compute_units if terms is not None else 0
         prior = tuple(Contribution(node, units if digest == d.digest else 0,
                                    digest == d.digest) for node, digest, _ in rounds.prior)
+        stopped: set[str] = getattr(rounds, "stopped", set())  # absent from older snapshots
         dissent = [Penalize(c.node_id, d.task_id, Reason.DISSENT) for c in prior
-                   if not c.agreed]
+                   if not c.agreed and c.node_id not in stopped]
         return Verified(d.task_id, d.digest, d.quorum, prior + d.contributions,
                         d.result_ref), dissent
 
     def _refused_dissent(self, d: Failed) -> list[Penalize]:
         """A quorum of the task's last round refused it: the earlier rounds' replicas that
-        revealed anything else dissented, as they would from a verified digest."""
+        revealed anything else dissented, as they would from a verified digest, except a
+        result against a quorum stopped at the task's bound (``_Rounds.computed``)."""
         rounds = self.rounds.get(d.task_id)
         if rounds is None:
             return []
+        computed: set[str] = (getattr(rounds, "computed", set())  # older snapshots lack it
+                              if d.digest == refusal_digest(STOPPED_AT_BOUND) else set())
         return [Penalize(node, d.task_id, Reason.DISSENT)
-                for node, digest, _ in rounds.prior if digest != d.digest]
+                for node, digest, _ in rounds.prior if digest != d.digest
+                and node not in computed]
 
     def on_granted(self, e: Event, now_ms: int, where: Any = None) -> list[Event]:
         """A submitter's signed ``DataKeyGranted``: the replica may now run."""

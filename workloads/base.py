@@ -179,6 +179,12 @@ class Workload(ABC):
     def compute_units(self, params: dict[str, Any]) -> int:
         """Estimated work in units of 10^6 operations (>= 1)."""
 
+    def wall_bound_ms(self, params: dict[str, Any]) -> int:
+        """The wall-clock bound a node stops this task at, refusing it ``runtime-bound``
+        (0: none). The verifier does not judge a replica stopped there against one that
+        finished in time (``verifier.proof_of_sync``)."""
+        return 0
+
     @abstractmethod
     def memory_mb(self, params: dict[str, Any]) -> int:
         """Estimated peak tensor memory in MiB (>= 1), excluding the PyTorch runtime."""

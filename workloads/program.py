@@ -294,6 +294,10 @@ class Program(Workload, Checkpointed):
         """The wall-clock bound the task states: ``max_runtime_ms``, or the rule's."""
         return int(params["max_runtime_ms"]) or runtime_bound_ms(params["units"])
 
+    def wall_bound_ms(self, params: dict[str, Any]) -> int:
+        """``bound_ms``: the child is killed there (``runtime-bound``)."""
+        return self.bound_ms(params)
+
     def payload(self, params: dict[str, Any]) -> tuple[bytes, bytes]:
         """The program and input bytes, after every check done outside torch.
 

@@ -411,3 +411,56 @@ def test_a_program_whose_states_are_too_large_to_record_is_disputed_by_full_roun
     forger = next(e.fields["node_id"] for e in assigned(sim)
                   if (e.fields["round"], e.fields["replica_index"]) == (0, 0))
     assert penalties(sim) == {(forger, "dissent"): 1}
+
+
+def test_a_runtime_bound_claimed_as_soon_as_the_others_finished_is_dissent() -> None:
+    # The sim's nodes commit as soon as they are assigned (virtual time): a replica that
+    # says it was stopped at a 1.5 s bound could not have run that long. Judged.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import wave2d
+
+    from node_runner.logic import refused
+    from workloads.base import WorkRefused
+    from workloads.program import program_params, save_inputs, save_program
+
+    example = wave2d.build(grid=16, steps=4)
+    params = program_params(save_program(example.ep), save_inputs(example.inputs), steps=4,
+                            carry=2, max_runtime_ms=1_500)
+
+    class Slow(Compute):
+        def __call__(self, a: Event, key: bytes | None) -> Computed:
+            if (a.fields["round"], a.fields["replica_index"]) == (0, 0):
+                return refused(WorkRefused("runtime-bound", "stopped"), 1_500)
+            return super().__call__(a, key)
+
+    sim = Sim(nodes=6, rules=FAST, compute=Slow(reuse=True))
+    sim.submit("t0", workload="program", params={k: str(v) for k, v in params.items()},
+               trust="adaptive", replicas=1, quorum=1)
+    sim.runner.advance(150_000)
+    slow = next(e.fields["node_id"] for e in assigned(sim)
+                if (e.fields["round"], e.fields["replica_index"]) == (0, 0))
+    verdict = sim.verdict("t0")
+    assert verdict is not None and verdict.name == "TaskVerified"
+    assert Counter(e.fields["round"] for e in assigned(sim)) == {0: 3, 1: 3}
+    assert penalties(sim) == {(slow, "dissent"): 1}
+
+
+def test_later_rounds_do_not_judge_a_replica_credibly_stopped_at_the_bound() -> None:
+    # The rounds' bookkeeping (``_Rounds.stopped`` and ``computed``, filled from each
+    # escalated round's tally) against the last round's verdict.
+    from verifier.commitments import refusal_digest
+    from verifier.proof_of_sync import Failed, Reason, Verified
+    from verifier.service import _Rounds
+
+    result, stopped = b"r" * 32, refusal_digest("runtime-bound")
+    verifier = Verifier("verifier")
+    verifier.rounds["t0"] = _Rounds(number=1, prior=[("a", result, "ref"),
+                                                     ("b", stopped, None),
+                                                     ("c", stopped, None)],
+                                    stopped={"b"}, computed={"a"})
+    _, dissent = verifier._verdict(Verified("t0", result, 2, (), "ref"))
+    assert [p.node_id for p in dissent] == ["c"]  # b was stopped credibly; c was not
+    failed = Failed("t0", Reason.REFUSED, "runtime-bound: 2 replicas", stopped)
+    assert verifier._refused_dissent(failed) == []  # a finished in time: not judged
+    other = Failed("t0", Reason.REFUSED, "bad-hash", refusal_digest("bad-hash"))
+    assert sorted(p.node_id for p in verifier._refused_dissent(other)) == ["a", "b", "c"]

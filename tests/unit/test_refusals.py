@@ -26,7 +26,15 @@ from schemas import Event, new_event
 from streams.params import DEFAULTS
 from tests.refusing import Refuser, with_refuser
 from verifier.commitments import commitment, refusal_code, refusal_digest
-from verifier.proof_of_sync import Failed, Penalize, Reason, Rejected, RejectReason, TaskTally
+from verifier.proof_of_sync import (
+    Failed,
+    Penalize,
+    Reason,
+    Rejected,
+    RejectReason,
+    TaskTally,
+    Verified,
+)
 from verifier.service import slash_parameter
 from workloads.base import WorkRefused
 from workloads.canonical import canonical_json, sha256
@@ -339,3 +347,95 @@ def test_a_private_input_out_of_bounds_is_refused_invalid_input_and_refunded() -
     assert b"'seed'" in document and b"out of range" in document
     assert sim.balance("user:alice") == before
     assert _penalties(sim) == []
+
+
+# ------------------------------------------------------------------ stopped at the bound
+
+BOUND_MS = 5_000
+STOPPED = refusal_digest("runtime-bound")
+
+
+def bounded_tally(bound_ms: int = BOUND_MS) -> tuple[TaskTally, dict[str, bytes]]:
+    """Three replicas of a task with a wall-clock bound, assigned at t = 0."""
+    tally = TaskTally("t1", 10, replicas=3, quorum=2, runtime_bound_ms=bound_ms)
+    for i, n in enumerate("abc"):
+        tally.on_assigned(n, i, 0, 60_000, 90_000, now_ms=0)
+    return tally, {n: bytes([i]) * 32 for i, n in enumerate("abc")}
+
+
+def settle(tally: TaskTally, salts: dict[str, bytes],
+           answers: dict[str, tuple[bytes, str | None, int]]) -> list[object]:
+    """Each node commits its digest at its time, then all reveal: the decisions."""
+    for n, (digest, _, at) in answers.items():
+        tally.on_committed(n, 0, commitment("t1", n, 0, salts[n], digest), at)
+    out: list[object] = []
+    for n, (digest, code, _) in answers.items():
+        out += tally.on_revealed(n, 0, salts[n], digest, 1, 30_000, refusal=code)
+    return out
+
+
+def test_a_node_stopped_at_the_bound_is_not_judged_against_faster_nodes_that_finished(
+        ) -> None:
+    result = hashlib.sha256(b"finished").digest()
+    tally, salts = bounded_tally()
+    out = settle(tally, salts, {"a": (result, None, 2_000), "b": (result, None, 3_000),
+                                "c": (STOPPED, "runtime-bound", BOUND_MS + 200)})
+    (verdict,) = [d for d in out if isinstance(d, Verified)]
+    assert verdict.digest == result
+    assert {c.node_id: c.compute_units for c in verdict.contributions} == {
+        "a": 10, "b": 10, "c": 0}  # not paid for what it did not deliver
+    assert not [d for d in out if isinstance(d, Penalize)]
+    # What an adaptive task's later rounds are told (``_Rounds.stopped``, ``computed``).
+    assert tally.stopped_at_bound() == ({"c"}, {"a", "b"})
+
+
+def test_a_runtime_bound_claimed_before_the_bound_could_pass_is_dissent() -> None:
+    result = hashlib.sha256(b"finished").digest()
+    tally, salts = bounded_tally()
+    out = settle(tally, salts, {"a": (result, None, 2_000), "b": (result, None, 3_000),
+                                "c": (STOPPED, "runtime-bound", 1_000)})
+    assert [(d.node_id, d.reason) for d in out if isinstance(d, Penalize)] == [
+        ("c", Reason.DISSENT)]
+    # And on a task without a bound, nothing excuses it either.
+    tally, salts = bounded_tally(0)
+    out = settle(tally, salts, {"a": (result, None, 2_000), "b": (result, None, 3_000),
+                                "c": (STOPPED, "runtime-bound", BOUND_MS + 200)})
+    assert [d.node_id for d in out if isinstance(d, Penalize)] == ["c"]
+
+
+def test_a_node_that_finished_is_not_judged_when_a_quorum_was_stopped_at_the_bound() -> None:
+    result = hashlib.sha256(b"finished").digest()
+    tally, salts = bounded_tally()
+    out = settle(tally, salts, {"a": (result, None, 4_000),
+                                "b": (STOPPED, "runtime-bound", BOUND_MS + 100),
+                                "c": (STOPPED, "runtime-bound", BOUND_MS + 300)})
+    (failed,) = [d for d in out if isinstance(d, Failed)]
+    assert failed.reason == Reason.REFUSED and failed.detail.startswith("runtime-bound")
+    assert not [d for d in out if isinstance(d, Penalize)]
+    # Another refusal against that quorum is still dissent.
+    tally, salts = bounded_tally()
+    out = settle(tally, salts, {"a": (refusal_digest("bad-hash"), "bad-hash", 1_000),
+                                "b": (STOPPED, "runtime-bound", BOUND_MS + 100),
+                                "c": (STOPPED, "runtime-bound", BOUND_MS + 300)})
+    assert [d.node_id for d in out if isinstance(d, Penalize)] == ["a"]
+
+
+def test_the_verifier_takes_a_programs_bound_from_its_public_parameters() -> None:
+    from verifier.service import Verifier, _Terms
+    from workloads.program import PROGRAM
+
+    params = {"program_sha256": "ab" * 32, "input_sha256": "cd" * 32, "units": "1200",
+              "memory_mb": "96", "steps": "2", "carry": "0", "mantissa_bits": "0",
+              "max_runtime_ms": "4500"}
+
+    def terms(workload: str, public: dict[str, str]) -> _Terms:
+        return _Terms(1200, 3, 2, 10**12, "alice", b"k" * 32, workload=workload,
+                      params=tuple(sorted(public.items())))
+
+    verifier = Verifier("verifier")
+    assert verifier._wall_bound(terms("program", params)) == 4500
+    rule = {**params, "max_runtime_ms": "0"}  # the rule's: 10 s + units / 10 per ms
+    assert verifier._wall_bound(terms("program", rule)) == 10_000 + 120
+    assert PROGRAM.wall_bound_ms(PROGRAM.validate(rule)) == 10_120
+    assert verifier._wall_bound(terms("heat2d", {"grid": "8", "steps": "1"})) == 0
+    assert verifier._wall_bound(terms("program", {**params, "units": "x"})) == 0
