@@ -55,6 +55,7 @@ from enum import StrEnum
 
 from destra.errors import InvalidQuorum
 from verifier.commitments import matches, matches_refusal
+from workloads.base import RUNTIME_BOUND
 
 MAX_REPLICAS = 15  # TaskSubmitted.replicas
 
@@ -218,10 +219,6 @@ class _Slot:
     """The tally's clock when this attempt was assigned."""
     committed_at: int = 0
     """The tally's clock when it committed."""
-
-
-STOPPED_AT_BOUND = "runtime-bound"
-"""The refusal of a node that stopped a task at its wall-clock bound (module docstring)."""
 
 
 class TaskTally:
@@ -491,10 +488,10 @@ class TaskTally:
             return False
         refusal = getattr(slot, "refusal", None)
         if verdict_refusal is None:
-            return refusal == STOPPED_AT_BOUND and (
+            return refusal == RUNTIME_BOUND and (
                 getattr(slot, "committed_at", 0) - getattr(slot, "assigned_at", 0)
                 >= self.runtime_bound_ms)
-        return verdict_refusal == STOPPED_AT_BOUND and refusal is None
+        return verdict_refusal == RUNTIME_BOUND and refusal is None
 
     def abort(self, reason: Reason, detail: str) -> list[Decision]:
         """Fail the task for a reason outside the tally (no node is judged); once."""

@@ -65,7 +65,6 @@ from streams.processing import Context, Outcome, Recovery, dispatch
 from verifier.bisection import first_divergence
 from verifier.commitments import refusal_digest
 from verifier.proof_of_sync import (
-    STOPPED_AT_BOUND,
     Contribution,
     Decision,
     Disputed,
@@ -79,7 +78,8 @@ from verifier.proof_of_sync import (
     TaskTally,
     Verified,
 )
-from workloads import get_workload
+from workloads import Workload, get_workload
+from workloads.base import RUNTIME_BOUND
 from workloads.checkpoints import (
     HASH_BYTES,
     MAX_INLINE_STATE_BYTES,
@@ -90,15 +90,6 @@ from workloads.checkpoints import (
 MIN_DISPUTE_SEGMENTS = 2
 """A checkpointed task of fewer segments is disputed by full rounds: with one segment the
 referee would rerun the whole task, and decide it alone."""
-
-def _keep_bound_outcomes(rounds: _Rounds, tally: TaskTally) -> None:
-    """Note which of a finished round's replicas were credibly stopped at the task's
-    bound, and which computed a result (``TaskTally.stopped_at_bound``)."""
-    stopped, computed = tally.stopped_at_bound()
-    if stopped or computed:
-        rounds.stopped = getattr(rounds, "stopped", set()) | stopped
-        rounds.computed = getattr(rounds, "computed", set()) | computed
-
 
 def slash_parameter(reason: Reason) -> str:
     """The live parameter (``streams.params``) that sizes the slash for a fault: stake
@@ -158,6 +149,15 @@ class _Rounds:
     def full(self) -> int:
         """The number of the round now running among the full rounds (referees aside)."""
         return self.number - self.referees
+
+
+def _keep_bound_outcomes(rounds: _Rounds, tally: TaskTally) -> None:
+    """Note which of a finished round's replicas were credibly stopped at the task's
+    bound, and which computed a result (``TaskTally.stopped_at_bound``)."""
+    stopped, computed = tally.stopped_at_bound()
+    if stopped or computed:
+        rounds.stopped = getattr(rounds, "stopped", set()) | stopped
+        rounds.computed = getattr(rounds, "computed", set()) | computed
 
 
 @dataclass
@@ -430,31 +430,31 @@ class Verifier:
 
     # -- disputes by bisection (``verifier.bisection``) -------------------------------------
 
-    def _checkpointed(self, terms: _Terms) -> tuple[Checkpointed, dict[str, Any]] | None:
-        """The task's workload as a checkpointed one, with its public parameters validated
-        (the private ones at their defaults: a workload's segments and costs depend on
-        its public parameters only); None when it has no checkpoints."""
+    @staticmethod
+    def _workload(terms: _Terms) -> tuple[Workload, dict[str, Any]] | None:
+        """The task's workload with its public parameters validated (the private ones at
+        their defaults: a workload's segments, costs and bound depend on its public
+        parameters only); None when the terms name none, or they do not validate."""
         if not getattr(terms, "workload", ""):
             return None
         try:
             workload = get_workload(terms.workload)
-            params = workload.validate(dict(terms.params))
+            return workload, workload.validate(dict(terms.params))
         except (DestraError, KeyError):
             return None
-        if not isinstance(workload, Checkpointed):
+
+    def _checkpointed(self, terms: _Terms) -> tuple[Checkpointed, dict[str, Any]] | None:
+        """``_workload`` as a checkpointed one; None when it has no checkpoints."""
+        found = self._workload(terms)
+        if found is None or not isinstance(found[0], Checkpointed):
             return None
-        return workload, params
+        return found[0], found[1]
 
     def _wall_bound(self, terms: _Terms) -> int:
-        """The wall-clock bound nodes stop the task at (``Workload.wall_bound_ms``, from
-        its public parameters); 0 when it has none or they do not validate."""
-        if not getattr(terms, "workload", ""):
-            return 0
-        try:
-            workload = get_workload(terms.workload)
-            return workload.wall_bound_ms(workload.validate(dict(terms.params)))
-        except (DestraError, KeyError):
-            return 0
+        """The wall-clock bound nodes stop the task at (``Workload.wall_bound_ms``); 0 when
+        it has none or its terms do not validate."""
+        found = self._workload(terms)
+        return found[0].wall_bound_ms(found[1]) if found is not None else 0
 
     def _segment_units(self, terms: _Terms) -> int:
         found = self._checkpointed(terms)
@@ -631,7 +631,7 @@ class Verifier:
         if rounds is None:
             return []
         computed: set[str] = (getattr(rounds, "computed", set())  # older snapshots lack it
-                              if d.digest == refusal_digest(STOPPED_AT_BOUND) else set())
+                              if d.digest == refusal_digest(RUNTIME_BOUND) else set())
         return [Penalize(node, d.task_id, Reason.DISSENT)
                 for node, digest, _ in rounds.prior if digest != d.digest
                 and node not in computed]

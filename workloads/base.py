@@ -105,6 +105,10 @@ class WorkloadResult:
     """Wall-clock time of the run; never hashed."""
 
 
+RUNTIME_BOUND = "runtime-bound"
+"""The refusal of a node that stopped a task at its wall-clock bound (``wall_bound_ms``)."""
+
+
 class WorkRefused(DestraError):
     """The task itself cannot be run, and any honest node would say so identically: a
     user program that fails its checks, or one stopped at the runtime bound its quote

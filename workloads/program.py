@@ -75,6 +75,7 @@ from workloads.program_tensors import (
     numbered,
     positional,
     read_tensors,
+    tensor_bytes,
     write_tensors,
 )
 
@@ -194,10 +195,6 @@ RECORDED_STATE_BYTES = MAX_INLINE_STATE_BYTES // 2
 exact encoding (base64 in JSON, a third larger) could not travel inline in a dispute."""
 
 
-def _size(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 @dataclass(frozen=True)
 class ProgramState:
     """After ``step`` steps: the outputs of that step (``out``), or, at step 0, the
@@ -289,14 +286,10 @@ class Program(Workload, Checkpointed):
         """The declared ``memory_mb``."""
         return int(params["memory_mb"])
 
-    @staticmethod
-    def bound_ms(params: dict[str, Any]) -> int:
-        """The wall-clock bound the task states: ``max_runtime_ms``, or the rule's."""
-        return int(params["max_runtime_ms"]) or runtime_bound_ms(params["units"])
-
     def wall_bound_ms(self, params: dict[str, Any]) -> int:
-        """``bound_ms``: the child is killed there (``runtime-bound``)."""
-        return self.bound_ms(params)
+        """The wall-clock bound the task states, where the child is killed
+        (``runtime-bound``): ``max_runtime_ms``, or the rule's."""
+        return int(params["max_runtime_ms"]) or runtime_bound_ms(params["units"])
 
     def payload(self, params: dict[str, Any]) -> tuple[bytes, bytes]:
         """The program and input bytes, after every check done outside torch.
@@ -326,14 +319,17 @@ class Program(Workload, Checkpointed):
             raise InvalidParams(f"{self.name}: the state after step {start.step} was not "
                                 "kept: a run cannot continue from it")
         program, inputs = self.payload(params)
-        state = (None if start.step == 0 and start.tensors == ()
+        # At step 0 the child starts from the input file it is sent anyway: the state
+        # there is the input's first ``carry`` tensors (``initial_state``), and sending
+        # them again cost a second copy of them (16 MiB for the 1024^2 wave).
+        state = (None if start.step == 0
                  else write_tensors(numbered(start.prefix, list(start.tensors))))
         job = Job(program=program, inputs=inputs, device=str(device), carry=params["carry"],
                   start_step=start.step, start_state=state, boundaries=boundaries,
                   record_bytes=RECORDED_STATE_BYTES,
                   declared=(params["units"], params["memory_mb"], params["steps"]))
         reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
-                             bound_ms=self.bound_ms(params), threads=torch.get_num_threads())
+                             bound_ms=self.wall_bound_ms(params), threads=torch.get_num_threads())
         sizes = reply.facts.get("sizes")
         states = []
         for b in boundaries:
@@ -373,7 +369,7 @@ class Program(Workload, Checkpointed):
         _, inputs = self.payload(params)
         given = positional("in", read_tensors(inputs))
         carried = given[:params["carry"]]
-        return ProgramState(0, tuple(carried), params["mantissa_bits"], _size(carried))
+        return ProgramState(0, tuple(carried), params["mantissa_bits"], tensor_bytes(carried))
 
     def advance(self, params: dict[str, Any], state: ProgramState, segment: int,
                 device: torch.device) -> ProgramState:
@@ -432,7 +428,7 @@ class Program(Workload, Checkpointed):
         if (step == 0 and len(tensors) != params["carry"]) or len(tensors) < params["carry"]:
             raise InvalidParams(f"{self.name}: a state holds {len(tensors)} tensors, "
                                 f"carry is {params['carry']}")
-        return ProgramState(step, tuple(t.to(device) for t in tensors), bits, _size(tensors))
+        return ProgramState(step, tuple(t.to(device) for t in tensors), bits, tensor_bytes(tensors))
 
     def final_result(self, params: dict[str, Any], state: ProgramState,
                      device: torch.device, started_ns: int | None = None) -> WorkloadResult:

@@ -54,6 +54,7 @@ from typing import Any
 
 from workloads.base import OPS_PER_UNIT, WorkRefused, mebibytes, units
 from workloads.lazy import torch
+from workloads.program_tensors import tensor_bytes
 
 BYTE_FLOPS = 24
 """Operations charged per byte an operator call reads and writes, on operands totalling
@@ -119,15 +120,6 @@ def runtime_bound_ms(compute_units: int) -> int:
                                                             SLOWEST_UNITS_PER_MS))
 
 
-def _nbytes(value: Any) -> int:
-    """Bytes of the tensors in ``value`` (a tensor, or a tuple/list of them)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, tuple | list):
-        return sum(_nbytes(v) for v in value)
-    return 0
-
-
 def _opname(node: torch.fx.Node) -> str:
     target = node.target
     return target._opname if isinstance(target, torch._ops.OpOverload) else ""
@@ -145,7 +137,7 @@ def peak_bytes(ep: torch.export.ExportedProgram) -> int:
     for i, node in enumerate(nodes):
         if node.op == "call_function":
             name = _opname(node)
-            size = 0 if (not name or name in _VIEWS) else _nbytes(node.meta.get("val"))
+            size = 0 if (not name or name in _VIEWS) else tensor_bytes(node.meta.get("val"))
             sizes[node] = size
             live += size
             peak = max(peak, live)
@@ -195,8 +187,7 @@ def step_charges(ep: torch.export.ExportedProgram, inputs: list[torch.Tensor]
             with FlopCounterMode(display=False) as counter:
                 out = super().call_function(target, args, kwargs)
             name = target._opname
-            moved = _nbytes(out) + sum(_nbytes(a) for a in args) + sum(
-                _nbytes(v) for v in kwargs.values())
+            moved = tensor_bytes([out, *args, *kwargs.values()])
             total += call_charge(name, int(counter.get_total_flops()),
                                  0 if name in _VIEWS else moved, _in_channels(name, args))
             calls += 1
@@ -219,11 +210,10 @@ def estimate_loaded(ep: torch.export.ExportedProgram, inputs: list[torch.Tensor]
     """The estimate of a loaded, checked program on ``inputs`` (module docstring)."""
     per_step, calls = step_charges(ep, inputs)
     flops = per_step * steps
-    state = sum(_nbytes(t) for t in ep.state_dict.values()) + sum(
-        _nbytes(t) for t in ep.constants.values())
+    state = tensor_bytes([*ep.state_dict.values(), *ep.constants.values()])
     compute = units(flops)
     return Estimate(flops=flops, units=compute,
-                    memory_mb=mebibytes(state + sum(_nbytes(t) for t in inputs)
+                    memory_mb=mebibytes(state + tensor_bytes(inputs)
                                         + peak_bytes(ep)),
                     max_runtime_ms=runtime_bound_ms(compute), ops=calls)
 

@@ -23,7 +23,13 @@ from workloads.lazy import torch
 from workloads.program_check import check_shapes, load_program, no_unpickling, signature_specs
 from workloads.program_cost import estimate_loaded
 from workloads.program_sandbox import Reply
-from workloads.program_tensors import numbered, positional, read_tensors, write_tensors
+from workloads.program_tensors import (
+    numbered,
+    positional,
+    read_tensors,
+    tensor_bytes,
+    write_tensors,
+)
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def _iterate(ep: torch.export.ExportedProgram, given: list[torch.Tensor], job: J
                 outputs = _call(module, args)
                 args = outputs[:job.carry] + args[job.carry:]
                 step += 1
-            size = sum(t.numel() * t.element_size() for t in outputs)
+            size = tensor_bytes(outputs)
             sizes[f"s{boundary}"] = size
             if boundary == job.boundaries[-1] or not 0 <= job.record_bytes < size:
                 blobs[f"s{boundary}"] = write_tensors(numbered("out", outputs))

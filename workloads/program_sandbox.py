@@ -54,7 +54,7 @@ from multiprocessing import context, popen_forkserver, spawn
 from multiprocessing.connection import Connection
 from typing import Any
 
-from workloads.base import WorkRefused
+from workloads.base import RUNTIME_BOUND, WorkRefused
 
 MEMORY_FACTOR = 2
 """Declared memory is multiplied by this for the limit: the declaration is an estimate."""
@@ -253,7 +253,7 @@ def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb
             raise WorkRefused("program-failed", "the child did not start")
         deadline = time.monotonic() + bound_ms / 1000
         if not ours.poll(max(0.0, deadline - time.monotonic())):
-            raise WorkRefused("runtime-bound", f"stopped after the {bound_ms} ms bound the "
+            raise WorkRefused(RUNTIME_BOUND, f"stopped after the {bound_ms} ms bound the "
                               "task states (max_runtime_ms)")
         data = ours.recv_bytes(MAX_REPLY_BYTES)
     except (EOFError, OSError):

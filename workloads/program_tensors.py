@@ -94,6 +94,16 @@ def _entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
     return code, tuple(shape), offsets[0], offsets[1]
 
 
+def tensor_bytes(value: object) -> int:
+    """Bytes of the tensors in ``value``: a tensor, or a tuple or list of them (anything
+    else counts 0)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple | list):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """Parse a safetensors file strictly (see the module docstring); CPU tensors, by name,
     in the file's data order. ``WorkRefused("bad-input")`` for anything malformed."""
