@@ -9,6 +9,9 @@ For each case (the examples at sizes that run 2 s or more), alternately:
 * **bare**: in this process, ``torch.export.load`` of the program's bytes, then the
   step loop (the carried outputs fed back) under ``torch.no_grad``; the outputs in
   memory. What a researcher would run by hand.
+* **the node's child alone**: the same program in the node's sandbox (a forkserver
+  child with the task's limits, the allocator settings the node gives it, the same
+  segments), no network: network / child is what the protocol itself costs.
 * **network**: the quoted task (1 replica, quorum 1, fixed trust) from ``submit`` to
   the decrypted, digest-checked output in hand (``Client.result``): the submission, the
   escrow, the allocator, the data key's grant, the node's fetch and decryption of the
@@ -58,7 +61,15 @@ from infra.kafka import KafkaCluster, ensure_jars, new_security  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
 from streams import security  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
-from workloads.program import read_outputs, save_inputs, save_program  # noqa: E402
+from workloads.checkpoints import split_evenly  # noqa: E402
+from workloads.program import (  # noqa: E402
+    RECORDED_STATE_BYTES,
+    read_outputs,
+    save_inputs,
+    save_program,
+)
+from workloads.program_run import Job, run_job  # noqa: E402
+from workloads.program_sandbox import run_in_child  # noqa: E402
 
 CASES: dict[str, Callable[[], Example]] = {
     "wave2d 1024x1024 float64, 400 steps": lambda: wave2d.build(grid=1024, steps=400),
@@ -67,6 +78,8 @@ CASES: dict[str, Callable[[], Example]] = {
     "cnn_infer batch 4096, width 32": lambda: cnn_infer.build(batch=4096, width=32),
     "wave2d 1024x1024 float64, 1200 steps": lambda: wave2d.build(grid=1024, steps=1200),
 }
+CHILD = ("    the child's load and checks", "    the child's step loop",
+         "    the child's writing of states", "    the child's page faults (count)")
 QUICK = ("wave2d 1024x1024 float64, 400 steps",)
 HOPS = (("TaskSubmitted", "TaskAssigned", "submitted -> assigned (escrow, allocator)"),
         ("TaskAssigned", "ResultCommitted", "assigned -> committed (the node's work)"),
@@ -113,6 +126,20 @@ def bare(program: bytes, ex: Example) -> tuple[float, list[torch.Tensor]]:
     return time.perf_counter() - started, outs
 
 
+def child_alone(program: bytes, inputs: bytes, ex: Example, memory_mb: int) -> float:
+    """Seconds of the node's sandbox alone, no network: a forkserver child under the
+    task's limits, running the same segments a node runs (states over
+    ``RECORDED_STATE_BYTES`` not sent back), the final state returned."""
+    k, segments = split_evenly(ex.steps)
+    ends = tuple(min((s + 1) * k, ex.steps) for s in range(segments))
+    job = Job(program=program, inputs=inputs, device="cpu", carry=ex.carry, start_step=0,
+              start_state=None, boundaries=ends, record_bytes=RECORDED_STATE_BYTES)
+    started = time.perf_counter()
+    run_in_child(run_job, job, device="cpu", memory_mb=memory_mb, bound_ms=3_600_000,
+                 threads=torch.get_num_threads())
+    return time.perf_counter() - started
+
+
 def through_network(client: Client, net: LocalNetwork, quote: object
                     ) -> tuple[float, dict[str, float], bytes]:
     """Seconds from submit to the checked output in hand; the split; the output.
@@ -146,13 +173,20 @@ def through_network(client: Client, net: LocalNetwork, quote: object
              "submit() returned -> assigned (escrow, allocator)": at["TaskAssigned"] - submitted}
     split.update({label: at[b] - at[a] for a, b, label in HOPS[1:]})
     split["  of which the node's runtime_ms (child, checks, loop, digest)"] = runtime / 1000
+    child: dict[str, float] = {}
     for line in net.log("node-n0").splitlines():  # the node's own timings of this task
+        timed = re.search(r"program child, steps .*: checks ([0-9.]+) s, step loop ([0-9.]+) "
+                          r"s, writing states ([0-9.]+) s, ([0-9]+) page faults", line)
+        if timed:  # the compute thread's child, logged just before its "ran" line
+            child = dict(zip(CHILD, map(float, timed.groups()), strict=True))
         found = re.search(r"(fetched and opened|ran) .* in ([0-9.]+) s", line)
         if task in line and found:
             label = ("  the node fetched and opened the sealed input"
                      if found.group(1) != "ran" else
                      "  the node's compute thread (input, checks, child, loop, digest)")
             split[label] = float(found.group(2))
+            if found.group(1) == "ran":
+                split.update(child)
     split["verified -> the client's watch saw it"] = waited - at["TaskVerified"]
     split["the client's result(): fetch, decrypt, check"] = done - waited
     marks = [(waited, "start")] + steps + [(done, "end")]
@@ -201,7 +235,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
         for name, build in cases.items():
             ex = build()
             program, inputs = save_program(ex.ep), save_inputs(ex.inputs)
-            bares, nets, splits, quotes, cpus = [], [], [], [], []
+            bares, alones, nets, splits, quotes, cpus = [], [], [], [], [], []
             for _ in range(args.repeats):
                 before = cpu_seconds(groups)
                 seconds, outs = bare(program, ex)
@@ -212,6 +246,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
                                              carry=ex.carry, mantissa_bits=ex.mantissa_bits,
                                              replicas=1, quorum=1)
                 quotes.append(time.perf_counter() - started)
+                alones.append(child_alone(program, inputs, ex, int(quote.params["memory_mb"])))
                 before = cpu_seconds(groups)
                 seconds, split, output = through_network(client, net, quote)
                 cpus.append(("network", cpu_line(before, cpu_seconds(groups))))
@@ -220,16 +255,24 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
                 same = all(torch.equal(a, b) if ex.mantissa_bits == 0 else
                            torch.allclose(a, b, rtol=1e-4, atol=1e-6)
                            for a, b in zip(read_outputs(output), outs, strict=True))
-                print(f"  {name}: bare {bares[-1]:.3f} s, network {seconds:.3f} s"
+                loop = split.get(CHILD[1], 0.0)
+                print(f"  {name}: bare {bares[-1]:.3f} s, the node's child alone "
+                      f"{alones[-1]:.3f} s, network {seconds:.3f} s (its child's step loop "
+                      f"{loop:.3f} s)"
                       f"{'' if same else ' (OUTPUT DIFFERS FROM BARE)'}", flush=True)
             mb, mn = statistics.median(bares), statistics.median(nets)
+            ma = statistics.median(alones)
             lines.append(f"{name}: {int(quote.params['units']):,} units; bare median {mb:.3f} s "
                          f"(best {min(bares):.3f}), network median {mn:.3f} s (best "
                          f"{min(nets):.3f}); network / bare {mn / mb:.3f} (medians), "
                          f"{min(nets) / min(bares):.3f} (bests); quote "
                          f"{statistics.median(quotes):.3f} s before submitting")
+            lines.append(f"    the node's child alone (sandbox, no network) median {ma:.3f} s "
+                         f"(best {min(alones):.3f}): child / bare {ma / mb:.3f}, network / "
+                         f"child {mn / ma:.3f} (medians)")
             best = splits[nets.index(min(nets))]
-            lines += [f"    {label}: {seconds * 1000:.0f} ms" for label, seconds in best.items()]
+            lines += [f"    {label}: {seconds:.0f}" if label.endswith("(count)") else
+                      f"    {label}: {seconds * 1000:.0f} ms" for label, seconds in best.items()]
             lines += [f"    CPU seconds, {kind} run {i // 2 + 1}: {line}"
                       for i, (kind, line) in enumerate(cpus)]
             print("\n".join(lines[-1 - len(best) - len(cpus):]), flush=True)

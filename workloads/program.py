@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import binascii
 import io
+import logging
 import math
 import re
 import time
@@ -78,6 +79,8 @@ from workloads.program_tensors import (
     tensor_bytes,
     write_tensors,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_STEPS = 1_000_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -330,6 +333,12 @@ class Program(Workload, Checkpointed):
                   declared=(params["units"], params["memory_mb"], params["steps"]))
         reply = run_in_child(run_job, job, device=str(device), memory_mb=params["memory_mb"],
                              bound_ms=self.wall_bound_ms(params), threads=torch.get_num_threads())
+        timing = reply.facts.get("timing")
+        if isinstance(timing, dict):
+            log.info("program child, steps %d-%d: checks %s s, step loop %s s, writing "
+                     "states %s s, %s page faults", start.step, boundaries[-1],
+                     timing.get("check_s"), timing.get("loop_s"), timing.get("write_s"),
+                     timing.get("minflt"))
         sizes = reply.facts.get("sizes")
         states = []
         for b in boundaries:

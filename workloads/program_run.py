@@ -16,6 +16,8 @@ child is only there for the limits.
 
 from __future__ import annotations
 
+import resource
+import time
 from dataclasses import dataclass
 
 from workloads.base import WorkRefused, deterministic
@@ -86,7 +88,12 @@ def _state_tensors(state: bytes, prefix: str, count: int) -> list[torch.Tensor]:
 
 
 def run_job(job: Job) -> Reply:
-    """Load, check, and run ``job``; the states at its boundaries as blobs ``s<step>``."""
+    """Load, check, and run ``job``; the states at its boundaries as blobs ``s<step>``.
+
+    Facts: ``steps``, ``sizes`` (see ``_iterate``) and ``timing``: this process's seconds
+    loading and checking, in the step loop and writing states, and its page faults
+    (``minflt``) over the whole run, for the node's log."""
+    began, faults = time.perf_counter(), _minor_faults()
     device = torch.device(job.device)
     ep = load_program(job.program)
     ins, outs = signature_specs(ep)
@@ -105,19 +112,30 @@ def run_job(job: Job) -> Reply:
     settings = torch.utils.deterministic
     filling = settings.fill_uninitialized_memory  # type: ignore[attr-defined]
     settings.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    checked = time.perf_counter()
     try:
-        blobs, sizes = _iterate(ep, given, job, device)
+        blobs, sizes, writing = _iterate(ep, given, job, device)
     finally:
         settings.fill_uninitialized_memory = filling  # type: ignore[attr-defined]
-    return Reply(facts={"steps": job.boundaries[-1], "sizes": sizes}, blobs=blobs)
+    ended = time.perf_counter()
+    timing = {"check_s": round(checked - began, 4), "loop_s": round(ended - checked - writing, 4),
+              "write_s": round(writing, 4), "minflt": _minor_faults() - faults}
+    return Reply(facts={"steps": job.boundaries[-1], "sizes": sizes, "timing": timing},
+                 blobs=blobs)
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _iterate(ep: torch.export.ExportedProgram, given: list[torch.Tensor], job: Job,
-             device: torch.device) -> tuple[dict[str, bytes], dict[str, int]]:
+             device: torch.device) -> tuple[dict[str, bytes], dict[str, int], float]:
     """The step loop of ``run_job``: the state at each boundary as a tensor file (those
-    ``job.record_bytes`` allows), and every state's size in bytes, by ``s<step>``."""
+    ``job.record_bytes`` allows), and every state's size in bytes, by ``s<step>``; the
+    seconds spent writing those files."""
     blobs: dict[str, bytes] = {}
     sizes: dict[str, int] = {}
+    writing = 0.0
     with deterministic(device), torch.no_grad():
         module = ep.module().to(device)
         args = [t.to(device) for t in given]
@@ -134,8 +152,10 @@ def _iterate(ep: torch.export.ExportedProgram, given: list[torch.Tensor], job: J
             size = tensor_bytes(outputs)
             sizes[f"s{boundary}"] = size
             if boundary == job.boundaries[-1] or not 0 <= job.record_bytes < size:
+                began = time.perf_counter()
                 blobs[f"s{boundary}"] = write_tensors(numbered("out", outputs))
-    return blobs, sizes
+                writing += time.perf_counter() - began
+    return blobs, sizes, writing
 
 
 def _call(module: torch.nn.Module, args: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -22,6 +22,9 @@ Limits in the child:
   host side is then unbounded by us (the node's own cgroup, if any, still applies). A
   CUDA child also pays the CUDA context's creation once per task (not measured here: no
   GPU on the development machine).
+- Memory layout: glibc keeps freed tensors' memory for reuse (``_keep_freed_memory``),
+  and torch asks for transparent huge pages for large tensors (``SERVER_ENVIRONMENT``):
+  a fresh process would otherwise fault in and scatter its tensors' pages anew.
 - Threads: the calling thread's torch thread count (a node's ``--threads``), which the
   forkserver, started with torch's default, would not pass on.
 - Wall clock: the parent waits ``bound_ms`` from the moment the child says it has
@@ -40,6 +43,7 @@ submitter controls to tensor values, shapes and the choice of listed ops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -48,7 +52,7 @@ import struct
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import context, popen_forkserver, spawn
 from multiprocessing.connection import Connection
@@ -80,6 +84,30 @@ def _ctx() -> Any:
     return _context
 
 
+SERVER_ENVIRONMENT = {"THP_MEM_ALLOC_ENABLE": "1"}
+"""Set for the forkserver (so for every child), not for the node. torch then page-aligns
+CPU tensors and asks for transparent huge pages (``madvise``) for those of 2 MiB or more:
+with them, a fresh child's memory-bound step over 8 MiB tensors ran as fast as a warm
+process's (10.3-10.5 ms a step for the 1024^2 wave against 10.1-12.5 without, varying
+with where its pages landed); fewer TLB misses and page faults."""
+
+
+@contextlib.contextmanager
+def _server_environment() -> Iterator[None]:
+    """``SERVER_ENVIRONMENT`` in ``os.environ`` while a launch may start the forkserver
+    (it inherits the environment of its first launch), restored after."""
+    saved = {name: os.environ.get(name) for name in SERVER_ENVIRONMENT}
+    os.environ.update(SERVER_ENVIRONMENT)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class _MainlessPopen(popen_forkserver.Popen):
     """A forkserver launch that does not re-run the parent's ``__main__`` in the child.
 
@@ -98,7 +126,7 @@ class _MainlessPopen(popen_forkserver.Popen):
             data.pop("init_main_from_name", None)
             return data
 
-        with _launching:
+        with _launching, _server_environment():
             spawn.get_preparation_data = mainless
             try:
                 super()._launch(process_obj)  # type: ignore[misc]

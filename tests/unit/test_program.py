@@ -342,3 +342,20 @@ def test_a_program_runs_on_the_callers_torch_threads_not_every_core(
         torch.set_num_threads(threads)
     assert asked == [1]
     assert reply.facts == {"threads": 1}  # not the forkserver's default (every core)
+
+
+def child_allocation(_job: object) -> Reply:
+    """Run in a child: where an 8 MiB tensor starts, within its page."""
+    return Reply(facts={"offset": torch.zeros(2**20, dtype=torch.float64).data_ptr() % 4096},
+                 blobs={})
+
+
+def test_a_childs_large_tensors_are_page_aligned_for_huge_pages_and_the_node_is_untouched(
+        ) -> None:
+    import os
+
+    reply = run_in_child(child_allocation, None, device="cpu", memory_mb=64, bound_ms=60_000)
+    # torch page-aligns them and asks for huge pages (madvise) when THP_MEM_ALLOC_ENABLE is
+    # set, as for the forkserver's children; else 64-byte aligned after malloc's header.
+    assert reply.facts == {"offset": 0}
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ  # set for the launch only
