@@ -359,3 +359,33 @@ def test_a_childs_large_tensors_are_page_aligned_for_huge_pages_and_the_node_is_
     # set, as for the forkserver's children; else 64-byte aligned after malloc's header.
     assert reply.facts == {"offset": 0}
     assert "THP_MEM_ALLOC_ENABLE" not in os.environ  # set for the launch only
+
+
+def open_descriptors() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_children_replying_refusing_or_stopped_leave_no_descriptor_open() -> None:
+    params = params_of(EXAMPLES["wave2d"]())
+    warm_up()
+    before = open_descriptors()
+    assert PROGRAM.run(params, CPU).output
+    refused("runtime-bound", lambda: run_in_child(spin, None, device="cpu", memory_mb=16,
+                                                   bound_ms=300))
+    refused("program-failed", lambda: run_in_child(fail, None, device="cpu", memory_mb=16,
+                                                    bound_ms=60_000))
+    deadline = time.monotonic() + 20  # children are reaped on a thread
+    while open_descriptors() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_descriptors() == before
+
+
+def spin(_job: object) -> Reply:
+    """Run in a child: never returns."""
+    while True:
+        pass
+
+
+def fail(_job: object) -> Reply:
+    raise RuntimeError("a kernel failed")
