@@ -276,7 +276,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
                       f"    {label}: {seconds * 1000:.0f} ms" for label, seconds in best.items()]
             lines += [f"    CPU seconds, {kind} run {i // 2 + 1}: {line}"
                       for i, (kind, line) in enumerate(cpus)]
-            print("\n".join(lines[-1 - len(best) - len(cpus):]), flush=True)
+            print("\n".join(lines[-2 - len(best) - len(cpus):]), flush=True)
         client.close()
     finally:
         net.stop()

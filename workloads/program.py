@@ -336,9 +336,9 @@ class Program(Workload, Checkpointed):
         timing = reply.facts.get("timing")
         if isinstance(timing, dict):
             log.info("program child, steps %d-%d: checks %s s, step loop %s s, writing "
-                     "states %s s, %s page faults", start.step, boundaries[-1],
+                     "states %s s, %s page faults, huge pages %s", start.step, boundaries[-1],
                      timing.get("check_s"), timing.get("loop_s"), timing.get("write_s"),
-                     timing.get("minflt"))
+                     timing.get("minflt"), "on" if timing.get("huge_pages") else "off")
         sizes = reply.facts.get("sizes")
         states = []
         for b in boundaries:

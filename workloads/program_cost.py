@@ -147,6 +147,12 @@ def peak_bytes(ep: torch.export.ExportedProgram) -> int:
     return peak
 
 
+def largest_tensor_bytes(ep: torch.export.ExportedProgram) -> int:
+    """The largest single tensor one step makes (views excluded), in bytes."""
+    return max((tensor_bytes(node.meta.get("val")) for node in ep.graph.nodes
+                if node.op == "call_function" and _opname(node) not in _VIEWS), default=0)
+
+
 def call_charge(name: str, flops: int, moved: int, in_channels: int = 0) -> int:
     """Operations charged for one call of operator ``name`` (module docstring): ``flops``
     as counted, ``moved`` bytes read and written, ``in_channels`` per group for a

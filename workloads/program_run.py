@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from workloads.base import WorkRefused, deterministic
 from workloads.lazy import torch
 from workloads.program_check import check_shapes, load_program, no_unpickling, signature_specs
-from workloads.program_cost import estimate_loaded
-from workloads.program_sandbox import Reply
+from workloads.program_cost import estimate_loaded, largest_tensor_bytes
+from workloads.program_sandbox import Reply, fresh_tensors_without_huge_pages
 from workloads.program_tensors import (
     numbered,
     positional,
@@ -96,6 +96,8 @@ def run_job(job: Job) -> Reply:
     began, faults = time.perf_counter(), _minor_faults()
     device = torch.device(job.device)
     ep = load_program(job.program)
+    huge_pages = device.type != "cpu" or not fresh_tensors_without_huge_pages(
+        largest_tensor_bytes(ep))
     ins, outs = signature_specs(ep)
     given = positional("in", read_tensors(job.inputs))
     check_shapes(ins, outs, given, job.carry)
@@ -119,7 +121,8 @@ def run_job(job: Job) -> Reply:
         settings.fill_uninitialized_memory = filling  # type: ignore[attr-defined]
     ended = time.perf_counter()
     timing = {"check_s": round(checked - began, 4), "loop_s": round(ended - checked - writing, 4),
-              "write_s": round(writing, 4), "minflt": _minor_faults() - faults}
+              "write_s": round(writing, 4), "minflt": _minor_faults() - faults,
+              "huge_pages": huge_pages}
     return Reply(facts={"steps": job.boundaries[-1], "sizes": sizes, "timing": timing},
                  blobs=blobs)
 

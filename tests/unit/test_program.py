@@ -389,3 +389,27 @@ def spin(_job: object) -> Reply:
 
 def fail(_job: object) -> Reply:
     raise RuntimeError("a kernel failed")
+
+
+class Doubling(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_huge_pages_stay_on_in_a_child_whose_tensors_are_reused_and_go_off_for_larger_ones(
+        ) -> None:
+    from workloads.program_cost import largest_tensor_bytes
+    from workloads.program_sandbox import REUSED_BYTES, fresh_tensors_without_huge_pages
+
+    def child_pages(n: int) -> tuple[int, bool]:
+        x = torch.ones(n)
+        ep = torch.export.export(Doubling(), (x,))
+        job = Job(program=save_program(ep), inputs=save_inputs((x,)), device="cpu", carry=1,
+                  start_step=0, start_state=None, boundaries=(2,))
+        reply = run_in_child(run_job, job, device="cpu", memory_mb=256, bound_ms=60_000)
+        return largest_tensor_bytes(ep), reply.facts["timing"]["huge_pages"]
+
+    small, large = REUSED_BYTES // 4, REUSED_BYTES // 4 + 1  # float32 elements
+    assert child_pages(small) == (REUSED_BYTES, True)
+    assert child_pages(large) == (REUSED_BYTES + 4, False)
+    assert not fresh_tensors_without_huge_pages(REUSED_BYTES + 4)  # not in a child: no-op
