@@ -67,8 +67,9 @@ def seal_input(task_id: str, private: Mapping[str, str]) -> tuple[bytes, bytes]:
     if raw:
         doc["raw"] = [[name, len(data)] for name, data in raw]
     head = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    plaintext = (FRAMED_MAGIC + struct.pack("<I", len(head)) + head
-                 + b"".join(data for _, data in raw)) if raw else head
+    plaintext = (b"".join([FRAMED_MAGIC, struct.pack("<I", len(head)), head,
+                           *(data for _, data in raw)])  # one copy of the values
+                 if raw else head)
     data_key = crypto.new_data_key()
     return data_key, crypto.seal(data_key, plaintext, payload_ad(task_id))
 
