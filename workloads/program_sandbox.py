@@ -23,8 +23,10 @@ Limits in the child:
   CUDA child also pays the CUDA context's creation once per task (not measured here: no
   GPU on the development machine).
 - Memory layout: glibc keeps freed tensors' memory for reuse (``_keep_freed_memory``),
-  and torch asks for transparent huge pages for large tensors (``SERVER_ENVIRONMENT``):
-  a fresh process would otherwise fault in and scatter its tensors' pages anew.
+  and torch asks for transparent huge pages for tensors of 2 MiB or more
+  (``SERVER_ENVIRONMENT``), unless the program makes tensors too large for glibc to reuse
+  (``fresh_tensors_without_huge_pages``): a fresh process would otherwise fault in and
+  scatter its reused tensors' pages anew.
 - Threads: the calling thread's torch thread count (a node's ``--threads``), which the
   forkserver, started with torch's default, would not pass on.
 - Wall clock: the parent waits ``bound_ms`` from the moment the child says it has
