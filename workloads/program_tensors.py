@@ -23,9 +23,12 @@ import json
 import re
 import struct
 from collections.abc import Sequence
+from typing import TypeVar
 
 from workloads.base import WorkRefused
 from workloads.lazy import torch
+
+T = TypeVar("T")
 
 MAX_TENSORS = 256
 """The most tensors an input or output file may hold."""
@@ -110,12 +113,16 @@ def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
     return _parse(data, materialize=True)
 
 
-def check_tensors(data: bytes) -> None:
-    """``read_tensors``' checks without making the tensors (no copy of the data)."""
-    _parse(data, materialize=False)
+def check_tensors(data: bytes) -> dict[str, int]:
+    """``read_tensors``' checks without making the tensors (no copy of the data); the
+    bytes of each tensor, by name, in the file's data order."""
+    sizes: dict[str, int] = {}
+    _parse(data, materialize=False, sizes=sizes)
+    return sizes
 
 
-def _parse(data: bytes, materialize: bool) -> dict[str, torch.Tensor]:
+def _parse(data: bytes, materialize: bool, sizes: dict[str, int] | None = None
+           ) -> dict[str, torch.Tensor]:
     header, start = _header(data)
     view = memoryview(data)
     meta = header.pop("__metadata__", {})
@@ -144,6 +151,8 @@ def _parse(data: bytes, materialize: bool) -> dict[str, torch.Tensor]:
             raw = bytearray(view[start + begin:start + end])
             flat = torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)
             out[name] = flat.reshape(shape)
+        if sizes is not None:
+            sizes[name] = size
         pos = end
     if start + pos != len(data):
         raise _bad(f"{len(data) - start - pos} bytes after the last tensor")
@@ -183,8 +192,8 @@ def numbered(prefix: str, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Te
     return {f"{prefix}{i}": t for i, t in enumerate(tensors)}
 
 
-def positional(prefix: str, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors of a file named ``prefix0..prefix{n-1}``, in order;
+def positional(prefix: str, named: dict[str, T]) -> list[T]:
+    """The tensors (or their sizes) of a file named ``prefix0..prefix{n-1}``, in order;
     ``WorkRefused("bad-input")`` for any other set of names."""
     want = [f"{prefix}{i}" for i in range(len(named))]
     if sorted(named, key=_natural) != want:

@@ -165,6 +165,22 @@ def test_states_too_large_to_referee_are_not_recorded_nor_sent_back_by_the_child
     assert all(small_states) and state_leaf(PROGRAM, small_states[3]) == small_leaves[3]
 
 
+def test_the_initial_state_reads_the_carried_inputs_only_when_it_is_recorded() -> None:
+    from workloads.program_tensors import check_tensors
+
+    large = wave2d.build(grid=128, steps=8)  # two carried 128 KiB grids: unrecorded
+    assert check_tensors(files(large)[1]) == {"in0": 128 * 128 * 8, "in1": 128 * 128 * 8,
+                                              "in2": 8}
+    state = PROGRAM.initial_state(params_of(large), CPU)
+    assert (state.size, state.tensors, state.recorded) == (2 * 128 * 128 * 8, (), False)
+    small = wave2d.build(grid=16, steps=8)
+    state = PROGRAM.initial_state(params_of(small), CPU)
+    assert state.recorded and [t.tolist() for t in state.tensors] == [
+        t.tolist() for t in small.inputs[:2]]
+    state = PROGRAM.initial_state(params_of(EXAMPLES["cnn_infer"]()), CPU)
+    assert (state.size, state.tensors) == (0, ())  # carries nothing
+
+
 def test_mantissa_rounding_makes_tiny_float_noise_agree() -> None:
     example = EXAMPLES["cnn_infer"]()
     program, _ = files(example)
