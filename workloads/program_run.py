@@ -19,6 +19,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from workloads.base import WorkRefused, deterministic
 from workloads.lazy import torch
@@ -39,12 +40,14 @@ class Job:
     """One run of steps in a child: from state ``start`` to each of ``boundaries``."""
 
     program: bytes
-    inputs: bytes
+    inputs: bytes | memoryview
+    """The input file; in a sandbox child, a writable view of the mapped job (tensors are
+    made from it without a copy)."""
     device: str
     carry: int
     start_step: int
     """Steps already done; 0 starts from the input file."""
-    start_state: bytes | None
+    start_state: bytes | memoryview | None
     """The state after ``start_step`` (``write_tensors`` bytes); None when 0."""
     boundaries: tuple[int, ...]
     """Ascending step counts after which to return the state; the last is where to stop."""
@@ -54,6 +57,9 @@ class Job:
     declared: tuple[int, int, int] | None = None
     """``(units, memory_mb, steps)`` the task declares: checked against the program's own
     estimate before the first step (``check_declared``); None: not checked."""
+
+    mapped_fields: ClassVar[tuple[str, ...]] = ("inputs", "start_state")
+    """Fields a sandbox child gets as mapped views (``program_sandbox.MAPPED_BYTES``)."""
 
 
 UNDERSTATED_TOLERANCE = 1.1
@@ -78,7 +84,7 @@ def check_declared(ep: torch.export.ExportedProgram, given: list[torch.Tensor],
                           f"{est.memory_mb} MiB")
 
 
-def _state_tensors(state: bytes, prefix: str, count: int) -> list[torch.Tensor]:
+def _state_tensors(state: bytes | memoryview, prefix: str, count: int) -> list[torch.Tensor]:
     named = read_tensors(state)
     tensors = positional(prefix, named)
     if len(tensors) < count:

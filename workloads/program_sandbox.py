@@ -50,6 +50,7 @@ submitter controls to tensor values, shapes and the choice of listed ops.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import mmap
 import multiprocessing
@@ -229,6 +230,66 @@ def _anonymous_file() -> int:
         return os.dup(f.fileno())
 
 
+MAPPED_BYTES = 1 << 20
+"""The ``bytes`` fields a dataclass job names in its ``mapped_fields`` travel, when this
+large, beside its pickle and reach the child as writable memoryviews of a private
+(copy-on-write) map of the job's file: no copy when it unpickles, and none when
+``read_tensors`` makes tensors of them (two copies of the CNN example's 48 MiB input)."""
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """Stands in the pickle for the job's ``index``-th mapped field."""
+
+    index: int
+
+
+def _write_job(fd: int, job: Any) -> None:
+    """``u64 pickle length, u32 count, (u64 offset, u64 size) x count, pickle`` then each
+    mapped field's bytes at a page-aligned offset (``MAPPED_BYTES``)."""
+    mapped: list[bytes] = []
+    if dataclasses.is_dataclass(job) and not isinstance(job, type):
+        large = {}
+        for name in getattr(job, "mapped_fields", ()):
+            value = getattr(job, name)
+            if isinstance(value, bytes) and len(value) >= MAPPED_BYTES:
+                large[name] = _Mapped(len(mapped))
+                mapped.append(value)
+        job = dataclasses.replace(job, **large)
+    pickled = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+    at = 12 + 16 * len(mapped) + len(pickled)
+    table = []
+    for value in mapped:
+        at += -at % mmap.PAGESIZE
+        table.append((at, len(value)))
+        at += len(value)
+    with open(fd, "wb", closefd=False) as f:
+        f.write(struct.pack("<QI", len(pickled), len(mapped)))
+        for offset, size in table:
+            f.write(struct.pack("<QQ", offset, size))
+        f.write(pickled)
+        for (offset, _), value in zip(table, mapped, strict=True):
+            f.seek(offset)
+            f.write(value)
+
+
+def _read_job(fd: int) -> Any:
+    """The job ``_write_job`` wrote, its mapped fields as writable views of a private map
+    (kept open: tensors made from them refer to it until the child exits)."""
+    size = os.fstat(fd).st_size
+    whole = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+    n, count = struct.unpack_from("<QI", whole, 0)
+    table = [struct.unpack_from("<QQ", whole, 12 + 16 * i) for i in range(count)]
+    at = 12 + 16 * count
+    job = pickle.loads(whole[at:at + n])  # noqa: S301 (the node pickled its own job, as multiprocessing does)
+    if table:
+        job = dataclasses.replace(job, **{
+            field.name: whole[table[value.index][0]:sum(table[value.index])]
+            for field in dataclasses.fields(job)
+            if isinstance(value := getattr(job, field.name), _Mapped)})
+    return job
+
+
 def _write_parts(fd: int, parts: list[bytes]) -> None:
     os.ftruncate(fd, 0)
     with open(fd, "wb", closefd=False) as f:
@@ -321,10 +382,7 @@ def _child_main(conn: Connection, fn: Callable[..., Reply], job_file: _Shared,
         _limit_threads(threads)
         _keep_freed_memory()
         conn.send_bytes(b"started")
-        with open(job_file.fd, "rb", closefd=False) as f:
-            f.seek(0)
-            job = pickle.load(f)  # noqa: S301 (the node pickled its own job; as multiprocessing does)
-        reply = fn(job)
+        reply = fn(_read_job(job_file.fd))
         parts = encode_reply(reply.facts, reply.blobs)
     except WorkRefused as e:
         parts = encode_reply({"refused": e.code, "detail": e.detail}, {})
@@ -363,8 +421,7 @@ def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb
     job_fd, reply_fd = _anonymous_file(), _anonymous_file()
     proc: Any = None
     try:
-        with open(job_fd, "wb", closefd=False) as f:
-            pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+        _write_job(job_fd, job)
         proc = _Process(target=_child_main, args=(theirs, fn, _Shared(job_fd),
                                                   _Shared(reply_fd), device, memory_mb,
                                                   threads), daemon=True)

@@ -63,7 +63,7 @@ def _bad(detail: str) -> WorkRefused:
     return WorkRefused("bad-input", f"tensor file: {detail}")
 
 
-def _header(data: bytes) -> tuple[dict[str, object], int]:
+def _header(data: bytes | memoryview) -> tuple[dict[str, object], int]:
     """The parsed JSON header and where the data section starts."""
     if len(data) < 8:
         raise _bad("shorter than its 8-byte header length")
@@ -71,7 +71,7 @@ def _header(data: bytes) -> tuple[dict[str, object], int]:
     if n < 2 or n > MAX_HEADER_BYTES or 8 + n > len(data):
         raise _bad(f"header length {n} is out of range")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
@@ -107,9 +107,13 @@ def tensor_bytes(value: object) -> int:
     return 0
 
 
-def read_tensors(data: bytes) -> dict[str, torch.Tensor]:
+def read_tensors(data: bytes | memoryview) -> dict[str, torch.Tensor]:
     """Parse a safetensors file strictly (see the module docstring); CPU tensors, by name,
-    in the file's data order. ``WorkRefused("bad-input")`` for anything malformed."""
+    in the file's data order. ``WorkRefused("bad-input")`` for anything malformed.
+
+    From ``bytes``, each tensor is a copy; from a writable memoryview (a sandbox child's
+    mapped job, page-aligned), tensors aligned to their element size in it are views of
+    it, not copies."""
     return _parse(data, materialize=True)
 
 
@@ -121,7 +125,7 @@ def check_tensors(data: bytes) -> dict[str, int]:
     return sizes
 
 
-def _parse(data: bytes, materialize: bool, sizes: dict[str, int] | None = None
+def _parse(data: bytes | memoryview, materialize: bool, sizes: dict[str, int] | None = None
            ) -> dict[str, torch.Tensor]:
     header, start = _header(data)
     view = memoryview(data)
@@ -140,16 +144,19 @@ def _parse(data: bytes, materialize: bool, sizes: dict[str, int] | None = None
         numel = 1
         for d in shape:
             numel *= d
-        size = numel * torch.empty((), dtype=dtype).element_size()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        size = numel * itemsize
         if begin != pos or end - begin != size:
             raise _bad(f"{name!r} occupies bytes [{begin}, {end}), expected [{pos}, "
                        f"{pos + size}): regions must tile the data in order")
         if code == "BOOL" and bytes(view[start + begin:start + end]).translate(
                 None, b"\x00\x01"):
             raise _bad(f"{name!r} is bool but holds bytes other than 0 and 1")
-        if materialize:  # one copy, writable (torch.frombuffer of bytes would warn)
-            raw = bytearray(view[start + begin:start + end])
-            flat = torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+        if materialize:
+            region = view[start + begin:start + end]
+            if view.readonly or (start + begin) % itemsize:  # one copy: writable (torch
+                region = memoryview(bytearray(region))  # warns on bytes), aligned
+            flat = torch.frombuffer(region, dtype=dtype) if size else torch.empty(0, dtype=dtype)
             out[name] = flat.reshape(shape)
         if sizes is not None:
             sizes[name] = size

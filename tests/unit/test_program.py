@@ -429,3 +429,35 @@ def test_huge_pages_stay_on_in_a_child_whose_tensors_are_reused_and_go_off_for_l
     assert child_pages(small) == (REUSED_BYTES, True)
     assert child_pages(large) == (REUSED_BYTES + 4, False)
     assert not fresh_tensors_without_huge_pages(REUSED_BYTES + 4)  # not in a child: no-op
+
+
+def child_input_views(job: Job) -> Reply:
+    """Run in a child: how the job's input arrived, and whether its tensors are views."""
+    import ctypes
+
+    from workloads.program_tensors import read_tensors
+
+    view = job.inputs
+    if not isinstance(view, memoryview):
+        return Reply(facts={"kind": type(view).__name__}, blobs={})
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    inside = [start <= t.data_ptr() < start + len(view) for t in read_tensors(view).values()]
+    return Reply(facts={"kind": "memoryview", "writable": not view.readonly,
+                        "views": inside}, blobs={})
+
+
+def test_a_childs_large_input_is_mapped_and_its_tensors_are_views_not_copies() -> None:
+    from workloads.program_sandbox import MAPPED_BYTES
+
+    def arrived(*tensors: torch.Tensor) -> dict[str, Any]:
+        job = Job(program=b"", inputs=save_inputs(tensors), device="cpu", carry=0,
+                  start_step=0, start_state=None, boundaries=(1,))
+        return run_in_child(child_input_views, job, device="cpu", memory_mb=64,
+                            bound_ms=60_000).facts
+
+    big = torch.arange(MAPPED_BYTES // 8, dtype=torch.float64)
+    assert arrived(big, big + 1) == {"kind": "memoryview", "writable": True,
+                                     "views": [True, True]}
+    # A tensor off its element alignment in the file is copied, not viewed.
+    assert arrived(torch.ones(3, dtype=torch.uint8), big)["views"] == [True, False]
+    assert arrived(torch.ones(4)) == {"kind": "bytes"}  # small: pickled as it is
