@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,19 @@ def test_blobs_are_named_by_their_hash_and_checked_on_read(tmp_path: Path) -> No
         store.get("blob:sha256:" + "0" * 64)
     with pytest.raises(BlobError, match="not a blob reference"):
         store.get("blob:sha256:../../etc/passwd")
+
+
+def test_a_large_blob_hashed_while_written_lands_under_its_name_and_nothing_else_stays(
+        tmp_path: Path) -> None:
+    from destra.blobs import HASH_BESIDE_BYTES
+
+    store = BlobStore(tmp_path)
+    data = os.urandom(HASH_BESIDE_BYTES + 1)
+    ref = store.put(data)
+    assert ref == "blob:sha256:" + crypto.digest(data).hex()
+    assert store.put(data) == ref and store.get(ref) == data
+    assert [p.name for p in store.files()] == [ref.rsplit(":", 1)[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ref.rsplit(":", 1)[1][:2]]
 
 
 def test_small_data_travels_inline_and_big_data_by_reference(tmp_path: Path) -> None:
