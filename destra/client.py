@@ -307,12 +307,13 @@ class Client:
             raise InvalidRequest(f"the quote is {q.quote.price_micro} micro-tokens, above your "
                                  f"max price {max_price}")
         task_id = task_id or f"task-{uuid.uuid4().hex[:20]}"
-        public, private = get_workload(q.workload).split(q.params)
+        workload = get_workload(q.workload)
+        public, private = workload.split(q.params)
         payload: bytes | None = None
         payload_ref: str | None = None
         commitment = b""
         if private:
-            data_key, sealed = seal_input(task_id, private)
+            data_key, sealed = seal_input(task_id, private, workload.byte_names())
             commitment = data_key_commitment(task_id, data_key)
             self._save_data_key(task_id, data_key)
             payload, payload_ref = store_or_inline(self.blobs, sealed,

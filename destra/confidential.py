@@ -7,7 +7,10 @@ The formats shared by the submitter's client and the node runner (issue 4):
   fresh data key; the associated data binds the task id and the schema. Values over
   ``RAW_VALUE_BYTES`` (a user program's base64, tens of MB) travel beside the JSON,
   not in it: ``FRAMED_MAGIC``, a u32 length, the JSON (whose ``raw`` lists each such
-  value's name and UTF-8 length, in order), then the values' bytes. Python's JSON took
+  value's name and UTF-8 length, in order), then the values' bytes. A value of a
+  workload's ``bytes`` parameter (the program and its input) travels as the bytes its
+  base64 encodes, its entry marked ``"bytes"``, and opens as bytes: a quarter less to
+  seal, store, fetch and open, and no base64 on the node. Python's JSON took
   300 ms to write and as long to read 64 MB of one string here; the framing costs a
   copy. ``open_input`` reads both encodings (sealed inputs of older clients stay in the
   blob store and are replayed).
@@ -21,9 +24,12 @@ The formats shared by the submitter's client and the node runner (issue 4):
 
 from __future__ import annotations
 
+import binascii
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+
+import pybase64
 
 from destra import crypto
 from destra.crypto import KeyPair
@@ -52,41 +58,55 @@ def result_ad(task_id: str, node_id: str, attempt: int) -> bytes:
     return crypto.associated_data("result", task_id, node_id, attempt)
 
 
-def seal_input(task_id: str, private: Mapping[str, str]) -> tuple[bytes, bytes]:
+def seal_input(task_id: str, private: Mapping[str, str],
+               binary: Collection[str] = ()) -> tuple[bytes, bytes]:
     """``(data_key, sealed)``: the private parameters under a fresh data key, framed when a
-    value is longer than ``RAW_VALUE_BYTES`` (module docstring)."""
+    value is longer than ``RAW_VALUE_BYTES`` (module docstring). A long value named in
+    ``binary`` (a workload's ``byte_names``) that is base64 travels as the bytes it
+    encodes, and opens as them."""
     small: dict[str, str] = {}
-    raw: list[tuple[str, bytes]] = []
+    raw: list[tuple[str, bytes, bool]] = []
     for name, value in private.items():
+        if name in binary and len(value) > RAW_VALUE_BYTES:
+            try:
+                raw.append((name, pybase64.b64decode(value, validate=True), True))
+                continue
+            except (binascii.Error, ValueError):
+                pass  # not base64: sealed as text, for the workload to refuse
         data = value.encode("utf-8")
         if len(data) > RAW_VALUE_BYTES:
-            raw.append((name, data))
+            raw.append((name, data, False))
         else:
             small[name] = value
     doc: dict[str, object] = {"schema": INPUT_SCHEMA, "task_id": task_id, "params": small}
     if raw:
-        doc["raw"] = [[name, len(data)] for name, data in raw]
+        doc["raw"] = [[name, len(data), "bytes"] if binary_value else [name, len(data)]
+                      for name, data, binary_value in raw]
     head = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     plaintext = (b"".join([FRAMED_MAGIC, struct.pack("<I", len(head)), head,
-                           *(data for _, data in raw)])  # one copy of the values
+                           *(data for _, data, _ in raw)])  # one copy of the values
                  if raw else head)
     data_key = crypto.new_data_key()
     return data_key, crypto.seal(data_key, plaintext, payload_ad(task_id))
 
 
-def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str]:
-    """The private parameters; ``DecryptionFailed`` or ``InvalidParams`` if not valid."""
+def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str | bytes]:
+    """The private parameters (bytes for those sealed as bytes, ``seal_input``);
+    ``DecryptionFailed`` or ``InvalidParams`` if not valid."""
     plaintext = crypto.open_sealed(data_key, sealed, payload_ad(task_id))
     try:
-        values: list[tuple[str, str]] = []
+        values: list[tuple[str, str | bytes]] = []
         if plaintext[:4] == FRAMED_MAGIC:
             (n,) = struct.unpack_from("<I", plaintext, 4)
             doc = json.loads(plaintext[8:8 + n])
             pos, view = 8 + n, memoryview(plaintext)
-            for name, size in doc["raw"]:
-                if not isinstance(name, str) or type(size) is not int or size < 0:
+            for entry in doc["raw"]:
+                name, size, *kind = entry
+                if (not isinstance(name, str) or type(size) is not int or size < 0
+                        or kind not in ([], ["bytes"])):
                     raise ValueError("bad raw entry")
-                values.append((name, str(view[pos:pos + size], "utf-8")))  # no copy first
+                region = view[pos:pos + size]
+                values.append((name, bytes(region) if kind else str(region, "utf-8")))
                 pos += size
             if pos != len(plaintext):
                 raise ValueError("length mismatch")
@@ -107,7 +127,8 @@ def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str]:
     return {**doc["params"], **dict(values)}
 
 
-def merge_params(public: Mapping[str, str], private: Mapping[str, str]) -> dict[str, str]:
+def merge_params(public: Mapping[str, str], private: Mapping[str, str | bytes]
+                 ) -> dict[str, str | bytes]:
     """All of a task's parameters; a name both public and private is refused."""
     both = sorted(set(public) & set(private))
     if both:

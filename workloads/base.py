@@ -32,8 +32,10 @@ class ParamSpec:
 
     name: str
     """Key in the task's parameter map."""
-    kind: Literal["int", "float", "str"]
-    """How the string value is parsed."""
+    kind: Literal["int", "float", "str", "bytes"]
+    """How the string value is parsed. ``bytes``: raw bytes where the transport carries
+    them (the sealed payload, ``destra.confidential``), else standard base64 text; the
+    workload decodes the text (``max_len`` bounds the text; bytes, its 3/4)."""
     default: int | float | str
     """Value used when the task leaves the parameter out."""
     min: int | float | None = None
@@ -52,16 +54,24 @@ class ParamSpec:
 
     def allowed(self) -> str:
         """The allowed values in words, for error messages."""
+        if self.kind == "bytes":
+            return f"bytes, or their base64 (at most {self.max_len} characters)"
         if self.kind == "str":
             return f"one of {', '.join(self.choices)}" if self.choices else "a string"
         return f"{self.kind} in [{self.min}, {self.max}]"
 
-    def parse(self, workload: str, raw: str) -> int | float | str:
+    def parse(self, workload: str, raw: str | bytes) -> int | float | str | bytes:
         """Parse and bound-check ``raw``; raise ``InvalidParams`` naming the parameter."""
         def bad(why: str) -> InvalidParams:
+            shown = repr(raw) if len(raw) <= 80 else f"{repr(raw[:60])}... ({len(raw)} long)"
             return InvalidParams(
-                f"{workload}: parameter {self.name!r} = {raw!r} {why}; allowed: {self.allowed()}")
+                f"{workload}: parameter {self.name!r} = {shown} {why}; allowed: "
+                f"{self.allowed()}")
 
+        if self.kind == "bytes" and isinstance(raw, bytes):
+            if len(raw) > self.max_len * 3 // 4:
+                raise bad(f"is longer than {self.max_len * 3 // 4} bytes")
+            return raw
         if not isinstance(raw, str):
             raise bad("is not a string")
         value: int | float | str
@@ -139,7 +149,7 @@ class Workload(ABC):
     """False when the work runs on the host CPU whatever the device (placement then
     cannot expect a GPU's speed from it)."""
 
-    def validate(self, raw: Mapping[str, str]) -> dict[str, Any]:
+    def validate(self, raw: Mapping[str, str | bytes]) -> dict[str, Any]:
         """Parse string parameters, fill defaults, check bounds; reject unknown names."""
         known = {spec.name: spec for spec in self.params}
         unknown = sorted(set(raw) - set(known))
@@ -159,6 +169,10 @@ class Workload(ABC):
     def public_names(self) -> frozenset[str]:
         """Parameters sent in the clear: those ``compute_units`` and ``memory_mb`` read."""
         return frozenset(spec.name for spec in self.params if spec.public)
+
+    def byte_names(self) -> frozenset[str]:
+        """The parameters of kind ``bytes``: sealed as raw bytes (``seal_input``)."""
+        return frozenset(spec.name for spec in self.params if spec.kind == "bytes")
 
     def split(self, raw: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         """``(public, private)`` parts of a raw parameter map.

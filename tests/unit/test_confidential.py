@@ -116,6 +116,37 @@ def test_large_values_travel_beside_the_json_and_older_json_inputs_still_open() 
         with pytest.raises(InvalidParams, match="not a destra.task-input/1 document"):
             open_input(key, "t1", crypto.seal(key, bad, payload_ad("t1")))
 
+def test_byte_parameters_travel_as_the_bytes_their_base64_encodes_and_open_as_bytes(
+        ) -> None:
+    import base64
+
+    from destra.confidential import RAW_VALUE_BYTES, payload_ad
+    from workloads import get_workload
+
+    program = get_workload("program")
+    assert program.byte_names() == {"program", "input"}
+    raw = bytes(range(256)) * (RAW_VALUE_BYTES // 64)
+    text = base64.b64encode(raw).decode()
+    private = {"program": text, "input": "not base64!" * 500, "seed": "7"}
+    key, sealed = seal_input("t1", private, program.byte_names())
+    opened = open_input(key, "t1", sealed)
+    # The program's bytes, not their base64; text that is no base64 stays text (the
+    # workload refuses it as before); other parameters are untouched.
+    assert opened == {"program": raw, "input": private["input"], "seed": "7"}
+    assert text.encode() not in crypto.open_sealed(key, sealed, payload_ad("t1"))
+    assert len(sealed) < len(seal_input("t1", private)[1]) - len(text) // 5
+    # The workload takes either form: bytes from the payload, base64 text elsewhere.
+    spec = next(s for s in program.params if s.name == "program")
+    assert spec.parse("program", raw) is raw and spec.parse("program", text) == text
+    with pytest.raises(InvalidParams, match=r"longer than .* bytes; allowed: bytes"):
+        spec.parse("program", b"x" * (spec.max_len * 3 // 4 + 1))
+    # An entry of an unknown kind is refused.
+    plaintext = crypto.open_sealed(key, sealed, payload_ad("t1"))
+    forged = plaintext.replace(b'"bytes"]', b'"text!"]')
+    with pytest.raises(InvalidParams, match="not a destra.task-input/1 document"):
+        open_input(key, "t1", crypto.seal(key, forged, payload_ad("t1")))
+
+
 def test_a_parameter_both_public_and_private_is_refused() -> None:
     assert merge_params({"n": "1"}, {"seed": "2"}) == {"n": "1", "seed": "2"}
     with pytest.raises(InvalidParams, match="'n' is both public and private"):
