@@ -61,8 +61,8 @@ from infra.kafka import KafkaCluster, ensure_jars, new_security  # noqa: E402
 from infra.postgres import start_embedded, stop_embedded  # noqa: E402
 from streams import security  # noqa: E402
 from streams.admin import ensure_topics  # noqa: E402
-from workloads.checkpoints import split_evenly  # noqa: E402
 from workloads.program import (  # noqa: E402
+    PROGRAM,
     RECORDED_STATE_BYTES,
     read_outputs,
     save_inputs,
@@ -126,17 +126,18 @@ def bare(program: bytes, ex: Example) -> tuple[float, list[torch.Tensor]]:
     return time.perf_counter() - started, outs
 
 
-def child_alone(program: bytes, inputs: bytes, ex: Example, memory_mb: int) -> float:
+def child_alone(program: bytes, inputs: bytes, ex: Example, params: dict[str, str]
+                ) -> float:
     """Seconds of the node's sandbox alone, no network: a forkserver child under the
-    task's limits, running the same segments a node runs (states over
-    ``RECORDED_STATE_BYTES`` not sent back), the final state returned."""
-    k, segments = split_evenly(ex.steps)
-    ends = tuple(min((s + 1) * k, ex.steps) for s in range(segments))
+    task's limits (``params``: the quote's), running the same segments a node runs
+    (states over ``RECORDED_STATE_BYTES`` not sent back), the final state returned."""
+    parsed = PROGRAM.validate(params)
     job = Job(program=program, inputs=inputs, device="cpu", carry=ex.carry, start_step=0,
-              start_state=None, boundaries=ends, record_bytes=RECORDED_STATE_BYTES)
+              start_state=None, boundaries=PROGRAM.segment_ends(parsed),
+              record_bytes=RECORDED_STATE_BYTES)
     started = time.perf_counter()
-    run_in_child(run_job, job, device="cpu", memory_mb=memory_mb, bound_ms=3_600_000,
-                 threads=torch.get_num_threads())
+    run_in_child(run_job, job, device="cpu", memory_mb=parsed["memory_mb"],
+                 bound_ms=3_600_000, threads=torch.get_num_threads())
     return time.perf_counter() - started
 
 
@@ -247,7 +248,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
                                              carry=ex.carry, mantissa_bits=ex.mantissa_bits,
                                              replicas=1, quorum=1)
                 quotes.append(time.perf_counter() - started)
-                alones.append(child_alone(program, inputs, ex, int(quote.params["memory_mb"])))
+                alones.append(child_alone(program, inputs, ex, quote.params))
                 before = cpu_seconds(groups)
                 seconds, split, output = through_network(client, net, quote)
                 cpus.append(("network", cpu_line(before, cpu_seconds(groups))))

@@ -88,7 +88,11 @@ class BlobStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             name = ref()
-            os.replace(tmp, self._path(name))  # the same bytes if already there
+            path = self._path(name)
+            if path.exists():  # stored already (hashed while writing): keep that one
+                Path(tmp).unlink()
+            else:
+                os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -372,6 +372,10 @@ class Program(Workload, Checkpointed):
         k = split_evenly(params["steps"])[0]
         return max(1, math.ceil(params["units"] * k / params["steps"]))
 
+    def segment_ends(self, params: dict[str, Any]) -> tuple[int, ...]:
+        """The step after which each segment ends, in order (a child's boundaries)."""
+        return tuple(self._end(params, s) for s in range(self.segments(params)))
+
     def _end(self, params: dict[str, Any], segment: int) -> int:
         k = split_evenly(params["steps"])[0]
         return min((segment + 1) * k, params["steps"])

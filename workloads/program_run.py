@@ -102,8 +102,7 @@ def run_job(job: Job) -> Reply:
     began, faults = time.perf_counter(), _minor_faults()
     device = torch.device(job.device)
     ep = load_program(job.program)
-    huge_pages = device.type != "cpu" or not fresh_tensors_without_huge_pages(
-        largest_tensor_bytes(ep))
+    huge_pages = not fresh_tensors_without_huge_pages(largest_tensor_bytes(ep))
     ins, outs = signature_specs(ep)
     given = positional("in", read_tensors(job.inputs))
     check_shapes(ins, outs, given, job.carry)

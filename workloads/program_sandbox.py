@@ -123,14 +123,20 @@ def fresh_tensors_without_huge_pages(largest_tensor_bytes: int) -> bool:
     reused) ran steadily faster with them."""
     if not in_child or largest_tensor_bytes <= REUSED_BYTES:
         return False
+    return _libc_call("prctl", 41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE
+
+
+def _libc_call(name: str, *args: int) -> int | None:
+    """``name(*args)`` from the C library; None where it or the function is missing
+    (not glibc, not Linux)."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return bool(libc.prctl(41, 1, 0, 0, 0) == 0)  # PR_SET_THP_DISABLE
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return int(getattr(libc, name)(*args))
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 @contextlib.contextmanager
@@ -345,15 +351,8 @@ def _keep_freed_memory() -> None:
     """Let glibc reuse freed tensors' memory instead of unmapping it: a fresh child has
     not yet raised malloc's dynamic mmap threshold, so every tensor over 128 KiB would be
     a fresh ``mmap`` with a page fault per 4 KiB, each step (no-op off glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: glibc's maximum
-        libc.mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return
+    _libc_call("mallopt", -3, REUSED_BYTES)  # M_MMAP_THRESHOLD: glibc's maximum
+    _libc_call("mallopt", -1, 512 * 2**20)  # M_TRIM_THRESHOLD
 
 
 def _is_memory_error(e: BaseException) -> bool:
