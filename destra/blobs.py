@@ -13,16 +13,21 @@ an S3-compatible one is future work (README, "Limits").
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from destra.crypto import digest
 from destra.errors import DestraError
 
+T = TypeVar("T")
 _REF = re.compile(r"blob:sha256:([0-9a-f]{64})")
 
 
@@ -80,13 +85,56 @@ class BlobStore:
         finally:
             hashing.join()
 
-    def _write(self, data: bytes, where: Path, ref: Callable[[], str]) -> str:
-        """Write ``data`` to a temporary file in ``where`` (the root, or the blob's own
-        directory: never where ``files`` looks), then rename it to ``ref()``'s path."""
+    def put_chunks(self, chunks: Iterable[bytes]) -> str:
+        """Store the concatenation of ``chunks``; its reference. ``chunks`` is consumed on
+        this thread (``crypto.seal_chunks`` encrypts each piece as it is asked for) while
+        another hashes and writes the pieces already made, so sealing, hashing and
+        writing a large payload overlap and it is never whole in memory."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        hasher = hashlib.sha256()
+        failed: list[BaseException] = []
+
+        def drain(f: BinaryIO) -> None:
+            while (piece := pieces.get()) is not None:
+                if not failed:
+                    try:
+                        hasher.update(piece)
+                        f.write(piece)
+                    except BaseException as e:  # reported once the producer is done
+                        failed.append(e)
+
+        def written(f: BinaryIO) -> None:
+            writer = threading.Thread(target=drain, args=(f,), name="blob-write", daemon=True)
+            writer.start()
+            try:
+                for piece in chunks:
+                    pieces.put(piece)
+            finally:
+                pieces.put(None)
+                writer.join()
+            if failed:
+                raise failed[0]
+
+        def hashed() -> str:
+            name = "blob:sha256:" + hasher.hexdigest()
+            self._path(name).parent.mkdir(parents=True, exist_ok=True)
+            return name
+
+        return self._write(written, self.root, hashed)
+
+    def _write(self, data: bytes | Callable[[BinaryIO], None], where: Path,
+               ref: Callable[[], str]) -> str:
+        """Write ``data`` (or let it write itself) to a temporary file in ``where`` (the
+        root, or the blob's own directory: never where ``files`` looks), then rename it
+        to ``ref()``'s path."""
         fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
             name = ref()
             path = self._path(name)
             if path.exists():  # stored already (hashed while writing): keep that one
@@ -98,20 +146,45 @@ class BlobStore:
             raise
         return name
 
-    def get(self, ref: str) -> bytes:
-        """The blob named ``ref``; ``BlobError`` if missing or not matching its name."""
+    def get(self, ref: str, *, verify: bool = True) -> bytes:
+        """The blob named ``ref``; ``BlobError`` if missing or (``verify``) not matching
+        its name. ``verify=False`` is for a caller that runs ``check`` itself before
+        anything it derives from the bytes counts (the node: beside the task's run)."""
         path = self._path(ref)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BlobError(f"blob {ref} is not in the store at {self.root}") from None
-        if ref_of(data) != ref:
-            raise BlobError(f"blob {ref} is corrupt: its content hashes to another name")
+        if verify:
+            check(ref, data)
         return data
 
     def files(self) -> list[Path]:
         """Every blob file (for audits and the plaintext scan)."""
         return sorted(p for p in self.root.glob("*/*") if p.is_file())
+
+
+def check(ref: str, data: bytes) -> None:
+    """``BlobError`` unless ``data`` is the blob ``ref`` names."""
+    if ref_of(data) != ref:
+        raise BlobError(f"blob {ref} is corrupt: its content hashes to another name")
+
+
+def checked(run: Callable[[list[Future[None]]], T]) -> T:
+    """``run(checks)``, then the result of every check it appended to ``checks``
+    (``check`` running on another thread while ``run`` goes on): a check's error
+    replaces ``run``'s result, or its exception. Nothing derived from a corrupt blob
+    leaves, and the corruption is the reason given whatever else failed."""
+    checks: list[Future[None]] = []
+    try:
+        result = run(checks)
+    except BaseException:
+        for pending in checks:
+            pending.result()
+        raise
+    for pending in checks:
+        pending.result()
+    return result
 
 
 def store_or_inline(store: BlobStore, data: bytes, inline_max: int) -> tuple[bytes | None,
@@ -122,10 +195,12 @@ def store_or_inline(store: BlobStore, data: bytes, inline_max: int) -> tuple[byt
     return None, store.put(data)
 
 
-def fetch(store: BlobStore, inline: bytes | None, ref: str | None) -> bytes:
-    """The bytes an event carries inline or references; ``BlobError`` if neither."""
+def fetch(store: BlobStore, inline: bytes | None, ref: str | None, *,
+          verify: bool = True) -> bytes:
+    """The bytes an event carries inline or references; ``BlobError`` if neither
+    (``verify``: as in ``BlobStore.get``)."""
     if inline is not None:
         return inline
     if ref is None:
         raise BlobError("the event carries neither inline data nor a blob reference")
-    return store.get(ref)
+    return store.get(ref, verify=verify)

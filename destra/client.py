@@ -39,9 +39,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from allocator.pricing import PriceBook, PriceUpdate, Quote, check_quote, tier_of
 from destra import crypto, keystore
-from destra.blobs import BlobStore, store_or_inline
+from destra.blobs import BlobStore
 from destra.blobs import fetch as fetch_blob
-from destra.confidential import grant, open_result, seal_input
+from destra.confidential import grant, open_result, seal_input_to
 from destra.crypto import KeyPair, sign_event, verify_event
 from destra.errors import DecryptionFailed, DestraError, InvalidRequest
 from destra.settings import Settings
@@ -313,11 +313,11 @@ class Client:
         payload_ref: str | None = None
         commitment = b""
         if private:
-            data_key, sealed = seal_input(task_id, private, workload.byte_names())
+            data_key, payload, payload_ref = seal_input_to(
+                self.blobs, self.settings.inline_max_bytes, task_id, private,
+                workload.byte_names())
             commitment = data_key_commitment(task_id, data_key)
             self._save_data_key(task_id, data_key)
-            payload, payload_ref = store_or_inline(self.blobs, sealed,
-                                                   self.settings.inline_max_bytes)
         event = new_event(
             "TaskSubmitted", self.settings.producer_id, task_id=task_id,
             submitter_id=self.account, workload=q.workload, params=public,

@@ -27,11 +27,13 @@ from __future__ import annotations
 import binascii
 import json
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import pybase64
 
 from destra import crypto
+from destra.blobs import BlobStore
 from destra.crypto import KeyPair
 from destra.errors import DecryptionFailed, InvalidParams
 from schemas import Event, new_event
@@ -64,6 +66,32 @@ def seal_input(task_id: str, private: Mapping[str, str],
     value is longer than ``RAW_VALUE_BYTES`` (module docstring). A long value named in
     ``binary`` (a workload's ``byte_names``) that is base64 travels as the bytes it
     encodes, and opens as them."""
+    parts = _input_parts(task_id, private, binary)
+    data_key = crypto.new_data_key()
+    return data_key, crypto.seal(data_key, parts[0] if len(parts) == 1 else b"".join(parts),
+                                 payload_ad(task_id))
+
+
+def seal_input_to(store: BlobStore, inline_max: int, task_id: str,
+                  private: Mapping[str, str], binary: Collection[str] = ()
+                  ) -> tuple[bytes, bytes | None, str | None]:
+    """``(data_key, inline, ref)``: ``seal_input``'s ciphertext inline when it is at most
+    ``inline_max`` bytes, else streamed into ``store`` (``crypto.seal_chunks``,
+    ``BlobStore.put_chunks``) and referenced: for a 48 MiB input, sealing, hashing and
+    writing overlap, and neither the joined plaintext nor the ciphertext is made whole."""
+    parts = _input_parts(task_id, private, binary)
+    if sum(len(part) for part in parts) + crypto.SEALED_OVERHEAD <= inline_max:
+        data_key = crypto.new_data_key()
+        return data_key, crypto.seal(data_key, b"".join(parts), payload_ad(task_id)), None
+    data_key = crypto.new_data_key()
+    return data_key, None, store.put_chunks(crypto.seal_chunks(data_key, parts,
+                                                               payload_ad(task_id)))
+
+
+def _input_parts(task_id: str, private: Mapping[str, str], binary: Collection[str]
+                 ) -> list[bytes]:
+    """The plaintext of a task's sealed input, in parts whose concatenation it is: the
+    JSON document alone, or the frame's head and then each long value."""
     small: dict[str, str] = {}
     raw: list[tuple[str, bytes, bool]] = []
     for name, value in private.items():
@@ -83,35 +111,19 @@ def seal_input(task_id: str, private: Mapping[str, str],
         doc["raw"] = [[name, len(data), "bytes"] if binary_value else [name, len(data)]
                       for name, data, binary_value in raw]
     head = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    plaintext = (b"".join([FRAMED_MAGIC, struct.pack("<I", len(head)), head,
-                           *(data for _, data, _ in raw)])  # one copy of the values
-                 if raw else head)
-    data_key = crypto.new_data_key()
-    return data_key, crypto.seal(data_key, plaintext, payload_ad(task_id))
+    if not raw:
+        return [head]
+    return [FRAMED_MAGIC + struct.pack("<I", len(head)) + head, *(data for _, data, _ in raw)]
 
 
 def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str | bytes]:
     """The private parameters (bytes for those sealed as bytes, ``seal_input``);
-    ``DecryptionFailed`` or ``InvalidParams`` if not valid."""
-    plaintext = crypto.open_sealed(data_key, sealed, payload_ad(task_id))
+    ``DecryptionFailed`` or ``InvalidParams`` if not valid. Each long value is decrypted
+    into its own object (``crypto.open_sealed_in_parts``): no copy of it out of the
+    whole plaintext."""
     try:
-        values: list[tuple[str, str | bytes]] = []
-        if plaintext[:4] == FRAMED_MAGIC:
-            (n,) = struct.unpack_from("<I", plaintext, 4)
-            doc = json.loads(plaintext[8:8 + n])
-            pos, view = 8 + n, memoryview(plaintext)
-            for entry in doc["raw"]:
-                name, size, *kind = entry
-                if (not isinstance(name, str) or type(size) is not int or size < 0
-                        or kind not in ([], ["bytes"])):
-                    raise ValueError("bad raw entry")
-                region = view[pos:pos + size]
-                values.append((name, bytes(region) if kind else str(region, "utf-8")))
-                pos += size
-            if pos != len(plaintext):
-                raise ValueError("length mismatch")
-        else:
-            doc = json.loads(plaintext)
+        doc, values = crypto.open_sealed_in_parts(data_key, sealed, payload_ad(task_id),
+                                                  _read_input)
         ok = (isinstance(doc, dict) and doc.get("schema") == INPUT_SCHEMA
               and doc.get("task_id") == task_id and isinstance(doc.get("params"), dict)
               and all(isinstance(k, str) and isinstance(v, str)
@@ -125,6 +137,27 @@ def open_input(data_key: bytes, task_id: str, sealed: bytes) -> dict[str, str | 
         raise InvalidParams(f"task {task_id}: the decrypted input is not a {INPUT_SCHEMA} "
                             "document for this task")
     return {**doc["params"], **dict(values)}
+
+
+def _read_input(read: Callable[[int], bytes]) -> tuple[Any, list[tuple[str, str | bytes]]]:
+    """The JSON document of a task input and its long values, read piece by piece: a
+    framed input (``FRAMED_MAGIC``) or a JSON document."""
+    start = read(len(FRAMED_MAGIC))
+    if start != FRAMED_MAGIC:
+        return json.loads(start + read(-1)), []
+    (n,) = struct.unpack("<I", read(4))
+    doc = json.loads(read(n))
+    values: list[tuple[str, str | bytes]] = []
+    for entry in doc["raw"]:
+        name, size, *kind = entry
+        if (not isinstance(name, str) or type(size) is not int or size < 0
+                or kind not in ([], ["bytes"])):
+            raise ValueError("bad raw entry")
+        data = read(size)
+        if len(data) != size:
+            raise ValueError("length mismatch")
+        values.append((name, data if kind else data.decode("utf-8")))
+    return doc, values
 
 
 def merge_params(public: Mapping[str, str], private: Mapping[str, str | bytes]

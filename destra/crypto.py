@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -56,9 +59,12 @@ __all__ = ["PUBLIC_KEY_BYTES", "SIGNATURE_BYTES", "KeyPair", "sign_encoded", "si
            "signed_bytes", "verify", "verify_event"]  # and the sealing functions below
 
 DATA_KEY_BYTES = 32
+T = TypeVar("T")
 NONCE_BYTES = 12
 _SEALED_VERSION = 1
 _TAG_BYTES = 16
+SEALED_OVERHEAD = 1 + NONCE_BYTES + _TAG_BYTES
+"""Bytes ``seal`` adds to a plaintext: version, nonce and tag."""
 
 
 # ---------------------------------------------------------------- symmetric sealing
@@ -79,6 +85,30 @@ def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
     return bytes([_SEALED_VERSION]) + nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 
+SEAL_CHUNK_BYTES = 1 << 20
+"""Plaintext encrypted at a time by ``seal_chunks``."""
+
+
+def seal_chunks(key: bytes, parts: Iterable[bytes | memoryview], associated: bytes
+                ) -> Iterator[bytes]:
+    """``seal(key, b"".join(parts), associated)``, yielded in pieces of at most
+    ``SEAL_CHUNK_BYTES`` of ciphertext: the same format, opened by ``open_sealed``.
+
+    For a large payload going to a file (``BlobStore.put_chunks``): neither the joined
+    plaintext nor the whole ciphertext is ever in memory, and the consumer can hash and
+    write each piece while the next is encrypted. The GCM tag, in the last piece, is
+    over the whole ciphertext, as one-shot sealing's."""
+    nonce = os.urandom(NONCE_BYTES)
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    encryptor.authenticate_additional_data(associated)
+    yield bytes([_SEALED_VERSION]) + nonce
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for at in range(0, len(view), SEAL_CHUNK_BYTES):
+            yield encryptor.update(view[at:at + SEAL_CHUNK_BYTES])
+    yield encryptor.finalize() + encryptor.tag
+
+
 def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
     """The plaintext of ``seal``; ``DecryptionFailed`` for a wrong key, data or tampering."""
     if len(sealed) < 1 + NONCE_BYTES + _TAG_BYTES or sealed[0] != _SEALED_VERSION:
@@ -89,6 +119,57 @@ def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
         view = memoryview(sealed)  # no copy of the ciphertext (tens of MB for a program)
         return AESGCM(key).decrypt(view[1:1 + NONCE_BYTES], view[1 + NONCE_BYTES:],
                                    associated)
+    except InvalidTag:
+        raise DecryptionFailed(
+            "authentication failed: wrong key, wrong context or tampered ciphertext") from None
+
+
+def open_sealed_in_parts(key: bytes, sealed: bytes, associated: bytes,
+                         parse: Callable[[Callable[[int], bytes]], T]) -> T:
+    """What ``parse`` makes of ``seal``'s plaintext, read in pieces: ``parse(read)`` calls
+    ``read(n)`` for the next ``n`` bytes (fewer at the end; ``n`` < 0: the rest), each
+    decrypted on demand into its own ``bytes``. For a framed task input, each large
+    value opens as one object of its own, without a copy out of the whole plaintext
+    (24 ms for a 48 MiB input here).
+
+    Nothing ``parse`` returns is given out unless the tag over the whole ciphertext
+    verifies, which needs all of it read: ``DecryptionFailed`` otherwise, and before
+    any error ``parse`` raised (it read unauthenticated bytes), which is raised only
+    for an authentic ciphertext. ``parse`` must read it all (``ValueError`` if not)."""
+    if len(sealed) < SEALED_OVERHEAD or sealed[0] != _SEALED_VERSION:
+        raise DecryptionFailed("not a sealed Destra ciphertext (bad length or version)")
+    if len(key) != DATA_KEY_BYTES:
+        raise DecryptionFailed(f"key must be {DATA_KEY_BYTES} bytes")
+    view = memoryview(sealed)
+    end = len(view) - _TAG_BYTES
+    decryptor = Cipher(algorithms.AES(key), modes.GCM(bytes(view[1:1 + NONCE_BYTES]))
+                       ).decryptor()
+    decryptor.authenticate_additional_data(associated)
+    at = 1 + NONCE_BYTES
+
+    def read(n: int) -> bytes:
+        nonlocal at
+        stop = end if n < 0 else min(end, at + n)
+        piece = decryptor.update(view[at:stop])
+        at = stop
+        return piece
+
+    try:
+        made = parse(read)
+        if at != end:
+            raise ValueError(f"{end - at} bytes of plaintext left unread")
+    except Exception:
+        for start in range(at, end, SEAL_CHUNK_BYTES):  # authenticate the rest first
+            decryptor.update(view[start:min(end, start + SEAL_CHUNK_BYTES)])
+        _finish(decryptor, view[end:])
+        raise
+    _finish(decryptor, view[end:])
+    return made
+
+
+def _finish(decryptor: Any, tag: memoryview) -> None:
+    try:
+        decryptor.finalize_with_tag(bytes(tag))
     except InvalidTag:
         raise DecryptionFailed(
             "authentication failed: wrong key, wrong context or tampered ciphertext") from None

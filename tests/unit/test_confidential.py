@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from destra import crypto
-from destra.blobs import BlobError, BlobStore, fetch, store_or_inline
+from destra.blobs import BlobError, BlobStore, check, checked, fetch, store_or_inline
 from destra.confidential import (
     grant,
     merge_params,
@@ -41,6 +43,29 @@ def test_a_sealed_payload_opens_only_with_its_key_and_its_context() -> None:
                                 (key, b"ctx", sealed[:20])]:
         with pytest.raises(DecryptionFailed):
             crypto.open_sealed(wrong_key, data, ad)
+
+
+def test_a_sealed_payload_opens_in_pieces_given_out_only_once_authentic() -> None:
+    key = crypto.new_data_key()
+    sealed = crypto.seal(key, b"abcdef", b"ad")
+    pieces = crypto.open_sealed_in_parts(key, sealed, b"ad",
+                                         lambda read: [read(2), read(3), read(-1), read(5)])
+    assert pieces == [b"ab", b"cde", b"f", b""]
+    with pytest.raises(ValueError, match="4 bytes of plaintext left unread"):
+        crypto.open_sealed_in_parts(key, sealed, b"ad", lambda read: read(2))
+
+    def refuse(read: Callable[[int], bytes]) -> None:
+        read(1)
+        raise KeyError("what the bytes read so far parse to")
+
+    with pytest.raises(KeyError):  # authentic: the parser's own error
+        crypto.open_sealed_in_parts(key, sealed, b"ad", refuse)
+    tampered = sealed[:-20] + bytes([sealed[-20] ^ 1]) + sealed[-19:]
+    for parse in (refuse, lambda read: read(-1)):  # tampered: never what was parsed
+        with pytest.raises(DecryptionFailed, match="authentication failed"):
+            crypto.open_sealed_in_parts(key, tampered, b"ad", parse)
+    with pytest.raises(DecryptionFailed, match="authentication failed"):
+        crypto.open_sealed_in_parts(key, sealed, b"other", lambda read: read(-1))
 
 
 def test_two_seals_of_the_same_plaintext_differ() -> None:
@@ -187,6 +212,30 @@ def test_blobs_are_named_by_their_hash_and_checked_on_read(tmp_path: Path) -> No
         store.get("blob:sha256:../../etc/passwd")
 
 
+def test_a_blob_checked_beside_the_work_replaces_its_result_or_error_when_corrupt(
+        tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    sound, swapped = store.put(b"other"), store.put(b"ciphertext")
+    next(p for p in store.files() if p.name in swapped).write_bytes(b"swapped")
+    assert store.get(swapped, verify=False) == b"swapped"  # read as is, checked beside
+
+    def work(ref: str, fail: bool) -> Callable[[list[Future[None]]], str]:
+        def run(checks: list[Future[None]]) -> str:
+            checks.append(pool.submit(check, ref, store.get(ref, verify=False)))
+            if fail:
+                raise InvalidParams("what the bytes decrypt to is refused")
+            return "computed"
+        return run
+
+    with ThreadPoolExecutor(1) as pool:
+        assert checked(work(sound, fail=False)) == "computed"
+        with pytest.raises(InvalidParams):  # its own error, when the blob is sound
+            checked(work(sound, fail=True))
+        for fail in (False, True):  # the corruption, whatever the work did
+            with pytest.raises(BlobError, match="corrupt"):
+                checked(work(swapped, fail))
+
+
 def test_a_large_blob_hashed_while_written_lands_under_its_name_and_nothing_else_stays(
         tmp_path: Path) -> None:
     from destra.blobs import HASH_BESIDE_BYTES
@@ -198,6 +247,44 @@ def test_a_large_blob_hashed_while_written_lands_under_its_name_and_nothing_else
     assert store.put(data) == ref and store.get(ref) == data
     assert [p.name for p in store.files()] == [ref.rsplit(":", 1)[1]]
     assert sorted(p.name for p in tmp_path.iterdir()) == [ref.rsplit(":", 1)[1][:2]]
+
+
+def test_a_large_input_is_sealed_in_pieces_straight_into_the_store(tmp_path: Path) -> None:
+    import base64
+
+    from destra.confidential import payload_ad, seal_input_to
+
+    store = BlobStore(tmp_path)
+    raw = os.urandom(3 * crypto.SEAL_CHUNK_BYTES + 7)  # several pieces and a partial one
+    private = {"program": base64.b64encode(raw).decode(), "seed": "7"}
+    key, inline, ref = seal_input_to(store, 1000, "t1", private, {"program"})
+    assert inline is None and ref is not None
+    sealed = store.get(ref)  # named by the hash of exactly what was written
+    assert open_input(key, "t1", sealed) == {"program": raw, "seed": "7"}
+    # the same format as sealing it whole: one-shot and piecewise plaintexts are equal
+    whole_key, whole = seal_input("t1", private, {"program"})
+    assert (crypto.open_sealed(key, sealed, payload_ad("t1"))
+            == crypto.open_sealed(whole_key, whole, payload_ad("t1")))
+    assert len(sealed) == len(whole)
+    assert [p.name for p in store.files()] == [ref.rsplit(":", 1)[1]]
+    # small enough: inline, nothing stored
+    key, inline, ref = seal_input_to(store, 1000, "t2", {"seed": "7"})
+    assert ref is None and inline is not None and open_input(key, "t2", inline) == {"seed": "7"}
+    assert len(store.files()) == 1
+
+
+def test_a_failing_piece_leaves_nothing_in_the_store(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+
+    def pieces() -> Iterator[bytes]:
+        yield b"x" * 1000
+        raise OSError("the producer failed")
+
+    with pytest.raises(OSError, match="producer failed"):
+        store.put_chunks(pieces())
+    assert store.files() == [] and [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    ref = store.put_chunks(iter([b"ab", b"", b"c"]))
+    assert ref == "blob:sha256:" + crypto.digest(b"abc").hex() and store.get(ref) == b"abc"
 
 
 def test_small_data_travels_inline_and_big_data_by_reference(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import math
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import workloads.program as program_module
 from destra.errors import InvalidParams
 from workloads import get_workload
 from workloads.base import WorkRefused
@@ -227,6 +229,31 @@ def test_a_wrong_hash_is_refused() -> None:
     params = params_of(EXAMPLES["wave2d"]())
     refused("bad-hash", lambda: PROGRAM.run({**params, "program_sha256": "0" * 64}, CPU))
     refused("bad-hash", lambda: PROGRAM.run({**params, "input_sha256": "1" * 64}, CPU))
+
+
+def test_the_hash_is_the_reason_for_bytes_not_signed_whatever_else_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hashes are checked beside the checks and the child, and win over their
+    refusals: tampered bytes are refused alike on every honest replica."""
+    example = EXAMPLES["wave2d"]()
+    params = params_of(example)
+    threads: list[str] = []
+    real = program_module.check_hashes
+
+    def watched(*args: Any) -> None:
+        threads.append(threading.current_thread().name)
+        real(*args)
+
+    monkeypatch.setattr(program_module, "check_hashes", watched)
+    wrong = save_inputs((torch.zeros(3, 3, dtype=torch.float64),) * 2 + (example.inputs[2],))
+    signed = {**params, "input": base64.b64encode(wrong).decode(),
+              "input_sha256": hashlib.sha256(wrong).hexdigest()}
+    refused("shape-mismatch", lambda: PROGRAM.run(signed, CPU))  # the child's refusal
+    refused("bad-hash", lambda: PROGRAM.run({**signed, "input_sha256": "2" * 64}, CPU))
+    big = with_program(params, b"\0" * (MAX_PROGRAM_BYTES + 1))
+    refused("program-too-large", lambda: PROGRAM.run(big, CPU))  # refused before the child
+    refused("bad-hash", lambda: PROGRAM.run({**big, "program_sha256": "3" * 64}, CPU))
+    assert threads and all(name.startswith("program-hash") for name in threads), threads
 
 
 def test_a_disallowed_op_is_refused_by_name() -> None:
