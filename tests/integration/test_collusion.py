@@ -4,17 +4,20 @@ Two colluders (``tests/colluder.py``, each its own process, node identity, keys,
 principal and operator account that consented to its stake) run the real node runner's
 protocol but never compute: for every replica they are assigned they commit to and
 reveal the same wrong digest, ``sha256(b"collude:" + task_id)``, agreed on without a word
-between them. Honest nodes of other operators run the real ``destra node run``. Tasks go
-in by batches until the random placement has put the colluders where the test needs them.
+between them. Honest nodes of other operators run the real ``destra node run``.
 
-- Fixed trust (3 replicas, majority 2): a colluder outvoted by two honest replicas is
-  penalized ``dissent`` and slashed and its lie refused; two colluders on one task are
-  its majority, the lie is verified and the honest replica penalized. Pinned as the
-  weakness adaptive trust is for.
+- Fixed trust (3 replicas, majority 2): tasks go in by batches until the random placement
+  has put each colluder alone with two honest replicas. Such a colluder is penalized
+  ``dissent`` and slashed and its lie refused; two colluders on one task are its
+  majority, the lie is verified and the honest replica penalized. Pinned as the weakness
+  adaptive trust is for.
 - Adaptive trust (``trust="adaptive"``): the colluders join an established network of
-  five honest nodes; every first round is three random nodes (``DESTRA_PARAM_TRUSTED_AFTER``
-  is set out of reach), any dissent escalates to three fresh replicas of other
-  operators. Every task whose first round had both colluders is overturned; every
+  five honest nodes; every first round is three nodes drawn among the eligible ones with
+  a free slot (``DESTRA_PARAM_TRUSTED_AFTER`` is set out of reach), any dissent escalates
+  to three fresh replicas of other operators. One task's first round is both colluders
+  and one honest node by construction, not by chance: when it is placed they are the
+  only nodes with a free slot (``place_colluders_together``); a batch of tasks placed at
+  random follows. Every task whose first round had both colluders is overturned; every
   verdict is the digest the workload really produces (computed here on the CPU); each
   colluder is penalized ``dissent`` on every verified task it was placed on and slashed
   by exactly its penalties; no honest node is penalized; every task is verified and
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,9 @@ STAKE = 20_000_000  # 20 dissents: no slash here is capped by an empty stake
 FUNDS = 10**12
 BATCH = 10
 MAX_BATCHES = 4
+
+Ran = tuple[dict[str, bytes], dict[str, Progress]]
+"""Tasks run to their verdicts: each one's true digest, and its progress."""
 
 
 def _operator(node: str) -> str:
@@ -157,10 +163,11 @@ class Outcome:
         return "\n".join(lines)
 
 
-def start_network(net: LocalNetwork, honest: list[str], honest_slots: int,
+def start_network(net: LocalNetwork, honest: list[str], honest_slots: int | dict[str, int],
                   colluder_slots: int, warm_up: bool = False) -> None:
     """Services, honest nodes and colluders, each staked by its own operator; returns once
-    every node is registered and every stake is locked.
+    every node is registered and every stake is locked. ``honest_slots``: every honest
+    node's slots, or each one's.
 
     With ``warm_up``, the honest nodes first run one task together (fixed trust, one
     replica on each) before the colluders join: an established network that newcomers
@@ -170,7 +177,8 @@ def start_network(net: LocalNetwork, honest: list[str], honest_slots: int,
     net.mint("alice", *(_operator(n) for n in nodes), amount_micro=FUNDS)
     net.start_services()
     for n in honest:
-        net.start_node(n, operator=_operator(n), stake_micro=STAKE, slots=honest_slots)
+        slots = honest_slots if isinstance(honest_slots, int) else honest_slots[n]
+        net.start_node(n, operator=_operator(n), stake_micro=STAKE, slots=slots)
     if warm_up:
         net.wait_registered(honest)
         client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
@@ -188,7 +196,7 @@ def start_network(net: LocalNetwork, honest: list[str], honest_slots: int,
                timeout=90, interval=0.5)
 
 
-def check_inbox_copies(net: LocalNetwork, tasks: list[str], pump: Callable[[], None]
+def check_inbox_copies(net: LocalNetwork, tasks: list[str], pump: Callable[[], object]
                        ) -> None:
     """Once a task is placed, its first node's inbox copy of the assignment is one the
     node acts on (signed by the allocator). A node refuses an unsigned one, which the
@@ -217,16 +225,18 @@ def check_inbox_copies(net: LocalNetwork, tasks: list[str], pump: Callable[[], N
 
 
 def run_tasks(net: LocalNetwork, enough: Callable[[Outcome], bool],
-              placed: Callable[[list[str], Callable[[], None]], None] | None = None,
+              placed: Callable[[list[str], Callable[[], object]], None] | None = None,
+              ran: Ran | None = None,
               **quote: Any) -> Outcome:
     """Batches of small tasks, each to its verdict, until ``enough`` of what happened (at
     most ``MAX_BATCHES``): placement is drawn at random, so how often colluders land
     together on one task is too. ``placed`` is called with the first batch's tasks and a
-    function that polls the watch (which grants the data keys)."""
+    function that polls the watch (which grants the data keys). ``ran``: tasks already
+    run to their verdicts (true digests, progress), part of the outcome too."""
     client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
     watch = client.watch()
-    honest: dict[str, bytes] = {}
-    done: dict[str, Progress] = {}
+    honest: dict[str, bytes] = dict(ran[0]) if ran else {}
+    done: dict[str, Progress] = dict(ran[1]) if ran else {}
     try:
         for batch in range(MAX_BATCHES):
             tasks = []
@@ -343,24 +353,95 @@ def _together(outcome: Outcome) -> list[str]:
     return [t for t in outcome.done if outcome.colluders_on(t, 0) == set(COLLUDERS)]
 
 
+SPARE = HONEST[0]
+"""The honest node ``place_colluders_together`` puts with both colluders."""
+FILLERS = 6
+"""How many fixed-trust tasks, each with one replica on every node, take up the slots of
+the honest nodes but ``SPARE`` while ``place_colluders_together`` places its task: those
+nodes' slots (as many as a batch needs); ``SPARE`` and the colluders have one more. Each
+filler costs each colluder a dissent: with the task and a batch, at most
+``FILLERS + 1 + BATCH`` = 17 slashes of the 20 ``STAKE`` covers."""
+
+
+def place_colluders_together(net: LocalNetwork) -> tuple[Ran, Ran]:
+    """One adaptive task whose first round is both colluders and ``SPARE``, by capacity, not
+    by chance, run to its verdict with the tasks that made room for it (adaptive task,
+    fillers).
+
+    The network runs ``FILLERS`` slots on each honest node but ``SPARE``, which, like each
+    colluder, has one more. ``FILLERS`` fixed-trust tasks with as many replicas as there
+    are operators (placement has no choice: one on every node) take every slot of the other
+    honest nodes. No data key is granted meanwhile (the watch is not polled), so no node
+    can run a filler, commit it and free its slot. An adaptive task submitted then finds
+    exactly three nodes of distinct operators with a free slot, ``SPARE`` and the
+    colluders: its first round (``bootstrap_replicas``, three, drawn among the eligible
+    nodes with a free slot) is all of them. Then the keys go out: the fillers run, and the
+    other honest nodes free the slots the escalation round needs."""
+    nodes = HONEST + COLLUDERS
+    client = Client(net.settings, net.bootstrap, "alice", net.passphrase)
+    watch = client.watch()
+
+    def assigned(tasks: Container[str]) -> list[Event]:
+        return [e for e in net.events("TaskAssigned") if e.fields["task_id"] in tasks]
+
+    began = time.monotonic()
+    try:
+        fillers: dict[str, bytes] = {}
+        for i in range(FILLERS):
+            params = _params(20_000 + i)
+            fillers[client.submit(client.quote("sha256-search", params, replicas=len(nodes)),
+                                  flush=False)] = _honest_digest(params)
+        client.flush()
+        eventually(lambda: len(assigned(fillers)) == FILLERS * len(nodes), timeout=60,
+                   interval=0.2)
+        params = _params(30_000)
+        task = client.submit(client.quote("sha256-search", params, trust="adaptive"))
+        fillers_placed = time.monotonic()
+        eventually(lambda: len(assigned({task})) == 3, timeout=60, interval=0.2)
+        first = sorted(e.fields["node_id"] for e in assigned({task}))
+        assert first == sorted([SPARE, *COLLUDERS]), (
+            f"{task}'s first round is {first}: the fillers did not leave the colluders and "
+            f"{SPARE} the only free nodes (fillers placed on "
+            f"{sorted(e.fields['node_id'] for e in assigned(fillers))})")
+        print(f"{FILLERS} fillers placed in {fillers_placed - began:.1f}s, then {task} on "
+              f"{first} in {time.monotonic() - fillers_placed:.1f}s; data keys granted from now",
+              flush=True)
+        tasks = [*fillers, task]
+        try:
+            done = client.wait(tasks, watch=watch, timeout_s=120)
+        except DestraError as err:
+            raise AssertionError(f"{err}:\n{_stuck(net, tasks, watch.progress)}; logs in "
+                                 f"{net.workdir}") from err
+    finally:
+        watch.close()
+        client.close()
+    return (({task: _honest_digest(params)}, {task: done[task]}),
+            (fillers, {t: done[t] for t in fillers}))
+
+
 @pytest.mark.timeout(400)
 def test_adaptive_trust_overturns_colluders_placed_together(net: LocalNetwork) -> None:
-    """Adaptive trust: while no node is trusted a task runs on three nodes drawn at random,
-    and any dissent escalates it to a round of fresh replicas on other operators, whose
-    majority decides; every node whose digest differs is penalized.
+    """Adaptive trust: while no node is trusted a task runs on three nodes drawn at random
+    among the eligible ones with a free slot, and any dissent escalates it to a round of
+    fresh replicas on other operators, whose majority decides; every node whose digest
+    differs is penalized.
 
-    The colluders join an established network of honest nodes; batches of tasks go in
-    until the draw has put both colluders and one honest node on a task's first round: a
-    majority of liars, which fixed trust would have verified. Here every such task is
-    overturned by its escalation round, every colluder is penalized and slashed on every
-    task it touched, and no honest node is penalized at all."""
+    The colluders join an established network of honest nodes. One task's first round is
+    both colluders and one honest node, made so by which nodes have a free slot when it is
+    placed (``place_colluders_together``): a majority of liars, which fixed trust would
+    have verified. A batch of tasks placed at random follows (a colluder alone, both or
+    none on each). Every task whose first round had both colluders is overturned by its
+    escalation round, every colluder is penalized and slashed on every task it touched,
+    and no honest node is penalized at all."""
     began = time.monotonic()
-    start_network(net, HONEST, honest_slots=6, colluder_slots=3, warm_up=True)
+    start_network(net, HONEST, colluder_slots=FILLERS + 1, warm_up=True,
+                  honest_slots={n: FILLERS + 1 if n == SPARE else FILLERS for n in HONEST})
     print(f"\n{len(HONEST)} honest nodes, {len(COLLUDERS)} colluders up in "
           f"{time.monotonic() - began:.1f}s", flush=True)
-    outcome = run_tasks(net, lambda o: bool(_together(o)),
+    ran, fillers = place_colluders_together(net)
+    outcome = run_tasks(net, lambda o: True,  # one batch
                         lambda tasks, pump: check_inbox_copies(net, tasks, pump),
-                        trust="adaptive")
+                        ran=ran, trust="adaptive")
     together = _together(outcome)
     assert together, "the colluders never landed together on a task's first round"
     for task in outcome.done:
@@ -384,6 +465,17 @@ def test_adaptive_trust_overturns_colluders_placed_together(net: LocalNetwork) -
                         for p in outcome.penalties)), n
     check_colluders_lied(outcome)
     check_books(net, outcome, HONEST)
+    # The fillers (fixed trust, every node on each): the colluders outvoted five to two.
+    filled = Outcome(*fillers, outcome.assigned, outcome.penalties, outcome.reveals)
+    print(f"fillers:\n{filled.report()}", flush=True)
+    for task in filled.done:
+        v = filled.verdict(task)
+        assert v.name == "TaskVerified" and v.fields["digest"] == filled.honest[task], (
+            task, v.fields)
+        assert sorted(filled.placed(task)) == sorted(HONEST + COLLUDERS), task
+        assert filled.judged(task) == {(n, "dissent") for n in COLLUDERS}, task
+    check_colluders_lied(filled)
+    check_books(net, filled, HONEST)
     # What an operator sees: `destra reputation` folds the same topics the allocator does.
     shown = subprocess.run([sys.executable, "-m", "destra", "reputation", "--json"],
                            env=net.env(), text=True, capture_output=True, timeout=180,
