@@ -6,7 +6,8 @@ Starts its own Kafka broker (TLS) and Postgres, the network's services and one n
 runner on as many torch threads as this process (``--threads``), and funds an account.
 For each case (the examples at sizes that run 2 s or more), alternately:
 
-* **bare**: in this process, ``torch.export.load`` of the program's bytes, then the
+* **bare**: in this process, ``torch.export.load`` of the program's file and
+  ``safetensors.torch.load_file`` of its input's (the very files submitted), then the
   step loop (the carried outputs fed back) under ``torch.no_grad``; the outputs in
   memory. What a researcher would run by hand.
 * **the node's child alone**: the same program in the node's sandbox (a forkserver
@@ -30,7 +31,6 @@ bench/results/program-network.txt. Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import shutil
@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import safetensors.torch
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,11 +113,13 @@ def cpu_line(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{label} {after[label] - before[label]:.2f}" for label in after)
 
 
-def bare(program: bytes, ex: Example) -> tuple[float, list[torch.Tensor]]:
-    """Seconds to load ``program`` and run its steps in this process; the outputs."""
+def bare(files: tuple[Path, Path], ex: Example) -> tuple[float, list[torch.Tensor]]:
+    """Seconds to load the program and its input from ``files`` (as saved for the
+    network) and run its steps in this process; the outputs."""
     started = time.perf_counter()
-    module = torch.export.load(io.BytesIO(program)).module()
-    args = list(ex.inputs)
+    module = torch.export.load(files[0]).module()
+    loaded = safetensors.torch.load_file(files[1])
+    args = [loaded[f"in{i}"] for i in range(len(loaded))]
     outs: list[torch.Tensor] = []
     with torch.no_grad():
         for _ in range(ex.steps):
@@ -237,10 +240,13 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
         for name, build in cases.items():
             ex = build()
             program, inputs = save_program(ex.ep), save_inputs(ex.inputs)
+            files = (tmp / "program.pt2", tmp / "input.safetensors")
+            files[0].write_bytes(program)
+            files[1].write_bytes(inputs)
             bares, alones, nets, splits, quotes, cpus = [], [], [], [], [], []
             for _ in range(args.repeats):
                 before = cpu_seconds(groups)
-                seconds, outs = bare(program, ex)
+                seconds, outs = bare(files, ex)
                 bares.append(seconds)
                 cpus.append(("bare", cpu_line(before, cpu_seconds(groups))))
                 started = time.perf_counter()

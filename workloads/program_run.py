@@ -25,7 +25,7 @@ from workloads.base import WorkRefused, deterministic
 from workloads.lazy import torch
 from workloads.program_check import check_shapes, load_program, no_unpickling, signature_specs
 from workloads.program_cost import estimate_loaded, largest_tensor_bytes
-from workloads.program_sandbox import Reply, fresh_tensors_without_huge_pages
+from workloads.program_sandbox import Reply, large_tensors_from_the_heap
 from workloads.program_tensors import (
     numbered,
     positional,
@@ -102,7 +102,7 @@ def run_job(job: Job) -> Reply:
     began, faults = time.perf_counter(), _minor_faults()
     device = torch.device(job.device)
     ep = load_program(job.program)
-    huge_pages = not fresh_tensors_without_huge_pages(largest_tensor_bytes(ep))
+    huge_pages = not large_tensors_from_the_heap(largest_tensor_bytes(ep))
     ins, outs = signature_specs(ep)
     given = positional("in", read_tensors(job.inputs))
     check_shapes(ins, outs, given, job.carry)

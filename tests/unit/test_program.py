@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import math
+import mmap
 import sys
 import threading
 import time
@@ -439,23 +440,30 @@ class Doubling(torch.nn.Module):
         return x * 2
 
 
-def test_huge_pages_stay_on_in_a_child_whose_tensors_are_reused_and_go_off_for_larger_ones(
+def test_huge_pages_stay_on_in_a_child_whose_tensors_are_reused_and_larger_ones_come_from_the_heap(
         ) -> None:
     from workloads.program_cost import largest_tensor_bytes
-    from workloads.program_sandbox import REUSED_BYTES, fresh_tensors_without_huge_pages
+    from workloads.program_sandbox import REUSED_BYTES, large_tensors_from_the_heap
 
-    def child_pages(n: int) -> tuple[int, bool]:
+    def child(n: int, steps: int) -> tuple[int, bool, int]:
+        """The largest tensor, whether huge pages stayed on, the child's page faults."""
         x = torch.ones(n)
         ep = torch.export.export(Doubling(), (x,))
         job = Job(program=save_program(ep), inputs=save_inputs((x,)), device="cpu", carry=1,
-                  start_step=0, start_state=None, boundaries=(2,))
+                  start_step=0, start_state=None, boundaries=(steps,))
         reply = run_in_child(run_job, job, device="cpu", memory_mb=256, bound_ms=60_000)
-        return largest_tensor_bytes(ep), reply.facts["timing"]["huge_pages"]
+        timing = reply.facts["timing"]
+        return largest_tensor_bytes(ep), timing["huge_pages"], timing["minflt"]
 
     small, large = REUSED_BYTES // 4, REUSED_BYTES // 4 + 1  # float32 elements
-    assert child_pages(small) == (REUSED_BYTES, True)
-    assert child_pages(large) == (REUSED_BYTES + 4, False)
-    assert not fresh_tensors_without_huge_pages(REUSED_BYTES + 4)  # not in a child: no-op
+    assert child(small, 2)[:2] == (REUSED_BYTES, True)
+    assert child(large, 2)[:2] == (REUSED_BYTES + 4, False)
+    # Each step makes a tensor over glibc's mapping threshold and frees the last one:
+    # mapped afresh, each would fault in its 8,193 pages; from the heap, the next reuses
+    # the freed one's.
+    extra = child(large, 8)[2] - child(large, 2)[2]
+    assert extra < (REUSED_BYTES + 4) // mmap.PAGESIZE, extra
+    assert not large_tensors_from_the_heap(REUSED_BYTES + 4)  # not in a child: no-op
 
 
 def child_input_views(job: Job) -> Reply:
