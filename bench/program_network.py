@@ -6,10 +6,12 @@ Starts its own Kafka broker (TLS) and Postgres, the network's services and one n
 runner on as many torch threads as this process (``--threads``), and funds an account.
 For each case (the examples at sizes that run 2 s or more), alternately:
 
-* **bare**: in this process, ``torch.export.load`` of the program's file and
-  ``safetensors.torch.load_file`` of its input's (the very files submitted), then the
-  step loop (the carried outputs fed back) under ``torch.no_grad``; the outputs in
-  memory. What a researcher would run by hand.
+* **bare**: a fresh Python process with torch's defaults: ``torch.export.load`` of the
+  program's file and ``safetensors.torch.load_file`` of its input's (the very files
+  submitted), then the step loop (the carried outputs fed back) under
+  ``torch.no_grad``; timed from the load to the outputs in hand, not counting Python's
+  start and the imports the node's forkserver also makes before any task
+  (``program_sandbox.PRELOAD``). What a researcher would run by hand.
 * **the node's child alone**: the same program in the node's sandbox (a forkserver
   child with the task's limits, the allocator settings the node gives it, the same
   segments), no network: network / child is what the protocol itself costs.
@@ -31,10 +33,12 @@ bench/results/program-network.txt. Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +74,8 @@ from workloads.program import (  # noqa: E402
     save_program,
 )
 from workloads.program_run import Job, run_job  # noqa: E402
-from workloads.program_sandbox import run_in_child, warm_up  # noqa: E402
+from workloads.program_sandbox import PRELOAD, run_in_child, warm_up  # noqa: E402
+from workloads.program_tensors import numbered, write_tensors  # noqa: E402
 
 CASES: dict[str, Callable[[], Example]] = {
     "wave2d 1024x1024 float64, 400 steps": lambda: wave2d.build(grid=1024, steps=400),
@@ -113,20 +118,42 @@ def cpu_line(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{label} {after[label] - before[label]:.2f}" for label in after)
 
 
-def bare(files: tuple[Path, Path], ex: Example) -> tuple[float, list[torch.Tensor]]:
-    """Seconds to load the program and its input from ``files`` (as saved for the
-    network) and run its steps in this process; the outputs."""
+def bare(files: tuple[Path, Path], ex: Example, threads: int
+         ) -> tuple[float, list[torch.Tensor]]:
+    """Seconds a fresh Python process (``bare_main``) takes to load the program and its
+    input from ``files`` (as saved for the network) and run its steps; the outputs.
+
+    A fresh process each run, as a researcher's ``python run.py`` is: where its tensors'
+    pages land differs from one process to the next (the 1024^2 wave ran 10-15 ms a step
+    by that alone), and five runs in one long-lived process draw it once for all five."""
+    out = files[0].parent / "bare-outputs.safetensors"
+    done = subprocess.run([sys.executable, __file__, "--bare", str(files[0]), str(files[1]),
+                           str(ex.steps), str(ex.carry), str(threads), str(out)],
+                          check=True, capture_output=True, text=True)
+    seconds = float(done.stdout.split()[-1])
+    return seconds, read_outputs(out.read_bytes())
+
+
+def bare_main(program: str, inputs: str, steps: str, carry: str, threads: str, out: str
+              ) -> None:
+    """What ``bare`` runs: torch's defaults, the program, the steps; prints the seconds
+    from loading to the last step's outputs in hand, and writes them to ``out``."""
+    torch.set_num_threads(int(threads))
+    for name in PRELOAD:  # imported before any task by the node's forkserver too (the
+        importlib.import_module(name)  # first torch.export.load imports 1.1 s of them)
     started = time.perf_counter()
-    module = torch.export.load(files[0]).module()
-    loaded = safetensors.torch.load_file(files[1])
+    module = torch.export.load(program).module()
+    loaded = safetensors.torch.load_file(inputs)
     args = [loaded[f"in{i}"] for i in range(len(loaded))]
     outs: list[torch.Tensor] = []
     with torch.no_grad():
-        for _ in range(ex.steps):
+        for _ in range(int(steps)):
             result = module(*args)
             outs = list(result) if isinstance(result, tuple | list) else [result]
-            args = outs[:ex.carry] + args[ex.carry:]
-    return time.perf_counter() - started, outs
+            args = outs[:int(carry)] + args[int(carry):]
+    seconds = time.perf_counter() - started
+    Path(out).write_bytes(write_tensors(numbered("out", outs)))
+    print(seconds)
 
 
 def child_alone(program: bytes, inputs: bytes, ex: Example, params: dict[str, str]
@@ -227,7 +254,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
                   "services": ([p.pid for name, p in net.procs.items() if name != "node-n0"],
                                False),
                   "broker": (list(cluster.pids.values()), False), "postgres": ([pg.pid], True),
-                  "bench (bare torch, client)": ([os.getpid()], False)}
+                  "bench (bare torch, client, child alone)": ([os.getpid()], True)}
         # The node's first program task starts its forkserver (imports torch): not a cost
         # of any later task, so a small one pays it first.
         small = wave2d.build(grid=16, steps=2)
@@ -246,7 +273,7 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
             bares, alones, nets, splits, quotes, cpus = [], [], [], [], [], []
             for _ in range(args.repeats):
                 before = cpu_seconds(groups)
-                seconds, outs = bare(files, ex)
+                seconds, outs = bare(files, ex, threads)
                 bares.append(seconds)
                 cpus.append(("bare", cpu_line(before, cpu_seconds(groups))))
                 started = time.perf_counter()
@@ -293,6 +320,9 @@ def run(args: argparse.Namespace, tmp: Path) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--bare"]:
+        bare_main(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
