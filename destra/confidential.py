@@ -80,12 +80,10 @@ def seal_input_to(store: BlobStore, inline_max: int, task_id: str,
     ``BlobStore.put_chunks``) and referenced: for a 48 MiB input, sealing, hashing and
     writing overlap, and neither the joined plaintext nor the ciphertext is made whole."""
     parts = _input_parts(task_id, private, binary)
+    data_key, associated = crypto.new_data_key(), payload_ad(task_id)
     if sum(len(part) for part in parts) + crypto.SEALED_OVERHEAD <= inline_max:
-        data_key = crypto.new_data_key()
-        return data_key, crypto.seal(data_key, b"".join(parts), payload_ad(task_id)), None
-    data_key = crypto.new_data_key()
-    return data_key, None, store.put_chunks(crypto.seal_chunks(data_key, parts,
-                                                               payload_ad(task_id)))
+        return data_key, crypto.seal(data_key, b"".join(parts), associated), None
+    return data_key, None, store.put_chunks(crypto.seal_chunks(data_key, parts, associated))
 
 
 def _input_parts(task_id: str, private: Mapping[str, str], binary: Collection[str]

@@ -58,8 +58,9 @@ from schemas.signatures import (
 __all__ = ["PUBLIC_KEY_BYTES", "SIGNATURE_BYTES", "KeyPair", "sign_encoded", "sign_event",
            "signed_bytes", "verify", "verify_event"]  # and the sealing functions below
 
-DATA_KEY_BYTES = 32
 T = TypeVar("T")
+
+DATA_KEY_BYTES = 32
 NONCE_BYTES = 12
 _SEALED_VERSION = 1
 _TAG_BYTES = 16
