@@ -129,7 +129,9 @@ def bare(files: tuple[Path, Path], ex: Example, threads: int
     out = files[0].parent / "bare-outputs.safetensors"
     done = subprocess.run([sys.executable, __file__, "--bare", str(files[0]), str(files[1]),
                            str(ex.steps), str(ex.carry), str(threads), str(out)],
-                          check=True, capture_output=True, text=True)
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: bare torch failed ({done.returncode}):\n{done.stderr}")
     seconds = float(done.stdout.split()[-1])
     return seconds, read_outputs(out.read_bytes())
 

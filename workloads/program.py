@@ -429,13 +429,20 @@ class Program(Workload, Checkpointed):
         """The first ``carry`` inputs, read (not run) from the checked input file; only
         their size when that leaves them unrecorded (the child starts from the input file
         itself, and the leaf names the size): reading them was a copy of the input for
-        nothing (48 MiB for the CNN example, which carries none, 30 ms)."""
-        _, inputs = self.payload(params)
+        nothing (48 MiB for the CNN example, which carries none, 30 ms).
+
+        Its hashes may still be being checked (``_payload``): a refusal here yields to
+        ``bad-hash``, and the state counts for nothing until a child has run."""
+        _, inputs, hashed = self._payload(params)
         carry = params["carry"]
-        size = sum(positional("in", check_tensors(inputs))[:carry])
-        if size > RECORDED_STATE_BYTES or carry == 0:
-            return ProgramState(0, (), params["mantissa_bits"], size)
-        carried = positional("in", read_tensors(inputs))[:carry]
+        try:
+            size = sum(positional("in", check_tensors(inputs))[:carry])
+            if size > RECORDED_STATE_BYTES or carry == 0:
+                return ProgramState(0, (), params["mantissa_bits"], size)
+            carried = positional("in", read_tensors(inputs))[:carry]
+        except WorkRefused:
+            hashed.result()  # bad-hash, when the bytes are not the signed ones
+            raise
         return ProgramState(0, tuple(carried), params["mantissa_bits"], tensor_bytes(carried))
 
     def advance(self, params: dict[str, Any], state: ProgramState, segment: int,

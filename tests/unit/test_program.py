@@ -254,6 +254,12 @@ def test_the_hash_is_the_reason_for_bytes_not_signed_whatever_else_fails(
     big = with_program(params, b"\0" * (MAX_PROGRAM_BYTES + 1))
     refused("program-too-large", lambda: PROGRAM.run(big, CPU))  # refused before the child
     refused("bad-hash", lambda: PROGRAM.run({**big, "program_sha256": "3" * 64}, CPU))
+    misnamed = write_tensors({"x0": torch.zeros(2)})  # a header that parses, no in0..
+    signed = {**params, "input": base64.b64encode(misnamed).decode(),
+              "input_sha256": hashlib.sha256(misnamed).hexdigest()}
+    refused("bad-input", lambda: PROGRAM.initial_state(signed, CPU))
+    refused("bad-hash", lambda: PROGRAM.initial_state({**signed, "input_sha256": "4" * 64},
+                                                      CPU))
     assert threads and all(name.startswith("program-hash") for name in threads), threads
 
 
