@@ -126,9 +126,17 @@ def _errors(driver: Any) -> list[dict[str, Any]]:
 
 
 def _wait(check: Any, timeout_s: float, what: str, why: Any = None) -> Any:
+    """``check()``'s first truthy value within ``timeout_s``. An element the live page
+    replaced between finding it and reading it (``StaleElementReferenceException``: a
+    row re-rendered by the event stream) is not there yet: look again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout_s
     while True:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
