@@ -328,10 +328,13 @@ class Program(Workload, Checkpointed):
         waits for that check before it returns or raises, so no result of bytes other
         than those signed leaves the node; the child meanwhile runs speculatively (it is
         sandboxed for untrusted programs anyway: the hash decides which program counts,
-        not whether it is safe to run). Hashing the CNN example's 48 MiB input took 45 ms
-        here, before the child could start; it now overlaps the child's run. A refusal of
-        a checked part yields to ``bad-hash`` when the bytes are not those signed, so
-        every honest replica refuses tampered bytes alike.
+        not whether it is safe to run), and is killed as soon as the check fails
+        (``run_in_child``'s ``abandon``): a submitter who signs other bytes than it
+        seals costs the nodes the hashing time, not the task's bound. Hashing the CNN
+        example's 48 MiB input took 45 ms here, before the child could start; it now
+        overlaps the child's run. A refusal of a checked part yields to ``bad-hash`` when
+        the bytes are not those signed, so every honest replica refuses tampered bytes
+        alike.
 
         The last task's are kept (``_checked``, with the very parameter strings they came
         from, so the key cannot be reused by other strings): a replica asks twice, for
@@ -376,7 +379,7 @@ class Program(Workload, Checkpointed):
             reply = run_in_child(run_job, job, device=str(device),
                                  memory_mb=params["memory_mb"],
                                  bound_ms=self.wall_bound_ms(params),
-                                 threads=torch.get_num_threads())
+                                 threads=torch.get_num_threads(), abandon=hashed)
         except BaseException:
             hashed.result()  # bad-hash is the reason, when the bytes are not those signed
             raise

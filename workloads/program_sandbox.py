@@ -63,6 +63,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing import context, popen_forkserver, reduction, spawn
 from multiprocessing.connection import Connection
@@ -74,6 +75,8 @@ MEMORY_FACTOR = 2
 """Declared memory is multiplied by this for the limit: the declaration is an estimate."""
 MEMORY_SLACK_MB = 1024
 """Added to the limit: allocator caches, thread stacks and arenas, kernels' workspaces."""
+ABANDON_POLL_S = 0.02
+"""How often ``run_in_child`` looks at a check running beside the child (``abandon``)."""
 MAX_REPLY_BYTES = 1 << 31
 """Largest reply read from a child."""
 PRELOAD = ("torch", "torch.export", "torch._export.serde.serialize",
@@ -414,18 +417,24 @@ def _nothing(_job: Any) -> Reply:
 
 
 def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb: int,
-                 bound_ms: int, threads: int = 0) -> Reply:
+                 bound_ms: int, threads: int = 0, abandon: Future[Any] | None = None
+                 ) -> Reply:
     """Run ``fn(job)`` in a fresh forkserver child under the limits above, on ``threads``
     torch threads (0: torch's default, every core).
 
     ``fn`` must be a module-level function of a module the child can import. Returns
     its ``Reply``; raises ``WorkRefused``: the child's own refusal, ``runtime-bound``
     when ``bound_ms`` passes, ``memory-limit``, or ``program-failed`` when it dies.
+    ``abandon``: a check running beside the child (the payload's hashes); once it fails,
+    the child is killed and the check's error raised, so a run that will not count
+    stops within the check's time, not at the task's bound. A child that has not
+    replied is killed at once, whatever stopped the wait.
     """
     ctx = _ctx()
     ours, theirs = ctx.Pipe(duplex=False)
     job_fd, reply_fd = _anonymous_file(), _anonymous_file()
     proc: Any = None
+    replied = False
     try:
         _write_job(job_fd, job)
         proc = _Process(target=_child_main, args=(theirs, fn, _Shared(job_fd),
@@ -437,7 +446,7 @@ def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb
             if not ours.poll(120) or ours.recv_bytes(16) != b"started":
                 raise WorkRefused("program-failed", "the child did not start")
             deadline = time.monotonic() + bound_ms / 1000
-            if not ours.poll(max(0.0, deadline - time.monotonic())):
+            if not _answered(ours, deadline, abandon):
                 raise WorkRefused(RUNTIME_BOUND, f"stopped after the {bound_ms} ms bound the "
                                   "task states (max_runtime_ms)")
             said = ours.recv_bytes(16)
@@ -447,6 +456,7 @@ def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb
                               f"{proc.exitcode})") from None
         if said != b"replied":
             raise WorkRefused("program-failed", "the child's reply is malformed")
+        replied = True
         reply = _read_reply(reply_fd)
     finally:
         theirs.close()
@@ -454,7 +464,7 @@ def run_in_child(fn: Callable[[Any], Reply], job: Any, *, device: str, memory_mb
         os.close(job_fd)
         os.close(reply_fd)
         if proc is not None:
-            _reap(proc)
+            _reap(proc, kill=not replied)
     if "refused" in reply.facts:
         raise WorkRefused(str(reply.facts["refused"]), str(reply.facts.get("detail", "")))
     return reply
@@ -473,11 +483,27 @@ def _read_reply(fd: int) -> Reply:
         return _decode_reply(view)  # its blobs are copied out of the map
 
 
-def _reap(proc: Any) -> None:
-    """Kill the child unless it has exited or is exiting, and wait for it on a thread: a
-    child that has replied is tearing down its address space (10 ms and more for large
-    tensors), which the caller need not wait for."""
+def _answered(ours: Any, deadline: float, abandon: Future[Any] | None) -> bool:
+    """Whether the child spoke before ``deadline``; ``abandon``'s error once it fails.
+    While ``abandon`` runs, the wait is cut in slices of ``ABANDON_POLL_S``."""
+    while abandon is not None and not abandon.done():
+        if ours.poll(max(0.0, min(ABANDON_POLL_S, deadline - time.monotonic()))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+    if abandon is not None:
+        abandon.result()  # raises the check's error: the run will not count
+    return bool(ours.poll(max(0.0, deadline - time.monotonic())))
+
+
+def _reap(proc: Any, kill: bool) -> None:
+    """Kill the child now (``kill``: it has not replied, and what it computes will not
+    be read) or, having replied, once it has not exited within 10 s; wait for it on a
+    thread: a child that has replied is tearing down its address space (10 ms and more
+    for large tensors), which the caller need not wait for."""
     def wait() -> None:
+        if kill:
+            proc.kill()
         proc.join(10)
         if proc.is_alive():
             proc.kill()

@@ -7,6 +7,7 @@ import hashlib
 import io
 import math
 import mmap
+import os
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import safetensors.torch
 import torch
@@ -353,6 +355,20 @@ def test_a_runaway_program_is_stopped_at_its_stated_bound() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_a_runaway_program_not_the_one_signed_is_stopped_when_the_hash_fails() -> None:
+    """The child runs while the hashes are checked; bytes other than those signed stop
+    it then, not at the task's bound (here a minute): the submitter who seals other
+    bytes than it signed costs the nodes the hashing, not the bound."""
+    a = torch.rand(256, 256) / 256
+    program = save_program(torch.export.export(Runaway(), (a,)))
+    raw = program_params(program, save_inputs((a,)), steps=1_000_000, max_runtime_ms=60_000)
+    params = PROGRAM.validate({**raw, "program_sha256": "5" * 64})
+    warm_up()
+    started = time.monotonic()
+    refused("bad-hash", lambda: PROGRAM.run(params, CPU))
+    assert time.monotonic() - started < 20
+
+
 def test_a_bound_looser_than_the_rule_is_invalid() -> None:
     example = EXAMPLES["wave2d"]()
     raw = {k: str(v) for k, v in params_of(example).items()}
@@ -429,6 +445,38 @@ def test_children_replying_refusing_or_stopped_leave_no_descriptor_open() -> Non
     while open_descriptors() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert open_descriptors() == before
+
+
+def test_a_child_stopped_before_replying_is_killed_at_once(tmp_path: Path) -> None:
+    """At the bound, or when a check beside it fails (``abandon``), the child is killed
+    then, not left to spin on (it was given 10 s more)."""
+    from concurrent.futures import Future
+
+    warm_up()
+    for stop in ("bound", "abandon"):
+        told = tmp_path / f"{stop}.pid"
+        check: Future[None] = Future()
+        if stop == "abandon":
+            threading.Timer(0.5, lambda f=check: f.set_exception(
+                WorkRefused("bad-hash", "not the bytes signed"))).start()
+        started = time.monotonic()
+        refused("runtime-bound" if stop == "bound" else "bad-hash",
+                lambda told=told, check=check, stop=stop: run_in_child(
+                    spin_telling_pid, str(told), device="cpu", memory_mb=16,
+                    bound_ms=500 if stop == "bound" else 60_000, abandon=check))
+        assert time.monotonic() - started < 10, stop
+        pid = int(told.read_text())
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not psutil.pid_exists(pid), f"the child still runs after its {stop}"
+
+
+def spin_telling_pid(job: str) -> Reply:
+    """Run in a child: write the child's pid to the file ``job``, then never return."""
+    Path(job).write_text(str(os.getpid()))
+    while True:
+        pass
 
 
 def spin(_job: object) -> Reply:
