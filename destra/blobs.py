@@ -20,7 +20,6 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -32,7 +31,9 @@ _REF = re.compile(r"blob:sha256:([0-9a-f]{64})")
 
 
 HASH_BESIDE_BYTES = 4 << 20
-"""``BlobStore.put`` hashes data this large on another thread while it writes it."""
+"""``BlobStore.put`` hashes data this large while another thread writes it."""
+CHUNK_BYTES = 1 << 20
+"""The slices ``BlobStore.put`` hands to ``put_chunks``."""
 
 
 class BlobError(DestraError):
@@ -59,39 +60,27 @@ class BlobStore:
     def put(self, data: bytes) -> str:
         """Store ``data``; its reference (storing the same bytes twice is a no-op).
 
-        Data of ``HASH_BESIDE_BYTES`` or more is written to a temporary file in the root
-        while another thread hashes it (both release the GIL), then renamed into place:
-        for a 64 MiB sealed input the hash (about 60 ms) no longer comes before the write."""
-        if len(data) < HASH_BESIDE_BYTES:
-            name = ref_of(data)
-            path = self._path(name)
-            if path.exists():
-                return name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return self._write(data, path.parent, lambda: name)
+        Data of ``HASH_BESIDE_BYTES`` or more goes through ``put_chunks`` in 1 MiB slices:
+        hashed on this thread while another writes it, then renamed into place (48 MiB:
+        43 ms here, against about 60 for hashing, then writing)."""
+        if len(data) >= HASH_BESIDE_BYTES:
+            view = memoryview(data)
+            return self.put_chunks(view[at:at + CHUNK_BYTES]
+                                   for at in range(0, len(view), CHUNK_BYTES))
+        name = ref_of(data)
+        path = self._path(name)
+        if path.exists():
+            return name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return self._write(lambda f: f.write(data), path.parent, lambda: name)
+
+    def put_chunks(self, chunks: Iterable[bytes | memoryview]) -> str:
+        """Store the concatenation of ``chunks``; its reference. Each piece is made
+        (``crypto.seal_chunks`` encrypts it as it is asked for) and hashed on this thread
+        while another writes the pieces already hashed, so sealing, hashing and writing a
+        large payload overlap and it is never whole in memory."""
         self.root.mkdir(parents=True, exist_ok=True)
-        named: list[str] = []
-        hashing = threading.Thread(target=lambda: named.append(ref_of(data)),
-                                   name="blob-hash", daemon=True)
-        hashing.start()
-
-        def hashed() -> str:
-            hashing.join()
-            self._path(named[0]).parent.mkdir(parents=True, exist_ok=True)
-            return named[0]
-
-        try:
-            return self._write(data, self.root, hashed)
-        finally:
-            hashing.join()
-
-    def put_chunks(self, chunks: Iterable[bytes]) -> str:
-        """Store the concatenation of ``chunks``; its reference. ``chunks`` is consumed on
-        this thread (``crypto.seal_chunks`` encrypts each piece as it is asked for) while
-        another hashes and writes the pieces already made, so sealing, hashing and
-        writing a large payload overlap and it is never whole in memory."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        pieces: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
         hasher = hashlib.sha256()
         failed: list[BaseException] = []
 
@@ -99,7 +88,6 @@ class BlobStore:
             while (piece := pieces.get()) is not None:
                 if not failed:
                     try:
-                        hasher.update(piece)
                         f.write(piece)
                     except BaseException as e:  # reported once the producer is done
                         failed.append(e)
@@ -109,6 +97,7 @@ class BlobStore:
             writer.start()
             try:
                 for piece in chunks:
+                    hasher.update(piece)
                     pieces.put(piece)
             finally:
                 pieces.put(None)
@@ -123,18 +112,14 @@ class BlobStore:
 
         return self._write(written, self.root, hashed)
 
-    def _write(self, data: bytes | Callable[[BinaryIO], None], where: Path,
+    def _write(self, write: Callable[[BinaryIO], object], where: Path,
                ref: Callable[[], str]) -> str:
-        """Write ``data`` (or let it write itself) to a temporary file in ``where`` (the
-        root, or the blob's own directory: never where ``files`` looks), then rename it
-        to ``ref()``'s path."""
+        """``write`` a temporary file in ``where`` (the root, or the blob's own directory:
+        never where ``files`` looks), then rename it to ``ref()``'s path."""
         fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                if callable(data):
-                    data(f)
-                else:
-                    f.write(data)
+                write(f)
             name = ref()
             path = self._path(name)
             if path.exists():  # stored already (hashed while writing): keep that one
@@ -168,23 +153,6 @@ def check(ref: str, data: bytes) -> None:
     """``BlobError`` unless ``data`` is the blob ``ref`` names."""
     if ref_of(data) != ref:
         raise BlobError(f"blob {ref} is corrupt: its content hashes to another name")
-
-
-def checked(run: Callable[[list[Future[None]]], T]) -> T:
-    """``run(checks)``, then the result of every check it appended to ``checks``
-    (``check`` running on another thread while ``run`` goes on): a check's error
-    replaces ``run``'s result, or its exception. Nothing derived from a corrupt blob
-    leaves, and the corruption is the reason given whatever else failed."""
-    checks: list[Future[None]] = []
-    try:
-        result = run(checks)
-    except BaseException:
-        for pending in checks:
-            pending.result()
-        raise
-    for pending in checks:
-        pending.result()
-    return result
 
 
 def store_or_inline(store: BlobStore, data: bytes, inline_max: int) -> tuple[bytes | None,

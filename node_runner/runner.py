@@ -56,7 +56,7 @@ import random
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from destra import __version__, keystore
-from destra.blobs import BlobStore, checked, store_or_inline
+from destra.blobs import BlobStore, store_or_inline
 from destra.blobs import check as check_blob
 from destra.blobs import fetch as fetch_blob
 from destra.confidential import merge_params, open_input, seal_result
@@ -84,7 +84,7 @@ from streams.processing import Context, Outcome, Work
 from streams.producer import EventProducer
 from streams.topics import inbox_topic, partition_for, topic_for
 from workloads import WORKLOADS, get_workload
-from workloads.base import WorkRefused
+from workloads.base import WorkRefused, checks_first
 
 log = logging.getLogger(__name__)
 
@@ -367,27 +367,26 @@ class NodeRunner:
         derived from a corrupt blob leaves the node, and a failed check is the reason
         given whatever else failed.
         """
-        return checked(lambda checks: self._open_and_run(assignment, data_key, checks))
-
-    def _open_and_run(self, assignment: Event, data_key: bytes | None,
-                      checking: list[Future[None]]) -> Computed:
         f = assignment.fields
         workload = get_workload(f["workload"])
-        try:
-            params = dict(f["params"])
-            if data_key is not None:
-                started = time.perf_counter()
-                ref = f["payload_ref"]
-                sealed = fetch_blob(self.blobs, f["payload"], ref, verify=False)
-                if f["payload"] is None:
-                    checking.append(self._checks.submit(check_blob, ref, sealed))
-                params = merge_params(params, open_input(data_key, f["task_id"], sealed))
-                log.info("fetched and opened the sealed input (%d bytes) in %.3f s",
-                         len(sealed), time.perf_counter() - started, extra=task_extra(assignment))
-            parsed = workload.validate(params)
-        except (DecryptionFailed, InvalidParams) as err:
-            return refused(WorkRefused("invalid-input", str(err)))
-        return run_assignment(assignment, workload, parsed, self.device, self.config.fault)
+        with checks_first([]) as checking:
+            try:
+                params = dict(f["params"])
+                if data_key is not None:
+                    started = time.perf_counter()
+                    ref = f["payload_ref"]
+                    sealed = fetch_blob(self.blobs, f["payload"], ref, verify=False)
+                    if f["payload"] is None:
+                        checking.append(self._checks.submit(check_blob, ref, sealed))
+                    params = merge_params(params, open_input(data_key, f["task_id"], sealed))
+                    log.info("fetched and opened the sealed input (%d bytes) in %.3f s",
+                             len(sealed), time.perf_counter() - started,
+                             extra=task_extra(assignment))
+                parsed = workload.validate(params)
+            except (DecryptionFailed, InvalidParams) as err:
+                return refused(WorkRefused("invalid-input", str(err)))
+            return run_assignment(assignment, workload, parsed, self.device,
+                                  self.config.fault)
 
     def _seal(self, assignment: Event, output: bytes) -> tuple[bytes | None, str | None]:
         """The output sealed to the submitter, inline or in the blob store."""

@@ -13,6 +13,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -254,6 +255,26 @@ def deterministic(device: torch.device) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
         torch.set_float32_matmul_precision(precision)
+
+
+@contextmanager
+def checks_first(checks: list[Future[Any]], *, wait: bool = True
+                 ) -> Iterator[list[Future[Any]]]:
+    """Work beside checks running on other threads: ``checks``, and any the block appends
+    to the list it is given. Should the block raise, each check's error is raised instead
+    (the bytes were not the ones named: that is the reason, whatever else failed); with
+    ``wait``, a block that completes waits for the checks too, and a failed one discards
+    what it made. Used for the blob a node fetched (``blobs.check``) and a program's
+    signed hashes (``Program._payload``)."""
+    try:
+        yield checks
+    except BaseException:
+        for check in checks:
+            check.result()
+        raise
+    if wait:
+        for check in checks:
+            check.result()
 
 
 def sync(device: torch.device) -> None:

@@ -50,7 +50,14 @@ from typing import Any
 import pybase64
 
 from schemas.errors import InvalidParams, WorkloadFailed
-from workloads.base import ParamSpec, Workload, WorkloadResult, WorkRefused, finish
+from workloads.base import (
+    ParamSpec,
+    Workload,
+    WorkloadResult,
+    WorkRefused,
+    checks_first,
+    finish,
+)
 from workloads.canonical import canonical_json, round_tensor
 from workloads.checkpoints import (
     MAX_INLINE_STATE_BYTES,
@@ -348,13 +355,10 @@ class Program(Workload, Checkpointed):
         program, inputs = _decode(params, "program"), _decode(params, "input")
         hashed = _hashing().submit(check_hashes, program, inputs, params["program_sha256"],
                                    params["input_sha256"])
-        try:
+        with checks_first([hashed], wait=False):  # bad-hash, if so, is the reason
             check_sizes(program, inputs)
             check_archive(program)
             check_tensors(inputs)
-        except WorkRefused:
-            hashed.result()  # bad-hash, when the bytes are not the signed ones
-            raise
         self._checked = (key, (program, inputs, hashed))
         return program, inputs, hashed
 
@@ -375,15 +379,11 @@ class Program(Workload, Checkpointed):
                   start_step=start.step, start_state=state, boundaries=boundaries,
                   record_bytes=RECORDED_STATE_BYTES,
                   declared=(params["units"], params["memory_mb"], params["steps"]))
-        try:
+        with checks_first([hashed]):  # nothing of a run leaves unless it ran the signed bytes
             reply = run_in_child(run_job, job, device=str(device),
                                  memory_mb=params["memory_mb"],
                                  bound_ms=self.wall_bound_ms(params),
                                  threads=torch.get_num_threads(), abandon=hashed)
-        except BaseException:
-            hashed.result()  # bad-hash is the reason, when the bytes are not those signed
-            raise
-        hashed.result()  # nothing of a run leaves here unless it ran the signed bytes
         timing = reply.facts.get("timing")
         if isinstance(timing, dict):
             log.info("program child, steps %d-%d: checks %s s, step loop %s s, writing "
@@ -438,14 +438,11 @@ class Program(Workload, Checkpointed):
         ``bad-hash``, and the state counts for nothing until a child has run."""
         _, inputs, hashed = self._payload(params)
         carry = params["carry"]
-        try:
+        with checks_first([hashed], wait=False):  # bad-hash, if so, is the reason
             size = sum(positional("in", check_tensors(inputs))[:carry])
             if size > RECORDED_STATE_BYTES or carry == 0:
                 return ProgramState(0, (), params["mantissa_bits"], size)
             carried = positional("in", read_tensors(inputs))[:carry]
-        except WorkRefused:
-            hashed.result()  # bad-hash, when the bytes are not the signed ones
-            raise
         return ProgramState(0, tuple(carried), params["mantissa_bits"], tensor_bytes(carried))
 
     def advance(self, params: dict[str, Any], state: ProgramState, segment: int,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from destra import crypto
-from destra.blobs import BlobError, BlobStore, check, checked, fetch, store_or_inline
+from destra.blobs import BlobError, BlobStore, check, fetch, store_or_inline
 from destra.confidential import (
     grant,
     merge_params,
@@ -27,6 +27,7 @@ from destra.settings import Settings
 from schemas import Event, new_event
 from schemas.samples import with_fields
 from workloads import WORKLOADS
+from workloads.base import checks_first
 
 ALICE, NODE, OTHER = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
 
@@ -219,21 +220,20 @@ def test_a_blob_checked_beside_the_work_replaces_its_result_or_error_when_corrup
     next(p for p in store.files() if p.name in swapped).write_bytes(b"swapped")
     assert store.get(swapped, verify=False) == b"swapped"  # read as is, checked beside
 
-    def work(ref: str, fail: bool) -> Callable[[list[Future[None]]], str]:
-        def run(checks: list[Future[None]]) -> str:
+    def work(ref: str, fail: bool) -> str:
+        with checks_first([]) as checks:  # as the node runs a replica beside the check
             checks.append(pool.submit(check, ref, store.get(ref, verify=False)))
             if fail:
                 raise InvalidParams("what the bytes decrypt to is refused")
             return "computed"
-        return run
 
     with ThreadPoolExecutor(1) as pool:
-        assert checked(work(sound, fail=False)) == "computed"
+        assert work(sound, fail=False) == "computed"
         with pytest.raises(InvalidParams):  # its own error, when the blob is sound
-            checked(work(sound, fail=True))
+            work(sound, fail=True)
         for fail in (False, True):  # the corruption, whatever the work did
             with pytest.raises(BlobError, match="corrupt"):
-                checked(work(swapped, fail))
+                work(swapped, fail)
 
 
 def test_a_large_blob_hashed_while_written_lands_under_its_name_and_nothing_else_stays(
